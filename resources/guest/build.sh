@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# Builds ember's default guest (see README.md next to this script):
+#   target/guest/vmlinux         ELF kernel with the PVH note and a symbol table
+#   target/guest/initramfs.cpio  uncompressed newc cpio: busybox-static + /init
+#   target/guest/rootfs.ext4     small ext4 image with the same userland (/init, /sbin/init)
+# plus target/guest/kernel.config and target/guest/build-info.txt.
+#
+# Results are cached outside the clone, keyed by a hash of all inputs:
+#   ${EMBER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ember}/guest/<hash>/
+# A cache hit only copies files (seconds). A miss builds in a temporary directory next to
+# the cache entry and renames it into place at the end, so an interrupted build never
+# leaves a partial entry.
+#
+# Usage: build.sh [--check-deps | --force | --help]
+set -euo pipefail
+
+usage() {
+	cat <<'EOF'
+usage: resources/guest/build.sh [--check-deps | --force | --help]
+
+Builds target/guest/{vmlinux,initramfs.cpio,rootfs.ext4} from Debian's linux-source-6.1 and
+busybox-static, installing the build dependencies with apt-get when they are missing.
+
+  --check-deps  only check (and install when missing) the build dependencies
+  --force       rebuild even when the cache has an entry for these inputs
+  --help        this text
+
+Environment:
+  EMBER_CACHE_DIR        cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/ember)
+  EMBER_GUEST_KEEP_BUILD=1  keep the kernel build tree of a fresh build (for debugging)
+  EMBER_GUEST_JOBS       make -j value (default: nproc)
+EOF
+}
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() {
+	printf 'build.sh: error: %s\n' "$*" >&2
+	exit 1
+}
+
+check_only=0 force=0
+for arg in "$@"; do
+	case $arg in
+	--check-deps) check_only=1 ;;
+	--force) force=1 ;;
+	-h | --help)
+		usage
+		exit 0
+		;;
+	*)
+		usage >&2
+		exit 2
+		;;
+	esac
+done
+
+script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+repo_root=$(cd -- "$script_dir/../.." && pwd -P)
+out_dir=$repo_root/target/guest
+
+kernel_pkg=linux-source-6.1
+kernel_tarball=/usr/src/linux-source-6.1.tar.xz
+busybox_pkg=busybox-static
+deps=(build-essential flex bison bc libelf-dev cpio e2fsprogs xz-utils patch
+	"$kernel_pkg" "$busybox_pkg")
+
+pkg_version() {
+	dpkg-query -W -f='${db:Status-Abbrev}${Version}' "$1" 2>/dev/null |
+		sed -n 's/^ii *//p'
+}
+
+ensure_deps() {
+	local missing=() p
+	for p in "${deps[@]}"; do
+		[[ -n $(pkg_version "$p") ]] || missing+=("$p")
+	done
+	if [[ ${#missing[@]} -eq 0 ]]; then
+		log "build dependencies present"
+		return
+	fi
+	log "installing missing packages: ${missing[*]}"
+	local sudo=()
+	if [[ $(id -u) -ne 0 ]]; then
+		command -v sudo >/dev/null || die "need root or sudo to install: ${missing[*]}"
+		sudo=(sudo -n)
+	fi
+	local apt=("${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get -y -q
+		-o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
+	# Only refresh the package lists when the install cannot find something.
+	if ! "${apt[@]}" install --no-install-recommends "${missing[@]}" </dev/null; then
+		log "apt-get install failed; running apt-get update and retrying"
+		"${apt[@]}" update </dev/null
+		"${apt[@]}" install --no-install-recommends "${missing[@]}" </dev/null
+	fi
+	for p in "${missing[@]}"; do
+		[[ -n $(pkg_version "$p") ]] || die "package $p is still not installed"
+	done
+}
+
+ensure_deps
+[[ $check_only -eq 0 ]] || exit 0
+
+[[ -r $kernel_tarball ]] || die "$kernel_tarball not found (package $kernel_pkg)"
+busybox_bin=$(dpkg -L "$busybox_pkg" | grep -m1 -E '/bin/busybox$' || true)
+[[ -x $busybox_bin ]] || die "busybox binary of $busybox_pkg not found"
+
+# ---- cache key -------------------------------------------------------------------------
+inputs=("$script_dir/build.sh" "$script_dir/verify-config.sh" "$script_dir/config.fragment"
+	"$script_dir/init" "$script_dir/fstab")
+shopt -s nullglob
+patches=("$script_dir"/patches/*.patch)
+shopt -u nullglob
+[[ ${#patches[@]} -gt 0 ]] || die "no patches in $script_dir/patches"
+inputs+=("${patches[@]}")
+kernel_version=$(pkg_version "$kernel_pkg")
+busybox_version=$(pkg_version "$busybox_pkg")
+hash=$(
+	{
+		printf 'kernel %s\nbusybox %s\n' "$kernel_version" "$busybox_version"
+		for f in "${inputs[@]}"; do
+			printf 'file %s %s\n' "${f#"$script_dir"/}" "$(sha256sum <"$f" | cut -d' ' -f1)"
+		done
+	} | sha256sum | cut -c1-16
+)
+cache_root=${EMBER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ember}
+cache_dir=$cache_root/guest
+entry=$cache_dir/$hash
+artifacts=(vmlinux initramfs.cpio rootfs.ext4 kernel.config build-info.txt)
+
+entry_complete() {
+	local a
+	[[ -f $1/.complete ]] || return 1
+	for a in "${artifacts[@]}"; do [[ -s $1/$a ]] || return 1; done
+}
+
+install_entry() {
+	mkdir -p "$out_dir"
+	local a
+	for a in "${artifacts[@]}"; do
+		# Copies, not hard links: ember may boot rootfs.ext4 read-write, which must not
+		# modify the cache. Copy to a temporary name, then rename.
+		cp --sparse=always --reflink=auto "$entry/$a" "$out_dir/.$a.tmp"
+		mv -f "$out_dir/.$a.tmp" "$out_dir/$a"
+	done
+}
+
+if [[ $force -eq 0 ]] && entry_complete "$entry"; then
+	log "using cached guest build $entry"
+	install_entry
+	log "done: $out_dir/{vmlinux,initramfs.cpio,rootfs.ext4} (cached)"
+	exit 0
+fi
+
+# ---- fresh build -------------------------------------------------------------------------
+mkdir -p "$cache_dir"
+work=$(mktemp -d "$cache_dir/.build-$hash.XXXXXX")
+cleanup() {
+	if [[ ${EMBER_GUEST_KEEP_BUILD:-0} == 1 ]]; then
+		log "keeping build tree $work"
+	else
+		rm -rf "$work"
+	fi
+}
+trap cleanup EXIT
+stage=$work/out
+mkdir -p "$stage"
+start=$SECONDS
+jobs=${EMBER_GUEST_JOBS:-$(nproc)}
+
+log "building guest $hash (kernel $kernel_version, busybox $busybox_version) in $work"
+log "unpacking $kernel_tarball"
+tar -C "$work" -xf "$kernel_tarball"
+ksrc=$work/linux-source-6.1
+[[ -d $ksrc ]] || die "unexpected tarball layout: no linux-source-6.1/ in $kernel_tarball"
+
+for p in "${patches[@]}"; do
+	log "applying patch ${p##*/}"
+	patch -p1 -s -N -d "$ksrc" <"$p" || die "patch ${p##*/} does not apply"
+done
+
+kmake() { make -C "$ksrc" -s "$@"; }
+
+log "configuring: tinyconfig + config.fragment + olddefconfig"
+kmake tinyconfig >/dev/null
+(cd "$ksrc" && scripts/kconfig/merge_config.sh -m .config "$script_dir/config.fragment") \
+	>"$work/merge_config.log" 2>&1 || {
+	cat "$work/merge_config.log" >&2
+	die "merge_config.sh failed"
+}
+kmake olddefconfig >/dev/null
+log "verifying the fragment against the final .config"
+"$script_dir/verify-config.sh" "$script_dir/config.fragment" "$ksrc/.config" ||
+	die "the final kernel .config does not match config.fragment (see above)"
+
+log "compiling vmlinux with make -j$jobs (a few minutes)"
+# Kbuild's own progress lines (CC ..., LD ...) go to stderr with the ==> lines.
+make -C "$ksrc" -j"$jobs" vmlinux >&2
+vmlinux=$ksrc/vmlinux
+readelf -n "$vmlinux" | grep -q 'Xen.*0x00000012' || die "vmlinux has no Xen PVH note (0x12)"
+readelf -S "$vmlinux" | grep -q '\.symtab' || die "vmlinux has no .symtab"
+cp "$vmlinux" "$stage/vmlinux"
+cp "$ksrc/.config" "$stage/kernel.config"
+log "vmlinux built in $((SECONDS - start)) s"
+
+# ---- userland -------------------------------------------------------------------------
+# Applet paths as busybox itself lays them out (bin/sh, sbin/reboot, usr/bin/tr, ...), all
+# symlinked to /bin/busybox. The init protocol needs: mount devmem stty sh sync reboot
+# poweroff sleep setsid cttyhack; the rest is for the commands users run.
+mapfile -t applets < <("$busybox_bin" --list-full | grep -v '^bin/busybox$' | sort -u)
+[[ ${#applets[@]} -gt 50 ]] || die "busybox --list-full returned too few applets"
+dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt)
+
+log "writing initramfs.cpio (uncompressed newc, ${#applets[@]} applet links)"
+list=$work/initramfs.list
+{
+	for d in "${dirs[@]}"; do echo "dir /$d 0755 0 0"; done
+	echo "nod /dev/console 0600 0 0 c 5 1"
+	echo "file /bin/busybox $busybox_bin 0755 0 0"
+	for a in "${applets[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
+	echo "file /init $script_dir/init 0755 0 0"
+	echo "file /etc/fstab $script_dir/fstab 0644 0 0"
+} >"$list"
+(cd "$ksrc" && usr/gen_init_cpio "$list") >"$stage/initramfs.cpio"
+
+log "writing rootfs.ext4"
+rootdir=$work/rootfs
+mkdir -p "$rootdir"
+for d in "${dirs[@]}"; do mkdir -p "$rootdir/$d"; done
+install -m 0755 "$busybox_bin" "$rootdir/bin/busybox"
+for a in "${applets[@]}"; do ln -s /bin/busybox "$rootdir/$a"; done
+install -m 0755 "$script_dir/init" "$rootdir/init"
+install -m 0755 "$script_dir/init" "$rootdir/sbin/init"
+install -m 0644 "$script_dir/fstab" "$rootdir/etc/fstab"
+chmod 1777 "$rootdir/tmp"
+chmod 0700 "$rootdir/root"
+# -d copies the tree without mounting or root rights. 32 MiB leaves room for tests that
+# write files.
+mkfs.ext4 -q -F -L ember-root -E root_owner=0:0 -d "$rootdir" "$stage/rootfs.ext4" 32M
+# mkfs -d copies the owner of each source file; make everything root-owned in the image.
+if [[ $(id -u) -ne 0 ]]; then
+	chown_cmds=$work/chown.debugfs
+	(cd "$rootdir" && find . -mindepth 1 | sed 's|^\.||') |
+		while IFS= read -r path; do
+			printf 'sif "%s" uid 0\nsif "%s" gid 0\n' "$path" "$path"
+		done >"$chown_cmds"
+	debugfs -w -f "$chown_cmds" "$stage/rootfs.ext4" >/dev/null 2>&1 ||
+		die "debugfs could not make rootfs.ext4 root-owned"
+fi
+e2fsck -fn "$stage/rootfs.ext4" >/dev/null 2>&1 || die "rootfs.ext4 fails e2fsck"
+
+{
+	echo "hash=$hash"
+	echo "kernel_package=$kernel_pkg $kernel_version"
+	echo "busybox_package=$busybox_pkg $busybox_version"
+	echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
+	(cd "$stage" && sha256sum vmlinux initramfs.cpio rootfs.ext4)
+} >"$stage/build-info.txt"
+touch "$stage/.complete"
+
+# Atomic publish: rename the finished directory to its final name. If a concurrent build
+# published the same hash first, keep theirs.
+if [[ -e $entry ]] && ! entry_complete "$entry"; then
+	rm -rf "$entry" # leftover from a different layout; never a half-renamed entry
+fi
+if ! mv -T "$stage" "$entry" 2>/dev/null; then
+	entry_complete "$entry" || die "could not move $stage to $entry"
+	log "another build published $entry first; using it"
+fi
+log "cached as $entry"
+install_entry
+log "done in $((SECONDS - start)) s: $out_dir/{vmlinux,initramfs.cpio,rootfs.ext4}"

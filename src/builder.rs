@@ -1,0 +1,285 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The boot recipe: from a validated [`VmConfig`] to a [`Vmm`] whose vCPUs are running.
+//! Each step is one call, in the order the hardware needs them; read [`build_vm`] top to
+//! bottom.
+
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
+
+use crate::arch::x86_64::layout::{
+    BOOT_TIMER_SIZE, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT,
+    EXIT_DEVICE_SIZE, EXIT_DEVICE_START, I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT_SIZE,
+};
+use crate::arch::x86_64::regs::EntryProtocol;
+use crate::arch::x86_64::{mptable, write_pvh_start_info, write_zero_page, BootError};
+use crate::config::{ConfigError, ConsoleSink, VmConfig};
+use crate::devices::legacy::boot_timer::BootTimer;
+use crate::devices::legacy::exit_device::ExitDevice;
+use crate::devices::legacy::i8042::I8042;
+use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
+use crate::devices::{DeviceError, DeviceManager};
+use crate::event_loop::{new_event_manager, EventManager, ExitWatcher};
+use event_manager::SubscriberOps;
+use crate::exit::VmExit;
+use crate::host::{append_switches, HostInfo};
+use crate::kernel::{self, KernelError, KernelFormat};
+use crate::memory::{create_guest_memory, MemoryError};
+use crate::symbols::LazySymbols;
+use crate::timeline::{Phase, Timeline};
+use crate::vcpu::{Vcpu, VcpuBootParams, VcpuError, VcpuShared};
+use crate::vm::{open_kvm, Vm, VmError};
+use crate::vmm::Vmm;
+
+/// Errors while building the VM.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// KVM or VM set-up failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory could not be created.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Loading the kernel, initrd or command line failed.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// Writing boot structures failed.
+    #[error("cannot set up the boot structures")]
+    Boot(#[from] BootError),
+    /// A device could not be attached.
+    #[error("cannot attach devices")]
+    Device(#[from] DeviceError),
+    /// A vCPU could not be created or started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The event loop could not be set up.
+    #[error("cannot set up the event loop")]
+    EventLoop(#[source] std::io::Error),
+    /// Reading host CPUID support failed.
+    #[error("cannot read the host's supported CPUID")]
+    Cpuid(#[source] kvm_ioctls::Error),
+}
+
+/// Extra pieces a caller can plug into the build (the profiler's kick hook, devices added
+/// by later subsystems).
+#[derive(Default)]
+pub struct BuildHooks {
+    /// Called on vCPU threads after each kick.
+    pub kick_hook: Option<Arc<dyn crate::vcpu::KickHook>>,
+}
+
+impl std::fmt::Debug for BuildHooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BuildHooks").finish_non_exhaustive()
+    }
+}
+
+/// Builds the VM described by `config` and starts its vCPUs. `start` is the process start,
+/// from which boot phases are timed.
+pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<Vmm, BuildError> {
+    let timeline = Arc::new(Timeline::new(start));
+
+    // 1. Validate what can be validated without KVM, and look at the host.
+    config.validate()?;
+    let host = HostInfo::detect();
+
+    // 2. KVM and the VM with its interrupt controllers.
+    let kvm = open_kvm()?;
+    let vm = Vm::new(&kvm)?;
+    config.validate_vcpus(vm.max_vcpus())?;
+    timeline.mark(Phase::VmCreated);
+
+    // 3. Guest memory.
+    let mem = create_guest_memory(config.mem_bytes())?;
+    vm.register_memory(&mem)?;
+    timeline.mark(Phase::MemoryMapped);
+
+    // 4. The exit latch and the event loop.
+    let exit = Arc::new(VmExit::new().map_err(BuildError::EventLoop)?);
+    let mut event_manager = new_event_manager().map_err(BuildError::EventLoop)?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
+
+    // 5. Legacy devices.
+    let mut devices = DeviceManager::new();
+    attach_legacy_devices(config, &vm, &mut devices, &mut event_manager, &exit, &timeline)?;
+    let exit_status = attach_pseudo_devices(config, &mut devices, &exit, &timeline)?;
+
+    // 6. The command line: the user's, then the host's needs, then the devices'.
+    let cmdline = build_cmdline(config, &host, &devices);
+
+    // 7. Kernel, initrd, command line and boot structures.
+    let loaded = kernel::load_kernel(&mem, &config.kernel)?;
+    let initrd = match &config.initrd {
+        Some(path) => {
+            let mut bytes = kernel::read_initrd(path)?;
+            if let Some(extra) = &config.initrd_append {
+                // Linux unpacks concatenated cpio archives; the first must end 4-aligned.
+                bytes.resize(bytes.len().next_multiple_of(4), 0);
+                bytes.extend_from_slice(extra);
+            }
+            Some(kernel::load_initrd(&mem, config.mem_bytes(), &loaded, &bytes)?)
+        }
+        None => match &config.initrd_append {
+            Some(extra) => Some(kernel::load_initrd(&mem, config.mem_bytes(), &loaded, extra)?),
+            None => None,
+        },
+    };
+    let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
+    match loaded.protocol {
+        EntryProtocol::Pvh => write_pvh_start_info(&mem, config.mem_bytes(), initrd, None)?,
+        EntryProtocol::Linux64 => {
+            write_zero_page(&mem, config.mem_bytes(), loaded.header, cmdline_len, initrd)?;
+        }
+    }
+    mptable::setup_mptable(&mem, config.vcpus).map_err(BootError::from)?;
+    timeline.mark(Phase::KernelLoaded);
+    log::debug!(
+        "kernel {:?} entry {:#x} ({:?}); cmdline: {cmdline}",
+        loaded.format,
+        loaded.entry,
+        loaded.protocol
+    );
+
+    // 8. vCPUs: configure every one, then start them.
+    let supported_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(BuildError::Cpuid)?;
+    let boot = VcpuBootParams {
+        supported_cpuid,
+        vcpu_count: config.vcpus,
+        hide_pv_hypercalls: config.host_tuning && host.hide_pv_hypercalls(),
+        protocol: loaded.protocol,
+        entry: loaded.entry,
+    };
+    let symbols_path = (loaded.format == KernelFormat::Elf).then(|| config.kernel.clone());
+    let shared = VcpuShared {
+        buses: Arc::new(std::mem::take(&mut devices.buses)),
+        exit: exit.clone(),
+        mem: mem.clone(),
+        symbols: Arc::new(LazySymbols::new(symbols_path)),
+        hook: hooks.kick_hook,
+        timeline: timeline.clone(),
+    };
+    let vcpus = (0..config.vcpus)
+        .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
+        .collect::<Result<Vec<_>, _>>()?;
+    let handles = vcpus
+        .into_iter()
+        .map(Vcpu::start)
+        .collect::<Result<Vec<_>, _>>()?;
+
+    Ok(Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status))
+}
+
+/// The final guest command line.
+pub fn build_cmdline(config: &VmConfig, host: &HostInfo, devices: &DeviceManager) -> String {
+    let mut cmdline = config.cmdline.trim().to_string();
+    if config.host_tuning {
+        if let Some(switches) = host.cmdline_switches() {
+            let before = cmdline.clone();
+            cmdline = append_switches(&cmdline, switches);
+            if cmdline != before {
+                log::info!(
+                    "PVM host detected (KVM without hardware virtualization): added \
+                     `{switches}` to the guest command line and hid KVM's hypercall-based PV \
+                     features (--no-host-tuning turns this off)"
+                );
+            }
+        }
+    }
+    for entry in devices.cmdline_entries() {
+        cmdline.push(' ');
+        cmdline.push_str(entry);
+    }
+    cmdline
+}
+
+fn sink_writer(sink: ConsoleSink) -> Box<dyn std::io::Write + Send> {
+    match sink {
+        ConsoleSink::Stdout => Box::new(raw_fd_writer(libc::STDOUT_FILENO)),
+        ConsoleSink::Stderr => Box::new(raw_fd_writer(libc::STDERR_FILENO)),
+        ConsoleSink::Null => Box::new(std::io::sink()),
+    }
+}
+
+/// An unbuffered writer on a dup of `fd`, so every guest byte is out as soon as it is
+/// written (and nothing is lost if the process ends).
+fn raw_fd_writer(fd: i32) -> std::fs::File {
+    // SAFETY: dup of a standard fd; the result (if valid) is a new fd we own.
+    let new = unsafe { libc::dup(fd) };
+    if new < 0 {
+        // SAFETY: /dev/null fallback is owned by the File it is wrapped in.
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .unwrap_or_else(|_| unsafe { std::fs::File::from_raw_fd(fd) });
+    }
+    // SAFETY: `new` is a fresh fd owned by nothing else.
+    unsafe { std::fs::File::from_raw_fd(new) }
+}
+
+fn attach_legacy_devices(
+    config: &VmConfig,
+    vm: &Vm,
+    devices: &mut DeviceManager,
+    event_manager: &mut EventManager,
+    exit: &Arc<VmExit>,
+    timeline: &Arc<Timeline>,
+) -> Result<(), BuildError> {
+    // COM1: the console.
+    let irq = devices.irqfd(vm.fd(), COM1_IRQ)?;
+    let out = ConsoleOutput::new(
+        sink_writer(config.console),
+        Some(timeline.clone()),
+        Some(exit.clone()),
+    );
+    let com1 = Arc::new(Mutex::new(
+        SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
+    ));
+    devices.add_pio(com1.clone(), COM1_PORT, SERIAL_PORT_SIZE)?;
+    if config.stdin {
+        // SAFETY: dup of stdin; the new fd is owned by the File.
+        let fd = unsafe { libc::dup(libc::STDIN_FILENO) };
+        if fd >= 0 {
+            // SAFETY: `fd` is a fresh fd nothing else owns.
+            let input = unsafe { std::fs::File::from_raw_fd(fd) };
+            let sub = SerialInput::new(com1, input).map_err(BuildError::EventLoop)?;
+            event_manager.add_subscriber(Arc::new(Mutex::new(sub)));
+        }
+    }
+
+    // COM2, when asked for.
+    if let Some(sink) = config.com2 {
+        let irq = devices.irqfd(vm.fd(), COM2_IRQ)?;
+        let out = ConsoleOutput::new(sink_writer(sink), None, None);
+        let com2 = Arc::new(Mutex::new(
+            SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
+        ));
+        devices.add_pio(com2, COM2_PORT, SERIAL_PORT_SIZE)?;
+    }
+
+    // i8042: data port and command port, one device.
+    let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
+    devices.add_pio(i8042.clone(), I8042_DATA_PORT, 1)?;
+    devices.add_pio(i8042, I8042_COMMAND_PORT, 1)?;
+    Ok(())
+}
+
+fn attach_pseudo_devices(
+    config: &VmConfig,
+    devices: &mut DeviceManager,
+    exit: &Arc<VmExit>,
+    timeline: &Arc<Timeline>,
+) -> Result<Arc<Mutex<Option<u32>>>, BuildError> {
+    let timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone(), config.boot_timer)));
+    devices.add_mmio(timer, BOOT_TIMER_START, BOOT_TIMER_SIZE)?;
+    let exit_dev = ExitDevice::new(exit.clone(), config.exit_on_status);
+    let status = exit_dev.status();
+    devices.add_mmio(Arc::new(Mutex::new(exit_dev)), EXIT_DEVICE_START, EXIT_DEVICE_SIZE)?;
+    Ok(status)
+}

@@ -1,0 +1,383 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Loading the guest kernel (ELF vmlinux, with or without a PVH entry, or bzImage) and the
+//! initrd into guest memory, and writing the command line.
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::setup_header;
+use linux_loader::loader::elf::{Elf, PvhBootCapability};
+use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::x86_64::layout::{CMDLINE_START, HIMEM_START, MMIO_GAP_START};
+use crate::arch::x86_64::regs::EntryProtocol;
+use crate::arch::x86_64::InitrdPlacement;
+use crate::memory::GuestMemory;
+
+/// The x86 kernel's command-line limit when the image does not say (COMMAND_LINE_SIZE).
+pub const DEFAULT_CMDLINE_LIMIT: usize = 2048;
+
+/// Errors while loading the kernel, initrd and command line.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The kernel file cannot be opened.
+    #[error("cannot open kernel image {path}: {source} (check --kernel)")]
+    Open {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is neither ELF nor bzImage.
+    #[error(
+        "{0} is neither an ELF vmlinux nor a bzImage: pass the kernel's vmlinux (ELF) or \
+         arch/x86/boot/bzImage"
+    )]
+    UnknownFormat(PathBuf),
+    /// Reading the file failed.
+    #[error("cannot read kernel image {path}: {source}")]
+    Read {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The loader rejected the image.
+    #[error(
+        "cannot load kernel image {path} ({source}): it may be corrupt, built for another \
+         architecture, or larger than guest memory (try a larger --mem)"
+    )]
+    Load {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: linux_loader::loader::Error,
+    },
+    /// A bzImage too old for the 64-bit boot protocol.
+    #[error("bzImage {0} is too old for the 64-bit boot protocol (needs boot protocol 2.12+)")]
+    OldBzImage(PathBuf),
+    /// The initrd cannot be opened or read.
+    #[error("cannot read initrd {path}: {source} (check --initrd)")]
+    Initrd {
+        /// The path given.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The initrd does not fit.
+    #[error(
+        "the initrd ({size_kib} KiB) does not fit in guest memory between the end of the \
+         kernel ({kernel_end:#x}) and {limit:#x}: give the guest more memory with --mem"
+    )]
+    InitrdTooLarge {
+        /// Initrd size in KiB.
+        size_kib: u64,
+        /// End of the kernel image in guest memory.
+        kernel_end: u64,
+        /// Highest address the initrd may reach.
+        limit: u64,
+    },
+    /// The command line is longer than the kernel accepts.
+    #[error(
+        "the kernel command line is {len} bytes, but this kernel accepts at most {limit}: \
+         shorten --cmdline"
+    )]
+    CmdlineTooLong {
+        /// Length of the command line.
+        len: usize,
+        /// The kernel's limit (excluding the terminating NUL).
+        limit: usize,
+    },
+    /// The command line is malformed.
+    #[error("invalid kernel command line: {0}")]
+    Cmdline(String),
+    /// Writing to guest memory failed.
+    #[error("cannot write the {0} into guest memory")]
+    Write(&'static str),
+}
+
+/// The kind of kernel image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// ELF vmlinux.
+    Elf,
+    /// bzImage (Linux boot protocol).
+    BzImage,
+}
+
+/// What loading the kernel produced.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// The image's format.
+    pub format: KernelFormat,
+    /// How to enter it.
+    pub protocol: EntryProtocol,
+    /// Entry point (guest-physical).
+    pub entry: u64,
+    /// First byte after the kernel in guest memory (including what it will decompress into).
+    pub kernel_end: u64,
+    /// The kernel's setup header (bzImage only).
+    pub header: Option<setup_header>,
+    /// Longest command line the kernel accepts, without the NUL.
+    pub cmdline_limit: usize,
+    /// Highest address (inclusive) the initrd may end at.
+    pub initrd_addr_max: u64,
+}
+
+/// Looks at the first bytes of the image to tell its format.
+pub fn detect_format(path: &Path) -> Result<KernelFormat, KernelError> {
+    let mut f = File::open(path).map_err(|source| KernelError::Open {
+        path: path.into(),
+        source,
+    })?;
+    let mut head = [0u8; 0x206];
+    let n = read_up_to(&mut f, &mut head).map_err(|source| KernelError::Read {
+        path: path.into(),
+        source,
+    })?;
+    if n >= 4 && head[0..4] == *b"\x7fELF" {
+        return Ok(KernelFormat::Elf);
+    }
+    if n >= 0x206 && head[0x202..0x206] == *b"HdrS" {
+        return Ok(KernelFormat::BzImage);
+    }
+    Err(KernelError::UnknownFormat(path.into()))
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Loads the kernel image at `path` into `mem`.
+pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, KernelError> {
+    let format = detect_format(path)?;
+    let mut file = File::open(path).map_err(|source| KernelError::Open {
+        path: path.into(),
+        source,
+    })?;
+    let load_err = |source| KernelError::Load {
+        path: path.into(),
+        source,
+    };
+    let highmem = Some(GuestAddress(HIMEM_START));
+    match format {
+        KernelFormat::Elf => {
+            let r = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            let (protocol, entry) = match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => (EntryProtocol::Pvh, addr.0),
+                _ => (EntryProtocol::Linux64, r.kernel_load.0),
+            };
+            Ok(LoadedKernel {
+                format,
+                protocol,
+                entry,
+                kernel_end: r.kernel_end,
+                header: None,
+                cmdline_limit: DEFAULT_CMDLINE_LIMIT - 1,
+                initrd_addr_max: MMIO_GAP_START - 1,
+            })
+        }
+        KernelFormat::BzImage => {
+            file.seek(SeekFrom::Start(0))
+                .map_err(|source| KernelError::Read {
+                    path: path.into(),
+                    source,
+                })?;
+            let r = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            let hdr = r.setup_header.ok_or_else(|| KernelError::UnknownFormat(path.into()))?;
+            let version = hdr.version;
+            // 2.12 brought xloadflags and the 64-bit entry at load address + 0x200.
+            if version < 0x020c || hdr.xloadflags & 1 == 0 {
+                return Err(KernelError::OldBzImage(path.into()));
+            }
+            let load = r.kernel_load.0;
+            // The kernel decompresses in place and needs init_size bytes from its load address.
+            let kernel_end = r.kernel_end.max(load + u64::from(hdr.init_size));
+            let cmdline_limit = if hdr.cmdline_size > 0 {
+                usize::try_from(hdr.cmdline_size).unwrap_or(DEFAULT_CMDLINE_LIMIT)
+            } else {
+                255
+            };
+            // XLF_CAN_BE_LOADED_ABOVE_4G (bit 1) lifts the initrd limit; ember keeps it below
+            // the MMIO gap anyway.
+            let initrd_addr_max = if hdr.initrd_addr_max > 0 {
+                u64::from(hdr.initrd_addr_max)
+            } else {
+                0x37ff_ffff
+            };
+            Ok(LoadedKernel {
+                format,
+                protocol: EntryProtocol::Linux64,
+                entry: load + 0x200,
+                kernel_end,
+                header: Some(hdr),
+                cmdline_limit,
+                initrd_addr_max: initrd_addr_max.min(MMIO_GAP_START - 1),
+            })
+        }
+    }
+}
+
+/// Places the initrd bytes as high as the kernel allows (page aligned), above the kernel.
+pub fn load_initrd(
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    initrd: &[u8],
+) -> Result<InitrdPlacement, KernelError> {
+    let size = initrd.len() as u64;
+    let low_ram_end = mem_size.min(MMIO_GAP_START);
+    let limit = (kernel.initrd_addr_max + 1).min(low_ram_end);
+    let too_large = || KernelError::InitrdTooLarge {
+        size_kib: size.div_ceil(1024),
+        kernel_end: kernel.kernel_end,
+        limit,
+    };
+    let addr = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
+    if addr < kernel.kernel_end {
+        return Err(too_large());
+    }
+    mem.write_slice(initrd, GuestAddress(addr))
+        .map_err(|_| KernelError::Write("initrd"))?;
+    Ok(InitrdPlacement { addr, size })
+}
+
+/// Reads an initrd file.
+pub fn read_initrd(path: &Path) -> Result<Vec<u8>, KernelError> {
+    std::fs::read(path).map_err(|source| KernelError::Initrd {
+        path: path.into(),
+        source,
+    })
+}
+
+/// Checks the command line against the kernel's limit and writes it at [`CMDLINE_START`].
+/// Returns its length.
+pub fn write_cmdline(
+    mem: &GuestMemory,
+    kernel: &LoadedKernel,
+    cmdline: &str,
+) -> Result<usize, KernelError> {
+    check_cmdline(cmdline, kernel.cmdline_limit)?;
+    let mut c = Cmdline::new(cmdline.len() + 1).map_err(|e| KernelError::Cmdline(e.to_string()))?;
+    c.insert_str(cmdline)
+        .map_err(|e| KernelError::Cmdline(e.to_string()))?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &c)
+        .map_err(|_| KernelError::Write("command line"))?;
+    Ok(cmdline.len())
+}
+
+/// Checks a command line's length and characters.
+pub fn check_cmdline(cmdline: &str, limit: usize) -> Result<(), KernelError> {
+    if cmdline.len() > limit {
+        return Err(KernelError::CmdlineTooLong {
+            len: cmdline.len(),
+            limit,
+        });
+    }
+    if let Some(c) = cmdline.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
+        return Err(KernelError::Cmdline(format!(
+            "it contains the character {c:?}; only printable ASCII is allowed"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads back the command line from guest memory (for tests).
+pub fn read_cmdline(mem: &GuestMemory, len: usize) -> Option<String> {
+    let mut buf = vec![0u8; len];
+    mem.read_slice(&mut buf, GuestAddress(CMDLINE_START)).ok()?;
+    String::from_utf8(buf).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::create_guest_memory;
+    use std::io::Write;
+
+    fn tmpfile(name: &str, bytes: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ember-kernel-test-{}-{name}", std::process::id()));
+        std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    fn fake_kernel(end: u64) -> LoadedKernel {
+        LoadedKernel {
+            format: KernelFormat::Elf,
+            protocol: EntryProtocol::Pvh,
+            entry: 0x100_0000,
+            kernel_end: end,
+            header: None,
+            cmdline_limit: 2047,
+            initrd_addr_max: MMIO_GAP_START - 1,
+        }
+    }
+
+    #[test]
+    fn detects_formats() {
+        let elf = tmpfile("elf", b"\x7fELF\x02\x01\x01");
+        assert_eq!(detect_format(&elf).unwrap(), KernelFormat::Elf);
+        let mut bz = vec![0u8; 0x300];
+        bz[0x202..0x206].copy_from_slice(b"HdrS");
+        let bz = tmpfile("bz", &bz);
+        assert_eq!(detect_format(&bz).unwrap(), KernelFormat::BzImage);
+        let junk = tmpfile("junk", b"hello world");
+        let e = detect_format(&junk).unwrap_err();
+        assert!(e.to_string().contains("neither an ELF vmlinux nor a bzImage"));
+        let missing = detect_format(Path::new("/nonexistent/vmlinux")).unwrap_err();
+        assert!(missing.to_string().contains("--kernel"));
+        for p in [elf, bz, junk] {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
+    #[test]
+    fn initrd_goes_high_and_above_the_kernel() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let k = fake_kernel(0x200_0000);
+        let data = vec![0xabu8; 10_000];
+        let p = load_initrd(&mem, 64 << 20, &k, &data).unwrap();
+        assert_eq!(p.addr % 4096, 0);
+        assert!(p.addr + p.size <= 64 << 20);
+        assert!(p.addr >= 0x200_0000);
+        let b: u8 = mem.read_obj(GuestAddress(p.addr + 9999)).unwrap();
+        assert_eq!(b, 0xab);
+    }
+
+    #[test]
+    fn initrd_that_does_not_fit_is_an_error() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let k = fake_kernel(0x80_0000);
+        let data = vec![0u8; 12 << 20];
+        let e = load_initrd(&mem, 16 << 20, &k, &data).unwrap_err();
+        assert!(e.to_string().contains("--mem"), "{e}");
+        let data = vec![0u8; 32 << 20];
+        assert!(load_initrd(&mem, 16 << 20, &k, &data).is_err());
+    }
+
+    #[test]
+    fn cmdline_limits() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let mut k = fake_kernel(0x80_0000);
+        assert_eq!(write_cmdline(&mem, &k, "console=ttyS0").unwrap(), 13);
+        assert_eq!(read_cmdline(&mem, 13).unwrap(), "console=ttyS0");
+        k.cmdline_limit = 10;
+        let e = write_cmdline(&mem, &k, "console=ttyS0").unwrap_err();
+        assert!(e.to_string().contains("at most 10"), "{e}");
+        assert!(check_cmdline("a\nb", 100).is_err());
+    }
+}

@@ -1,0 +1,155 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Guest RAM: anonymous mappings laid around the 32-bit MMIO gap, and the e820-style map
+//! that describes them to the guest.
+
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::arch::x86_64::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
+
+/// Guest memory as ember uses it everywhere.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// Errors while creating guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// The size is zero or not a whole number of pages.
+    #[error("guest memory size {0} bytes is invalid: it must be a positive multiple of 4 KiB")]
+    InvalidSize(u64),
+    /// Mapping the memory failed.
+    #[error("cannot map {size_mib} MiB of guest memory: {source}")]
+    Map {
+        /// Requested size in MiB.
+        size_mib: u64,
+        /// What the kernel said.
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// One RAM range of the guest: start address and length in bytes.
+pub type RamRange = (GuestAddress, u64);
+
+/// The guest-physical RAM ranges for `size` bytes of memory: everything below the MMIO gap
+/// first, the rest from 4 GiB up.
+pub fn ram_ranges(size: u64) -> Vec<RamRange> {
+    let below_gap = size.min(MMIO_GAP_START);
+    let mut ranges = vec![(GuestAddress(0), below_gap)];
+    if size > MMIO_GAP_START {
+        ranges.push((GuestAddress(MMIO_GAP_END), size - MMIO_GAP_START));
+    }
+    ranges
+}
+
+/// Maps `size` bytes of guest RAM (private anonymous memory; pages are only backed once the
+/// guest touches them).
+pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    if size == 0 || size % 4096 != 0 {
+        return Err(MemoryError::InvalidSize(size));
+    }
+    let ranges: Vec<(GuestAddress, usize)> = ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (start, usize::try_from(len).unwrap_or(usize::MAX)))
+        .collect();
+    GuestMemoryMmap::from_ranges(&ranges).map_err(|source| MemoryError::Map {
+        size_mib: size >> 20,
+        source,
+    })
+}
+
+/// Kind of an entry of the guest's physical memory map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum E820Kind {
+    /// Usable RAM.
+    Ram = 1,
+    /// Reserved (firmware areas, the BIOS hole).
+    Reserved = 2,
+}
+
+/// One entry of the guest's memory map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct E820Entry {
+    /// Start address.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// What the range is.
+    pub kind: E820Kind,
+}
+
+/// The memory map the guest is told about: low RAM up to the EBDA, the BIOS area reserved
+/// (it holds the MP and ACPI tables), RAM from 1 MiB to the MMIO gap, and RAM above 4 GiB.
+pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
+    let mut map = vec![
+        E820Entry {
+            addr: 0,
+            size: EBDA_START,
+            kind: E820Kind::Ram,
+        },
+        E820Entry {
+            addr: EBDA_START,
+            size: HIMEM_START - EBDA_START,
+            kind: E820Kind::Reserved,
+        },
+    ];
+    for (start, len) in ram_ranges(mem_size) {
+        let start = start.0;
+        let end = start + len;
+        let start = start.max(HIMEM_START);
+        if end > start {
+            map.push(E820Entry {
+                addr: start,
+                size: end - start,
+                kind: E820Kind::Ram,
+            });
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+    #[test]
+    fn small_guest_is_one_range_below_the_gap() {
+        assert_eq!(ram_ranges(128 << 20), vec![(GuestAddress(0), 128 << 20)]);
+    }
+
+    #[test]
+    fn large_guest_skips_the_mmio_gap() {
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
+        assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START));
+        let total: u64 = r.iter().map(|x| x.1).sum();
+        assert_eq!(total, 4 << 30);
+    }
+
+    #[test]
+    fn e820_matches_the_ram_ranges() {
+        let map = e820_map(4 << 30);
+        assert_eq!(map.len(), 4);
+        assert_eq!(map[0].kind, E820Kind::Ram);
+        assert_eq!(map[1].kind, E820Kind::Reserved);
+        assert_eq!(map[2].addr, HIMEM_START);
+        assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
+        assert_eq!(map[3].addr, MMIO_GAP_END);
+        let ram: u64 = map.iter().filter(|e| e.kind == E820Kind::Ram).map(|e| e.size).sum();
+        // Everything but the BIOS hole between the EBDA and 1 MiB is RAM.
+        assert_eq!(ram, (4 << 30) - (HIMEM_START - EBDA_START));
+        // Entries never overlap and are sorted.
+        for w in map.windows(2) {
+            assert!(w[0].addr + w[0].size <= w[1].addr);
+        }
+    }
+
+    #[test]
+    fn guest_memory_is_created_and_sized() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        assert_eq!(mem.num_regions(), 1);
+        let total: u64 = mem.iter().map(|r| r.len()).sum();
+        assert_eq!(total, 64 << 20);
+        assert!(matches!(create_guest_memory(0), Err(MemoryError::InvalidSize(0))));
+        assert!(create_guest_memory(4097).is_err());
+    }
+}

@@ -1,0 +1,491 @@
+// SPDX-License-Identifier: Apache-2.0
+//! vCPUs: per-vCPU register and CPUID set-up, one thread per vCPU running `KVM_RUN`, exits
+//! dispatched to the port-I/O and MMIO buses, and the kick that gets a thread out of
+//! `KVM_RUN` to stop it (or to sample it for the profiler).
+
+use std::os::unix::thread::JoinHandleExt;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::arch::x86_64::cpuid::{filter_cpuid, CpuidParams};
+use crate::arch::x86_64::msrs::boot_msr_entries;
+use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs, set_lint, EntryProtocol};
+use crate::devices::bus::Bus;
+use crate::exit::{ExitReason, VmExit};
+use crate::memory::GuestMemory;
+use crate::symbols::LazySymbols;
+use crate::timeline::{Phase, Timeline};
+
+/// Errors while creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM vCPU ioctl failed.
+    #[error("vCPU {index}: KVM {what} failed")]
+    Kvm {
+        /// Which vCPU.
+        index: u32,
+        /// What was being done.
+        what: &'static str,
+        /// The error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// Writing boot structures failed.
+    #[error("vCPU {0}: cannot write boot register structures")]
+    Regs(u32, #[source] crate::arch::x86_64::regs::RegsError),
+    /// The thread could not be spawned.
+    #[error("cannot start the thread of vCPU {0}")]
+    Spawn(u32, #[source] std::io::Error),
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] vmm_sys_util::errno::Error),
+}
+
+/// Port-I/O and MMIO buses shared by all vCPUs.
+#[derive(Debug, Default)]
+pub struct IoBuses {
+    /// Port I/O.
+    pub pio: Bus,
+    /// Memory-mapped I/O.
+    pub mmio: Bus,
+}
+
+/// Exit counters of one vCPU (read by `ember bench`).
+#[derive(Debug, Default)]
+pub struct VcpuStats {
+    /// Port-I/O exits.
+    pub io: AtomicU64,
+    /// MMIO exits.
+    pub mmio: AtomicU64,
+    /// HLT exits.
+    pub hlt: AtomicU64,
+    /// Exits because of a signal (kicks, profiler samples).
+    pub intr: AtomicU64,
+    /// Any other exit.
+    pub other: AtomicU64,
+    /// Port/MMIO accesses nothing answered.
+    pub unhandled: AtomicU64,
+}
+
+/// Called on a vCPU thread whenever it was kicked out of `KVM_RUN` by a signal (the
+/// profiler samples registers here).
+pub trait KickHook: Send + Sync {
+    /// `index` is the vCPU, `fd` its KVM fd.
+    fn on_kick(&self, index: u32, fd: &VcpuFd);
+}
+
+/// A configured vCPU, not yet running.
+pub struct Vcpu {
+    index: u32,
+    fd: VcpuFd,
+    buses: Arc<IoBuses>,
+    exit: Arc<VmExit>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<VcpuStats>,
+    mem: GuestMemory,
+    symbols: Arc<LazySymbols>,
+    hook: Option<Arc<dyn KickHook>>,
+    timeline: Arc<Timeline>,
+}
+
+impl std::fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vcpu").field("index", &self.index).finish()
+    }
+}
+
+/// Everything the boot set-up of a vCPU needs.
+#[derive(Debug, Clone)]
+pub struct VcpuBootParams {
+    /// KVM_GET_SUPPORTED_CPUID output, filtered per vCPU.
+    pub supported_cpuid: CpuId,
+    /// Number of vCPUs.
+    pub vcpu_count: u32,
+    /// Hide the hypercall-based KVM PV features (PVM hosts).
+    pub hide_pv_hypercalls: bool,
+    /// Entry protocol of the boot vCPU.
+    pub protocol: EntryProtocol,
+    /// Kernel entry point.
+    pub entry: u64,
+}
+
+/// Things shared by every vCPU of a VM.
+#[derive(Clone)]
+pub struct VcpuShared {
+    /// Device buses.
+    pub buses: Arc<IoBuses>,
+    /// Exit latch.
+    pub exit: Arc<VmExit>,
+    /// Guest memory.
+    pub mem: GuestMemory,
+    /// Kernel symbols for error reports (read only when needed).
+    pub symbols: Arc<LazySymbols>,
+    /// Profiler hook.
+    pub hook: Option<Arc<dyn KickHook>>,
+    /// Boot phase timestamps.
+    pub timeline: Arc<Timeline>,
+}
+
+impl std::fmt::Debug for VcpuShared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VcpuShared").finish_non_exhaustive()
+    }
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` and sets up its CPUID, MSRs, registers, FPU and LAPIC.
+    pub fn new(
+        vm: &VmFd,
+        index: u32,
+        boot: &VcpuBootParams,
+        shared: &VcpuShared,
+    ) -> Result<Self, VcpuError> {
+        let err = |what| move |source| VcpuError::Kvm { index, what, source };
+        let fd = vm.create_vcpu(u64::from(index)).map_err(err("vCPU creation"))?;
+
+        let mut cpuid = boot.supported_cpuid.clone();
+        let tsc_khz = fd.get_tsc_khz().ok().filter(|k| *k > 0);
+        filter_cpuid(
+            &mut cpuid,
+            &CpuidParams {
+                vcpu_index: index,
+                vcpu_count: boot.vcpu_count,
+                hide_pv_hypercalls: boot.hide_pv_hypercalls,
+                tsc_khz,
+            },
+        );
+        fd.set_cpuid2(&cpuid).map_err(err("SET_CPUID2"))?;
+
+        let msrs = Msrs::from_entries(&boot_msr_entries()).map_err(|_| VcpuError::Kvm {
+            index,
+            what: "MSR list",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        })?;
+        let n = fd.set_msrs(&msrs).map_err(err("SET_MSRS"))?;
+        if n != msrs.as_slice().len() {
+            log::debug!("vCPU {index}: KVM accepted {n} of {} boot MSRs", msrs.as_slice().len());
+        }
+
+        let mut lapic = fd.get_lapic().map_err(err("GET_LAPIC"))?;
+        set_lint(&mut lapic);
+        fd.set_lapic(&lapic).map_err(err("SET_LAPIC"))?;
+        fd.set_fpu(&boot_fpu()).map_err(err("SET_FPU"))?;
+
+        // Only the boot vCPU gets an entry state; the others wait for INIT/SIPI from it.
+        if index == 0 {
+            let current = fd.get_sregs().map_err(err("GET_SREGS"))?;
+            let sregs = boot_sregs(&shared.mem, boot.protocol, &current)
+                .map_err(|e| VcpuError::Regs(index, e))?;
+            fd.set_sregs(&sregs).map_err(err("SET_SREGS"))?;
+            fd.set_regs(&boot_regs(boot.protocol, boot.entry))
+                .map_err(err("SET_REGS"))?;
+        }
+        Ok(Self {
+            index,
+            fd,
+            buses: shared.buses.clone(),
+            exit: shared.exit.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            stats: Arc::new(VcpuStats::default()),
+            mem: shared.mem.clone(),
+            symbols: shared.symbols.clone(),
+            hook: shared.hook.clone(),
+            timeline: shared.timeline.clone(),
+        })
+    }
+
+    /// Starts the vCPU on its own thread `ember-vcpuN`.
+    pub fn start(self) -> Result<VcpuHandle, VcpuError> {
+        install_kick_handler()?;
+        let index = self.index;
+        let stop = self.stop.clone();
+        let stats = self.stats.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("ember-vcpu{index}"))
+            .spawn(move || self.run())
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        Ok(VcpuHandle {
+            index,
+            thread: Some(thread),
+            stop,
+            stats,
+        })
+    }
+
+    fn run(mut self) {
+        // Signals meant for the process (SIGTERM, SIGINT...) are handled by the main thread;
+        // this thread only takes the kick signal.
+        let mut first = true;
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                break;
+            }
+            if first {
+                self.timeline.mark(Phase::FirstKvmRun);
+                first = false;
+            }
+            let outcome = match self.fd.run() {
+                Ok(exit) => handle_exit(self.index, exit, &self.buses, &self.stats),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    self.stats.intr.fetch_add(1, Ordering::Relaxed);
+                    if let Some(h) = &self.hook {
+                        h.on_kick(self.index, &self.fd);
+                    }
+                    Outcome::Continue
+                }
+                Err(e) => Outcome::Exit(ExitReason::VcpuError(format!(
+                    "vCPU {}: KVM_RUN failed: {e}",
+                    self.index
+                ))),
+            };
+            match outcome {
+                Outcome::Continue => {}
+                Outcome::InternalError => {
+                    let detail = self.describe_internal_error();
+                    self.exit.request(ExitReason::EmulationFailure(detail));
+                    break;
+                }
+                Outcome::Exit(reason) => {
+                    self.exit.request(reason);
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Where the vCPU stopped, for a KVM internal error: RIP, symbol, instruction bytes.
+    fn describe_internal_error(&mut self) -> String {
+        // SAFETY: the last KVM_RUN returned KVM_EXIT_INTERNAL_ERROR, so `internal` is the
+        // active member of the exit union.
+        let suberror = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.internal.suberror };
+        let what = match suberror {
+            1 => "the instruction could not be emulated",
+            2 => "a simultaneous exception occurred",
+            3 => "event delivery failed",
+            _ => "internal error",
+        };
+        let Ok(regs) = self.fd.get_regs() else {
+            return format!("vCPU {}: {what} (suberror {suberror})", self.index);
+        };
+        let rip = regs.rip;
+        let symbol = self
+            .symbols
+            .get()
+            .and_then(|s| s.lookup(rip).map(|(n, o)| format!(" ({n}+{o:#x})")))
+            .unwrap_or_default();
+        let bytes = self
+            .fd
+            .translate_gva(rip)
+            .ok()
+            .filter(|t| t.valid != 0)
+            .and_then(|t| {
+                let mut b = [0u8; 15];
+                self.mem
+                    .read_slice(&mut b, GuestAddress(t.physical_address))
+                    .ok()
+                    .map(|()| b)
+            })
+            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| "unreadable".into());
+        format!(
+            "vCPU {} stopped at RIP {rip:#x}{symbol}: {what} (suberror {suberror}); \
+             instruction bytes: {bytes}",
+            self.index
+        )
+    }
+}
+
+enum Outcome {
+    Continue,
+    InternalError,
+    Exit(ExitReason),
+}
+
+/// Handles one exit. Accesses to nothing are answered like absent hardware (reads return all
+/// ones) and logged at debug level.
+fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &IoBuses, stats: &VcpuStats) -> Outcome {
+    match exit {
+        VcpuExit::IoIn(port, data) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            if !buses.pio.read(u64::from(port), data) {
+                stats.unhandled.fetch_add(1, Ordering::Relaxed);
+                log::debug!("vCPU {index}: read of {} bytes from unhandled port {port:#x}", data.len());
+                data.fill(0xff);
+            }
+            Outcome::Continue
+        }
+        VcpuExit::IoOut(port, data) => {
+            stats.io.fetch_add(1, Ordering::Relaxed);
+            if !buses.pio.write(u64::from(port), data) {
+                stats.unhandled.fetch_add(1, Ordering::Relaxed);
+                log::debug!("vCPU {index}: write {data:02x?} to unhandled port {port:#x}");
+            }
+            Outcome::Continue
+        }
+        VcpuExit::MmioRead(addr, data) => {
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            if !buses.mmio.read(addr, data) {
+                stats.unhandled.fetch_add(1, Ordering::Relaxed);
+                log::debug!("vCPU {index}: read of {} bytes from unhandled MMIO {addr:#x}", data.len());
+                data.fill(0xff);
+            }
+            Outcome::Continue
+        }
+        VcpuExit::MmioWrite(addr, data) => {
+            stats.mmio.fetch_add(1, Ordering::Relaxed);
+            if !buses.mmio.write(addr, data) {
+                stats.unhandled.fetch_add(1, Ordering::Relaxed);
+                log::debug!("vCPU {index}: write {data:02x?} to unhandled MMIO {addr:#x}");
+            }
+            Outcome::Continue
+        }
+        VcpuExit::Hlt => {
+            stats.hlt.fetch_add(1, Ordering::Relaxed);
+            Outcome::Continue
+        }
+        VcpuExit::Shutdown => Outcome::Exit(ExitReason::TripleFault),
+        VcpuExit::SystemEvent(kind, _) => {
+            stats.other.fetch_add(1, Ordering::Relaxed);
+            match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Outcome::Exit(ExitReason::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Outcome::Exit(ExitReason::Panic),
+                other => {
+                    log::debug!("vCPU {index}: ignoring system event {other}");
+                    Outcome::Continue
+                }
+            }
+        }
+        VcpuExit::InternalError => Outcome::InternalError,
+        VcpuExit::FailEntry(reason, cpu) => Outcome::Exit(ExitReason::VcpuError(format!(
+            "vCPU {index}: KVM could not enter the guest (hardware entry failure reason \
+             {reason:#x} on host CPU {cpu})"
+        ))),
+        VcpuExit::IrqWindowOpen | VcpuExit::Intr => {
+            stats.intr.fetch_add(1, Ordering::Relaxed);
+            Outcome::Continue
+        }
+        other => {
+            stats.other.fetch_add(1, Ordering::Relaxed);
+            Outcome::Exit(ExitReason::VcpuError(format!(
+                "vCPU {index}: unexpected KVM exit {other:?}"
+            )))
+        }
+    }
+}
+
+/// A running vCPU thread.
+#[derive(Debug)]
+pub struct VcpuHandle {
+    index: u32,
+    thread: Option<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    stats: Arc<VcpuStats>,
+}
+
+impl VcpuHandle {
+    /// Interrupts `KVM_RUN` on the thread with the kick signal.
+    pub fn kick(&self) {
+        if let Some(t) = &self.thread {
+            // SAFETY: the pthread_t belongs to a thread we have not joined yet (the handle
+            // is only taken by `join`), so it is valid; the kick signal has a handler.
+            unsafe {
+                libc::pthread_kill(t.as_pthread_t(), kick_signal());
+            }
+        }
+    }
+
+    /// The exit counters.
+    pub fn stats(&self) -> &Arc<VcpuStats> {
+        &self.stats
+    }
+
+    /// The vCPU index.
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// Asks the thread to stop and waits for it, kicking it until it leaves `KVM_RUN`.
+    /// Returns false when it did not stop within `timeout`.
+    pub fn stop_and_join(&mut self, timeout: Duration) -> bool {
+        self.stop.store(true, Ordering::Release);
+        let Some(t) = self.thread.take() else {
+            return true;
+        };
+        let deadline = Instant::now() + timeout;
+        while !t.is_finished() {
+            if Instant::now() > deadline {
+                log::warn!("vCPU {} did not stop within {timeout:?}", self.index);
+                self.thread = Some(t);
+                return false;
+            }
+            // SAFETY: as in `kick`: the thread is not joined yet.
+            unsafe {
+                libc::pthread_kill(t.as_pthread_t(), kick_signal());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if t.join().is_err() {
+            log::error!("vCPU {} thread panicked", self.index);
+        }
+        true
+    }
+}
+
+/// The real-time signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Nothing to do: delivering the signal makes KVM_RUN return EINTR.
+}
+
+fn install_kick_handler() -> Result<(), VcpuError> {
+    static INSTALL: Once = Once::new();
+    let mut result = Ok(());
+    INSTALL.call_once(|| {
+        result = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler)
+            .map_err(VcpuError::Signal);
+    });
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unhandled_io_reads_all_ones() {
+        let buses = IoBuses::default();
+        let stats = VcpuStats::default();
+        let mut data = [0u8; 2];
+        let out = handle_exit(0, VcpuExit::IoIn(0x80, &mut data), &buses, &stats);
+        assert!(matches!(out, Outcome::Continue));
+        assert_eq!(data, [0xff, 0xff]);
+        let mut data = [0u8; 4];
+        handle_exit(0, VcpuExit::MmioRead(0xd000_0000, &mut data), &buses, &stats);
+        assert_eq!(data, [0xff; 4]);
+        handle_exit(0, VcpuExit::IoOut(0x80, &[1]), &buses, &stats);
+        assert_eq!(stats.unhandled.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.io.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn system_events_map_to_reasons() {
+        let buses = IoBuses::default();
+        let stats = VcpuStats::default();
+        let out = handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &buses, &stats);
+        assert!(matches!(out, Outcome::Exit(ExitReason::Reset)));
+        let out = handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), &buses, &stats);
+        assert!(matches!(out, Outcome::Exit(ExitReason::PowerOff)));
+        let out = handle_exit(0, VcpuExit::Shutdown, &buses, &stats);
+        assert!(matches!(out, Outcome::Exit(ExitReason::TripleFault)));
+    }
+}
