@@ -55,11 +55,11 @@ impl Symbols {
         let section = |i: usize| -> Option<(u32, usize, usize, u32, usize)> {
             let h = shoff.checked_add(i.checked_mul(shentsize)?)?;
             Some((
-                u32_at(b, h + 4)?,    // type
-                usize_at(b, h + 24)?, // offset
-                usize_at(b, h + 32)?, // size
-                u32_at(b, h + 40)?,   // link
-                usize_at(b, h + 56)?, // entsize
+                u32_at(b, h.checked_add(4)?)?,    // type
+                usize_at(b, h.checked_add(24)?)?, // offset
+                usize_at(b, h.checked_add(32)?)?, // size
+                u32_at(b, h.checked_add(40)?)?,   // link
+                usize_at(b, h.checked_add(56)?)?, // entsize
             ))
         };
         let mut entries = Vec::new();
