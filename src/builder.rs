@@ -10,8 +10,8 @@ use std::time::Instant;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 use crate::arch::x86_64::layout::{
-    BOOT_TIMER_SIZE, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT,
-    EXIT_DEVICE_SIZE, EXIT_DEVICE_START, I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT_SIZE,
+    BOOT_TIMER_SIZE, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, EXIT_DEVICE_SIZE,
+    EXIT_DEVICE_START, I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT_SIZE,
 };
 use crate::arch::x86_64::regs::EntryProtocol;
 use crate::arch::x86_64::{mptable, write_pvh_start_info, write_zero_page, BootError};
@@ -22,7 +22,6 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
 use crate::devices::{DeviceError, DeviceManager};
 use crate::event_loop::{new_event_manager, EventManager, ExitWatcher};
-use event_manager::SubscriberOps;
 use crate::exit::VmExit;
 use crate::host::{append_switches, HostInfo};
 use crate::kernel::{self, KernelError, KernelFormat};
@@ -32,6 +31,7 @@ use crate::timeline::{Phase, Timeline};
 use crate::vcpu::{Vcpu, VcpuBootParams, VcpuError, VcpuShared};
 use crate::vm::{open_kvm, Vm, VmError};
 use crate::vmm::Vmm;
+use event_manager::SubscriberOps;
 
 /// Errors while building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -106,7 +106,14 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
 
     // 5. Legacy devices.
     let mut devices = DeviceManager::new();
-    attach_legacy_devices(config, &vm, &mut devices, &mut event_manager, &exit, &timeline)?;
+    attach_legacy_devices(
+        config,
+        &vm,
+        &mut devices,
+        &mut event_manager,
+        &exit,
+        &timeline,
+    )?;
     let exit_status = attach_pseudo_devices(config, &mut devices, &exit, &timeline)?;
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
@@ -122,10 +129,20 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
                 bytes.resize(bytes.len().next_multiple_of(4), 0);
                 bytes.extend_from_slice(extra);
             }
-            Some(kernel::load_initrd(&mem, config.mem_bytes(), &loaded, &bytes)?)
+            Some(kernel::load_initrd(
+                &mem,
+                config.mem_bytes(),
+                &loaded,
+                &bytes,
+            )?)
         }
         None => match &config.initrd_append {
-            Some(extra) => Some(kernel::load_initrd(&mem, config.mem_bytes(), &loaded, extra)?),
+            Some(extra) => Some(kernel::load_initrd(
+                &mem,
+                config.mem_bytes(),
+                &loaded,
+                extra,
+            )?),
             None => None,
         },
     };
@@ -173,7 +190,15 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
         .map(Vcpu::start)
         .collect::<Result<Vec<_>, _>>()?;
 
-    Ok(Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status))
+    Ok(Vmm::new(
+        vm,
+        mem,
+        exit,
+        event_manager,
+        handles,
+        timeline,
+        exit_status,
+    ))
 }
 
 /// The final guest command line.
@@ -263,10 +288,13 @@ fn attach_legacy_devices(
         devices.add_pio(com2, COM2_PORT, SERIAL_PORT_SIZE)?;
     }
 
-    // i8042: data port and command port, one device.
+    // i8042: data port 0x60 through command port 0x64, one device.
     let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
-    devices.add_pio(i8042.clone(), I8042_DATA_PORT, 1)?;
-    devices.add_pio(i8042, I8042_COMMAND_PORT, 1)?;
+    devices.add_pio(
+        i8042,
+        I8042_DATA_PORT,
+        I8042_COMMAND_PORT - I8042_DATA_PORT + 1,
+    )?;
     Ok(())
 }
 
@@ -276,10 +304,17 @@ fn attach_pseudo_devices(
     exit: &Arc<VmExit>,
     timeline: &Arc<Timeline>,
 ) -> Result<Arc<Mutex<Option<u32>>>, BuildError> {
-    let timer = Arc::new(Mutex::new(BootTimer::new(timeline.clone(), config.boot_timer)));
+    let timer = Arc::new(Mutex::new(BootTimer::new(
+        timeline.clone(),
+        config.boot_timer,
+    )));
     devices.add_mmio(timer, BOOT_TIMER_START, BOOT_TIMER_SIZE)?;
     let exit_dev = ExitDevice::new(exit.clone(), config.exit_on_status);
     let status = exit_dev.status();
-    devices.add_mmio(Arc::new(Mutex::new(exit_dev)), EXIT_DEVICE_START, EXIT_DEVICE_SIZE)?;
+    devices.add_mmio(
+        Arc::new(Mutex::new(exit_dev)),
+        EXIT_DEVICE_START,
+        EXIT_DEVICE_SIZE,
+    )?;
     Ok(status)
 }

@@ -128,8 +128,20 @@ mod tests {
     #[test]
     fn run_flags() {
         let cli = parse(&[
-            "run", "--kernel", "/k", "--initrd", "/i", "--vcpus", "2", "--mem", "256",
-            "--cmdline", "console=ttyS0", "--append", "quiet", "--no-host-tuning",
+            "run",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--vcpus",
+            "2",
+            "--mem",
+            "256",
+            "--cmdline",
+            "console=ttyS0",
+            "--append",
+            "quiet",
+            "--no-host-tuning",
         ])
         .unwrap();
         let Command::Run(a) = cli.command;

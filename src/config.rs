@@ -251,7 +251,11 @@ mod tests {
         c.mem_mib = 0;
         assert!(c.validate().unwrap_err().to_string().contains("too small"));
         c.mem_mib = 1 << 40;
-        assert!(c.validate().unwrap_err().to_string().contains("more than this host"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("more than this host"));
         c.mem_mib = 64;
         c.initrd = Some("/nonexistent/initrd".into());
         let e = c.validate().unwrap_err().to_string();
@@ -260,7 +264,11 @@ mod tests {
         c.kernel = "/".into();
         assert!(c.validate().unwrap_err().to_string().contains("directory"));
         c.vcpus = 8;
-        assert!(c.validate_vcpus(4).unwrap_err().to_string().contains("at most 4"));
+        assert!(c
+            .validate_vcpus(4)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 4"));
         std::fs::remove_file(p).unwrap();
     }
 }

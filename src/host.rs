@@ -83,7 +83,10 @@ mod tests {
             "console=ttyS0 noxsave clearcpuid=smap"
         );
         assert_eq!(
-            append_switches("console=ttyS0 clearcpuid=smap,popcnt,cx16", "noxsave clearcpuid=smap"),
+            append_switches(
+                "console=ttyS0 clearcpuid=smap,popcnt,cx16",
+                "noxsave clearcpuid=smap"
+            ),
             "console=ttyS0 clearcpuid=smap,popcnt,cx16 noxsave"
         );
         assert_eq!(append_switches("", "a b"), "a b");

@@ -198,7 +198,9 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Kerne
                     source,
                 })?;
             let r = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
-            let hdr = r.setup_header.ok_or_else(|| KernelError::UnknownFormat(path.into()))?;
+            let hdr = r
+                .setup_header
+                .ok_or_else(|| KernelError::UnknownFormat(path.into()))?;
             let version = hdr.version;
             // 2.12 brought xloadflags and the 64-bit entry at load address + 0x200.
             if version < 0x020c || hdr.xloadflags & 1 == 0 {
@@ -288,7 +290,10 @@ pub fn check_cmdline(cmdline: &str, limit: usize) -> Result<(), KernelError> {
             limit,
         });
     }
-    if let Some(c) = cmdline.chars().find(|c| !c.is_ascii() || c.is_ascii_control()) {
+    if let Some(c) = cmdline
+        .chars()
+        .find(|c| !c.is_ascii() || c.is_ascii_control())
+    {
         return Err(KernelError::Cmdline(format!(
             "it contains the character {c:?}; only printable ASCII is allowed"
         )));
@@ -310,7 +315,8 @@ mod tests {
     use std::io::Write;
 
     fn tmpfile(name: &str, bytes: &[u8]) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("ember-kernel-test-{}-{name}", std::process::id()));
+        let p =
+            std::env::temp_dir().join(format!("ember-kernel-test-{}-{name}", std::process::id()));
         std::fs::File::create(&p).unwrap().write_all(bytes).unwrap();
         p
     }
@@ -337,7 +343,9 @@ mod tests {
         assert_eq!(detect_format(&bz).unwrap(), KernelFormat::BzImage);
         let junk = tmpfile("junk", b"hello world");
         let e = detect_format(&junk).unwrap_err();
-        assert!(e.to_string().contains("neither an ELF vmlinux nor a bzImage"));
+        assert!(e
+            .to_string()
+            .contains("neither an ELF vmlinux nor a bzImage"));
         let missing = detect_format(Path::new("/nonexistent/vmlinux")).unwrap_err();
         assert!(missing.to_string().contains("--kernel"));
         for p in [elf, bz, junk] {

@@ -25,7 +25,11 @@ impl Log for StderrLogger {
             Level::Trace => "trace: ",
         };
         // With the console in raw mode a bare \n would not return the cursor.
-        let _ = write!(std::io::stderr().lock(), "ember: {level}{}\r\n", record.args());
+        let _ = write!(
+            std::io::stderr().lock(),
+            "ember: {level}{}\r\n",
+            record.args()
+        );
     }
 
     fn flush(&self) {}

@@ -120,7 +120,10 @@ mod tests {
     fn large_guest_skips_the_mmio_gap() {
         let r = ram_ranges(4 << 30);
         assert_eq!(r[0], (GuestAddress(0), MMIO_GAP_START));
-        assert_eq!(r[1], (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START));
+        assert_eq!(
+            r[1],
+            (GuestAddress(MMIO_GAP_END), (4 << 30) - MMIO_GAP_START)
+        );
         let total: u64 = r.iter().map(|x| x.1).sum();
         assert_eq!(total, 4 << 30);
     }
@@ -134,7 +137,11 @@ mod tests {
         assert_eq!(map[2].addr, HIMEM_START);
         assert_eq!(map[2].addr + map[2].size, MMIO_GAP_START);
         assert_eq!(map[3].addr, MMIO_GAP_END);
-        let ram: u64 = map.iter().filter(|e| e.kind == E820Kind::Ram).map(|e| e.size).sum();
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == E820Kind::Ram)
+            .map(|e| e.size)
+            .sum();
         // Everything but the BIOS hole between the EBDA and 1 MiB is RAM.
         assert_eq!(ram, (4 << 30) - (HIMEM_START - EBDA_START));
         // Entries never overlap and are sorted.
@@ -149,7 +156,10 @@ mod tests {
         assert_eq!(mem.num_regions(), 1);
         let total: u64 = mem.iter().map(|r| r.len()).sum();
         assert_eq!(total, 64 << 20);
-        assert!(matches!(create_guest_memory(0), Err(MemoryError::InvalidSize(0))));
+        assert!(matches!(
+            create_guest_memory(0),
+            Err(MemoryError::InvalidSize(0))
+        ));
         assert!(create_guest_memory(4097).is_err());
     }
 }

@@ -108,7 +108,10 @@ impl Symbols {
     /// The symbol containing `addr` and the offset into it. A symbol without a size covers
     /// everything up to the next symbol.
     pub fn lookup(&self, addr: u64) -> Option<(&str, u64)> {
-        let i = self.entries.partition_point(|e| e.0 <= addr).checked_sub(1)?;
+        let i = self
+            .entries
+            .partition_point(|e| e.0 <= addr)
+            .checked_sub(1)?;
         let (start, size, name) = &self.entries[i];
         let off = addr - start;
         let within = if *size > 0 {

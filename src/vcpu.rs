@@ -9,7 +9,9 @@ use std::sync::{Arc, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_bindings::{
+    CpuId, Msrs, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd, VmFd};
 use vm_memory::{Bytes, GuestAddress};
 
@@ -146,8 +148,16 @@ impl Vcpu {
         boot: &VcpuBootParams,
         shared: &VcpuShared,
     ) -> Result<Self, VcpuError> {
-        let err = |what| move |source| VcpuError::Kvm { index, what, source };
-        let fd = vm.create_vcpu(u64::from(index)).map_err(err("vCPU creation"))?;
+        let err = |what| {
+            move |source| VcpuError::Kvm {
+                index,
+                what,
+                source,
+            }
+        };
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(err("vCPU creation"))?;
 
         let mut cpuid = boot.supported_cpuid.clone();
         let tsc_khz = fd.get_tsc_khz().ok().filter(|k| *k > 0);
@@ -169,7 +179,10 @@ impl Vcpu {
         })?;
         let n = fd.set_msrs(&msrs).map_err(err("SET_MSRS"))?;
         if n != msrs.as_slice().len() {
-            log::debug!("vCPU {index}: KVM accepted {n} of {} boot MSRs", msrs.as_slice().len());
+            log::debug!(
+                "vCPU {index}: KVM accepted {n} of {} boot MSRs",
+                msrs.as_slice().len()
+            );
         }
 
         let mut lapic = fd.get_lapic().map_err(err("GET_LAPIC"))?;
@@ -291,7 +304,12 @@ impl Vcpu {
                     .ok()
                     .map(|()| b)
             })
-            .map(|b| b.iter().map(|x| format!("{x:02x}")).collect::<Vec<_>>().join(" "))
+            .map(|b| {
+                b.iter()
+                    .map(|x| format!("{x:02x}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
             .unwrap_or_else(|| "unreadable".into());
         format!(
             "vCPU {} stopped at RIP {rip:#x}{symbol}: {what} (suberror {suberror}); \
@@ -315,7 +333,10 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &IoBuses, stats: &VcpuStat
             stats.io.fetch_add(1, Ordering::Relaxed);
             if !buses.pio.read(u64::from(port), data) {
                 stats.unhandled.fetch_add(1, Ordering::Relaxed);
-                log::debug!("vCPU {index}: read of {} bytes from unhandled port {port:#x}", data.len());
+                log::debug!(
+                    "vCPU {index}: read of {} bytes from unhandled port {port:#x}",
+                    data.len()
+                );
                 data.fill(0xff);
             }
             Outcome::Continue
@@ -332,7 +353,10 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &IoBuses, stats: &VcpuStat
             stats.mmio.fetch_add(1, Ordering::Relaxed);
             if !buses.mmio.read(addr, data) {
                 stats.unhandled.fetch_add(1, Ordering::Relaxed);
-                log::debug!("vCPU {index}: read of {} bytes from unhandled MMIO {addr:#x}", data.len());
+                log::debug!(
+                    "vCPU {index}: read of {} bytes from unhandled MMIO {addr:#x}",
+                    data.len()
+                );
                 data.fill(0xff);
             }
             Outcome::Continue
@@ -470,7 +494,12 @@ mod tests {
         assert!(matches!(out, Outcome::Continue));
         assert_eq!(data, [0xff, 0xff]);
         let mut data = [0u8; 4];
-        handle_exit(0, VcpuExit::MmioRead(0xd000_0000, &mut data), &buses, &stats);
+        handle_exit(
+            0,
+            VcpuExit::MmioRead(0xd000_0000, &mut data),
+            &buses,
+            &stats,
+        );
         assert_eq!(data, [0xff; 4]);
         handle_exit(0, VcpuExit::IoOut(0x80, &[1]), &buses, &stats);
         assert_eq!(stats.unhandled.load(Ordering::Relaxed), 3);
@@ -481,9 +510,19 @@ mod tests {
     fn system_events_map_to_reasons() {
         let buses = IoBuses::default();
         let stats = VcpuStats::default();
-        let out = handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]), &buses, &stats);
+        let out = handle_exit(
+            0,
+            VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_RESET, &[]),
+            &buses,
+            &stats,
+        );
         assert!(matches!(out, Outcome::Exit(ExitReason::Reset)));
-        let out = handle_exit(0, VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]), &buses, &stats);
+        let out = handle_exit(
+            0,
+            VcpuExit::SystemEvent(KVM_SYSTEM_EVENT_SHUTDOWN, &[]),
+            &buses,
+            &stats,
+        );
         assert!(matches!(out, Outcome::Exit(ExitReason::PowerOff)));
         let out = handle_exit(0, VcpuExit::Shutdown, &buses, &stats);
         assert!(matches!(out, Outcome::Exit(ExitReason::TripleFault)));

@@ -53,9 +53,13 @@ fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
     move |source| VmError::Kvm { what, source }
 }
 
-/// Opens /dev/kvm, turning the usual failures into advice.
+/// Opens /dev/kvm (or the device named by `EMBER_KVM_DEVICE`, for tests), turning the usual
+/// failures into advice.
 pub fn open_kvm() -> Result<Kvm, VmError> {
-    match Kvm::new() {
+    let path = std::env::var_os("EMBER_KVM_DEVICE").unwrap_or_else(|| "/dev/kvm".into());
+    let path =
+        std::ffi::CString::new(path.as_encoded_bytes().to_vec()).map_err(|_| VmError::NoKvm)?;
+    match Kvm::new_with_path(&path) {
         Ok(k) => Ok(k),
         Err(e) if e.errno() == libc::ENOENT => Err(VmError::NoKvm),
         Err(e) if e.errno() == libc::EACCES || e.errno() == libc::EPERM => {

@@ -6,12 +6,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::event_loop::{EventManager, SignalWatcher};
-use event_manager::SubscriberOps;
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::VcpuHandle;
 use crate::vm::Vm;
+use event_manager::SubscriberOps;
 
 /// Exit counts of all vCPUs together.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -83,7 +83,9 @@ pub struct Vmm {
 
 impl std::fmt::Debug for Vmm {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Vmm").field("vcpus", &self.vcpus.len()).finish_non_exhaustive()
+        f.debug_struct("Vmm")
+            .field("vcpus", &self.vcpus.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -139,7 +141,10 @@ impl Vmm {
         let pending = Arc::new(Mutex::new(Vec::new()));
         if let Some(fd) = opts.signal_fd.take() {
             self.event_manager
-                .add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(fd, pending.clone()))));
+                .add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
+                    fd,
+                    pending.clone(),
+                ))));
         }
         let mut stop_asked_at: Option<Instant> = None;
         loop {

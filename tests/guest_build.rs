@@ -88,7 +88,11 @@ fn verify_config_passes_when_every_option_holds() {
          # absent from .config (dependencies off) counts as not set\n\
          # CONFIG_PCI is not set\n",
     );
-    assert!(out.status.success(), "expected success, got:\n{}", text(&out));
+    assert!(
+        out.status.success(),
+        "expected success, got:\n{}",
+        text(&out)
+    );
 }
 
 #[test]

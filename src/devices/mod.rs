@@ -77,12 +77,25 @@ impl DeviceManager {
     }
 
     /// Registers `dev` on the port-I/O bus.
-    pub fn add_pio(&mut self, dev: Arc<Mutex<dyn BusDevice>>, base: u16, len: u16) -> Result<(), DeviceError> {
-        Ok(self.buses.pio.insert(dev, u64::from(base), u64::from(len))?)
+    pub fn add_pio(
+        &mut self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        base: u16,
+        len: u16,
+    ) -> Result<(), DeviceError> {
+        Ok(self
+            .buses
+            .pio
+            .insert(dev, u64::from(base), u64::from(len))?)
     }
 
     /// Registers `dev` on the MMIO bus.
-    pub fn add_mmio(&mut self, dev: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64) -> Result<(), DeviceError> {
+    pub fn add_mmio(
+        &mut self,
+        dev: Arc<Mutex<dyn BusDevice>>,
+        base: u64,
+        len: u64,
+    ) -> Result<(), DeviceError> {
         Ok(self.buses.mmio.insert(dev, base, len)?)
     }
 

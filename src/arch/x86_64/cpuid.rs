@@ -78,7 +78,11 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
             }
             LEAF_CACHE => {
                 // EAX[31:26]: cores per package - 1; EAX[25:14]: threads sharing this cache - 1.
-                let shared = if (e.eax >> 5) & 0x7 >= 3 { count - 1 } else { 0 };
+                let shared = if (e.eax >> 5) & 0x7 >= 3 {
+                    count - 1
+                } else {
+                    0
+                };
                 e.eax = (e.eax & 0x3fff) | ((count - 1) << 26) | ((shared & 0xfff) << 14);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {

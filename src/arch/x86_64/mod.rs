@@ -131,7 +131,14 @@ pub fn write_pvh_start_info(
     s.extend_from_slice(&1u32.to_le_bytes()); // version 1: has the memory map
     s.extend_from_slice(&0u32.to_le_bytes()); // flags
     s.extend_from_slice(&nr_modules.to_le_bytes());
-    s.extend_from_slice(&(if initrd.is_some() { PVH_MODLIST_START } else { 0 }).to_le_bytes());
+    s.extend_from_slice(
+        &(if initrd.is_some() {
+            PVH_MODLIST_START
+        } else {
+            0
+        })
+        .to_le_bytes(),
+    );
     s.extend_from_slice(&CMDLINE_START.to_le_bytes());
     s.extend_from_slice(&rsdp.unwrap_or(0).to_le_bytes());
     s.extend_from_slice(&PVH_MEMMAP_START.to_le_bytes());

@@ -40,7 +40,10 @@ const CPU_FEATURE_FPU: u32 = 1;
 const BUS_ID_ISA: u8 = 0;
 
 fn checksum(bytes: &[u8]) -> u8 {
-    bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b)).wrapping_neg()
+    bytes
+        .iter()
+        .fold(0u8, |a, b| a.wrapping_add(*b))
+        .wrapping_neg()
 }
 
 /// The bytes of the MP floating pointer followed by the configuration table, for a table
@@ -70,11 +73,38 @@ pub fn build(vcpus: u32, base: u64) -> Result<Vec<u8>, MpTableError> {
     entries.push(ioapic);
     for irq in 0..IOAPIC_PINS as u8 {
         // ISA IRQ n -> IOAPIC pin n, conforming polarity and trigger.
-        entries.push(vec![ENTRY_IO_INTERRUPT, INT_TYPE_INT, 0, 0, BUS_ID_ISA, irq, ioapic_id, irq]);
+        entries.push(vec![
+            ENTRY_IO_INTERRUPT,
+            INT_TYPE_INT,
+            0,
+            0,
+            BUS_ID_ISA,
+            irq,
+            ioapic_id,
+            irq,
+        ]);
     }
     // LINT0 of every local APIC is ExtINT, LINT1 is NMI.
-    entries.push(vec![ENTRY_LOCAL_INTERRUPT, INT_TYPE_EXTINT, 0, 0, BUS_ID_ISA, 0, 0xff, 0]);
-    entries.push(vec![ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, 0, 0, BUS_ID_ISA, 0, 0xff, 1]);
+    entries.push(vec![
+        ENTRY_LOCAL_INTERRUPT,
+        INT_TYPE_EXTINT,
+        0,
+        0,
+        BUS_ID_ISA,
+        0,
+        0xff,
+        0,
+    ]);
+    entries.push(vec![
+        ENTRY_LOCAL_INTERRUPT,
+        INT_TYPE_NMI,
+        0,
+        0,
+        BUS_ID_ISA,
+        0,
+        0xff,
+        1,
+    ]);
 
     let body: Vec<u8> = entries.concat();
     let entry_count = u16::try_from(entries.len()).map_err(|_| MpTableError::TooLarge(0))?;
@@ -167,7 +197,8 @@ mod tests {
         let mem = crate::memory::create_guest_memory(2 << 20).unwrap();
         setup_mptable(&mem, 2).unwrap();
         let mut sig = [0u8; 4];
-        mem.read_slice(&mut sig, GuestAddress(MPTABLE_START)).unwrap();
+        mem.read_slice(&mut sig, GuestAddress(MPTABLE_START))
+            .unwrap();
         assert_eq!(&sig, b"_MP_");
     }
 }

@@ -62,7 +62,11 @@ impl Write for ConsoleOutput {
         if let Some(exit) = &self.exit {
             for &b in buf {
                 if b == b'\n' {
-                    if self.line.windows(PANIC_MARKER.len()).any(|w| w == PANIC_MARKER) {
+                    if self
+                        .line
+                        .windows(PANIC_MARKER.len())
+                        .any(|w| w == PANIC_MARKER)
+                    {
                         exit.note_panic();
                     }
                     self.line.clear();
@@ -149,7 +153,9 @@ impl SerialDevice {
 
 impl BusDevice for SerialDevice {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        let v = u8::try_from(offset).map(|o| self.model.read(o)).unwrap_or(0xff);
+        let v = u8::try_from(offset)
+            .map(|o| self.model.read(o))
+            .unwrap_or(0xff);
         data.fill(0);
         if let Some(first) = data.first_mut() {
             *first = v;
