@@ -104,33 +104,63 @@ ensure_deps
 busybox_bin=$(dpkg -L "$busybox_pkg" | grep -m1 -E '/bin/busybox$' || true)
 [[ -x $busybox_bin ]] || die "busybox binary of $busybox_pkg not found"
 
-# ---- cache key -------------------------------------------------------------------------
-inputs=("$script_dir/build.sh" "$script_dir/verify-config.sh" "$script_dir/config.fragment"
-	"$script_dir/init" "$script_dir/fstab")
+# ---- cache keys ------------------------------------------------------------------------
+# The kernel has its own key (everything but the userland files), so that changing only the
+# init or fstab rebuilds the images in seconds; the full key covers all inputs.
 shopt -s nullglob
 patches=("$script_dir"/patches/*.patch)
 shopt -u nullglob
 [[ ${#patches[@]} -gt 0 ]] || die "no patches in $script_dir/patches"
-inputs+=("${patches[@]}")
+kernel_inputs=("$script_dir/build.sh" "$script_dir/verify-config.sh"
+	"$script_dir/config.fragment" "${patches[@]}")
+user_inputs=("$script_dir/init" "$script_dir/fstab")
 kernel_version=$(pkg_version "$kernel_pkg")
 busybox_version=$(pkg_version "$busybox_pkg")
-hash=$(
+
+hash_inputs() { # hash_inputs LABEL... -- FILE...
 	{
-		printf 'kernel %s\nbusybox %s\n' "$kernel_version" "$busybox_version"
-		for f in "${inputs[@]}"; do
+		while [[ $1 != -- ]]; do
+			printf '%s\n' "$1"
+			shift
+		done
+		shift
+		local f
+		for f in "$@"; do
 			printf 'file %s %s\n' "${f#"$script_dir"/}" "$(sha256sum <"$f" | cut -d' ' -f1)"
 		done
 	} | sha256sum | cut -c1-16
-)
+}
+khash=$(hash_inputs "kernel $kernel_version" -- "${kernel_inputs[@]}")
+hash=$(hash_inputs "kernel-key $khash" "busybox $busybox_version" -- "${user_inputs[@]}")
+
 cache_root=${EMBER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ember}
 cache_dir=$cache_root/guest
 entry=$cache_dir/$hash
+kentry=$cache_dir/kernel-$khash
 artifacts=(vmlinux initramfs.cpio rootfs.ext4 kernel.config build-info.txt)
+kernel_artifacts=(vmlinux kernel.config gen_init_cpio)
 
-entry_complete() {
-	local a
-	[[ -f $1/.complete ]] || return 1
-	for a in "${artifacts[@]}"; do [[ -s $1/$a ]] || return 1; done
+complete() { # complete DIR FILE...
+	local d=$1 a
+	shift
+	[[ -f $d/.complete ]] || return 1
+	for a in "$@"; do [[ -s $d/$a ]] || return 1; done
+}
+
+# publish STAGE_DIR FINAL_DIR FILE...: atomic rename; if a concurrent build published the
+# same key first, keep theirs.
+publish() {
+	local stage=$1 final=$2
+	shift 2
+	touch "$stage/.complete"
+	if [[ -e $final ]] && ! complete "$final" "$@"; then
+		rm -rf "$final" # damaged by hand; entries are only ever created complete
+	fi
+	if ! mv -T "$stage" "$final" 2>/dev/null; then
+		complete "$final" "$@" || die "could not move $stage to $final"
+		log "another build published $final first; using it"
+		rm -rf "$stage"
+	fi
 }
 
 install_entry() {
@@ -144,7 +174,7 @@ install_entry() {
 	done
 }
 
-if [[ $force -eq 0 ]] && entry_complete "$entry"; then
+if [[ $force -eq 0 ]] && complete "$entry" "${artifacts[@]}"; then
 	log "using cached guest build $entry"
 	install_entry
 	log "done: $out_dir/{vmlinux,initramfs.cpio,rootfs.ext4} (cached)"
@@ -162,55 +192,69 @@ cleanup() {
 	fi
 }
 trap cleanup EXIT
-stage=$work/out
-mkdir -p "$stage"
 start=$SECONDS
 jobs=${EMBER_GUEST_JOBS:-$(nproc)}
 
-log "building guest $hash (kernel $kernel_version, busybox $busybox_version) in $work"
-log "unpacking $kernel_tarball"
-tar -C "$work" -xf "$kernel_tarball"
-ksrc=$work/linux-source-6.1
-[[ -d $ksrc ]] || die "unexpected tarball layout: no linux-source-6.1/ in $kernel_tarball"
+build_kernel() { # build_kernel STAGE_DIR
+	local stage=$1 ksrc=$work/linux-source-6.1 p
+	log "building kernel $khash ($kernel_pkg $kernel_version) in $work"
+	log "unpacking $kernel_tarball"
+	tar -C "$work" -xf "$kernel_tarball"
+	[[ -d $ksrc ]] || die "unexpected tarball layout: no linux-source-6.1/ in $kernel_tarball"
+	for p in "${patches[@]}"; do
+		log "applying patch ${p##*/}"
+		patch -p1 -s -N -d "$ksrc" <"$p" || die "patch ${p##*/} does not apply"
+	done
 
-for p in "${patches[@]}"; do
-	log "applying patch ${p##*/}"
-	patch -p1 -s -N -d "$ksrc" <"$p" || die "patch ${p##*/} does not apply"
-done
+	log "configuring: tinyconfig + config.fragment + olddefconfig"
+	make -C "$ksrc" -s tinyconfig >/dev/null
+	(cd "$ksrc" && scripts/kconfig/merge_config.sh -m .config "$script_dir/config.fragment") \
+		>"$work/merge_config.log" 2>&1 || {
+		cat "$work/merge_config.log" >&2
+		die "merge_config.sh failed"
+	}
+	make -C "$ksrc" -s olddefconfig >/dev/null
+	log "verifying the fragment against the final .config"
+	"$script_dir/verify-config.sh" "$script_dir/config.fragment" "$ksrc/.config" ||
+		die "the final kernel .config does not match config.fragment (see above)"
 
-kmake() { make -C "$ksrc" -s "$@"; }
-
-log "configuring: tinyconfig + config.fragment + olddefconfig"
-kmake tinyconfig >/dev/null
-(cd "$ksrc" && scripts/kconfig/merge_config.sh -m .config "$script_dir/config.fragment") \
-	>"$work/merge_config.log" 2>&1 || {
-	cat "$work/merge_config.log" >&2
-	die "merge_config.sh failed"
+	log "compiling vmlinux with make -j$jobs (a few minutes)"
+	# Kbuild's progress lines (CC ..., LD ...) go to stderr along with the ==> lines.
+	make -C "$ksrc" -j"$jobs" vmlinux >&2
+	[[ -x $ksrc/usr/gen_init_cpio ]] || make -C "$ksrc" -s usr/gen_init_cpio >&2
+	readelf -n "$ksrc/vmlinux" | grep -q 'Xen.*0x00000012' ||
+		die "vmlinux has no Xen PVH note (0x12)"
+	readelf -S "$ksrc/vmlinux" | grep -q '\.symtab' || die "vmlinux has no .symtab"
+	mkdir -p "$stage"
+	cp "$ksrc/vmlinux" "$stage/vmlinux"
+	cp "$ksrc/.config" "$stage/kernel.config"
+	cp "$ksrc/usr/gen_init_cpio" "$stage/gen_init_cpio"
+	log "vmlinux built in $((SECONDS - start)) s"
 }
-kmake olddefconfig >/dev/null
-log "verifying the fragment against the final .config"
-"$script_dir/verify-config.sh" "$script_dir/config.fragment" "$ksrc/.config" ||
-	die "the final kernel .config does not match config.fragment (see above)"
 
-log "compiling vmlinux with make -j$jobs (a few minutes)"
-# Kbuild's own progress lines (CC ..., LD ...) go to stderr with the ==> lines.
-make -C "$ksrc" -j"$jobs" vmlinux >&2
-vmlinux=$ksrc/vmlinux
-readelf -n "$vmlinux" | grep -q 'Xen.*0x00000012' || die "vmlinux has no Xen PVH note (0x12)"
-readelf -S "$vmlinux" | grep -q '\.symtab' || die "vmlinux has no .symtab"
-cp "$vmlinux" "$stage/vmlinux"
-cp "$ksrc/.config" "$stage/kernel.config"
-log "vmlinux built in $((SECONDS - start)) s"
+if [[ $force -eq 0 ]] && complete "$kentry" "${kernel_artifacts[@]}"; then
+	log "using cached kernel $kentry"
+else
+	build_kernel "$work/kernel"
+	[[ $force -eq 0 ]] || rm -rf "$kentry"
+	publish "$work/kernel" "$kentry" "${kernel_artifacts[@]}"
+	log "kernel cached as $kentry"
+	[[ ${EMBER_GUEST_KEEP_BUILD:-0} == 1 ]] || rm -rf "$work/linux-source-6.1"
+fi
 
 # ---- userland -------------------------------------------------------------------------
+stage=$work/out
+mkdir -p "$stage"
+cp "$kentry/vmlinux" "$kentry/kernel.config" "$stage/"
+
 # Applet paths as busybox itself lays them out (bin/sh, sbin/reboot, usr/bin/tr, ...), all
-# symlinked to /bin/busybox. The init protocol needs: mount devmem stty sh sync reboot
-# poweroff sleep setsid cttyhack; the rest is for the commands users run.
+# symlinked to /bin/busybox. init itself needs mount devmem stty sh sync reboot poweroff
+# sleep setsid cttyhack; the rest is for the commands users run.
 mapfile -t applets < <("$busybox_bin" --list-full | grep -v '^bin/busybox$' | sort -u)
 [[ ${#applets[@]} -gt 50 ]] || die "busybox --list-full returned too few applets"
 dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt)
 
-log "writing initramfs.cpio (uncompressed newc, ${#applets[@]} applet links)"
+log "writing initramfs.cpio (uncompressed newc, busybox + ${#applets[@]} applet links)"
 list=$work/initramfs.list
 {
 	for d in "${dirs[@]}"; do echo "dir /$d 0755 0 0"; done
@@ -220,7 +264,7 @@ list=$work/initramfs.list
 	echo "file /init $script_dir/init 0755 0 0"
 	echo "file /etc/fstab $script_dir/fstab 0644 0 0"
 } >"$list"
-(cd "$ksrc" && usr/gen_init_cpio "$list") >"$stage/initramfs.cpio"
+"$kentry/gen_init_cpio" "$list" >"$stage/initramfs.cpio"
 
 log "writing rootfs.ext4"
 rootdir=$work/rootfs
@@ -236,36 +280,28 @@ chmod 0700 "$rootdir/root"
 # -d copies the tree without mounting or root rights. 32 MiB leaves room for tests that
 # write files.
 mkfs.ext4 -q -F -L ember-root -E root_owner=0:0 -d "$rootdir" "$stage/rootfs.ext4" 32M
-# mkfs -d copies the owner of each source file; make everything root-owned in the image.
+# mkfs -d keeps each file's owner: when not run as root, make everything root-owned.
 if [[ $(id -u) -ne 0 ]]; then
-	chown_cmds=$work/chown.debugfs
 	(cd "$rootdir" && find . -mindepth 1 | sed 's|^\.||') |
 		while IFS= read -r path; do
 			printf 'sif "%s" uid 0\nsif "%s" gid 0\n' "$path" "$path"
-		done >"$chown_cmds"
-	debugfs -w -f "$chown_cmds" "$stage/rootfs.ext4" >/dev/null 2>&1 ||
+		done >"$work/chown.debugfs"
+	debugfs -w -f "$work/chown.debugfs" "$stage/rootfs.ext4" >/dev/null 2>&1 ||
 		die "debugfs could not make rootfs.ext4 root-owned"
 fi
 e2fsck -fn "$stage/rootfs.ext4" >/dev/null 2>&1 || die "rootfs.ext4 fails e2fsck"
 
 {
 	echo "hash=$hash"
+	echo "kernel_hash=$khash"
 	echo "kernel_package=$kernel_pkg $kernel_version"
 	echo "busybox_package=$busybox_pkg $busybox_version"
 	echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 	(cd "$stage" && sha256sum vmlinux initramfs.cpio rootfs.ext4)
 } >"$stage/build-info.txt"
-touch "$stage/.complete"
 
-# Atomic publish: rename the finished directory to its final name. If a concurrent build
-# published the same hash first, keep theirs.
-if [[ -e $entry ]] && ! entry_complete "$entry"; then
-	rm -rf "$entry" # leftover from a different layout; never a half-renamed entry
-fi
-if ! mv -T "$stage" "$entry" 2>/dev/null; then
-	entry_complete "$entry" || die "could not move $stage to $entry"
-	log "another build published $entry first; using it"
-fi
+[[ $force -eq 0 ]] || rm -rf "$entry"
+publish "$stage" "$entry" "${artifacts[@]}"
 log "cached as $entry"
 install_entry
 log "done in $((SECONDS - start)) s: $out_dir/{vmlinux,initramfs.cpio,rootfs.ext4}"

@@ -3,21 +3,22 @@
 # on this project's KVM-on-PVM hosts (see README.md). Guest kernel code is emulated there, so
 # expect ~20 s to reach /init.
 #
-# usage: qemu-boot.sh [--rootfs] [--com2 FILE] [--timeout S] [COMMAND]
+# usage: qemu-boot.sh [--rootfs] [--timeout S] [COMMAND]
 #   COMMAND   passed as ember.cmd="COMMAND" (must not contain a double quote); without it the
 #             guest starts an interactive shell on the console
 #   --rootfs  boot rootfs.ext4 (a scratch copy) on virtio-blk instead of the initramfs
-#   --com2 F  add a second UART (8250.nr_uarts=2) whose output goes to file F
+#   --timeout S  kill QEMU after S seconds (default 120; 0 = never)
+# QEMU microvm emulates only one ISA UART, so init's COM2 (stderr) path cannot be exercised
+# with it; init then falls back to the console, as designed.
 # Extra cmdline words can be given in EMBER_GUEST_APPEND. Exits with QEMU's status (0 after
 # the guest's reboot -f), 124 on timeout.
 set -euo pipefail
 here=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
 guest=$(cd -- "$here/../.." && pwd -P)/target/guest
-rootfs=0 com2= timeout_s=120
+rootfs=0 timeout_s=120
 while [[ $# -gt 0 ]]; do
 	case $1 in
 	--rootfs) rootfs=1 ;;
-	--com2) com2=$2; shift ;;
 	--timeout) timeout_s=$2; shift ;;
 	--) shift; break ;;
 	-*) echo "unknown option $1" >&2; exit 2 ;;
@@ -30,12 +31,7 @@ args=(-M microvm,acpi=off -enable-kvm
 	-cpu host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-unhalt=off,kvm-pv-sched-yield=off
 	-m 64 -smp 1 -nodefaults -no-user-config -nographic -serial stdio -device i8042
 	-no-reboot -kernel "$guest/vmlinux")
-if [[ -n $com2 ]]; then
-	args+=(-serial "file:$com2")
-	append+=" 8250.nr_uarts=2"
-else
-	append+=" 8250.nr_uarts=1"
-fi
+append+=" 8250.nr_uarts=1"
 if [[ $rootfs -eq 1 ]]; then
 	scratch=$(mktemp --suffix=.ext4)
 	trap 'rm -f "$scratch"' EXIT
