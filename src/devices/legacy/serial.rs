@@ -277,7 +277,10 @@ impl MutEventSubscriber for SerialInput {
         match ops.add(Events::with_data(&self.input, TOKEN_INPUT, EventSet::IN)) {
             Ok(()) => self.watching_input = true,
             // Regular files and /dev/null cannot be polled: no interactive input then.
-            Err(e) => log::debug!("serial input: input not pollable ({e:?}); no guest input"),
+            Err(e) => {
+                log::debug!("serial input: input not pollable ({e:?}); no guest input");
+                self.input_closed = true;
+            }
         }
     }
 }

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# SPDX-License-Identifier: Apache-2.0
+# The whole test suite, as the README's second command and CI run it:
+#   1. install the Debian packages the tests need (idempotent; needs root or sudo),
+#   2. build the default guest (cached under ~/.cache/ember: seconds when nothing changed),
+#   3. format and lint checks, then every unit, tiny-guest and real-boot test.
+# Works with no tty and no stdin.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi
+
+# Packages: guest build (kernel + busybox), network tests (iproute2), peers for bench.
+PKGS=(linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio
+      e2fsprogs iproute2 qemu-system-x86)
+missing=()
+for p in "${PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing: ${missing[*]}"
+    $SUDO apt-get update -q
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo not found: install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+
+log "building the default guest (cached)"
+bash resources/guest/build.sh
+
+log "cargo fmt --check"
+cargo fmt --check
+log "cargo clippy --all-targets -- -D warnings"
+cargo clippy --all-targets -- -D warnings
+log "cargo test"
+cargo test --all-targets 2>&1
