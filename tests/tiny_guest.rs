@@ -107,11 +107,7 @@ fn unhandled_port_and_mmio_are_not_fatal() {
     let bytes = out.stdout.as_bytes();
     assert!(out.stdout.ends_with("done\n"), "{out:?}");
     // Two bytes of all-ones (lossy UTF-8 turns each into U+FFFD), then "done".
-    assert!(
-        out.stdout.starts_with("\u{fffd}\u{fffd}done"),
-        "{:?}",
-        bytes
-    );
+    assert!(out.stdout.starts_with("\u{fffd}\u{fffd}done"), "{bytes:?}");
     assert!(out.stderr.contains("unhandled port 0x80"), "{out:?}");
     assert!(out.stderr.contains("unhandled MMIO 0xd7f00000"), "{out:?}");
 }

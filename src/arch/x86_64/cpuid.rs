@@ -107,16 +107,12 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
                     }
                 }
             }
-            LEAF_KVM_SIGNATURE => {
-                if p.tsc_khz.is_some() {
-                    e.eax = e.eax.max(LEAF_TIMING);
-                }
+            LEAF_KVM_SIGNATURE if p.tsc_khz.is_some() => {
+                e.eax = e.eax.max(LEAF_TIMING);
             }
-            LEAF_KVM_FEATURES => {
-                if p.hide_pv_hypercalls {
-                    for bit in HYPERCALL_FEATURES {
-                        e.eax &= !(1 << bit);
-                    }
+            LEAF_KVM_FEATURES if p.hide_pv_hypercalls => {
+                for bit in HYPERCALL_FEATURES {
+                    e.eax &= !(1 << bit);
                 }
             }
             LEAF_TIMING => has_timing_leaf = true,
