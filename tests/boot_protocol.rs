@@ -1,0 +1,151 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The Linux 64-bit boot protocol, checked from inside tiny guests: a guest entered through
+//! an ELF (no PVH note) or a hand-made bzImage reads the zero page ember wrote (`rsi`), and
+//! prints the command line and the start of the initrd it points to.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+
+/// Prints the NUL-terminated string at the 32-bit guest address stored at [rsi+`field`].
+fn print_string_at_zero_page_field(a: &mut Asm, field: u32) {
+    a.bytes(&[0x8b, 0x9e]).bytes(&field.to_le_bytes()); // mov ebx, [rsi+field]
+    a.mov_dx(0x3f8);
+    let top = a.here();
+    a.bytes(&[0x8a, 0x03]); // mov al, [rbx]
+    a.bytes(&[0x84, 0xc0]); // test al, al
+    let jz = a.here();
+    a.bytes(&[0x74, 0x00]); // jz out (patched)
+    a.out_dx_al();
+    a.bytes(&[0x48, 0xff, 0xc3]); // inc rbx
+    a.jmp(top);
+    let end = a.here();
+    a.code[jz + 1] = (end - (jz + 2)) as u8;
+}
+
+/// A guest that prints `cmdline=<...>` and `initrd=<...>` from its zero page, then resets.
+fn zero_page_reader() -> Vec<u8> {
+    let mut a = Asm::new();
+    a.print("cmdline=");
+    print_string_at_zero_page_field(&mut a, 0x228); // hdr.cmd_line_ptr
+    a.print("\ninitrd=");
+    print_string_at_zero_page_field(&mut a, 0x218); // hdr.ramdisk_image
+    a.print("\n").reset();
+    a.code
+}
+
+/// A minimal bzImage: boot sector + one setup sector holding the setup header, then the
+/// protected-mode "kernel", whose 64-bit entry (load address + 0x200) is `code`.
+fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 1024];
+    f[0x1f1] = 1; // setup_sects
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // boot protocol 2.15
+    f[0x211] = 0x01; // loadflags: LOADED_HIGH
+    f[0x214..0x218].copy_from_slice(&(TINY_LOAD as u32).to_le_bytes()); // code32_start
+    f[0x22c..0x230].copy_from_slice(&0x7fff_ffffu32.to_le_bytes()); // initrd_addr_max
+    f[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+    f[0x236..0x238].copy_from_slice(&0x0001u16.to_le_bytes()); // xloadflags: XLF_KERNEL_64
+    f[0x238..0x23c].copy_from_slice(&2048u32.to_le_bytes()); // cmdline_size
+    f[0x260..0x264].copy_from_slice(&0x10_0000u32.to_le_bytes()); // init_size
+    let mut kernel = vec![0x90u8; 0x200];
+    kernel.extend_from_slice(code);
+    f.extend_from_slice(&kernel);
+    f
+}
+
+fn check(test: &str, kernel_bytes: Vec<u8>) {
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = temp_dir(test);
+    let k = dir.join("kernel");
+    std::fs::write(&k, kernel_bytes).unwrap();
+    let rd = dir.join("initrd");
+    std::fs::write(&rd, b"INITRD-CONTENTS\0padding").unwrap();
+    let out = run_ember(
+        &[
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            rd.to_str().unwrap(),
+            "--mem",
+            "64",
+            "--no-host-tuning",
+            "--cmdline",
+            "console=ttyS0 hello=world",
+        ],
+        None,
+        Duration::from_secs(30),
+    );
+    out.expect_code(0);
+    assert!(
+        out.stdout.contains("cmdline=console=ttyS0 hello=world\n"),
+        "{out:?}"
+    );
+    assert!(out.stdout.contains("initrd=INITRD-CONTENTS\n"), "{out:?}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn elf_kernel_gets_zero_page_cmdline_and_initrd() {
+    check("proto-elf", tiny_elf(&zero_page_reader(), &[]));
+}
+
+#[test]
+fn bzimage_kernel_gets_zero_page_cmdline_and_initrd() {
+    check("proto-bzimage", tiny_bzimage(&zero_page_reader()));
+}
+
+#[test]
+fn old_bzimage_is_rejected_with_a_reason() {
+    if !kvm_available("old_bzimage") {
+        return;
+    }
+    let dir = temp_dir("proto-oldbz");
+    let mut img = tiny_bzimage(&[0xf4]);
+    img[0x206..0x208].copy_from_slice(&0x0205u16.to_le_bytes());
+    let k = dir.join("kernel");
+    std::fs::write(&k, img).unwrap();
+    let out = run_ember(
+        &["run", "--kernel", k.to_str().unwrap()],
+        None,
+        Duration::from_secs(30),
+    );
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("too old for the 64-bit boot protocol"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn large_guest_memory_map_skips_the_mmio_gap() {
+    if !kvm_available("large_memory") {
+        return;
+    }
+    // Print the number of e820 entries ([rsi+0x1e8]) as a digit.
+    let mut a = Asm::new();
+    a.print("e820=");
+    a.bytes(&[0x8a, 0x86, 0xe8, 0x01, 0x00, 0x00]); // mov al, [rsi+0x1e8]
+    a.bytes(&[0x04, b'0']); // add al, '0'
+    a.mov_dx(0x3f8).out_dx_al();
+    a.print("\n").reset();
+    let dir = temp_dir("proto-bigmem");
+    let k = write_tiny_guest(&dir, "k.elf", &a.code, &[]);
+    // Guest memory is mapped lazily (MAP_NORESERVE): 4 GiB costs nothing until touched.
+    for (mem, entries) in [("3072", '3'), ("4096", '4')] {
+        let out = run_ember(
+            &["run", "--kernel", k.to_str().unwrap(), "--mem", mem],
+            None,
+            Duration::from_secs(30),
+        );
+        out.expect_code(0);
+        assert!(out.stdout.contains(&format!("e820={entries}\n")), "{out:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
