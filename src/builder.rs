@@ -20,13 +20,15 @@ use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::exit_device::ExitDevice;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
-use crate::devices::{DeviceError, DeviceManager};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::{DeviceError, DeviceManager, MmioSlot};
 use crate::event_loop::{new_event_manager, EventManager, ExitWatcher};
-use event_manager::SubscriberOps;
+use event_manager::{MutEventSubscriber, SubscriberOps};
 use crate::exit::VmExit;
 use crate::host::{append_switches, HostInfo};
 use crate::kernel::{self, KernelError, KernelFormat};
-use crate::memory::{create_guest_memory, MemoryError};
+use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::symbols::LazySymbols;
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::{Vcpu, VcpuBootParams, VcpuError, VcpuShared};
@@ -282,4 +284,50 @@ fn attach_pseudo_devices(
     let status = exit_dev.status();
     devices.add_mmio(Arc::new(Mutex::new(exit_dev)), EXIT_DEVICE_START, EXIT_DEVICE_SIZE)?;
     Ok(status)
+}
+
+/// Plugs a virtio device into the VM, in one call: allocates its MMIO window and interrupt
+/// line, connects the line to a KVM irqfd, registers one KVM ioeventfd per queue on the
+/// QueueNotify register (datamatch = queue index, so notifications never exit to the VMM),
+/// puts a [`MmioTransport`] for it on the MMIO bus, adds the device to the event loop, and
+/// tells the guest about it with a `virtio_mmio.device=` command-line entry. Call it before
+/// the command line is built (step 6 of [`build_vm`]).
+pub fn attach_virtio_device<D>(
+    vm: &Vm,
+    mem: &GuestMemory,
+    devices: &mut DeviceManager,
+    event_manager: &mut EventManager,
+    device: Arc<Mutex<D>>,
+) -> Result<MmioSlot, DeviceError>
+where
+    D: VirtioDevice + MutEventSubscriber + Send + 'static,
+{
+    use kvm_ioctls::IoEventAddress;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let slot = devices.allocate_mmio_slot()?;
+    let interrupt = Arc::new(Interrupt::new(devices.irqfd(vm.fd(), slot.irq)?));
+    let queues = crate::devices::bus::lock(&device).queue_max_sizes().len();
+    let notify = slot.addr + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+    let mut queue_evts = Vec::with_capacity(queues);
+    for i in 0..queues {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        vm.fd()
+            .register_ioevent(&evt, &IoEventAddress::Mmio(notify), index)
+            .map_err(|e| DeviceError::Ioeventfd(notify, e))?;
+        queue_evts.push(Arc::new(evt));
+    }
+    let transport = MmioTransport::new(mem.clone(), device.clone(), interrupt, queue_evts)?;
+    devices.add_mmio(Arc::new(Mutex::new(transport)), slot.addr, slot.size)?;
+    event_manager.add_subscriber(device);
+    devices.push_cmdline(virtio_mmio_cmdline(&slot));
+    Ok(slot)
+}
+
+/// The command-line entry that announces a virtio-mmio device to Linux
+/// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`): `virtio_mmio.device=<size>@<base>:<irq>`.
+pub fn virtio_mmio_cmdline(slot: &MmioSlot) -> String {
+    format!("virtio_mmio.device={:#x}@{:#x}:{}", slot.size, slot.addr, slot.irq)
 }
