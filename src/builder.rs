@@ -20,6 +20,7 @@ use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::exit_device::ExitDevice;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
+use crate::devices::virtio::block::{Block, BlockError, DiskFile};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{DeviceError, DeviceManager, MmioSlot};
@@ -65,6 +66,9 @@ pub enum BuildError {
     /// Reading host CPUID support failed.
     #[error("cannot read the host's supported CPUID")]
     Cpuid(#[source] kvm_ioctls::Error),
+    /// A disk image could not be opened, locked or used.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
 }
 
 /// Extra pieces a caller can plug into the build (the profiler's kick hook, devices added
@@ -89,6 +93,13 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
     // 1. Validate what can be validated without KVM, and look at the host.
     config.validate()?;
     let host = HostInfo::detect();
+    // Disk images are opened and locked now, so that a missing or busy image is reported
+    // before anything is created.
+    let disks = config
+        .disks
+        .iter()
+        .map(DiskFile::open)
+        .collect::<Result<Vec<_>, _>>()?;
 
     // 2. KVM and the VM with its interrupt controllers.
     let kvm = open_kvm()?;
@@ -110,6 +121,7 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
     let mut devices = DeviceManager::new();
     attach_legacy_devices(config, &vm, &mut devices, &mut event_manager, &exit, &timeline)?;
     let exit_status = attach_pseudo_devices(config, &mut devices, &exit, &timeline)?;
+    attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
     let cmdline = build_cmdline(config, &host, &devices);
@@ -181,6 +193,10 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
 /// The final guest command line.
 pub fn build_cmdline(config: &VmConfig, host: &HostInfo, devices: &DeviceManager) -> String {
     let mut cmdline = config.cmdline.trim().to_string();
+    if let Some(root) = config.root_cmdline() {
+        cmdline.push(' ');
+        cmdline.push_str(&root);
+    }
     if config.host_tuning {
         if let Some(switches) = host.cmdline_switches() {
             let before = cmdline.clone();
@@ -284,6 +300,32 @@ fn attach_pseudo_devices(
     let status = exit_dev.status();
     devices.add_mmio(Arc::new(Mutex::new(exit_dev)), EXIT_DEVICE_START, EXIT_DEVICE_SIZE)?;
     Ok(status)
+}
+
+/// One virtio-blk device per `--disk`, in order (the guest names them vda, vdb, ...).
+fn attach_block_devices(
+    config: &VmConfig,
+    disks: Vec<DiskFile>,
+    vm: &Vm,
+    mem: &GuestMemory,
+    devices: &mut DeviceManager,
+    event_manager: &mut EventManager,
+) -> Result<(), BuildError> {
+    for (i, (disk, cfg)) in disks.into_iter().zip(&config.disks).enumerate() {
+        let name = VmConfig::disk_name(i);
+        let path = disk.path().display().to_string();
+        let (sectors, ro) = (disk.sectors(), disk.read_only());
+        let block = Block::new(disk, &name, cfg.id.as_deref())?;
+        let slot = attach_virtio_device(vm, mem, devices, event_manager, Arc::new(Mutex::new(block)))?;
+        log::debug!(
+            "{name}: {path} ({} MiB{}) at {:#x}, IRQ {}",
+            sectors >> 11,
+            if ro { ", read-only" } else { "" },
+            slot.addr,
+            slot.irq
+        );
+    }
+    Ok(())
 }
 
 /// Plugs a virtio device into the VM, in one call: allocates its MMIO window and interrupt

@@ -53,7 +53,7 @@
 //! ([`interrupt::Interrupt::set_needs_reset`]). Nothing the guest does may panic the VMM or
 //! touch host memory outside the guest's.
 
-// pub mod block;
+pub mod block;
 pub mod interrupt;
 pub mod mmio;
 
