@@ -20,18 +20,21 @@ use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::exit_device::ExitDevice;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
-use crate::devices::{DeviceError, DeviceManager};
+use crate::devices::virtio::block::{Block, BlockError, DiskFile};
+use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::{DeviceError, DeviceManager, MmioSlot};
 use crate::event_loop::{new_event_manager, EventManager, ExitWatcher};
 use crate::exit::VmExit;
 use crate::host::{append_switches, HostInfo};
 use crate::kernel::{self, KernelError, KernelFormat};
-use crate::memory::{create_guest_memory, MemoryError};
+use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::symbols::LazySymbols;
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::{Vcpu, VcpuBootParams, VcpuError, VcpuShared};
 use crate::vm::{open_kvm, Vm, VmError};
 use crate::vmm::Vmm;
-use event_manager::SubscriberOps;
+use event_manager::{MutEventSubscriber, SubscriberOps};
 
 /// Errors while building the VM.
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +66,9 @@ pub enum BuildError {
     /// Reading host CPUID support failed.
     #[error("cannot read the host's supported CPUID")]
     Cpuid(#[source] kvm_ioctls::Error),
+    /// A disk image could not be opened, locked or used.
+    #[error(transparent)]
+    Disk(#[from] BlockError),
 }
 
 /// Extra pieces a caller can plug into the build (the profiler's kick hook, devices added
@@ -87,6 +93,13 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
     // 1. Validate what can be validated without KVM, and look at the host.
     config.validate()?;
     let host = HostInfo::detect();
+    // Disk images are opened and locked now, so that a missing or busy image is reported
+    // before anything is created.
+    let disks = config
+        .disks
+        .iter()
+        .map(DiskFile::open)
+        .collect::<Result<Vec<_>, _>>()?;
 
     // 2. KVM and the VM with its interrupt controllers.
     let kvm = open_kvm()?;
@@ -115,6 +128,7 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
         &timeline,
     )?;
     let exit_status = attach_pseudo_devices(config, &mut devices, &exit, &timeline)?;
+    attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
     let cmdline = build_cmdline(config, &host, &devices);
@@ -204,6 +218,10 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
 /// The final guest command line.
 pub fn build_cmdline(config: &VmConfig, host: &HostInfo, devices: &DeviceManager) -> String {
     let mut cmdline = config.cmdline.trim().to_string();
+    if let Some(root) = config.root_cmdline() {
+        cmdline.push(' ');
+        cmdline.push_str(&root);
+    }
     if config.host_tuning {
         if let Some(switches) = host.cmdline_switches() {
             let before = cmdline.clone();
@@ -317,4 +335,80 @@ fn attach_pseudo_devices(
         EXIT_DEVICE_SIZE,
     )?;
     Ok(status)
+}
+
+/// One virtio-blk device per `--disk`, in order (the guest names them vda, vdb, ...).
+fn attach_block_devices(
+    config: &VmConfig,
+    disks: Vec<DiskFile>,
+    vm: &Vm,
+    mem: &GuestMemory,
+    devices: &mut DeviceManager,
+    event_manager: &mut EventManager,
+) -> Result<(), BuildError> {
+    for (i, (disk, cfg)) in disks.into_iter().zip(&config.disks).enumerate() {
+        let name = VmConfig::disk_name(i);
+        let path = disk.path().display().to_string();
+        let (sectors, ro) = (disk.sectors(), disk.read_only());
+        let block = Block::new(disk, &name, cfg.id.as_deref())?;
+        let slot =
+            attach_virtio_device(vm, mem, devices, event_manager, Arc::new(Mutex::new(block)))?;
+        log::debug!(
+            "{name}: {path} ({} MiB{}) at {:#x}, IRQ {}",
+            sectors >> 11,
+            if ro { ", read-only" } else { "" },
+            slot.addr,
+            slot.irq
+        );
+    }
+    Ok(())
+}
+
+/// Plugs a virtio device into the VM, in one call: allocates its MMIO window and interrupt
+/// line, connects the line to a KVM irqfd, registers one KVM ioeventfd per queue on the
+/// QueueNotify register (datamatch = queue index, so notifications never exit to the VMM),
+/// puts a [`MmioTransport`] for it on the MMIO bus, adds the device to the event loop, and
+/// tells the guest about it with a `virtio_mmio.device=` command-line entry. Call it before
+/// the command line is built (step 6 of [`build_vm`]).
+pub fn attach_virtio_device<D>(
+    vm: &Vm,
+    mem: &GuestMemory,
+    devices: &mut DeviceManager,
+    event_manager: &mut EventManager,
+    device: Arc<Mutex<D>>,
+) -> Result<MmioSlot, DeviceError>
+where
+    D: VirtioDevice + MutEventSubscriber + Send + 'static,
+{
+    use kvm_ioctls::IoEventAddress;
+    use virtio_bindings::virtio_mmio::VIRTIO_MMIO_QUEUE_NOTIFY;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    let slot = devices.allocate_mmio_slot()?;
+    let interrupt = Arc::new(Interrupt::new(devices.irqfd(vm.fd(), slot.irq)?));
+    let queues = crate::devices::bus::lock(&device).queue_max_sizes().len();
+    let notify = slot.addr + u64::from(VIRTIO_MMIO_QUEUE_NOTIFY);
+    let mut queue_evts = Vec::with_capacity(queues);
+    for i in 0..queues {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        let index = u32::try_from(i).unwrap_or(u32::MAX);
+        vm.fd()
+            .register_ioevent(&evt, &IoEventAddress::Mmio(notify), index)
+            .map_err(|e| DeviceError::Ioeventfd(notify, e))?;
+        queue_evts.push(Arc::new(evt));
+    }
+    let transport = MmioTransport::new(mem.clone(), device.clone(), interrupt, queue_evts)?;
+    devices.add_mmio(Arc::new(Mutex::new(transport)), slot.addr, slot.size)?;
+    event_manager.add_subscriber(device);
+    devices.push_cmdline(virtio_mmio_cmdline(&slot));
+    Ok(slot)
+}
+
+/// The command-line entry that announces a virtio-mmio device to Linux
+/// (`CONFIG_VIRTIO_MMIO_CMDLINE_DEVICES`): `virtio_mmio.device=<size>@<base>:<irq>`.
+pub fn virtio_mmio_cmdline(slot: &MmioSlot) -> String {
+    format!(
+        "virtio_mmio.device={:#x}@{:#x}:{}",
+        slot.size, slot.addr, slot.irq
+    )
 }

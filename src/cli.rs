@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{default_guest_dir, ConfigError, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{default_guest_dir, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE};
 
 const EXIT_CODES_HELP: &str = "\
 Exit status:
@@ -75,6 +75,19 @@ pub struct RunArgs {
     /// Log when the guest's init signals it started (a write of 123 to MMIO 0xc0000000).
     #[arg(long)]
     pub boot_timer: bool,
+    /// A raw disk image as a virtio-blk device (repeatable: /dev/vda, /dev/vdb, ... in
+    /// order). `ro`: read-only (shared lock; guest writes fail). `id=NAME`: the serial the
+    /// guest sees. `cache=none`: O_DIRECT; `cache=writeback` (default): host page cache. A
+    /// guest flush calls fdatasync in both. A writable image is locked: a second VM cannot
+    /// open it.
+    #[arg(long, value_name = DiskConfig::SYNTAX)]
+    pub disk: Vec<DiskConfig>,
+    /// Boot from this device: adds `root=DEV rootfstype=ext4 rw` (`ro` for a read-only
+    /// disk) to the command line, and with the default kernel leaves out the default
+    /// initramfs (so the root file system's /sbin/init runs). Example: `--disk
+    /// target/guest/rootfs.ext4 --root /dev/vda`.
+    #[arg(long, value_name = "DEV")]
+    pub root: Option<String>,
 }
 
 impl RunArgs {
@@ -84,10 +97,10 @@ impl RunArgs {
             Some(k) => (k.clone(), self.initrd.clone()),
             None => {
                 let dir = default_guest_dir().ok_or(ConfigError::NoDefaultGuest)?;
-                let initrd = self
-                    .initrd
-                    .clone()
-                    .or_else(|| Some(dir.join("initramfs.cpio")).filter(|p| p.is_file()));
+                // With --root the guest boots from disk, not from the default initramfs.
+                let default_initrd =
+                    Some(dir.join("initramfs.cpio")).filter(|p| p.is_file() && self.root.is_none());
+                let initrd = self.initrd.clone().or(default_initrd);
                 (dir.join("vmlinux"), initrd)
             }
         };
@@ -102,6 +115,8 @@ impl RunArgs {
         c.mem_mib = self.mem;
         c.host_tuning = !self.no_host_tuning;
         c.boot_timer = self.boot_timer;
+        c.disks = self.disk.clone();
+        c.root = self.root.clone();
         Ok(c)
     }
 }
@@ -150,6 +165,62 @@ mod tests {
         assert_eq!(c.cmdline, "console=ttyS0 quiet");
         assert_eq!(c.initrd.as_deref(), Some(std::path::Path::new("/i")));
         assert!(!c.host_tuning);
+    }
+
+    #[test]
+    fn disks_and_root() {
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--disk",
+            "/a.img",
+            "--disk",
+            "/b.img,ro,id=b",
+            "--root",
+            "/dev/vda",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command;
+        let c = a.to_config().unwrap();
+        assert_eq!(c.disks.len(), 2);
+        assert_eq!(c.disks[0].path, std::path::Path::new("/a.img"));
+        assert!(!c.disks[0].read_only);
+        assert!(c.disks[1].read_only);
+        assert_eq!(c.disks[1].id.as_deref(), Some("b"));
+        assert_eq!(c.root.as_deref(), Some("/dev/vda"));
+        let e = parse(&["run", "--kernel", "/k", "--disk", "/a.img,bogus"]).unwrap_err();
+        assert!(e.to_string().contains("PATH[,ro]"), "{e}");
+    }
+
+    #[test]
+    fn root_drops_the_default_initramfs() {
+        let dir = std::env::temp_dir().join(format!("ember-cli-guest-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("vmlinux"), b"x").unwrap();
+        std::fs::write(dir.join("initramfs.cpio"), b"x").unwrap();
+        std::env::set_var("EMBER_GUEST_DIR", &dir);
+        let Command::Run(a) = parse(&["run"]).unwrap().command;
+        assert_eq!(
+            a.to_config().unwrap().initrd,
+            Some(dir.join("initramfs.cpio"))
+        );
+        let Command::Run(a) = parse(&["run", "--disk", "/r.img", "--root", "/dev/vda"])
+            .unwrap()
+            .command;
+        let c = a.to_config().unwrap();
+        assert_eq!(c.initrd, None);
+        assert_eq!(c.kernel, dir.join("vmlinux"));
+        // An explicit --initrd is kept.
+        let Command::Run(a) = parse(&["run", "--root", "/dev/vda", "--initrd", "/i"])
+            .unwrap()
+            .command;
+        assert_eq!(
+            a.to_config().unwrap().initrd.as_deref(),
+            Some(std::path::Path::new("/i"))
+        );
+        std::env::remove_var("EMBER_GUEST_DIR");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -68,6 +68,121 @@ pub enum ConfigError {
     Device(String),
 }
 
+/// How a disk's writes reach the host file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheMode {
+    /// Through the host page cache; a guest FLUSH calls fdatasync (default).
+    #[default]
+    Writeback,
+    /// O_DIRECT, bypassing the host page cache (needs a host file system with direct I/O);
+    /// a guest FLUSH still calls fdatasync.
+    None,
+}
+
+/// One `--disk`: a raw image file given to the guest as a virtio-blk device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The image file.
+    pub path: PathBuf,
+    /// The guest may only read (the device offers VIRTIO_BLK_F_RO; writes fail).
+    pub read_only: bool,
+    /// Serial the guest reads with GET_ID (/sys/block/vdX/serial), at most 20 bytes.
+    pub id: Option<String>,
+    /// Host caching.
+    pub cache: CacheMode,
+}
+
+impl DiskConfig {
+    /// The `--disk` syntax.
+    pub const SYNTAX: &'static str = "PATH[,ro][,id=NAME][,cache=none|writeback]";
+
+    /// A writable, write-back disk on `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            read_only: false,
+            id: None,
+            cache: CacheMode::Writeback,
+        }
+    }
+
+    /// Checks what can be checked without opening the image for real: it exists, it is a
+    /// file or block device, it can be read, and the ID fits.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| self.error(&io_why(&e)))?;
+        if meta.is_dir() {
+            return Err(self.error("is a directory, not a disk image"));
+        }
+        let mut opts = std::fs::OpenOptions::new();
+        opts.read(true).write(!self.read_only);
+        opts.open(&self.path).map_err(|e| {
+            let why = io_why(&e);
+            if self.read_only {
+                self.error(&why)
+            } else {
+                self.error(&format!(
+                    "{why} (opening it read-write; add ,ro for a read-only disk)"
+                ))
+            }
+        })?;
+        if let Some(id) = &self.id {
+            if id.len() > 20 || !id.is_ascii() {
+                return Err(ConfigError::Device(format!(
+                    "--disk {}: id={id:?} must be at most 20 ASCII characters",
+                    self.path.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn error(&self, why: &str) -> ConfigError {
+        ConfigError::Device(format!("--disk {}: {why}", self.path.display()))
+    }
+}
+
+fn io_why(e: &std::io::Error) -> String {
+    match e.kind() {
+        std::io::ErrorKind::NotFound => "no such file".to_string(),
+        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
+        _ => e.to_string(),
+    }
+}
+
+impl std::str::FromStr for DiskConfig {
+    type Err = ConfigError;
+
+    /// Parses `PATH[,ro][,id=NAME][,cache=none|writeback]`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = |why: String| {
+            ConfigError::Device(format!(
+                "--disk {s:?}: {why}; the syntax is {}",
+                DiskConfig::SYNTAX
+            ))
+        };
+        let mut parts = s.split(',');
+        let path = parts.next().unwrap_or_default();
+        if path.is_empty() {
+            return Err(bad("no image path".into()));
+        }
+        let mut disk = DiskConfig::new(path);
+        for opt in parts {
+            match opt.split_once('=') {
+                None if opt == "ro" => disk.read_only = true,
+                None if opt == "rw" => disk.read_only = false,
+                Some(("id", v)) if !v.is_empty() => disk.id = Some(v.to_string()),
+                Some(("cache", "none")) => disk.cache = CacheMode::None,
+                Some(("cache", "writeback")) => disk.cache = CacheMode::Writeback,
+                Some(("cache", v)) => {
+                    return Err(bad(format!("unknown cache mode {v:?} (none or writeback)")))
+                }
+                _ => return Err(bad(format!("unknown option {opt:?}"))),
+            }
+        }
+        Ok(disk)
+    }
+}
+
 /// Where a serial port's output goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ConsoleSink {
@@ -107,6 +222,11 @@ pub struct VmConfig {
     pub stdin: bool,
     /// A status write to the exit device ends the VM (`ember exec`).
     pub exit_on_status: bool,
+    /// Block devices, in order: the first is /dev/vda in the guest, then vdb, ...
+    pub disks: Vec<DiskConfig>,
+    /// Root device for the guest (`root=`), e.g. `/dev/vda`; adds `root=.. rootfstype=ext4
+    /// rw` (or `ro` for a read-only disk) to the command line.
+    pub root: Option<String>,
 }
 
 impl VmConfig {
@@ -125,6 +245,8 @@ impl VmConfig {
             com2: None,
             stdin: true,
             exit_on_status: false,
+            disks: Vec::new(),
+            root: None,
         }
     }
 
@@ -165,7 +287,63 @@ impl VmConfig {
                 why,
             })?;
         }
+        for d in &self.disks {
+            d.validate()?;
+        }
+        if let Some(root) = &self.root {
+            self.root_disk(root)?;
+        }
         Ok(())
+    }
+
+    /// The guest name of disk `index` (0 -> `vda`, 25 -> `vdz`, 26 -> `vdaa`), as Linux's
+    /// virtio_blk names disks in probe order.
+    pub fn disk_name(index: usize) -> String {
+        let mut n = index;
+        let mut suffix = Vec::new();
+        loop {
+            suffix.push(b'a' + (n % 26) as u8);
+            if n < 26 {
+                break;
+            }
+            n = n / 26 - 1;
+        }
+        suffix.reverse();
+        format!("vd{}", String::from_utf8_lossy(&suffix))
+    }
+
+    /// The disk `root` names when it is `/dev/vdX` (None for other root specifications such
+    /// as `PARTUUID=...`, which are passed on as they are).
+    pub fn root_disk(&self, root: &str) -> Result<Option<&DiskConfig>, ConfigError> {
+        let Some(name) = root.strip_prefix("/dev/") else {
+            return Ok(None);
+        };
+        // A partition (vda1) has no separate --disk; look its disk up.
+        let disk_name = name.trim_end_matches(|c: char| c.is_ascii_digit());
+        if !disk_name.starts_with("vd") {
+            return Ok(None);
+        }
+        (0..self.disks.len())
+            .find(|&i| Self::disk_name(i) == disk_name)
+            .map(|i| Some(&self.disks[i]))
+            .ok_or_else(|| {
+                ConfigError::Device(format!(
+                    "--root {root}: there is no such disk ({} --disk given; the first is \
+                     /dev/vda)",
+                    self.disks.len()
+                ))
+            })
+    }
+
+    /// The command-line words `--root` adds: `root=R rootfstype=ext4 rw` (`ro` when the root
+    /// disk is read-only).
+    pub fn root_cmdline(&self) -> Option<String> {
+        let root = self.root.as_deref()?;
+        let ro = matches!(self.root_disk(root), Ok(Some(d)) if d.read_only);
+        Some(format!(
+            "root={root} rootfstype=ext4 {}",
+            if ro { "ro" } else { "rw" }
+        ))
     }
 
     /// Checks the vCPU count against the host's KVM limit.
@@ -239,6 +417,73 @@ mod tests {
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.mem_mib, 128);
         assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=-1");
+    }
+
+    #[test]
+    fn disk_syntax() {
+        let d: DiskConfig = "/img".parse().unwrap();
+        assert_eq!(d, DiskConfig::new("/img"));
+        // A comma ends the path: "b.img" is not an option.
+        assert!("/a,b.img,ro".parse::<DiskConfig>().is_err());
+        let d: DiskConfig = "/img,ro,id=data,cache=none".parse().unwrap();
+        assert!(d.read_only);
+        assert_eq!(d.id.as_deref(), Some("data"));
+        assert_eq!(d.cache, CacheMode::None);
+        for bad in ["", ",ro", "/img,rx", "/img,cache=always", "/img,id="] {
+            let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
+            assert!(e.contains(DiskConfig::SYNTAX), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn disk_validation_and_root() {
+        let p = std::env::temp_dir().join(format!("ember-cfg-disk-{}", std::process::id()));
+        std::fs::write(&p, [0u8; 4096]).unwrap();
+        let mut c = VmConfig::new(&p);
+        c.disks = vec![DiskConfig::new("/nonexistent.img")];
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("/nonexistent.img") && e.contains("no such file"),
+            "{e}"
+        );
+        c.disks = vec![
+            DiskConfig::new(&p),
+            DiskConfig {
+                read_only: true,
+                ..DiskConfig::new(&p)
+            },
+        ];
+        assert_eq!(c.validate(), Ok(()));
+        c.root = Some("/dev/vdb".into());
+        assert_eq!(
+            c.root_cmdline().unwrap(),
+            "root=/dev/vdb rootfstype=ext4 ro"
+        );
+        c.root = Some("/dev/vda".into());
+        assert_eq!(
+            c.root_cmdline().unwrap(),
+            "root=/dev/vda rootfstype=ext4 rw"
+        );
+        c.root = Some("/dev/vdc".into());
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("no such disk"));
+        c.root = Some("PARTUUID=1234".into());
+        assert_eq!(c.validate(), Ok(()));
+        c.disks[0].id = Some("x".repeat(21));
+        assert!(c.validate().is_err());
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn disk_names_follow_linux() {
+        assert_eq!(VmConfig::disk_name(0), "vda");
+        assert_eq!(VmConfig::disk_name(25), "vdz");
+        assert_eq!(VmConfig::disk_name(26), "vdaa");
+        assert_eq!(VmConfig::disk_name(27), "vdab");
+        assert_eq!(VmConfig::disk_name(52), "vdba");
     }
 
     #[test]

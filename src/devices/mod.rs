@@ -5,6 +5,7 @@
 
 pub mod bus;
 pub mod legacy;
+pub mod virtio;
 
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +35,12 @@ pub enum DeviceError {
     /// KVM refused the irqfd.
     #[error("cannot register irqfd for IRQ {0}")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
+    /// KVM refused an ioeventfd (virtio queue notification).
+    #[error("cannot register an ioeventfd at {0:#x}")]
+    Ioeventfd(u64, #[source] kvm_ioctls::Error),
+    /// A virtio-mmio transport could not be created.
+    #[error("cannot create a virtio-mmio transport")]
+    VirtioTransport(#[from] virtio::mmio::MmioError),
 }
 
 /// An MMIO device window the guest is told about (virtio-mmio devices).

@@ -1,0 +1,364 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The virtio-blk device model: features, configuration space, activation, and the queue
+//! loop that turns available descriptor chains into used ones (on the event loop).
+
+use std::mem::{offset_of, size_of};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use virtio_bindings::virtio_blk::{
+    virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+};
+use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::request::{self, BounceBuffer, Completion, RequestContext, RequestType};
+use super::{BlockError, DiskFile, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice,
+    EVENT_IDX,
+};
+use crate::memory::GuestMemory;
+
+/// Counters of one block device (shared, so tests and reports can read them while it runs).
+#[derive(Debug, Default)]
+pub struct BlockStats {
+    /// Completed IN requests.
+    pub reads: AtomicU64,
+    /// Completed OUT requests.
+    pub writes: AtomicU64,
+    /// Completed FLUSH requests.
+    pub flushes: AtomicU64,
+    /// Completed GET_ID requests.
+    pub get_ids: AtomicU64,
+    /// Bytes read from the disk into the guest.
+    pub bytes_read: AtomicU64,
+    /// Bytes written from the guest to the disk.
+    pub bytes_written: AtomicU64,
+    /// Requests answered IOERR or UNSUPP.
+    pub failed: AtomicU64,
+    /// Chains so malformed that no status could be written (used length 0).
+    pub malformed: AtomicU64,
+}
+
+impl BlockStats {
+    fn record(&self, c: &Completion) {
+        let data_len = c.data_len;
+        let counter = match (&c.result, c.status) {
+            (Ok(RequestType::In), _) => {
+                self.bytes_read.fetch_add(data_len, Ordering::Relaxed);
+                &self.reads
+            }
+            (Ok(RequestType::Out), _) => {
+                self.bytes_written.fetch_add(data_len, Ordering::Relaxed);
+                &self.writes
+            }
+            (Ok(RequestType::Flush), _) => &self.flushes,
+            (Ok(RequestType::GetId), _) => &self.get_ids,
+            (Ok(RequestType::Unsupported(_)), _) | (Err(_), Some(_)) => &self.failed,
+            (Err(_), None) => &self.malformed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Requests that did not succeed, of either kind.
+    pub fn errors(&self) -> u64 {
+        self.failed.load(Ordering::Relaxed) + self.malformed.load(Ordering::Relaxed)
+    }
+}
+
+/// The device's state while the driver runs it.
+#[derive(Debug)]
+pub(super) struct Active {
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+    /// Set after an error the device cannot recover from; the queue is left alone until reset.
+    broken: bool,
+}
+
+/// A virtio-blk device on a raw image file.
+#[derive(Debug)]
+pub struct Block {
+    name: String,
+    disk: DiskFile,
+    id: [u8; ID_BYTES],
+    config_space: Vec<u8>,
+    avail_features: u64,
+    queue_sizes: [u16; 1],
+    pub(super) activation: ActivationEvent,
+    /// The queue's notification eventfd, kept across resets (it stays on the event loop).
+    pub(super) queue_evt: Option<Arc<EventFd>>,
+    pub(super) active: Option<Active>,
+    bounce: BounceBuffer,
+    stats: Arc<BlockStats>,
+}
+
+impl Block {
+    /// A device for `disk`, called `name` in logs (`vda`), answering GET_ID with `id` (at most
+    /// 20 bytes; default: `name`).
+    pub fn new(disk: DiskFile, name: &str, id: Option<&str>) -> Result<Self, BlockError> {
+        let id_str = id.unwrap_or(name);
+        if id_str.len() > ID_BYTES {
+            return Err(BlockError::IdTooLong(id_str.to_string()));
+        }
+        let mut id = [0u8; ID_BYTES];
+        id[..id_str.len()].copy_from_slice(id_str.as_bytes());
+        let mut avail_features = (1u64 << VIRTIO_BLK_F_FLUSH)
+            | (1u64 << VIRTIO_BLK_F_BLK_SIZE)
+            | (1u64 << VIRTIO_BLK_F_SEG_MAX)
+            | EVENT_IDX;
+        if disk.read_only() {
+            avail_features |= 1u64 << VIRTIO_BLK_F_RO;
+        }
+        Ok(Self {
+            name: name.to_string(),
+            config_space: config_space(disk.sectors()),
+            disk,
+            id,
+            avail_features,
+            queue_sizes: [QUEUE_SIZE],
+            activation: ActivationEvent::new().map_err(BlockError::EventFd)?,
+            queue_evt: None,
+            active: None,
+            bounce: BounceBuffer::default(),
+            stats: Arc::new(BlockStats::default()),
+        })
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> Arc<BlockStats> {
+        self.stats.clone()
+    }
+
+    /// The disk.
+    pub fn disk(&self) -> &DiskFile {
+        &self.disk
+    }
+
+    /// Whether the driver activated the device (and has not reset it since).
+    pub fn is_active(&self) -> bool {
+        self.active.is_some()
+    }
+
+    /// Serves every available request, then interrupts the guest if it wants to know.
+    /// Runs on the event loop.
+    pub fn process_queue(&mut self) {
+        let Self {
+            active,
+            disk,
+            id,
+            bounce,
+            stats,
+            name,
+            ..
+        } = self;
+        let Some(active) = active.as_mut().filter(|a| !a.broken) else {
+            return;
+        };
+        let mut used_any = false;
+        let result = (|| -> Result<(), virtio_queue::Error> {
+            loop {
+                active.queue.disable_notification(&active.mem)?;
+                loop {
+                    let chain = active.queue.iter(&active.mem)?.next();
+                    let Some(chain) = chain else {
+                        break;
+                    };
+                    let head = chain.head_index();
+                    let mut ctx = RequestContext {
+                        mem: &active.mem,
+                        disk,
+                        id,
+                        bounce,
+                        max_descriptors: usize::from(QUEUE_SIZE),
+                    };
+                    let c = request::process(chain, &mut ctx);
+                    report(name, stats, &c);
+                    active.queue.add_used(&active.mem, head, c.used_len)?;
+                    used_any = true;
+                }
+                if !active.queue.enable_notification(&active.mem)? {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            log::error!("{name}: virtio queue error ({e}); the device needs a reset");
+            active.broken = true;
+            active.interrupt.set_needs_reset();
+            return;
+        }
+        if used_any {
+            match active.queue.needs_notification(&active.mem) {
+                Ok(true) => active.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!("{name}: virtio queue error ({e}); the device needs a reset");
+                    active.broken = true;
+                    active.interrupt.set_needs_reset();
+                }
+            }
+        }
+    }
+}
+
+/// Counts a completion and logs failures (the first few, then every power of two, so a
+/// misbehaving guest cannot flood the log).
+fn report(name: &str, stats: &BlockStats, c: &Completion) {
+    stats.record(c);
+    if let Err(e) = &c.result {
+        let n = stats.errors();
+        if n <= 10 || n.is_power_of_two() {
+            let status = c
+                .status
+                .map_or("none: chain malformed".to_string(), |s| s.to_string());
+            log::warn!(
+                "{name}: request failed ({}), status {status} (failure #{n})",
+                crate::error_chain_line(e)
+            );
+        }
+    }
+}
+
+/// The configuration space (`struct virtio_blk_config`, little-endian): capacity, seg_max,
+/// blk_size; everything else zero.
+fn config_space(sectors: u64) -> Vec<u8> {
+    let mut c = vec![0u8; size_of::<virtio_blk_config>()];
+    let mut put =
+        |offset: usize, bytes: &[u8]| c[offset..offset + bytes.len()].copy_from_slice(bytes);
+    put(
+        offset_of!(virtio_blk_config, capacity),
+        &sectors.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, seg_max),
+        &SEG_MAX.to_le_bytes(),
+    );
+    put(
+        offset_of!(virtio_blk_config, blk_size),
+        &(SECTOR_SIZE as u32).to_le_bytes(),
+    );
+    c
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &self.queue_sizes
+    }
+
+    fn avail_features(&self) -> u64 {
+        self.avail_features
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let ActivateContext {
+            mem,
+            queues,
+            queue_evts,
+            interrupt,
+            ..
+        } = ctx;
+        if queues.len() != 1 || queue_evts.len() != 1 {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: queues.len(),
+            });
+        }
+        let (Some(queue), Some(queue_evt)) =
+            (queues.into_iter().next(), queue_evts.into_iter().next())
+        else {
+            return Err(ActivateError::QueueCount {
+                expected: 1,
+                got: 0,
+            });
+        };
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.queue_evt = Some(queue_evt);
+        self.active = Some(Active {
+            mem,
+            queue,
+            interrupt,
+            broken: false,
+        });
+        self.activation.signal()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CacheMode, DiskConfig};
+
+    fn block(len: usize, read_only: bool) -> (Block, std::path::PathBuf) {
+        let p = std::env::temp_dir().join(format!(
+            "ember-blkdev-{}-{len}-{read_only}",
+            std::process::id()
+        ));
+        std::fs::write(&p, vec![0u8; len]).unwrap();
+        let disk = DiskFile::open(&DiskConfig {
+            path: p.clone(),
+            read_only,
+            id: None,
+            cache: CacheMode::Writeback,
+        })
+        .unwrap();
+        (Block::new(disk, "vda", None).unwrap(), p)
+    }
+
+    #[test]
+    fn features_and_config_space() {
+        let (b, p) = block(1 << 20, false);
+        assert_eq!(b.device_type(), VIRTIO_ID_BLOCK);
+        assert_eq!(b.queue_max_sizes(), &[QUEUE_SIZE]);
+        let f = b.avail_features();
+        assert_ne!(f & (1 << VIRTIO_BLK_F_FLUSH), 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_SEG_MAX), 0);
+        assert_ne!(f & (1 << VIRTIO_BLK_F_BLK_SIZE), 0);
+        assert_eq!(f & (1 << VIRTIO_BLK_F_RO), 0);
+        let mut cap = [0u8; 8];
+        b.read_config(0, &mut cap);
+        assert_eq!(u64::from_le_bytes(cap), 2048);
+        let mut seg = [0u8; 4];
+        b.read_config(12, &mut seg);
+        assert_eq!(u32::from_le_bytes(seg), SEG_MAX);
+        b.read_config(20, &mut seg);
+        assert_eq!(u32::from_le_bytes(seg), 512);
+        drop(b);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn read_only_disk_offers_ro() {
+        let (b, p) = block(4096, true);
+        assert_ne!(b.avail_features() & (1 << VIRTIO_BLK_F_RO), 0);
+        drop(b);
+        std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn long_ids_are_refused() {
+        let (b, p) = block(8192, false);
+        let disk = b.disk;
+        let e = Block::new(disk, "vda", Some("a-very-long-disk-identifier")).unwrap_err();
+        assert!(matches!(e, BlockError::IdTooLong(_)));
+        std::fs::remove_file(p).unwrap();
+    }
+}
