@@ -10,6 +10,8 @@
 //! Requests: IN, OUT, FLUSH, GET_ID (anything else is answered UNSUPP). Features offered:
 //! FLUSH, BLK_SIZE (512), SEG_MAX, RO for read-only disks, and EVENT_IDX.
 
+#[cfg(test)]
+mod chain_tests;
 pub mod device;
 mod event_handler;
 pub mod request;
