@@ -36,7 +36,10 @@ fn host_sha256(bytes: &[u8]) -> String {
     let dir = TempDir::new("sha");
     let f = dir.join("data");
     std::fs::write(&f, bytes).unwrap();
-    let out = Command::new("sha256sum").arg(&f).output().expect("sha256sum is needed");
+    let out = Command::new("sha256sum")
+        .arg(&f)
+        .output()
+        .expect("sha256sum is needed");
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
@@ -67,10 +70,14 @@ fn boot_from_disk_keeps_every_byte() {
     let vdb = tmp.join("vdb.img");
     std::fs::write(&vdb, vec![0u8; 16 << 20]).unwrap();
     let vdc = tmp.join("vdc.img");
-    let vdc_content: Vec<u8> = (0..1u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let vdc_content: Vec<u8> = (0..1u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+        .collect();
     std::fs::write(&vdc, &vdc_content).unwrap();
 
-    let cmd = format!("quiet rodata=off 8250.nr_uarts=1 random.trust_cpu=on ember.cmd=\"{GUEST_SCRIPT}\"");
+    let cmd = format!(
+        "quiet rodata=off 8250.nr_uarts=1 random.trust_cpu=on ember.cmd=\"{GUEST_SCRIPT}\""
+    );
     let kernel = guest.join("vmlinux");
     let args = [
         "run",
@@ -89,7 +96,11 @@ fn boot_from_disk_keeps_every_byte() {
     ];
     let run = run_ember(&args, BOOT_TIMEOUT);
     eprintln!("guest run took {:?}", run.elapsed);
-    assert!(!run.timed_out, "the guest did not finish in {BOOT_TIMEOUT:?}\n{}", run.dump());
+    assert!(
+        !run.timed_out,
+        "the guest did not finish in {BOOT_TIMEOUT:?}\n{}",
+        run.dump()
+    );
     assert!(
         run.stdout.contains("ember-init: exit status 0"),
         "the guest command failed\n{}",
@@ -99,8 +110,17 @@ fn boot_from_disk_keeps_every_byte() {
 
     // The root file system was the disk.
     let root_line = guest_value(&run.stdout, "ROOT ").unwrap_or_default();
-    assert_eq!(root_line, "/dev/root", "root is not on the disk\n{}", run.dump());
-    assert!(run.stdout.contains("ext4 rw"), "root not mounted ext4 rw\n{}", run.dump());
+    assert_eq!(
+        root_line,
+        "/dev/root",
+        "root is not on the disk\n{}",
+        run.dump()
+    );
+    assert!(
+        run.stdout.contains("ext4 rw"),
+        "root not mounted ext4 rw\n{}",
+        run.dump()
+    );
 
     // Every byte the guest wrote to vdb is in the host file.
     let written = guest_value(&run.stdout, "SHA-WRITTEN ").expect("no SHA-WRITTEN line");
@@ -108,12 +128,25 @@ fn boot_from_disk_keeps_every_byte() {
     let file = std::fs::read(&vdb).unwrap();
     let host = host_sha256(&file[..8 << 20]);
     assert_eq!(written.len(), 64, "{}", run.dump());
-    assert_eq!(host, written, "the host file differs from what the guest wrote");
+    assert_eq!(
+        host, written,
+        "the host file differs from what the guest wrote"
+    );
     assert_eq!(host, readback, "the guest read back something else");
-    assert!(file[8 << 20..].iter().all(|&b| b == 0), "bytes past 8 MiB changed");
+    assert!(
+        file[8 << 20..].iter().all(|&b| b == 0),
+        "bytes past 8 MiB changed"
+    );
 
     // The read-only disk refused the write and is unchanged.
-    assert!(run.stdout.contains("VDC-WRITE-FAILED"), "the write to vdc did not fail\n{}", run.dump());
+    assert!(
+        run.stdout.contains("VDC-WRITE-FAILED"),
+        "the write to vdc did not fail\n{}",
+        run.dump()
+    );
     assert!(!run.stdout.contains("VDC-WRITE-OK"));
-    assert!(std::fs::read(&vdc).unwrap() == vdc_content, "the read-only image changed");
+    assert!(
+        std::fs::read(&vdc).unwrap() == vdc_content,
+        "the read-only image changed"
+    );
 }

@@ -60,12 +60,18 @@ impl Guest {
     fn new(cfg: &DiskConfig) -> Self {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let disk = DiskFile::open(cfg).unwrap();
-        let block = Arc::new(Mutex::new(Block::new(disk, "vda", cfg.id.as_deref()).unwrap()));
+        let block = Arc::new(Mutex::new(
+            Block::new(disk, "vda", cfg.id.as_deref()).unwrap(),
+        ));
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let queue_evt = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
-        let transport =
-            MmioTransport::new(mem.clone(), block.clone(), interrupt.clone(), vec![queue_evt])
-                .unwrap();
+        let transport = MmioTransport::new(
+            mem.clone(),
+            block.clone(),
+            interrupt.clone(),
+            vec![queue_evt],
+        )
+        .unwrap();
         let mut events = new_event_manager().unwrap();
         events.add_subscriber(block.clone());
         Self {
@@ -91,14 +97,18 @@ impl Guest {
 
     fn config_u64(&mut self, offset: u64) -> u64 {
         let mut d = [0u8; 8];
-        self.transport.read(u64::from(VIRTIO_MMIO_CONFIG) + offset, &mut d);
+        self.transport
+            .read(u64::from(VIRTIO_MMIO_CONFIG) + offset, &mut d);
         u64::from_le_bytes(d)
     }
 
     /// The Linux driver's probe sequence; accepts `want` of the offered features. Returns the
     /// offered features.
     fn init(&mut self, want: u64) -> u64 {
-        assert_eq!(self.r(VIRTIO_MMIO_MAGIC_VALUE), u32::from_le_bytes(*b"virt"));
+        assert_eq!(
+            self.r(VIRTIO_MMIO_MAGIC_VALUE),
+            u32::from_le_bytes(*b"virt")
+        );
         assert_eq!(self.r(VIRTIO_MMIO_VERSION), 2);
         assert_eq!(self.r(VIRTIO_MMIO_DEVICE_ID), VIRTIO_ID_BLOCK);
         self.w(VIRTIO_MMIO_STATUS, 0);
@@ -130,7 +140,9 @@ impl Guest {
         self.w(VIRTIO_MMIO_QUEUE_USED_HIGH, 0);
         self.w(VIRTIO_MMIO_QUEUE_READY, 1);
         // Fresh rings.
-        self.mem.write_slice(&[0u8; 0x3000], GuestAddress(DESC)).unwrap();
+        self.mem
+            .write_slice(&[0u8; 0x3000], GuestAddress(DESC))
+            .unwrap();
         self.avail_idx = 0;
         self.used_seen = 0;
         status |= VIRTIO_CONFIG_S_DRIVER_OK;
@@ -156,7 +168,9 @@ impl Guest {
         let slot = AVAIL + 4 + u64::from(self.avail_idx % QSIZE) * 2;
         self.mem.write_obj(start, GuestAddress(slot)).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, GuestAddress(AVAIL + 2)).unwrap();
+        self.mem
+            .write_obj(self.avail_idx, GuestAddress(AVAIL + 2))
+            .unwrap();
         // A QueueNotify write that reaches the transport (no KVM ioeventfd here).
         self.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     }
@@ -168,15 +182,24 @@ impl Guest {
         loop {
             let used: u16 = self.mem.read_obj(GuestAddress(USED + 2)).unwrap();
             if used != self.used_seen {
-                assert_ne!(self.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING, 0);
-                assert!(self.interrupt.irq_evt().read().is_ok(), "no interrupt raised");
+                assert_ne!(
+                    self.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_VRING,
+                    0
+                );
+                assert!(
+                    self.interrupt.irq_evt().read().is_ok(),
+                    "no interrupt raised"
+                );
                 self.w(VIRTIO_MMIO_INTERRUPT_ACK, VIRTIO_MMIO_INT_VRING);
                 let at = USED + 4 + u64::from(self.used_seen % QSIZE) * 8;
                 self.used_seen = self.used_seen.wrapping_add(1);
                 // With EVENT_IDX: interrupt me again once the next entry is used (what
                 // Linux's virtqueue_enable_cb does).
                 self.mem
-                    .write_obj(self.used_seen, GuestAddress(AVAIL + 4 + u64::from(QSIZE) * 2))
+                    .write_obj(
+                        self.used_seen,
+                        GuestAddress(AVAIL + 4 + u64::from(QSIZE) * 2),
+                    )
                     .unwrap();
                 return Some((
                     self.mem.read_obj(GuestAddress(at)).unwrap(),
@@ -236,8 +259,14 @@ fn sectors_written_reach_the_file_and_read_back() {
     // Write 4 sectors at sector 8, flush, and find them in the file.
     let pattern: Vec<u8> = (0..2048u32).map(|i| (i * 13 + 1) as u8).collect();
     g.mem.write_slice(&pattern, GuestAddress(DATA)).unwrap();
-    assert_eq!(g.request(VIRTIO_BLK_T_OUT, 8, Some((2048, R))), (VIRTIO_BLK_S_OK as u8, 1));
-    assert_eq!(g.request(VIRTIO_BLK_T_FLUSH, 0, None), (VIRTIO_BLK_S_OK as u8, 1));
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_OUT, 8, Some((2048, R))),
+        (VIRTIO_BLK_S_OK as u8, 1)
+    );
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_FLUSH, 0, None),
+        (VIRTIO_BLK_S_OK as u8, 1)
+    );
     assert_eq!(sector(&img, 8, 4), pattern);
     assert!(sector(&img, 7, 1).iter().all(|&b| b == 0));
     assert!(sector(&img, 12, 1).iter().all(|&b| b == 0));
@@ -247,15 +276,24 @@ fn sectors_written_reach_the_file_and_read_back() {
     file[100 * 512..101 * 512].fill(0x5a);
     std::fs::write(&img, &file).unwrap();
     g.mem.write_slice(&[0u8; 1024], GuestAddress(DATA)).unwrap();
-    assert_eq!(g.request(VIRTIO_BLK_T_IN, 99, Some((1024, W))), (VIRTIO_BLK_S_OK as u8, 1025));
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_IN, 99, Some((1024, W))),
+        (VIRTIO_BLK_S_OK as u8, 1025)
+    );
     let mut back = vec![0u8; 1024];
     g.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert!(back[..512].iter().all(|&b| b == 0));
     assert!(back[512..].iter().all(|&b| b == 0x5a));
 
     // Out of range: IOERR, and the device goes on.
-    assert_eq!(g.request(VIRTIO_BLK_T_IN, 2048, Some((512, W))).0, VIRTIO_BLK_S_IOERR as u8);
-    assert_eq!(g.request(VIRTIO_BLK_T_GET_ID, 0, Some((20, W))), (VIRTIO_BLK_S_OK as u8, 21));
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_IN, 2048, Some((512, W))).0,
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_GET_ID, 0, Some((20, W))),
+        (VIRTIO_BLK_S_OK as u8, 21)
+    );
     let mut id = [0u8; 3];
     g.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id, b"vda");
@@ -270,14 +308,29 @@ fn read_only_disk_is_offered_ro_and_refuses_writes() {
     let mut g = Guest::new(&cfg);
     let offered = g.init(u64::MAX);
     assert_ne!(offered & (1 << VIRTIO_BLK_F_RO), 0);
-    g.mem.write_slice(&[0xffu8; 512], GuestAddress(DATA)).unwrap();
-    assert_eq!(g.request(VIRTIO_BLK_T_OUT, 3, Some((512, R))).0, VIRTIO_BLK_S_IOERR as u8);
-    assert_eq!(g.request(VIRTIO_BLK_T_FLUSH, 0, None).0, VIRTIO_BLK_S_OK as u8);
-    assert_eq!(g.request(VIRTIO_BLK_T_IN, 3, Some((512, W))).0, VIRTIO_BLK_S_OK as u8);
+    g.mem
+        .write_slice(&[0xffu8; 512], GuestAddress(DATA))
+        .unwrap();
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_OUT, 3, Some((512, R))).0,
+        VIRTIO_BLK_S_IOERR as u8
+    );
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_FLUSH, 0, None).0,
+        VIRTIO_BLK_S_OK as u8
+    );
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_IN, 3, Some((512, W))).0,
+        VIRTIO_BLK_S_OK as u8
+    );
     let mut back = [0u8; 512];
     g.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert!(back.iter().all(|&b| b == 3));
-    assert_eq!(std::fs::read(&img).unwrap(), before, "the read-only image changed");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        before,
+        "the read-only image changed"
+    );
     let stats = g.block.lock().unwrap().stats();
     assert_eq!(stats.failed.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
@@ -288,7 +341,10 @@ fn reset_stops_the_device_and_it_can_start_again() {
     let img = image(&dir, "d.img", 64 << 10, |i| (i / 512) as u8);
     let mut g = Guest::new(&DiskConfig::new(&img));
     g.init(VERSION_1);
-    assert_eq!(g.request(VIRTIO_BLK_T_IN, 1, Some((512, W))).0, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_IN, 1, Some((512, W))).0,
+        VIRTIO_BLK_S_OK as u8
+    );
     g.w(VIRTIO_MMIO_STATUS, 0);
     assert_eq!(g.r(VIRTIO_MMIO_STATUS), 0);
     assert!(!g.block.lock().unwrap().is_active());
@@ -298,7 +354,10 @@ fn reset_stops_the_device_and_it_can_start_again() {
     assert_eq!(g.wait_used(), None);
     // A new probe brings it back.
     g.init(VERSION_1);
-    assert_eq!(g.request(VIRTIO_BLK_T_IN, 2, Some((512, W))).0, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_IN, 2, Some((512, W))).0,
+        VIRTIO_BLK_S_OK as u8
+    );
     let mut back = [0u8; 512];
     g.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
     assert!(back.iter().all(|&b| b == 2));
@@ -316,11 +375,17 @@ fn broken_queue_shows_needs_reset_through_the_registers() {
     g.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
     g.events.run_with_timeout(100).unwrap();
     assert_ne!(g.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
-    assert_ne!(g.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG, 0);
+    assert_ne!(
+        g.r(VIRTIO_MMIO_INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG,
+        0
+    );
     // The driver resets and starts over; the device works again.
     g.init(VERSION_1);
     assert_eq!(g.r(VIRTIO_MMIO_STATUS) & VIRTIO_CONFIG_S_NEEDS_RESET, 0);
-    assert_eq!(g.request(VIRTIO_BLK_T_FLUSH, 0, None).0, VIRTIO_BLK_S_OK as u8);
+    assert_eq!(
+        g.request(VIRTIO_BLK_T_FLUSH, 0, None).0,
+        VIRTIO_BLK_S_OK as u8
+    );
 }
 
 #[test]
@@ -329,7 +394,10 @@ fn legacy_driver_without_version_1_is_refused() {
     let img = image(&dir, "d.img", 4096, |_| 0);
     let mut g = Guest::new(&DiskConfig::new(&img));
     g.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
-    g.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER);
+    g.w(
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+    );
     g.w(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
     g.w(VIRTIO_MMIO_DRIVER_FEATURES, 1 << VIRTIO_BLK_F_FLUSH);
     let s = VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER;
@@ -348,18 +416,31 @@ fn second_vm_on_a_writable_image_is_refused() {
     let k = kernel.to_str().unwrap();
     let first = DiskFile::open(&DiskConfig::new(&img)).unwrap();
 
-    let second = run_ember(&["run", "--kernel", k, "--disk", img.to_str().unwrap()], Duration::from_secs(30));
+    let second = run_ember(
+        &["run", "--kernel", k, "--disk", img.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     assert_eq!(second.code, Some(2), "{}", second.dump());
     assert!(second.stderr.contains("is in use"), "{}", second.dump());
-    assert!(second.stderr.contains(img.to_str().unwrap()), "{}", second.dump());
+    assert!(
+        second.stderr.contains(img.to_str().unwrap()),
+        "{}",
+        second.dump()
+    );
     // Read-only is refused too while a writer holds it.
     let ro = format!("{},ro", img.display());
-    let second = run_ember(&["run", "--kernel", k, "--disk", &ro], Duration::from_secs(30));
+    let second = run_ember(
+        &["run", "--kernel", k, "--disk", &ro],
+        Duration::from_secs(30),
+    );
     assert!(second.stderr.contains("is in use"), "{}", second.dump());
 
     // Once the first VM is gone, the lock is not what stops the (bogus) kernel.
     drop(first);
-    let third = run_ember(&["run", "--kernel", k, "--disk", img.to_str().unwrap()], Duration::from_secs(30));
+    let third = run_ember(
+        &["run", "--kernel", k, "--disk", img.to_str().unwrap()],
+        Duration::from_secs(30),
+    );
     assert!(!third.stderr.contains("is in use"), "{}", third.dump());
     assert_ne!(third.code, Some(0), "{}", third.dump());
 
@@ -369,6 +450,14 @@ fn second_vm_on_a_writable_image_is_refused() {
         Duration::from_secs(30),
     );
     assert_eq!(missing.code, Some(2), "{}", missing.dump());
-    assert!(missing.stderr.contains("/nonexistent/disk.img"), "{}", missing.dump());
-    assert!(missing.stderr.contains("no such file"), "{}", missing.dump());
+    assert!(
+        missing.stderr.contains("/nonexistent/disk.img"),
+        "{}",
+        missing.dump()
+    );
+    assert!(
+        missing.stderr.contains("no such file"),
+        "{}",
+        missing.dump()
+    );
 }

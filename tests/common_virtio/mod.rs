@@ -15,7 +15,11 @@ pub fn ember_bin() -> PathBuf {
 
 /// Whether /dev/kvm can be opened; prints why `test` is skipped when not.
 pub fn kvm_available(test: &str) -> bool {
-    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+    match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+    {
         Ok(_) => true,
         Err(e) => {
             eprintln!("SKIP {test}: /dev/kvm is not usable here ({e})");
@@ -88,7 +92,10 @@ pub struct Finished {
 impl Finished {
     /// Everything it printed, for assertion messages.
     pub fn dump(&self) -> String {
-        format!("--- stdout ---\n{}\n--- stderr ---\n{}", self.stdout, self.stderr)
+        format!(
+            "--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.stdout, self.stderr
+        )
     }
 }
 
