@@ -5,7 +5,7 @@
 //! real image files. Milliseconds each, no KVM needed — except the lock test, which runs the
 //! `ember` binary as a second VM and needs nothing but the binary.
 
-mod common_virtio;
+mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -26,7 +26,7 @@ use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use common_virtio::{run_ember, TempDir};
+use common::{run_ember, temp_dir};
 use ember::config::DiskConfig;
 use ember::devices::bus::BusDevice;
 use ember::devices::virtio::block::{Block, DiskFile};
@@ -235,7 +235,23 @@ impl Guest {
     }
 }
 
-fn image(dir: &TempDir, name: &str, len: usize, fill: impl Fn(usize) -> u8) -> PathBuf {
+/// A temporary directory removed at the end of the test.
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn image(dir: &Path, name: &str, len: usize, fill: impl Fn(usize) -> u8) -> PathBuf {
     let p = dir.join(name);
     std::fs::write(&p, (0..len).map(fill).collect::<Vec<u8>>()).unwrap();
     p
@@ -247,7 +263,7 @@ fn sector(path: &Path, n: usize, count: usize) -> Vec<u8> {
 
 #[test]
 fn sectors_written_reach_the_file_and_read_back() {
-    let dir = TempDir::new("vblk-rw");
+    let dir = Scratch(temp_dir("vblk-rw"));
     let img = image(&dir, "disk.img", 1 << 20, |_| 0);
     let mut g = Guest::new(&DiskConfig::new(&img));
     let offered = g.init(u64::MAX);
@@ -301,7 +317,7 @@ fn sectors_written_reach_the_file_and_read_back() {
 
 #[test]
 fn read_only_disk_is_offered_ro_and_refuses_writes() {
-    let dir = TempDir::new("vblk-ro");
+    let dir = Scratch(temp_dir("vblk-ro"));
     let img = image(&dir, "ro.img", 64 << 10, |i| (i / 512) as u8);
     let before = std::fs::read(&img).unwrap();
     let cfg: DiskConfig = format!("{},ro,id=golden", img.display()).parse().unwrap();
@@ -337,7 +353,7 @@ fn read_only_disk_is_offered_ro_and_refuses_writes() {
 
 #[test]
 fn reset_stops_the_device_and_it_can_start_again() {
-    let dir = TempDir::new("vblk-reset");
+    let dir = Scratch(temp_dir("vblk-reset"));
     let img = image(&dir, "d.img", 64 << 10, |i| (i / 512) as u8);
     let mut g = Guest::new(&DiskConfig::new(&img));
     g.init(VERSION_1);
@@ -365,7 +381,7 @@ fn reset_stops_the_device_and_it_can_start_again() {
 
 #[test]
 fn broken_queue_shows_needs_reset_through_the_registers() {
-    let dir = TempDir::new("vblk-needsreset");
+    let dir = Scratch(temp_dir("vblk-needsreset"));
     let img = image(&dir, "d.img", 64 << 10, |_| 0);
     let mut g = Guest::new(&DiskConfig::new(&img));
     g.init(VERSION_1);
@@ -390,7 +406,7 @@ fn broken_queue_shows_needs_reset_through_the_registers() {
 
 #[test]
 fn legacy_driver_without_version_1_is_refused() {
-    let dir = TempDir::new("vblk-legacy");
+    let dir = Scratch(temp_dir("vblk-legacy"));
     let img = image(&dir, "d.img", 4096, |_| 0);
     let mut g = Guest::new(&DiskConfig::new(&img));
     g.w(VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
@@ -405,59 +421,42 @@ fn legacy_driver_without_version_1_is_refused() {
     assert_eq!(g.r(VIRTIO_MMIO_STATUS), s);
 }
 
+fn dump(f: &common::Finished) -> String {
+    format!("--- stdout ---\n{}\n--- stderr ---\n{}", f.stdout, f.stderr)
+}
+
 /// A second VM on a writable image is refused before it starts, by the same code path a
 /// real VM uses (the `ember` binary; this process holds the image like a running VM).
 #[test]
 fn second_vm_on_a_writable_image_is_refused() {
-    let dir = TempDir::new("vblk-lock");
+    let dir = Scratch(temp_dir("vblk-lock"));
     let img = image(&dir, "shared.img", 64 << 10, |_| 0);
     // Any readable file passes the kernel check; the disks are opened before it is loaded.
     let kernel = image(&dir, "not-a-kernel", 64, |_| 0);
     let k = kernel.to_str().unwrap();
+    let i = img.to_str().unwrap();
+    let t = Duration::from_secs(30);
     let first = DiskFile::open(&DiskConfig::new(&img)).unwrap();
 
-    let second = run_ember(
-        &["run", "--kernel", k, "--disk", img.to_str().unwrap()],
-        Duration::from_secs(30),
-    );
-    assert_eq!(second.code, Some(2), "{}", second.dump());
-    assert!(second.stderr.contains("is in use"), "{}", second.dump());
-    assert!(
-        second.stderr.contains(img.to_str().unwrap()),
-        "{}",
-        second.dump()
-    );
+    let second = run_ember(&["run", "--kernel", k, "--disk", i], None, t);
+    assert_eq!(second.code, Some(2), "{}", dump(&second));
+    assert!(second.stderr.contains("is in use"), "{}", dump(&second));
+    assert!(second.stderr.contains(i), "{}", dump(&second));
     // Read-only is refused too while a writer holds it.
-    let ro = format!("{},ro", img.display());
-    let second = run_ember(
-        &["run", "--kernel", k, "--disk", &ro],
-        Duration::from_secs(30),
-    );
-    assert!(second.stderr.contains("is in use"), "{}", second.dump());
+    let ro = format!("{i},ro");
+    let second = run_ember(&["run", "--kernel", k, "--disk", &ro], None, t);
+    assert!(second.stderr.contains("is in use"), "{}", dump(&second));
 
     // Once the first VM is gone, the lock is not what stops the (bogus) kernel.
     drop(first);
-    let third = run_ember(
-        &["run", "--kernel", k, "--disk", img.to_str().unwrap()],
-        Duration::from_secs(30),
-    );
-    assert!(!third.stderr.contains("is in use"), "{}", third.dump());
-    assert_ne!(third.code, Some(0), "{}", third.dump());
+    let third = run_ember(&["run", "--kernel", k, "--disk", i], None, t);
+    assert!(!third.stderr.contains("is in use"), "{}", dump(&third));
+    assert_ne!(third.code, Some(0), "{}", dump(&third));
 
     // A missing image is a clear error, before anything starts.
-    let missing = run_ember(
-        &["run", "--kernel", k, "--disk", "/nonexistent/disk.img"],
-        Duration::from_secs(30),
-    );
-    assert_eq!(missing.code, Some(2), "{}", missing.dump());
-    assert!(
-        missing.stderr.contains("/nonexistent/disk.img"),
-        "{}",
-        missing.dump()
-    );
-    assert!(
-        missing.stderr.contains("no such file"),
-        "{}",
-        missing.dump()
-    );
+    let missing = "/nonexistent/disk.img";
+    let gone = run_ember(&["run", "--kernel", k, "--disk", missing], None, t);
+    assert_eq!(gone.code, Some(2), "{}", dump(&gone));
+    assert!(gone.stderr.contains(missing), "{}", dump(&gone));
+    assert!(gone.stderr.contains("no such file"), "{}", dump(&gone));
 }
