@@ -723,3 +723,46 @@ fn direct_io_works_with_unaligned_guest_buffers() {
         .unwrap();
     assert_eq!(back, pattern);
 }
+
+#[test]
+fn event_idx_suppresses_interrupts_the_driver_did_not_ask_for() {
+    let mut rig = rig("eventidx", false);
+    let mut q = rig.driver.queue();
+    q.set_event_idx(true);
+    rig.block.reset();
+    rig.block
+        .activate(ActivateContext {
+            mem: rig.driver.mem.clone(),
+            queues: vec![q],
+            queue_evts: vec![Arc::new(EventFd::new(EFD_NONBLOCK).unwrap())],
+            interrupt: rig.interrupt.clone(),
+            acked_features: VERSION_1 | crate::devices::virtio::EVENT_IDX,
+        })
+        .unwrap();
+    let used_event = GuestAddress(AVAIL + 4 + u64::from(QSIZE) * 2);
+    // used_event = 0: interrupt when the first entry is used.
+    rig.driver.header(HDR, VIRTIO_BLK_T_FLUSH, 0);
+    rig.driver.chain(0, &[(HDR, 16, R), (STATUS, 1, W)]);
+    rig.block.process_queue();
+    assert_eq!(rig.interrupt.irq_evt().read().unwrap(), 1);
+    // The driver does not move used_event: the second completion raises nothing.
+    rig.driver.chain(2, &[(HDR, 16, R), (STATUS, 1, W)]);
+    rig.block.process_queue();
+    assert_eq!(rig.driver.used_idx(), 2);
+    assert!(
+        rig.interrupt.irq_evt().read().is_err(),
+        "unwanted interrupt"
+    );
+    // Asking for the next one (used_event = 2) brings it back.
+    rig.driver.mem.write_obj(2u16, used_event).unwrap();
+    rig.driver.chain(4, &[(HDR, 16, R), (STATUS, 1, W)]);
+    rig.block.process_queue();
+    assert_eq!(rig.interrupt.irq_evt().read().unwrap(), 1);
+    // The device published avail_event (in the used ring) so the driver can skip kicks.
+    let avail_event: u16 = rig
+        .driver
+        .mem
+        .read_obj(GuestAddress(USED + 4 + u64::from(QSIZE) * 8))
+        .unwrap();
+    assert_eq!(avail_event, 3);
+}
