@@ -56,6 +56,9 @@
 pub mod block;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
+pub mod rng;
+pub mod vsock;
 
 use std::sync::Arc;
 
