@@ -3,10 +3,23 @@
 //! through a token bucket, so that a guest reading in a loop costs the host a bounded amount
 //! of work.
 
+use std::io::Write;
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
+use virtio_queue::{Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::{ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX};
 use crate::config::{parse_options, ConfigError};
+use crate::memory::GuestMemory;
 
 /// Default sustained rate: 1 MiB/s.
 pub const DEFAULT_RATE: u64 = 1 << 20;
@@ -139,6 +152,189 @@ impl TokenBucket {
         Duration::from_nanos(ns)
             .saturating_sub(since)
             .max(Duration::from_micros(100))
+    }
+}
+
+/// Size of the one request queue.
+pub const QUEUE_SIZE: u16 = 64;
+/// Most bytes handed over per request.
+const MAX_REQUEST: usize = 64 << 10;
+/// Event-loop token of the rate-limit timer.
+const TIMER_TOKEN: u32 = ACTIVATION_TOKEN - 1;
+
+/// Errors of the rng device.
+#[derive(Debug, thiserror::Error)]
+pub enum RngError {
+    /// The rate-limit timer could not be created.
+    #[error("cannot create the virtio-rng rate-limit timer")]
+    Timer(#[source] std::io::Error),
+    /// The activation eventfd could not be created.
+    #[error("cannot create the virtio-rng activation event")]
+    EventFd(#[source] std::io::Error),
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemory,
+    queue: Queue,
+    interrupt: Arc<Interrupt>,
+}
+
+/// The virtio-rng device.
+#[derive(Debug)]
+pub struct Rng {
+    bucket: TokenBucket,
+    activation: ActivationEvent,
+    timer: TimerFd,
+    timer_armed: bool,
+    /// The queue's notification eventfd, kept across resets (it stays on the event loop).
+    queue_evts: Vec<Arc<EventFd>>,
+    active: Option<Active>,
+    buf: Vec<u8>,
+    /// Bytes handed to the guest.
+    pub bytes_served: u64,
+}
+
+impl Rng {
+    /// A device limited as `config` says.
+    pub fn new(config: &RngConfig) -> Result<Self, RngError> {
+        Ok(Self {
+            bucket: TokenBucket::new(config.rate, config.burst, Instant::now()),
+            activation: ActivationEvent::new().map_err(RngError::EventFd)?,
+            timer: TimerFd::new()
+                .map_err(|e| RngError::Timer(std::io::Error::from_raw_os_error(e.errno())))?,
+            timer_armed: false,
+            queue_evts: Vec::new(),
+            active: None,
+            buf: vec![0; MAX_REQUEST],
+            bytes_served: 0,
+        })
+    }
+
+    /// Fills the guest's buffers while the bucket allows; when it runs dry, waits for the
+    /// timer (the guest's requests stay queued, nothing spins).
+    pub fn process_queue(&mut self) {
+        let Some(a) = self.active.as_mut() else { return };
+        let mut used = false;
+        loop {
+            let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
+                match a.queue.enable_notification(&a.mem) {
+                    Ok(true) => continue,
+                    _ => break,
+                }
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(&a.mem) {
+                Ok(w) => w,
+                Err(e) => {
+                    log::debug!("virtio-rng: bad descriptor chain: {e}");
+                    let _ = a.queue.add_used(&a.mem, head, 0);
+                    used = true;
+                    continue;
+                }
+            };
+            let want = writer.available_bytes().min(MAX_REQUEST);
+            let n = self.bucket.take(want as u64, Instant::now());
+            let n = usize::try_from(n).unwrap_or(0);
+            if want > 0 && n == 0 {
+                // Out of tokens: put the request back and come back when there are some.
+                a.queue.set_next_avail((Wrapping(a.queue.next_avail()) - Wrapping(1)).0);
+                if !self.timer_armed {
+                    let wait = self.bucket.wait_time(Instant::now());
+                    if self.timer.reset(wait, None).is_ok() {
+                        self.timer_armed = true;
+                    }
+                }
+                break;
+            }
+            let written = match fill_random(&mut self.buf[..n]) {
+                Ok(()) => writer.write_all(&self.buf[..n]).map(|()| n).unwrap_or(0),
+                Err(e) => {
+                    log::warn!("virtio-rng: getrandom failed: {e}");
+                    0
+                }
+            };
+            self.bytes_served += written as u64;
+            let _ = a.queue.add_used(&a.mem, head, u32::try_from(written).unwrap_or(0));
+            used = true;
+        }
+        if used {
+            match a.queue.needs_notification(&a.mem) {
+                Ok(true) => a.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => {
+                    log::error!("virtio-rng: virtio queue error ({e}); the device needs a reset");
+                    a.interrupt.set_needs_reset();
+                }
+            }
+        }
+    }
+}
+
+impl VirtioDevice for Rng {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_RNG
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE]
+    }
+
+    fn avail_features(&self) -> u64 {
+        EVENT_IDX
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        super::read_config_bytes(&[], offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let queue = ctx.queues.into_iter().next().ok_or(ActivateError::QueueCount {
+            expected: 1,
+            got: 0,
+        })?;
+        if !queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        self.queue_evts = ctx.queue_evts;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+        });
+        self.activation.signal()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+    }
+}
+
+impl MutEventSubscriber for Rng {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATION_TOKEN => {
+                let evts = self.queue_evts.clone();
+                self.activation.on_activated(ops, &evts);
+            }
+            TIMER_TOKEN => {
+                let _ = self.timer.wait();
+                self.timer_armed = false;
+            }
+            _ => {
+                if let Some(e) = self.queue_evts.first() {
+                    let _ = e.read();
+                }
+            }
+        }
+        self.process_queue();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activation.init(ops);
+        if let Err(e) = ops.add(Events::with_data_raw(self.timer.as_raw_fd(), TIMER_TOKEN, EventSet::IN)) {
+            log::error!("virtio-rng: cannot watch the rate-limit timer: {e:?}");
+        }
     }
 }
 

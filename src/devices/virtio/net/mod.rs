@@ -6,6 +6,7 @@
 //!   planning;
 //! - [`NetConfig`]: `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`, with [`MacAddr`].
 
+pub mod device;
 pub mod header;
 pub mod tap;
 

@@ -43,11 +43,18 @@ const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
 pub trait HostStream: Read + Write + AsRawFd {
     /// Shuts down the write half (the host reader sees end of file).
     fn shutdown_write(&self) -> io::Result<()>;
+    /// Shuts down both halves (the host sees the connection end at once, even while ember
+    /// still owes the guest a RST).
+    fn shutdown_both(&self) -> io::Result<()>;
 }
 
 impl HostStream for UnixStream {
     fn shutdown_write(&self) -> io::Result<()> {
         self.shutdown(std::net::Shutdown::Write)
+    }
+
+    fn shutdown_both(&self) -> io::Result<()> {
+        self.shutdown(std::net::Shutdown::Both)
     }
 }
 
@@ -281,6 +288,7 @@ impl<S: HostStream> Connection<S> {
         if self.state != State::Closed {
             self.state = State::Closed;
             self.pending_rst = true;
+            let _ = self.stream.shutdown_both();
         }
         self.to_host.clear();
         self.deadline = None;
@@ -290,6 +298,7 @@ impl<S: HostStream> Connection<S> {
     pub fn close_silently(&mut self) {
         self.state = State::Closed;
         self.pending_rst = false;
+        let _ = self.stream.shutdown_both();
         self.to_host.clear();
         self.deadline = None;
     }
@@ -460,6 +469,10 @@ impl<S: HostStream> Connection<S> {
         if flags & (SHUTDOWN_RCV | SHUTDOWN_SEND) == (SHUTDOWN_RCV | SHUTDOWN_SEND) {
             // The guest closed its socket: deliver what it sent, then reset (as Linux does).
             self.closing = true;
+            if !self.to_host.is_empty() {
+                // A host that never reads must not keep the connection forever.
+                self.deadline = Some(Instant::now() + super::muxer::FLUSH_TIMEOUT);
+            }
         }
         self.after_flush();
     }

@@ -8,6 +8,7 @@
 //! - [`VsockConfig`]: `--vsock cid=N,uds=PATH`.
 
 pub mod connection;
+pub mod device;
 pub mod muxer;
 pub mod packet;
 
