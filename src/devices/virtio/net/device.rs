@@ -455,3 +455,106 @@ impl MutEventSubscriber for Net {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+    use crate::devices::virtio::test_ring::TestRing;
+
+    const BUF_BASE: u64 = 0x10_0000;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    /// Offers one single-descriptor receive buffer per entry of `sizes`; buffer `k` (in
+    /// offer order over the ring's life) lies at `BUF_BASE + k * 0x1_0000`.
+    fn offer(ring: &mut TestRing<'_>, first: u64, sizes: &[u32]) {
+        for (i, &len) in sizes.iter().enumerate() {
+            ring.add_chain(&[(BUF_BASE + (first + i as u64) * 0x1_0000, len, true)]);
+        }
+    }
+
+    fn active(mem: &GuestMemory, ring: &TestRing<'_>, mergeable: bool) -> Active {
+        Active {
+            mem: mem.clone(),
+            rxq: ring.queue(),
+            txq: ring.queue(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            mergeable,
+            broken: false,
+        }
+    }
+
+    fn packet(len: usize) -> Vec<u8> {
+        let mut p: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        p[..NET_HDR_SIZE].fill(0);
+        p
+    }
+
+    #[test]
+    fn mergeable_packet_spans_buffers_with_num_buffers_set() {
+        let m = mem();
+        let mut ring = TestRing::new(&m, 0, 16);
+        offer(&mut ring, 0, &[2048, 2048, 2048]);
+        let mut a = active(&m, &ring, true);
+        let mut p = packet(3000);
+        assert!(matches!(deliver(&mut a, &mut p).unwrap(), Delivery::Delivered));
+        assert_eq!(ring.used_idx(), 2, "two buffers used, the third kept");
+        assert_eq!(ring.used_entry(0), (0, 2048));
+        assert_eq!(ring.used_entry(1), (1, 952));
+        let mut got = vec![0u8; 3000];
+        m.read_slice(&mut got[..2048], GuestAddress(BUF_BASE)).unwrap();
+        m.read_slice(&mut got[2048..], GuestAddress(BUF_BASE + 0x1_0000)).unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+        assert_eq!(&got[NET_HDR_SIZE..], &p[NET_HDR_SIZE..]);
+        assert_eq!(a.rxq.next_avail(), 2);
+    }
+
+    #[test]
+    fn waits_for_enough_buffers_without_consuming_any() {
+        let m = mem();
+        let mut ring = TestRing::new(&m, 0, 16);
+        offer(&mut ring, 0, &[2048, 2048]);
+        let mut a = active(&m, &ring, true);
+        let mut p = packet(5000);
+        assert!(matches!(deliver(&mut a, &mut p).unwrap(), Delivery::Wait));
+        assert_eq!(a.rxq.next_avail(), 0, "the buffers taken were given back");
+        assert_eq!(ring.used_idx(), 0);
+        offer(&mut ring, 2, &[2048]);
+        assert!(matches!(deliver(&mut a, &mut p).unwrap(), Delivery::Delivered));
+        assert_eq!(ring.used_idx(), 3);
+        assert_eq!(ring.used_entry(2), (2, 5000 - 4096));
+    }
+
+    #[test]
+    fn oversized_frames_are_dropped_and_buffers_kept() {
+        let m = mem();
+        // Without mergeable buffers a frame must fit one buffer.
+        let mut ring = TestRing::new(&m, 0, 16);
+        offer(&mut ring, 0, &[1526, 1526]);
+        let mut a = active(&m, &ring, false);
+        assert!(matches!(deliver(&mut a, &mut packet(4000)).unwrap(), Delivery::Drop));
+        assert_eq!(a.rxq.next_avail(), 0);
+        assert!(matches!(deliver(&mut a, &mut packet(1500)).unwrap(), Delivery::Delivered));
+        assert_eq!(ring.used_entry(0), (0, 1500));
+        // Mergeable, but the whole ring cannot hold it.
+        let mut ring = TestRing::new(&m, 0x8000, 8);
+        offer(&mut ring, 0, &[100; 8]);
+        let mut a = active(&m, &ring, true);
+        assert!(matches!(deliver(&mut a, &mut packet(1000)).unwrap(), Delivery::Drop));
+        assert_eq!((a.rxq.next_avail(), ring.used_idx()), (0, 0));
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_break_the_queue_not_ember() {
+        let m = mem();
+        let mut ring = TestRing::new(&m, 0, 16);
+        ring.add_chain(&[(0x1_0000_0000, 4096, true)]);
+        let mut a = active(&m, &ring, true);
+        assert!(matches!(deliver(&mut a, &mut packet(100)), Err(RxError::Chain(_))));
+    }
+}
