@@ -149,12 +149,29 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
     attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
     attach_net_devices(taps, &vm, &mem, &mut devices, &mut event_manager)?;
     if let Some(vsock) = vsock {
-        let slot = attach_virtio_device(&vm, &mem, &mut devices, &mut event_manager, Arc::new(Mutex::new(vsock)))?;
-        log::debug!("vsock: guest CID {} at {:#x}, IRQ {}", config.vsock.as_ref().map_or(0, |v| v.cid), slot.addr, slot.irq);
+        let slot = attach_virtio_device(
+            &vm,
+            &mem,
+            &mut devices,
+            &mut event_manager,
+            Arc::new(Mutex::new(vsock)),
+        )?;
+        log::debug!(
+            "vsock: guest CID {} at {:#x}, IRQ {}",
+            config.vsock.as_ref().map_or(0, |v| v.cid),
+            slot.addr,
+            slot.irq
+        );
     }
     if let Some(rng) = &config.rng {
         let rng = Rng::new(rng)?;
-        attach_virtio_device(&vm, &mem, &mut devices, &mut event_manager, Arc::new(Mutex::new(rng)))?;
+        attach_virtio_device(
+            &vm,
+            &mem,
+            &mut devices,
+            &mut event_manager,
+            Arc::new(Mutex::new(rng)),
+        )?;
     }
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
@@ -393,8 +410,13 @@ fn attach_net_devices(
 ) -> Result<(), BuildError> {
     for nic in nics {
         let (tap, mac) = (nic.tap_name().to_string(), nic.mac());
-        let slot = attach_virtio_device(vm, mem, devices, event_manager, Arc::new(Mutex::new(nic)))?;
-        log::debug!("net: TAP {tap}, MAC {mac} at {:#x}, IRQ {}", slot.addr, slot.irq);
+        let slot =
+            attach_virtio_device(vm, mem, devices, event_manager, Arc::new(Mutex::new(nic)))?;
+        log::debug!(
+            "net: TAP {tap}, MAC {mac} at {:#x}, IRQ {}",
+            slot.addr,
+            slot.irq
+        );
     }
     Ok(())
 }

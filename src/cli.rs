@@ -263,8 +263,17 @@ mod tests {
     #[test]
     fn device_flags() {
         let cli = parse(&[
-            "run", "--kernel", "/k", "--net", "tap=tap0", "--net", "tap=tap1,mac=02:00:00:00:00:09",
-            "--vsock", "cid=7,uds=/tmp/v.sock", "--rng", "rate=4K",
+            "run",
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0",
+            "--net",
+            "tap=tap1,mac=02:00:00:00:00:09",
+            "--vsock",
+            "cid=7,uds=/tmp/v.sock",
+            "--rng",
+            "rate=4K",
         ])
         .unwrap();
         let Command::Run(a) = cli.command;
@@ -273,7 +282,9 @@ mod tests {
         assert_eq!(c.net[1].mac.unwrap().to_string(), "02:00:00:00:00:09");
         assert_eq!(c.vsock.as_ref().map(|v| v.cid), Some(7));
         assert_eq!(c.rng.map(|r| r.rate), Some(4096));
-        let Command::Run(a) = parse(&["run", "--kernel", "/k", "--no-rng"]).unwrap().command;
+        let Command::Run(a) = parse(&["run", "--kernel", "/k", "--no-rng"])
+            .unwrap()
+            .command;
         assert_eq!(a.to_config().unwrap().rng, None);
         let Command::Run(a) = parse(&["run", "--kernel", "/k"]).unwrap().command;
         assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));

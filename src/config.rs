@@ -432,7 +432,9 @@ pub fn parse_options<'a>(
     let mut out: Vec<(&str, &str)> = Vec::new();
     for part in s.split(',').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').ok_or_else(|| {
-            ConfigError::Device(format!("{flag} {s:?}: {part:?} is not key=value (syntax: {syntax})"))
+            ConfigError::Device(format!(
+                "{flag} {s:?}: {part:?} is not key=value (syntax: {syntax})"
+            ))
         })?;
         if !keys.contains(&k) {
             return Err(ConfigError::Device(format!(
@@ -440,7 +442,9 @@ pub fn parse_options<'a>(
             )));
         }
         if out.iter().any(|(seen, _)| *seen == k) {
-            return Err(ConfigError::Device(format!("{flag} {s:?}: {k}= given twice")));
+            return Err(ConfigError::Device(format!(
+                "{flag} {s:?}: {k}= given twice"
+            )));
         }
         out.push((k, v));
     }

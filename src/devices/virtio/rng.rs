@@ -17,7 +17,10 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::{ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX};
+use super::{
+    ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice, ACTIVATION_TOKEN,
+    EVENT_IDX,
+};
 use crate::config::{parse_options, ConfigError};
 use crate::memory::GuestMemory;
 
@@ -214,7 +217,9 @@ impl Rng {
     /// Fills the guest's buffers while the bucket allows; when it runs dry, waits for the
     /// timer (the guest's requests stay queued, nothing spins).
     pub fn process_queue(&mut self) {
-        let Some(a) = self.active.as_mut() else { return };
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
         let mut used = false;
         loop {
             let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
@@ -238,7 +243,8 @@ impl Rng {
             let n = usize::try_from(n).unwrap_or(0);
             if want > 0 && n == 0 {
                 // Out of tokens: put the request back and come back when there are some.
-                a.queue.set_next_avail((Wrapping(a.queue.next_avail()) - Wrapping(1)).0);
+                a.queue
+                    .set_next_avail((Wrapping(a.queue.next_avail()) - Wrapping(1)).0);
                 if !self.timer_armed {
                     let wait = self.bucket.wait_time(Instant::now());
                     if self.timer.reset(wait, None).is_ok() {
@@ -255,7 +261,9 @@ impl Rng {
                 }
             };
             self.bytes_served += written as u64;
-            let _ = a.queue.add_used(&a.mem, head, u32::try_from(written).unwrap_or(0));
+            let _ = a
+                .queue
+                .add_used(&a.mem, head, u32::try_from(written).unwrap_or(0));
             used = true;
         }
         if used {
@@ -289,10 +297,14 @@ impl VirtioDevice for Rng {
     }
 
     fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        let queue = ctx.queues.into_iter().next().ok_or(ActivateError::QueueCount {
-            expected: 1,
-            got: 0,
-        })?;
+        let queue = ctx
+            .queues
+            .into_iter()
+            .next()
+            .ok_or(ActivateError::QueueCount {
+                expected: 1,
+                got: 0,
+            })?;
         if !queue.ready() {
             return Err(ActivateError::QueueNotReady(0));
         }
@@ -332,7 +344,11 @@ impl MutEventSubscriber for Rng {
 
     fn init(&mut self, ops: &mut EventOps) {
         self.activation.init(ops);
-        if let Err(e) = ops.add(Events::with_data_raw(self.timer.as_raw_fd(), TIMER_TOKEN, EventSet::IN)) {
+        if let Err(e) = ops.add(Events::with_data_raw(
+            self.timer.as_raw_fd(),
+            TIMER_TOKEN,
+            EventSet::IN,
+        )) {
             log::error!("virtio-rng: cannot watch the rate-limit timer: {e:?}");
         }
     }
@@ -413,7 +429,11 @@ mod tests {
         for i in 0..3u64 {
             ring.add_chain(&[(0x10_0000 + i * 0x1_0000, 0x8000, true)]);
         }
-        let mut dev = Rng::new(&RngConfig { rate: 1000, burst: 0x6000 }).unwrap();
+        let mut dev = Rng::new(&RngConfig {
+            rate: 1000,
+            burst: 0x6000,
+        })
+        .unwrap();
         let evt = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
         dev.active = Some(Active {
             mem: mem.clone(),

@@ -24,7 +24,13 @@ pub struct TestRing<'a> {
 impl<'a> TestRing<'a> {
     /// A ring of `size` entries at `base` (which needs 12 KiB).
     pub fn new(mem: &'a GuestMemory, base: u64, size: u16) -> Self {
-        let r = Self { mem, size, base: GuestAddress(base), next_desc: 0, avail_idx: 0 };
+        let r = Self {
+            mem,
+            size,
+            base: GuestAddress(base),
+            next_desc: 0,
+            avail_idx: 0,
+        };
         mem.write_slice(&[0u8; 0x3000], r.base).unwrap();
         r
     }
@@ -58,7 +64,11 @@ impl<'a> TestRing<'a> {
         for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
             let idx = self.next_desc % self.size;
             self.next_desc += 1;
-            let mut flags = if writable { VRING_DESC_F_WRITE as u16 } else { 0 };
+            let mut flags = if writable {
+                VRING_DESC_F_WRITE as u16
+            } else {
+                0
+            };
             let next = self.next_desc % self.size;
             if i + 1 < bufs.len() {
                 flags |= VRING_DESC_F_NEXT as u16;
@@ -69,10 +79,14 @@ impl<'a> TestRing<'a> {
             self.mem.write_obj(flags, d.unchecked_add(12)).unwrap();
             self.mem.write_obj(next, d.unchecked_add(14)).unwrap();
         }
-        let slot = self.avail().unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
+        let slot = self
+            .avail()
+            .unchecked_add(4 + 2 * u64::from(self.avail_idx % self.size));
         self.mem.write_obj(head % self.size, slot).unwrap();
         self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem.write_obj(self.avail_idx, self.avail().unchecked_add(2)).unwrap();
+        self.mem
+            .write_obj(self.avail_idx, self.avail().unchecked_add(2))
+            .unwrap();
         head % self.size
     }
 
@@ -84,6 +98,9 @@ impl<'a> TestRing<'a> {
     /// Used entry `i`: (head, length).
     pub fn used_entry(&self, i: u16) -> (u32, u32) {
         let e = self.used().unchecked_add(4 + 8 * u64::from(i % self.size));
-        (self.mem.read_obj(e).unwrap(), self.mem.read_obj(e.unchecked_add(4)).unwrap())
+        (
+            self.mem.read_obj(e).unwrap(),
+            self.mem.read_obj(e.unchecked_add(4)).unwrap(),
+        )
     }
 }

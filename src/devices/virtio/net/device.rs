@@ -156,12 +156,11 @@ impl Net {
             a.txq.disable_notification(&a.mem)?;
             while let Some(chain) = a.txq.pop_descriptor_chain(&a.mem) {
                 let head = chain.head_index();
-                let sent = read_tx_frame(chain, &a.mem, &mut self.tx_buf)
-                    .and_then(|n| {
-                        self.tap
-                            .write_packet(&self.tx_buf[..n])
-                            .map_err(|e| format!("the TAP refused it: {e}"))
-                    });
+                let sent = read_tx_frame(chain, &a.mem, &mut self.tx_buf).and_then(|n| {
+                    self.tap
+                        .write_packet(&self.tx_buf[..n])
+                        .map_err(|e| format!("the TAP refused it: {e}"))
+                });
                 match sent {
                     Ok(n) => {
                         self.stats.tx_frames += 1;
@@ -254,7 +253,9 @@ impl Net {
             Err(RxError::Queue(e)) => failed = Some(e.to_string()),
             Err(RxError::Chain(e)) => failed = Some(format!("bad receive buffer: {e}")),
         }
-        let Some(a) = self.active.as_mut() else { return };
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
         if failed.is_none() && used {
             let notify = a
                 .rxq
@@ -288,12 +289,19 @@ fn read_tx_frame(
     let mut reader = chain.reader(mem).map_err(|e| e.to_string())?;
     let n = reader.available_bytes();
     if n < NET_HDR_SIZE {
-        return Err(format!("{n} bytes, shorter than the {NET_HDR_SIZE}-byte header"));
+        return Err(format!(
+            "{n} bytes, shorter than the {NET_HDR_SIZE}-byte header"
+        ));
     }
     if n > buf.len() {
-        return Err(format!("{n} bytes, more than {} (64 KiB frame + header)", buf.len()));
+        return Err(format!(
+            "{n} bytes, more than {} (64 KiB frame + header)",
+            buf.len()
+        ));
     }
-    reader.read_exact(&mut buf[..n]).map_err(|e| e.to_string())?;
+    reader
+        .read_exact(&mut buf[..n])
+        .map_err(|e| e.to_string())?;
     Ok(n)
 }
 
@@ -384,7 +392,10 @@ impl VirtioDevice for Net {
         }
         let mut queues = ctx.queues.into_iter();
         let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount { expected: 2, got: 0 });
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0,
+            });
         };
         for (i, q) in [&rxq, &txq].into_iter().enumerate() {
             if !q.ready() {
@@ -451,7 +462,10 @@ impl MutEventSubscriber for Net {
             EventSet::IN | EventSet::EDGE_TRIGGERED,
         );
         if let Err(e) = ops.add(ev) {
-            log::error!("virtio-net {}: cannot watch the TAP: {e:?}", self.tap.name());
+            log::error!(
+                "virtio-net {}: cannot watch the TAP: {e:?}",
+                self.tap.name()
+            );
         }
     }
 }
@@ -502,13 +516,18 @@ mod tests {
         offer(&mut ring, 0, &[2048, 2048, 2048]);
         let mut a = active(&m, &ring, true);
         let mut p = packet(3000);
-        assert!(matches!(deliver(&mut a, &mut p).unwrap(), Delivery::Delivered));
+        assert!(matches!(
+            deliver(&mut a, &mut p).unwrap(),
+            Delivery::Delivered
+        ));
         assert_eq!(ring.used_idx(), 2, "two buffers used, the third kept");
         assert_eq!(ring.used_entry(0), (0, 2048));
         assert_eq!(ring.used_entry(1), (1, 952));
         let mut got = vec![0u8; 3000];
-        m.read_slice(&mut got[..2048], GuestAddress(BUF_BASE)).unwrap();
-        m.read_slice(&mut got[2048..], GuestAddress(BUF_BASE + 0x1_0000)).unwrap();
+        m.read_slice(&mut got[..2048], GuestAddress(BUF_BASE))
+            .unwrap();
+        m.read_slice(&mut got[2048..], GuestAddress(BUF_BASE + 0x1_0000))
+            .unwrap();
         assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
         assert_eq!(&got[NET_HDR_SIZE..], &p[NET_HDR_SIZE..]);
         assert_eq!(a.rxq.next_avail(), 2);
@@ -525,7 +544,10 @@ mod tests {
         assert_eq!(a.rxq.next_avail(), 0, "the buffers taken were given back");
         assert_eq!(ring.used_idx(), 0);
         offer(&mut ring, 2, &[2048]);
-        assert!(matches!(deliver(&mut a, &mut p).unwrap(), Delivery::Delivered));
+        assert!(matches!(
+            deliver(&mut a, &mut p).unwrap(),
+            Delivery::Delivered
+        ));
         assert_eq!(ring.used_idx(), 3);
         assert_eq!(ring.used_entry(2), (2, 5000 - 4096));
     }
@@ -537,15 +559,24 @@ mod tests {
         let mut ring = TestRing::new(&m, 0, 16);
         offer(&mut ring, 0, &[1526, 1526]);
         let mut a = active(&m, &ring, false);
-        assert!(matches!(deliver(&mut a, &mut packet(4000)).unwrap(), Delivery::Drop));
+        assert!(matches!(
+            deliver(&mut a, &mut packet(4000)).unwrap(),
+            Delivery::Drop
+        ));
         assert_eq!(a.rxq.next_avail(), 0);
-        assert!(matches!(deliver(&mut a, &mut packet(1500)).unwrap(), Delivery::Delivered));
+        assert!(matches!(
+            deliver(&mut a, &mut packet(1500)).unwrap(),
+            Delivery::Delivered
+        ));
         assert_eq!(ring.used_entry(0), (0, 1500));
         // Mergeable, but the whole ring cannot hold it.
         let mut ring = TestRing::new(&m, 0x8000, 8);
         offer(&mut ring, 0, &[100; 8]);
         let mut a = active(&m, &ring, true);
-        assert!(matches!(deliver(&mut a, &mut packet(1000)).unwrap(), Delivery::Drop));
+        assert!(matches!(
+            deliver(&mut a, &mut packet(1000)).unwrap(),
+            Delivery::Drop
+        ));
         assert_eq!((a.rxq.next_avail(), ring.used_idx()), (0, 0));
     }
 
@@ -555,6 +586,9 @@ mod tests {
         let mut ring = TestRing::new(&m, 0, 16);
         ring.add_chain(&[(0x1_0000_0000, 4096, true)]);
         let mut a = active(&m, &ring, true);
-        assert!(matches!(deliver(&mut a, &mut packet(100)), Err(RxError::Chain(_))));
+        assert!(matches!(
+            deliver(&mut a, &mut packet(100)),
+            Err(RxError::Chain(_))
+        ));
     }
 }

@@ -190,7 +190,9 @@ impl Vsock {
             used |= self.process_rx()?;
             Ok(used)
         })();
-        let Some(a) = self.active.as_mut() else { return };
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
         let notify = result.and_then(|used| {
             let rx = used && a.rxq.needs_notification(&a.mem)?;
             let tx = used && a.txq.needs_notification(&a.mem)?;
@@ -262,7 +264,10 @@ impl VirtioDevice for Vsock {
         }
         let mut queues = ctx.queues.into_iter();
         let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount { expected: 3, got: 0 });
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 0,
+            });
         };
         for (i, q) in [&rxq, &txq].into_iter().enumerate() {
             if !q.ready() {
@@ -345,7 +350,8 @@ mod tests {
 
     impl Fixture {
         fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir().join(format!("ember-vsockdev-{tag}-{}", std::process::id()));
+            let dir =
+                std::env::temp_dir().join(format!("ember-vsockdev-{tag}-{}", std::process::id()));
             let _ = std::fs::remove_dir_all(&dir);
             std::fs::create_dir_all(&dir).unwrap();
             let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
@@ -353,7 +359,10 @@ mod tests {
         }
 
         fn device(&self, rx: &TestRing<'_>, tx: &TestRing<'_>) -> Vsock {
-            let cfg = VsockConfig { cid: CID, uds: self.dir.join("v.sock") };
+            let cfg = VsockConfig {
+                cid: CID,
+                uds: self.dir.join("v.sock"),
+            };
             let mut dev = Vsock::new(&cfg).unwrap();
             dev.active = Some(Active {
                 mem: self.mem.clone(),
@@ -373,7 +382,13 @@ mod tests {
     }
 
     /// Queues a guest packet (header descriptor + payload descriptor, as Linux does).
-    fn guest_send(mem: &GuestMemory, tx: &mut TestRing<'_>, at: u64, hdr: &VsockHeader, payload: &[u8]) {
+    fn guest_send(
+        mem: &GuestMemory,
+        tx: &mut TestRing<'_>,
+        at: u64,
+        hdr: &VsockHeader,
+        payload: &[u8],
+    ) {
         mem.write_slice(hdr.as_slice(), GuestAddress(at)).unwrap();
         mem.write_slice(payload, GuestAddress(at + 0x100)).unwrap();
         let mut chain = vec![(at, HEADER_SIZE as u32, false)];
@@ -410,7 +425,10 @@ mod tests {
         assert_eq!(rx.used_entry(0), (0, HEADER_SIZE as u32));
         let resp = guest_rx_header(&f.mem, 0x10_0000);
         assert_eq!(resp.known_op(), Some(Op::Response));
-        assert_eq!((resp.src_port(), resp.dst_port(), resp.dst_cid()), (80, 5000, CID));
+        assert_eq!(
+            (resp.src_port(), resp.dst_port(), resp.dst_cid()),
+            (80, 5000, CID)
+        );
         let (mut server, _) = listener.accept().unwrap();
 
         // Guest -> host data.
@@ -436,7 +454,9 @@ mod tests {
         let h = guest_rx_header(&f.mem, 0x11_0000);
         assert_eq!((h.known_op(), h.len()), (Some(Op::Rw), 5));
         let mut data = [0u8; 5];
-        f.mem.read_slice(&mut data, GuestAddress(0x11_0100)).unwrap();
+        f.mem
+            .read_slice(&mut data, GuestAddress(0x11_0100))
+            .unwrap();
         assert_eq!(&data, b"world");
 
         // A packet whose header claims more payload than the chain holds is dropped.
@@ -449,7 +469,9 @@ mod tests {
 
         // The driver resets the device: host streams end.
         dev.reset();
-        server.set_read_timeout(Some(std::time::Duration::from_secs(5))).unwrap();
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
         assert_eq!(server.read(&mut got).unwrap(), 0);
     }
 
