@@ -14,6 +14,9 @@
 //                               send each one back what it sends until it shuts down
 //   vsock-io send CID PORT MIB  connect and send MIB MiB of a byte pattern, then read until
 //                               EOF (for throughput measurements)
+//   vsock-io tcp-send A.B.C.D PORT MIB
+//                               the same over TCP/IPv4 (busybox nc writes 1 KiB at a time)
+// The pattern: 64 KiB blocks whose byte i is (i * 7 + 1) mod 256.
 // Exit status 0 on success, 1 on any error (with a message on stderr).
 
 typedef unsigned long u64;
@@ -33,6 +36,7 @@ typedef unsigned short u16;
 #define SYS_listen 50
 #define SYS_exit_group 231
 
+#define AF_INET 2
 #define AF_VSOCK 40
 #define SOCK_STREAM 1
 #define SHUT_WR 1
@@ -48,6 +52,13 @@ struct sockaddr_vm {
 	u32 svm_cid;
 	unsigned char svm_flags;
 	unsigned char svm_zero[3];
+};
+
+struct sockaddr_in {
+	u16 sin_family;
+	u16 sin_port;
+	u32 sin_addr;
+	unsigned char sin_zero[8];
 };
 
 struct pollfd {
@@ -234,6 +245,39 @@ static void send_mib(int s, u32 mib)
 		;
 }
 
+static int tcp_connect(const char *ip, u32 port)
+{
+	struct sockaddr_in a = { AF_INET, 0, 0, { 0 } };
+	u32 addr = 0, part = 0, dots = 0;
+	const char *p;
+	i64 s, r;
+	for (p = ip; *p; p++) {
+		if (*p == '.') {
+			addr = addr << 8 | part;
+			part = 0;
+			dots++;
+		} else if (*p >= '0' && *p <= '9') {
+			part = part * 10 + (u32)(*p - '0');
+		} else {
+			die("bad IPv4 address", 22);
+		}
+		if (part > 255)
+			die("bad IPv4 address", 22);
+	}
+	if (dots != 3)
+		die("bad IPv4 address", 22);
+	addr = addr << 8 | part;
+	a.sin_port = (u16)((port >> 8 & 0xff) | (port & 0xff) << 8);
+	a.sin_addr = (addr >> 24) | (addr >> 8 & 0xff00) | (addr << 8 & 0xff0000) | (addr << 24);
+	s = sys3(SYS_socket, AF_INET, SOCK_STREAM, 0);
+	if (s < 0)
+		die("socket(AF_INET)", s);
+	r = sys3(SYS_connect, s, &a, sizeof(a));
+	if (r < 0)
+		die("connect", r);
+	return (int)s;
+}
+
 static int streq(const char *a, const char *b)
 {
 	while (*a && *a == *b)
@@ -244,7 +288,7 @@ static int streq(const char *a, const char *b)
 static void usage(void)
 {
 	static const char u[] = "usage: vsock-io connect CID PORT | listen PORT | echo PORT [N] | "
-				"send CID PORT MIB\n";
+				"send CID PORT MIB | tcp-send A.B.C.D PORT MIB\n";
 	sys3(SYS_write, 2, u, sizeof(u) - 1);
 	sys3(SYS_exit_group, 2, 0, 0);
 }
@@ -262,6 +306,8 @@ int main(int argc, char **argv)
 			echo(do_accept(l));
 	} else if (argc >= 5 && streq(argv[1], "send")) {
 		send_mib(do_connect(num(argv[2]), num(argv[3])), num(argv[4]));
+	} else if (argc >= 5 && streq(argv[1], "tcp-send")) {
+		send_mib(tcp_connect(argv[2], num(argv[3])), num(argv[4]));
 	} else {
 		usage();
 	}

@@ -99,8 +99,10 @@ pub struct Connection<S> {
     peer_port: u32,
 
     // Guest -> host.
-    /// Guest bytes not yet written to the host stream (at most CONN_BUF_ALLOC).
+    /// Bytes not yet written to the host stream: guest data (at most CONN_BUF_ALLOC), after
+    /// `own_prefix` bytes of ember's own (the `OK <port>` line).
     to_host: Vec<u8>,
+    own_prefix: usize,
     /// Bytes taken off `to_host` by the host stream (our `fwd_cnt`).
     fwd_cnt: Wrapping<u32>,
     /// The `fwd_cnt` last told to the guest.
@@ -146,6 +148,7 @@ impl<S: HostStream> Connection<S> {
             local_port,
             peer_port,
             to_host: Vec::new(),
+            own_prefix: 0,
             fwd_cnt: Wrapping(0),
             fwd_cnt_sent: Wrapping(0),
             guest_send_done: false,
@@ -291,6 +294,7 @@ impl<S: HostStream> Connection<S> {
             let _ = self.stream.shutdown_both();
         }
         self.to_host.clear();
+        self.own_prefix = 0;
         self.deadline = None;
     }
 
@@ -300,6 +304,7 @@ impl<S: HostStream> Connection<S> {
         self.pending_rst = false;
         let _ = self.stream.shutdown_both();
         self.to_host.clear();
+        self.own_prefix = 0;
         self.deadline = None;
     }
 
@@ -339,7 +344,10 @@ impl<S: HostStream> Connection<S> {
                 }
                 Ok(n) => {
                     self.to_host.drain(..n);
-                    self.forwarded(n);
+                    // ember's own bytes do not count as forwarded guest data.
+                    let own = n.min(self.own_prefix);
+                    self.own_prefix -= own;
+                    self.forwarded(n - own);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -412,14 +420,10 @@ impl<S: HostStream> Connection<S> {
             (State::LocalInit, Some(Op::Response)) => {
                 self.state = State::Established;
                 self.deadline = None;
-                self.to_host
-                    .extend_from_slice(format!("OK {}\n", self.local_port).as_bytes());
+                let line = format!("OK {}\n", self.local_port);
+                self.own_prefix = line.len();
+                self.to_host.extend_from_slice(line.as_bytes());
                 self.flush_to_host();
-                // The reply line is ours, not the guest's: it does not count as forwarded.
-                self.fwd_cnt = Wrapping(0);
-                self.fwd_cnt_sent = Wrapping(0);
-                self.pending_credit_update = false;
-                self.stats.to_host = 0;
             }
             (State::Established, Some(Op::Rw)) => self.guest_data(payload),
             (State::Established, Some(Op::CreditUpdate)) => {}
@@ -444,7 +448,7 @@ impl<S: HostStream> Connection<S> {
             self.reset();
             return;
         }
-        if self.to_host.len() + payload.len() > CONN_BUF_ALLOC as usize {
+        if self.to_host.len() - self.own_prefix + payload.len() > CONN_BUF_ALLOC as usize {
             log::debug!(
                 "vsock: guest overran its credit ({} buffered + {} bytes > {CONN_BUF_ALLOC}): \
                  reset",
