@@ -117,11 +117,7 @@ impl Net {
             tap,
             mac,
             config_space,
-            activation: ActivationEvent::new().map_err(|e| NetError::Ioctl {
-                tap: String::new(),
-                what: "eventfd",
-                source: e,
-            })?,
+            activation: ActivationEvent::new().map_err(NetError::EventFd)?,
             queue_evts: Vec::new(),
             active: None,
             rx_buf: vec![0; MAX_PACKET_SIZE],

@@ -46,6 +46,9 @@ pub enum NetError {
          create it with `ip tuntap add {0} mode tap`"
     )]
     NotATap(String),
+    /// The device's activation eventfd could not be created.
+    #[error("cannot create the virtio-net activation event")]
+    EventFd(#[source] std::io::Error),
     /// A TAP ioctl failed.
     #[error("{what} on TAP {tap} failed")]
     Ioctl {
