@@ -22,6 +22,12 @@ use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
 use crate::devices::virtio::block::{Block, BlockError, DiskFile};
 use crate::devices::virtio::mmio::MmioTransport;
+use crate::devices::virtio::net::device::Net;
+use crate::devices::virtio::net::tap::Tap;
+use crate::devices::virtio::net::NetError;
+use crate::devices::virtio::rng::{Rng, RngError};
+use crate::devices::virtio::vsock::device::Vsock;
+use crate::devices::virtio::vsock::VsockError;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
 use crate::devices::{DeviceError, DeviceManager, MmioSlot};
 use crate::event_loop::{new_event_manager, EventManager, ExitWatcher};
@@ -69,6 +75,15 @@ pub enum BuildError {
     /// A disk image could not be opened, locked or used.
     #[error(transparent)]
     Disk(#[from] BlockError),
+    /// A TAP could not be opened or set up.
+    #[error("cannot set up the network device")]
+    Net(#[from] NetError),
+    /// The vsock Unix socket could not be set up.
+    #[error("cannot set up the vsock device")]
+    Vsock(#[from] VsockError),
+    /// The rng device could not be created.
+    #[error("cannot set up the rng device")]
+    Rng(#[from] RngError),
 }
 
 /// Extra pieces a caller can plug into the build (the profiler's kick hook, devices added
@@ -100,6 +115,9 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
         .iter()
         .map(DiskFile::open)
         .collect::<Result<Vec<_>, _>>()?;
+    // So are TAPs and the vsock socket: a missing TAP or a busy socket path stops here.
+    let taps = open_taps(config)?;
+    let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
     // 2. KVM and the VM with its interrupt controllers.
     let kvm = open_kvm()?;
@@ -129,6 +147,32 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
     )?;
     let exit_status = attach_pseudo_devices(config, &mut devices, &exit, &timeline)?;
     attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
+    attach_net_devices(taps, &vm, &mem, &mut devices, &mut event_manager)?;
+    if let Some(vsock) = vsock {
+        let slot = attach_virtio_device(
+            &vm,
+            &mem,
+            &mut devices,
+            &mut event_manager,
+            Arc::new(Mutex::new(vsock)),
+        )?;
+        log::debug!(
+            "vsock: guest CID {} at {:#x}, IRQ {}",
+            config.vsock.as_ref().map_or(0, |v| v.cid),
+            slot.addr,
+            slot.irq
+        );
+    }
+    if let Some(rng) = &config.rng {
+        let rng = Rng::new(rng)?;
+        attach_virtio_device(
+            &vm,
+            &mem,
+            &mut devices,
+            &mut event_manager,
+            Arc::new(Mutex::new(rng)),
+        )?;
+    }
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
     let cmdline = build_cmdline(config, &host, &devices);
@@ -338,6 +382,45 @@ fn attach_pseudo_devices(
 }
 
 /// One virtio-blk device per `--disk`, in order (the guest names them vda, vdb, ...).
+/// Opens the TAP of every `--net` device and makes the NICs.
+fn open_taps(config: &VmConfig) -> Result<Vec<Net>, BuildError> {
+    let mut nics = Vec::new();
+    for n in &config.net {
+        let tap = Tap::open(&n.tap)?;
+        match tap.bring_up() {
+            Ok(true) => log::info!("TAP {} was down: set it up", n.tap),
+            Ok(false) => {}
+            Err(e) => log::warn!(
+                "TAP {} may be down and ember cannot set it up ({e}): run `ip link set {} up`",
+                n.tap,
+                n.tap
+            ),
+        }
+        nics.push(Net::new(tap, n.mac())?);
+    }
+    Ok(nics)
+}
+
+fn attach_net_devices(
+    nics: Vec<Net>,
+    vm: &Vm,
+    mem: &GuestMemory,
+    devices: &mut DeviceManager,
+    event_manager: &mut EventManager,
+) -> Result<(), BuildError> {
+    for nic in nics {
+        let (tap, mac) = (nic.tap_name().to_string(), nic.mac());
+        let slot =
+            attach_virtio_device(vm, mem, devices, event_manager, Arc::new(Mutex::new(nic)))?;
+        log::debug!(
+            "net: TAP {tap}, MAC {mac} at {:#x}, IRQ {}",
+            slot.addr,
+            slot.irq
+        );
+    }
+    Ok(())
+}
+
 fn attach_block_devices(
     config: &VmConfig,
     disks: Vec<DiskFile>,

@@ -7,6 +7,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::{default_guest_dir, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE};
+use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::rng::RngConfig;
+use crate::devices::virtio::vsock::VsockConfig;
 
 const EXIT_CODES_HELP: &str = "\
 Exit status:
@@ -88,6 +91,33 @@ pub struct RunArgs {
     /// target/guest/rootfs.ext4 --root /dev/vda`.
     #[arg(long, value_name = "DEV")]
     pub root: Option<String>,
+    /// A virtio-net NIC on a host TAP interface (repeatable): tap=NAME[,mac=XX:XX:XX:XX:XX:XX].
+    /// The TAP is opened (or created, with CAP_NET_ADMIN); without mac= a stable address is
+    /// derived from the host and TAP name. See docs/network.md.
+    #[arg(long, value_name = NetConfig::SYNTAX, value_parser = parse_net)]
+    pub net: Vec<NetConfig>,
+    /// A virtio-vsock device: cid=N (3 or more),uds=PATH. Host programs connect to PATH and
+    /// send `CONNECT <port>\n`; guest connections to host port P go to PATH_P.
+    #[arg(long, value_name = VsockConfig::SYNTAX, value_parser = parse_vsock)]
+    pub vsock: Option<VsockConfig>,
+    /// Rate limit of the virtio-rng device (on by default: 1 MiB/s, bursts of 64 KiB).
+    #[arg(long, value_name = "rate=N[,burst=N]", value_parser = parse_rng, conflicts_with = "no_rng")]
+    pub rng: Option<RngConfig>,
+    /// No virtio-rng device.
+    #[arg(long)]
+    pub no_rng: bool,
+}
+
+fn parse_net(s: &str) -> Result<NetConfig, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
+fn parse_rng(s: &str) -> Result<RngConfig, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
 impl RunArgs {
@@ -117,6 +147,13 @@ impl RunArgs {
         c.boot_timer = self.boot_timer;
         c.disks = self.disk.clone();
         c.root = self.root.clone();
+        c.net = self.net.clone();
+        c.vsock = self.vsock.clone();
+        c.rng = if self.no_rng {
+            None
+        } else {
+            Some(self.rng.unwrap_or_default())
+        };
         Ok(c)
     }
 }
@@ -221,6 +258,42 @@ mod tests {
         );
         std::env::remove_var("EMBER_GUEST_DIR");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn device_flags() {
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0",
+            "--net",
+            "tap=tap1,mac=02:00:00:00:00:09",
+            "--vsock",
+            "cid=7,uds=/tmp/v.sock",
+            "--rng",
+            "rate=4K",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command;
+        let c = a.to_config().unwrap();
+        assert_eq!(c.net.len(), 2);
+        assert_eq!(c.net[1].mac.unwrap().to_string(), "02:00:00:00:00:09");
+        assert_eq!(c.vsock.as_ref().map(|v| v.cid), Some(7));
+        assert_eq!(c.rng.map(|r| r.rate), Some(4096));
+        let Command::Run(a) = parse(&["run", "--kernel", "/k", "--no-rng"])
+            .unwrap()
+            .command;
+        assert_eq!(a.to_config().unwrap().rng, None);
+        let Command::Run(a) = parse(&["run", "--kernel", "/k"]).unwrap().command;
+        assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));
+        // Bad values are refused by the parser, with the reason.
+        let e = parse(&["run", "--kernel", "/k", "--net", "tap=t,mac=1:2"]).unwrap_err();
+        assert!(e.to_string().contains("not a MAC"), "{e}");
+        let e = parse(&["run", "--kernel", "/k", "--vsock", "cid=3"]).unwrap_err();
+        assert!(e.to_string().contains("uds= is required"), "{e}");
+        assert!(parse(&["run", "--kernel", "/k", "--rng", "rate=1", "--no-rng"]).is_err());
     }
 
     #[test]

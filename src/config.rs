@@ -4,6 +4,10 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::rng::RngConfig;
+use crate::devices::virtio::vsock::VsockConfig;
+
 /// The command line a guest gets when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 /// Default number of vCPUs.
@@ -227,6 +231,12 @@ pub struct VmConfig {
     /// Root device for the guest (`root=`), e.g. `/dev/vda`; adds `root=.. rootfstype=ext4
     /// rw` (or `ro` for a read-only disk) to the command line.
     pub root: Option<String>,
+    /// virtio-net devices, one per TAP (`--net`).
+    pub net: Vec<NetConfig>,
+    /// The virtio-vsock device (`--vsock`).
+    pub vsock: Option<VsockConfig>,
+    /// The virtio-rng device (on unless `--no-rng`).
+    pub rng: Option<RngConfig>,
 }
 
 impl VmConfig {
@@ -247,6 +257,9 @@ impl VmConfig {
             exit_on_status: false,
             disks: Vec::new(),
             root: None,
+            net: Vec::new(),
+            vsock: None,
+            rng: Some(RngConfig::default()),
         }
     }
 
@@ -292,6 +305,13 @@ impl VmConfig {
         }
         if let Some(root) = &self.root {
             self.root_disk(root)?;
+        }
+        NetConfig::validate_all(&self.net)?;
+        if let Some(v) = &self.vsock {
+            v.validate()?;
+        }
+        if let Some(r) = &self.rng {
+            r.validate()?;
         }
         Ok(())
     }
@@ -399,6 +419,36 @@ pub fn default_guest_dir() -> Option<PathBuf> {
     }
     candidates.push(PathBuf::from("target/guest"));
     candidates.into_iter().find(|d| d.join("vmlinux").is_file())
+}
+
+/// Splits a device option string `key=value,key=value` for `flag` (e.g. `--net`), allowing
+/// only `keys`, each at most once. Values may not contain commas.
+pub fn parse_options<'a>(
+    s: &'a str,
+    flag: &str,
+    syntax: &str,
+    keys: &[&str],
+) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    let mut out: Vec<(&str, &str)> = Vec::new();
+    for part in s.split(',').filter(|p| !p.is_empty()) {
+        let (k, v) = part.split_once('=').ok_or_else(|| {
+            ConfigError::Device(format!(
+                "{flag} {s:?}: {part:?} is not key=value (syntax: {syntax})"
+            ))
+        })?;
+        if !keys.contains(&k) {
+            return Err(ConfigError::Device(format!(
+                "{flag} {s:?}: unknown option {k:?} (syntax: {syntax})"
+            )));
+        }
+        if out.iter().any(|(seen, _)| *seen == k) {
+            return Err(ConfigError::Device(format!(
+                "{flag} {s:?}: {k}= given twice"
+            )));
+        }
+        out.push((k, v));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -56,6 +56,11 @@
 pub mod block;
 pub mod interrupt;
 pub mod mmio;
+pub mod net;
+pub mod rng;
+#[cfg(test)]
+pub(crate) mod test_ring;
+pub mod vsock;
 
 use std::sync::Arc;
 

@@ -1,0 +1,590 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The virtio-net device model: two queues (rx, tx) and a TAP, on the event loop.
+//!
+//! - tx: each chain the guest queues is one header + frame, written to the TAP as is.
+//! - rx: the TAP is polled edge-triggered; ember reads one packet at a time and only while
+//!   the guest has receive buffers. A packet waiting for buffers stays in one host buffer
+//!   (the TAP's own queue, bounded by the kernel, holds the rest); a packet that no buffers
+//!   the guest can offer would hold is dropped and counted.
+
+use std::io::{self, Read, Write};
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
+use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::header::{
+    mergeable_rx, plan_rx, set_num_buffers, tun_offload_flags, RxPlan, MAX_PACKET_SIZE,
+    NET_HDR_SIZE, OFFERED_FEATURES,
+};
+use super::tap::Tap;
+use super::{MacAddr, NetError};
+use crate::devices::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice,
+    ACTIVATION_TOKEN, EVENT_IDX,
+};
+use crate::memory::GuestMemory;
+
+/// Size of the rx and tx queues.
+pub const QUEUE_SIZE: u16 = 256;
+
+const RX_QUEUE: u32 = 0;
+const TX_QUEUE: u32 = 1;
+/// Event-loop token of the TAP.
+const TAP_TOKEN: u32 = ACTIVATION_TOKEN - 1;
+
+/// Counters of one NIC.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NetStats {
+    /// Frames handed to the guest.
+    pub rx_frames: u64,
+    /// Bytes handed to the guest (headers included).
+    pub rx_bytes: u64,
+    /// Frames dropped because no guest buffers could hold them.
+    pub rx_dropped_too_large: u64,
+    /// Frames sent by the guest.
+    pub tx_frames: u64,
+    /// Bytes sent by the guest (headers included).
+    pub tx_bytes: u64,
+    /// Guest frames dropped: malformed chain, too large, or refused by the TAP.
+    pub tx_dropped: u64,
+}
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemory,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: Arc<Interrupt>,
+    mergeable: bool,
+    broken: bool,
+}
+
+/// What became of the packet waiting for the guest.
+enum Delivery {
+    /// In the guest's buffers.
+    Delivered,
+    /// Not enough buffers yet; notifications are on.
+    Wait,
+    /// No buffers the guest can offer hold it.
+    Drop,
+}
+
+/// Why the rx queue cannot be used any more.
+#[derive(Debug)]
+enum RxError {
+    Queue(virtio_queue::Error),
+    Chain(String),
+}
+
+impl From<virtio_queue::Error> for RxError {
+    fn from(e: virtio_queue::Error) -> Self {
+        Self::Queue(e)
+    }
+}
+
+/// A virtio-net device on a TAP.
+#[derive(Debug)]
+pub struct Net {
+    tap: Tap,
+    mac: MacAddr,
+    config_space: [u8; 8],
+    activation: ActivationEvent,
+    queue_evts: Vec<Arc<EventFd>>,
+    active: Option<Active>,
+    /// The packet read from the TAP that waits for guest buffers (`rx_len` bytes of it).
+    rx_buf: Vec<u8>,
+    rx_len: Option<usize>,
+    /// The TAP polled readable and was not yet read to `EAGAIN`.
+    tap_readable: bool,
+    tx_buf: Vec<u8>,
+    stats: NetStats,
+}
+
+impl Net {
+    /// A NIC on `tap` with address `mac`.
+    pub fn new(tap: Tap, mac: MacAddr) -> Result<Self, NetError> {
+        let mut config_space = [0u8; 8];
+        config_space[..6].copy_from_slice(&mac.0);
+        config_space[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+        Ok(Self {
+            tap,
+            mac,
+            config_space,
+            activation: ActivationEvent::new().map_err(NetError::EventFd)?,
+            queue_evts: Vec::new(),
+            active: None,
+            rx_buf: vec![0; MAX_PACKET_SIZE],
+            rx_len: None,
+            tap_readable: false,
+            tx_buf: vec![0; MAX_PACKET_SIZE],
+            stats: NetStats::default(),
+        })
+    }
+
+    /// The guest's MAC address.
+    pub fn mac(&self) -> MacAddr {
+        self.mac
+    }
+
+    /// The TAP's name.
+    pub fn tap_name(&self) -> &str {
+        self.tap.name()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> NetStats {
+        self.stats
+    }
+
+    fn process_tx(&mut self) -> Result<bool, virtio_queue::Error> {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+            return Ok(false);
+        };
+        let mut used = false;
+        loop {
+            a.txq.disable_notification(&a.mem)?;
+            while let Some(chain) = a.txq.pop_descriptor_chain(&a.mem) {
+                let head = chain.head_index();
+                let sent = read_tx_frame(chain, &a.mem, &mut self.tx_buf).and_then(|n| {
+                    self.tap
+                        .write_packet(&self.tx_buf[..n])
+                        .map_err(|e| format!("the TAP refused it: {e}"))
+                });
+                match sent {
+                    Ok(n) => {
+                        self.stats.tx_frames += 1;
+                        self.stats.tx_bytes += n as u64;
+                    }
+                    Err(why) => {
+                        self.stats.tx_dropped += 1;
+                        let k = self.stats.tx_dropped;
+                        if k <= 10 || k.is_power_of_two() {
+                            log::warn!(
+                                "virtio-net {}: dropped a guest frame: {why} (#{k})",
+                                self.tap.name()
+                            );
+                        }
+                    }
+                }
+                a.txq.add_used(&a.mem, head, 0)?;
+                used = true;
+            }
+            if !a.txq.enable_notification(&a.mem)? {
+                break;
+            }
+        }
+        Ok(used)
+    }
+
+    fn process_rx(&mut self) -> Result<bool, RxError> {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+            return Ok(false);
+        };
+        let mut used = false;
+        a.rxq.disable_notification(&a.mem)?;
+        loop {
+            let len = match self.rx_len {
+                Some(len) => len,
+                None if !self.tap_readable => break,
+                None => match self.tap.read_packet(&mut self.rx_buf) {
+                    Ok(n) if n >= NET_HDR_SIZE => {
+                        self.rx_len = Some(n);
+                        n
+                    }
+                    Ok(_) => continue, // no frame behind the header: nothing to deliver
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => {
+                        if e.kind() != io::ErrorKind::WouldBlock {
+                            log::warn!("virtio-net {}: TAP read failed: {e}", self.tap.name());
+                        }
+                        self.tap_readable = false;
+                        break;
+                    }
+                },
+            };
+            match deliver(a, &mut self.rx_buf[..len])? {
+                Delivery::Delivered => {
+                    self.rx_len = None;
+                    self.stats.rx_frames += 1;
+                    self.stats.rx_bytes += len as u64;
+                    used = true;
+                }
+                Delivery::Wait => break,
+                Delivery::Drop => {
+                    self.rx_len = None;
+                    self.stats.rx_dropped_too_large += 1;
+                    let k = self.stats.rx_dropped_too_large;
+                    if k <= 10 || k.is_power_of_two() {
+                        log::warn!(
+                            "virtio-net {}: dropped a {len}-byte frame: the guest's receive \
+                             buffers cannot hold it (#{k})",
+                            self.tap.name()
+                        );
+                    }
+                }
+            }
+        }
+        Ok(used)
+    }
+
+    /// Runs the queues and interrupts the guest if it wants to know.
+    fn run_queues(&mut self, tx: bool) {
+        let mut failed = None;
+        let mut used = false;
+        if tx {
+            match self.process_tx() {
+                Ok(u) => used |= u,
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        match self.process_rx() {
+            Ok(u) => used |= u,
+            Err(RxError::Queue(e)) => failed = Some(e.to_string()),
+            Err(RxError::Chain(e)) => failed = Some(format!("bad receive buffer: {e}")),
+        }
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        if failed.is_none() && used {
+            let notify = a
+                .rxq
+                .needs_notification(&a.mem)
+                .and_then(|rx| Ok(rx | a.txq.needs_notification(&a.mem)?));
+            match notify {
+                Ok(true) => a.interrupt.signal_used_queue(),
+                Ok(false) => {}
+                Err(e) => failed = Some(e.to_string()),
+            }
+        }
+        if let Some(why) = failed {
+            if !a.broken {
+                log::error!(
+                    "virtio-net {}: virtio queue error ({why}); the device needs a reset",
+                    self.tap.name()
+                );
+            }
+            a.broken = true;
+            a.interrupt.set_needs_reset();
+        }
+    }
+}
+
+/// Reads one tx chain (header + frame) into `buf`; returns its length.
+fn read_tx_frame(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    buf: &mut [u8],
+) -> Result<usize, String> {
+    let mut reader = chain.reader(mem).map_err(|e| e.to_string())?;
+    let n = reader.available_bytes();
+    if n < NET_HDR_SIZE {
+        return Err(format!(
+            "{n} bytes, shorter than the {NET_HDR_SIZE}-byte header"
+        ));
+    }
+    if n > buf.len() {
+        return Err(format!(
+            "{n} bytes, more than {} (64 KiB frame + header)",
+            buf.len()
+        ));
+    }
+    reader
+        .read_exact(&mut buf[..n])
+        .map_err(|e| e.to_string())?;
+    Ok(n)
+}
+
+/// Puts `packet` (header + frame) into the guest's receive buffers, taking them one chain
+/// at a time until [`plan_rx`] says they suffice.
+fn deliver(a: &mut Active, packet: &mut [u8]) -> Result<Delivery, RxError> {
+    let Active {
+        mem,
+        rxq,
+        mergeable,
+        ..
+    } = a;
+    let max = usize::from(rxq.size());
+    let mut heads = Vec::new();
+    let mut writers = Vec::new();
+    let mut caps = Vec::new();
+    let give_back = |rxq: &mut Queue, n: usize| {
+        let n = u16::try_from(n).unwrap_or(u16::MAX);
+        rxq.set_next_avail((Wrapping(rxq.next_avail()) - Wrapping(n)).0);
+    };
+    loop {
+        match plan_rx(packet.len(), &caps, *mergeable, max) {
+            RxPlan::Use(k) => {
+                set_num_buffers(packet, u16::try_from(k).unwrap_or(u16::MAX));
+                let mut off = 0;
+                for (head, w) in heads.iter().zip(writers.iter_mut()).take(k) {
+                    let w: &mut virtio_queue::Writer<'_> = w;
+                    let n = w.available_bytes().min(packet.len() - off);
+                    w.write_all(&packet[off..off + n])
+                        .map_err(|e| RxError::Chain(e.to_string()))?;
+                    off += n;
+                    rxq.add_used(mem, *head, u32::try_from(n).unwrap_or(0))?;
+                }
+                return Ok(Delivery::Delivered);
+            }
+            RxPlan::TooLarge => {
+                give_back(rxq, heads.len());
+                return Ok(Delivery::Drop);
+            }
+            RxPlan::NeedMore => match rxq.pop_descriptor_chain(&*mem) {
+                Some(chain) => {
+                    heads.push(chain.head_index());
+                    let w = chain
+                        .writer(mem)
+                        .map_err(|e| RxError::Chain(e.to_string()))?;
+                    caps.push(w.available_bytes());
+                    writers.push(w);
+                }
+                None => {
+                    // Ask to be notified of buffers beyond the ones taken, then give those
+                    // back until the rest arrives.
+                    let more = rxq.enable_notification(&*mem)?;
+                    if more {
+                        rxq.disable_notification(&*mem)?;
+                        continue;
+                    }
+                    give_back(rxq, heads.len());
+                    return Ok(Delivery::Wait);
+                }
+            },
+        }
+    }
+}
+
+impl VirtioDevice for Net {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_NET
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 2]
+    }
+
+    fn avail_features(&self) -> u64 {
+        OFFERED_FEATURES | EVENT_IDX
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space, offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 2 {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: ctx.queues.len(),
+            });
+        }
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 2,
+                got: 0,
+            });
+        };
+        for (i, q) in [&rxq, &txq].into_iter().enumerate() {
+            if !q.ready() {
+                return Err(ActivateError::QueueNotReady(i));
+            }
+        }
+        // The TAP may hand over only what the guest's receive path accepts.
+        let flags = tun_offload_flags(ctx.acked_features);
+        self.tap
+            .set_offload(flags)
+            .map_err(|e| ActivateError::Device(crate::error_chain_line(&e)))?;
+        log::debug!(
+            "virtio-net {}: activated, features {:#x}, TAP offloads {flags:#x}",
+            self.tap.name(),
+            ctx.acked_features
+        );
+        self.queue_evts = ctx.queue_evts;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rxq,
+            txq,
+            interrupt: ctx.interrupt,
+            mergeable: mergeable_rx(ctx.acked_features),
+            broken: false,
+        });
+        self.activation.signal()
+    }
+
+    fn reset(&mut self) {
+        self.active = None;
+        self.rx_len = None;
+    }
+}
+
+impl MutEventSubscriber for Net {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATION_TOKEN => {
+                let evts = self.queue_evts.clone();
+                self.activation.on_activated(ops, &evts);
+                self.run_queues(true);
+            }
+            TAP_TOKEN => {
+                self.tap_readable = true;
+                self.run_queues(false);
+            }
+            token @ (RX_QUEUE | TX_QUEUE) => {
+                if let Some(evt) = self.queue_evts.get(token as usize) {
+                    let _ = evt.read();
+                }
+                self.run_queues(token == TX_QUEUE);
+            }
+            other => log::warn!("virtio-net: unexpected event token {other}"),
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activation.init(ops);
+        // Edge-triggered: the TAP is read until EAGAIN, or until the guest runs out of
+        // buffers, in which case `tap_readable` remembers to go on when it gives more.
+        let ev = Events::with_data_raw(
+            self.tap.as_raw_fd(),
+            TAP_TOKEN,
+            EventSet::IN | EventSet::EDGE_TRIGGERED,
+        );
+        if let Err(e) = ops.add(ev) {
+            log::error!(
+                "virtio-net {}: cannot watch the TAP: {e:?}",
+                self.tap.name()
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::*;
+    use crate::devices::virtio::test_ring::TestRing;
+
+    const BUF_BASE: u64 = 0x10_0000;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap()
+    }
+
+    /// Offers one single-descriptor receive buffer per entry of `sizes`; buffer `k` (in
+    /// offer order over the ring's life) lies at `BUF_BASE + k * 0x1_0000`.
+    fn offer(ring: &mut TestRing<'_>, first: u64, sizes: &[u32]) {
+        for (i, &len) in sizes.iter().enumerate() {
+            ring.add_chain(&[(BUF_BASE + (first + i as u64) * 0x1_0000, len, true)]);
+        }
+    }
+
+    fn active(mem: &GuestMemory, ring: &TestRing<'_>, mergeable: bool) -> Active {
+        Active {
+            mem: mem.clone(),
+            rxq: ring.queue(),
+            txq: ring.queue(),
+            interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+            mergeable,
+            broken: false,
+        }
+    }
+
+    fn packet(len: usize) -> Vec<u8> {
+        let mut p: Vec<u8> = (0..len).map(|i| (i * 31 % 251) as u8).collect();
+        p[..NET_HDR_SIZE].fill(0);
+        p
+    }
+
+    #[test]
+    fn mergeable_packet_spans_buffers_with_num_buffers_set() {
+        let m = mem();
+        let mut ring = TestRing::new(&m, 0, 16);
+        offer(&mut ring, 0, &[2048, 2048, 2048]);
+        let mut a = active(&m, &ring, true);
+        let mut p = packet(3000);
+        assert!(matches!(
+            deliver(&mut a, &mut p).unwrap(),
+            Delivery::Delivered
+        ));
+        assert_eq!(ring.used_idx(), 2, "two buffers used, the third kept");
+        assert_eq!(ring.used_entry(0), (0, 2048));
+        assert_eq!(ring.used_entry(1), (1, 952));
+        let mut got = vec![0u8; 3000];
+        m.read_slice(&mut got[..2048], GuestAddress(BUF_BASE))
+            .unwrap();
+        m.read_slice(&mut got[2048..], GuestAddress(BUF_BASE + 0x1_0000))
+            .unwrap();
+        assert_eq!(u16::from_le_bytes([got[10], got[11]]), 2, "num_buffers");
+        assert_eq!(&got[NET_HDR_SIZE..], &p[NET_HDR_SIZE..]);
+        assert_eq!(a.rxq.next_avail(), 2);
+    }
+
+    #[test]
+    fn waits_for_enough_buffers_without_consuming_any() {
+        let m = mem();
+        let mut ring = TestRing::new(&m, 0, 16);
+        offer(&mut ring, 0, &[2048, 2048]);
+        let mut a = active(&m, &ring, true);
+        let mut p = packet(5000);
+        assert!(matches!(deliver(&mut a, &mut p).unwrap(), Delivery::Wait));
+        assert_eq!(a.rxq.next_avail(), 0, "the buffers taken were given back");
+        assert_eq!(ring.used_idx(), 0);
+        offer(&mut ring, 2, &[2048]);
+        assert!(matches!(
+            deliver(&mut a, &mut p).unwrap(),
+            Delivery::Delivered
+        ));
+        assert_eq!(ring.used_idx(), 3);
+        assert_eq!(ring.used_entry(2), (2, 5000 - 4096));
+    }
+
+    #[test]
+    fn oversized_frames_are_dropped_and_buffers_kept() {
+        let m = mem();
+        // Without mergeable buffers a frame must fit one buffer.
+        let mut ring = TestRing::new(&m, 0, 16);
+        offer(&mut ring, 0, &[1526, 1526]);
+        let mut a = active(&m, &ring, false);
+        assert!(matches!(
+            deliver(&mut a, &mut packet(4000)).unwrap(),
+            Delivery::Drop
+        ));
+        assert_eq!(a.rxq.next_avail(), 0);
+        assert!(matches!(
+            deliver(&mut a, &mut packet(1500)).unwrap(),
+            Delivery::Delivered
+        ));
+        assert_eq!(ring.used_entry(0), (0, 1500));
+        // Mergeable, but the whole ring cannot hold it.
+        let mut ring = TestRing::new(&m, 0x8000, 8);
+        offer(&mut ring, 0, &[100; 8]);
+        let mut a = active(&m, &ring, true);
+        assert!(matches!(
+            deliver(&mut a, &mut packet(1000)).unwrap(),
+            Delivery::Drop
+        ));
+        assert_eq!((a.rxq.next_avail(), ring.used_idx()), (0, 0));
+    }
+
+    #[test]
+    fn buffers_outside_guest_memory_break_the_queue_not_ember() {
+        let m = mem();
+        let mut ring = TestRing::new(&m, 0, 16);
+        ring.add_chain(&[(0x1_0000_0000, 4096, true)]);
+        let mut a = active(&m, &ring, true);
+        assert!(matches!(
+            deliver(&mut a, &mut packet(100)),
+            Err(RxError::Chain(_))
+        ));
+    }
+}

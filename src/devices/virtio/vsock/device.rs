@@ -1,0 +1,491 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The virtio-vsock device model: three queues (rx, tx, event), the guest CID in the
+//! configuration space, and the loop that moves packets between the queues and the
+//! [`Muxer`]. It runs on the event loop; host-side readiness arrives through the muxer's
+//! epoll fd.
+
+use std::io::Write;
+use std::num::Wrapping;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use event_manager::{EventOps, Events, MutEventSubscriber};
+use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vm_memory::ByteValued;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::EventFd;
+
+use super::muxer::Muxer;
+use super::packet::{Op, VsockHeader, HEADER_SIZE};
+use super::VsockConfig;
+use super::VsockError;
+use crate::devices::virtio::{
+    read_config_bytes, ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice,
+    ACTIVATION_TOKEN, EVENT_IDX,
+};
+use crate::memory::GuestMemory;
+
+/// Size of each of the three queues.
+pub const QUEUE_SIZE: u16 = 256;
+/// Largest payload of one packet (Linux's `VIRTIO_VSOCK_MAX_PKT_BUF_SIZE`).
+pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
+
+const RX_QUEUE: usize = 0;
+const TX_QUEUE: usize = 1;
+const EVENT_QUEUE: usize = 2;
+/// Event-loop token of the muxer's epoll fd.
+const MUXER_TOKEN: u32 = ACTIVATION_TOKEN - 1;
+
+#[derive(Debug)]
+struct Active {
+    mem: GuestMemory,
+    rxq: Queue,
+    txq: Queue,
+    interrupt: Arc<Interrupt>,
+    broken: bool,
+}
+
+/// Packet counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VsockStats {
+    /// Packets taken from the tx queue.
+    pub tx_packets: u64,
+    /// Packets put on the rx queue.
+    pub rx_packets: u64,
+    /// Malformed tx chains (dropped).
+    pub bad_chains: u64,
+}
+
+/// The virtio-vsock device.
+#[derive(Debug)]
+pub struct Vsock {
+    cid: u64,
+    muxer: Muxer,
+    activation: ActivationEvent,
+    queue_evts: Vec<Arc<EventFd>>,
+    active: Option<Active>,
+    buf: Vec<u8>,
+    stats: VsockStats,
+}
+
+impl Vsock {
+    /// A device for `config`: listens on its Unix socket at once (a stale socket from an
+    /// earlier run is replaced).
+    pub fn new(config: &VsockConfig) -> Result<Self, VsockError> {
+        config.remove_stale_socket();
+        Ok(Self {
+            cid: config.cid,
+            muxer: Muxer::new(config.cid, &config.uds)?,
+            activation: ActivationEvent::new().map_err(VsockError::Host)?,
+            queue_evts: Vec::new(),
+            active: None,
+            buf: vec![0; MAX_PKT_PAYLOAD],
+            stats: VsockStats::default(),
+        })
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> VsockStats {
+        self.stats
+    }
+
+    /// Takes every packet the guest queued and hands it to the muxer.
+    fn process_tx(&mut self) -> Result<bool, virtio_queue::Error> {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+            return Ok(false);
+        };
+        let mut used = false;
+        loop {
+            a.txq.disable_notification(&a.mem)?;
+            while let Some(chain) = a.txq.pop_descriptor_chain(&a.mem) {
+                let head = chain.head_index();
+                match read_tx_packet(chain, &a.mem, &mut self.buf) {
+                    Ok((hdr, len)) => {
+                        self.stats.tx_packets += 1;
+                        self.muxer.send_pkt(&hdr, &self.buf[..len]);
+                    }
+                    Err(why) => {
+                        self.stats.bad_chains += 1;
+                        if self.stats.bad_chains <= 10 || self.stats.bad_chains.is_power_of_two() {
+                            log::warn!(
+                                "virtio-vsock: dropping a malformed tx packet: {why} (#{})",
+                                self.stats.bad_chains
+                            );
+                        }
+                    }
+                }
+                a.txq.add_used(&a.mem, head, 0)?;
+                used = true;
+            }
+            if !a.txq.enable_notification(&a.mem)? {
+                break;
+            }
+        }
+        Ok(used)
+    }
+
+    /// Fills the guest's receive buffers with what the muxer has for it, until either runs
+    /// out. Without buffers, packets wait in the muxer (bounded) and host sockets are not
+    /// read.
+    fn process_rx(&mut self) -> Result<bool, virtio_queue::Error> {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+            return Ok(false);
+        };
+        let mut used = false;
+        a.rxq.disable_notification(&a.mem)?;
+        while self.muxer.has_pending_rx() {
+            let Some(chain) = a.rxq.pop_descriptor_chain(&a.mem) else {
+                // Out of buffers: be told when the guest adds some.
+                if a.rxq.enable_notification(&a.mem)? {
+                    a.rxq.disable_notification(&a.mem)?;
+                    continue;
+                }
+                break;
+            };
+            let head = chain.head_index();
+            let mut writer = match chain.writer(&a.mem) {
+                Ok(w) if w.available_bytes() >= HEADER_SIZE => w,
+                _ => {
+                    self.stats.bad_chains += 1;
+                    a.rxq.add_used(&a.mem, head, 0)?;
+                    used = true;
+                    continue;
+                }
+            };
+            let cap = (writer.available_bytes() - HEADER_SIZE).min(MAX_PKT_PAYLOAD);
+            let mut hdr = VsockHeader::default();
+            let Some(n) = self.muxer.recv_pkt(&mut hdr, &mut self.buf[..cap]) else {
+                // Nothing after all: give the buffer back for next time.
+                a.rxq
+                    .set_next_avail((Wrapping(a.rxq.next_avail()) - Wrapping(1)).0);
+                break;
+            };
+            let len = match writer
+                .write_all(hdr.as_slice())
+                .and_then(|()| writer.write_all(&self.buf[..n]))
+            {
+                Ok(()) => HEADER_SIZE + n,
+                Err(e) => {
+                    // Checked above to fit; a failure means guest memory went away.
+                    log::warn!("virtio-vsock: cannot write an rx packet: {e}");
+                    0
+                }
+            };
+            self.stats.rx_packets += 1;
+            a.rxq
+                .add_used(&a.mem, head, u32::try_from(len).unwrap_or(0))?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Runs the queues and interrupts the guest if it wants to know.
+    fn run_queues(&mut self, tx: bool) {
+        let result = (|| -> Result<bool, virtio_queue::Error> {
+            let mut used = false;
+            if tx {
+                used |= self.process_tx()?;
+            }
+            used |= self.process_rx()?;
+            Ok(used)
+        })();
+        let Some(a) = self.active.as_mut() else {
+            return;
+        };
+        let notify = result.and_then(|used| {
+            let rx = used && a.rxq.needs_notification(&a.mem)?;
+            let tx = used && a.txq.needs_notification(&a.mem)?;
+            Ok(rx || tx)
+        });
+        match notify {
+            Ok(true) => a.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => {
+                log::error!("virtio-vsock: virtio queue error ({e}); the device needs a reset");
+                a.broken = true;
+                a.interrupt.set_needs_reset();
+            }
+        }
+    }
+}
+
+/// Reads a tx packet: header, then `len` payload bytes for RW into `buf`.
+fn read_tx_packet(
+    chain: DescriptorChain<&GuestMemory>,
+    mem: &GuestMemory,
+    buf: &mut [u8],
+) -> Result<(VsockHeader, usize), String> {
+    let mut reader = chain.reader(mem).map_err(|e| e.to_string())?;
+    let hdr: VsockHeader = reader
+        .read_obj()
+        .map_err(|_| "shorter than a packet header".to_string())?;
+    if hdr.known_op() != Some(Op::Rw) {
+        return Ok((hdr, 0));
+    }
+    let len = hdr.len() as usize;
+    if len > buf.len() {
+        return Err(format!("payload of {len} bytes (at most {})", buf.len()));
+    }
+    if len > reader.available_bytes() {
+        return Err(format!(
+            "header says {len} payload bytes, the chain holds {}",
+            reader.available_bytes()
+        ));
+    }
+    std::io::Read::read_exact(&mut reader, &mut buf[..len]).map_err(|e| e.to_string())?;
+    Ok((hdr, len))
+}
+
+impl VirtioDevice for Vsock {
+    fn device_type(&self) -> u32 {
+        VIRTIO_ID_VSOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &[QUEUE_SIZE; 3]
+    }
+
+    fn avail_features(&self) -> u64 {
+        // Stream sockets only: with no feature bit, that is what the device offers.
+        EVENT_IDX
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.cid.to_le_bytes(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        if ctx.queues.len() != 3 {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: ctx.queues.len(),
+            });
+        }
+        let mut queues = ctx.queues.into_iter();
+        let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
+            return Err(ActivateError::QueueCount {
+                expected: 3,
+                got: 0,
+            });
+        };
+        for (i, q) in [&rxq, &txq].into_iter().enumerate() {
+            if !q.ready() {
+                return Err(ActivateError::QueueNotReady(i));
+            }
+        }
+        self.queue_evts = ctx.queue_evts;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rxq,
+            txq,
+            interrupt: ctx.interrupt,
+            broken: false,
+        });
+        self.activation.signal()
+    }
+
+    fn reset(&mut self) {
+        // The driver is gone: so are its connections.
+        self.active = None;
+        self.muxer.reset();
+    }
+}
+
+impl MutEventSubscriber for Vsock {
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        match events.data() {
+            ACTIVATION_TOKEN => {
+                let evts = self.queue_evts.clone();
+                self.activation.on_activated(ops, &evts);
+                self.run_queues(true);
+            }
+            MUXER_TOKEN => {
+                self.muxer.process_host_events();
+                self.run_queues(false);
+            }
+            token => {
+                let i = token as usize;
+                if let Some(evt) = self.queue_evts.get(i) {
+                    let _ = evt.read();
+                }
+                match i {
+                    RX_QUEUE => self.run_queues(false),
+                    TX_QUEUE => self.run_queues(true),
+                    EVENT_QUEUE => {} // ember sends no events (no migration)
+                    _ => log::warn!("virtio-vsock: unexpected event token {token}"),
+                }
+            }
+        }
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        self.activation.init(ops);
+        let ev = Events::with_data_raw(self.muxer.as_raw_fd(), MUXER_TOKEN, EventSet::IN);
+        if let Err(e) = ops.add(ev) {
+            log::error!("virtio-vsock: cannot watch host sockets: {e:?}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+    use std::os::unix::net::UnixListener;
+    use std::path::PathBuf;
+
+    use vm_memory::{Bytes, GuestAddress};
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    use super::super::packet::HOST_CID;
+    use super::*;
+    use crate::devices::virtio::test_ring::TestRing;
+
+    const CID: u64 = 3;
+
+    struct Fixture {
+        dir: PathBuf,
+        mem: GuestMemory,
+    }
+
+    impl Fixture {
+        fn new(tag: &str) -> Self {
+            let dir =
+                std::env::temp_dir().join(format!("ember-vsockdev-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+            Self { dir, mem }
+        }
+
+        fn device(&self, rx: &TestRing<'_>, tx: &TestRing<'_>) -> Vsock {
+            let cfg = VsockConfig {
+                cid: CID,
+                uds: self.dir.join("v.sock"),
+            };
+            let mut dev = Vsock::new(&cfg).unwrap();
+            dev.active = Some(Active {
+                mem: self.mem.clone(),
+                rxq: rx.queue(),
+                txq: tx.queue(),
+                interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
+                broken: false,
+            });
+            dev
+        }
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    /// Queues a guest packet (header descriptor + payload descriptor, as Linux does).
+    fn guest_send(
+        mem: &GuestMemory,
+        tx: &mut TestRing<'_>,
+        at: u64,
+        hdr: &VsockHeader,
+        payload: &[u8],
+    ) {
+        mem.write_slice(hdr.as_slice(), GuestAddress(at)).unwrap();
+        mem.write_slice(payload, GuestAddress(at + 0x100)).unwrap();
+        let mut chain = vec![(at, HEADER_SIZE as u32, false)];
+        if !payload.is_empty() {
+            chain.push((at + 0x100, payload.len() as u32, false));
+        }
+        tx.add_chain(&chain);
+    }
+
+    fn guest_rx_header(mem: &GuestMemory, at: u64) -> VsockHeader {
+        let mut b = [0u8; HEADER_SIZE];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        VsockHeader::from_bytes(&b).unwrap()
+    }
+
+    #[test]
+    fn guest_connect_data_and_rst_through_the_queues() {
+        let f = Fixture::new("queues");
+        let listener = UnixListener::bind(f.dir.join("v.sock_80")).unwrap();
+        let mut rx = TestRing::new(&f.mem, 0, 16);
+        let mut tx = TestRing::new(&f.mem, 0x4000, 16);
+        let mut dev = f.device(&rx, &tx);
+        // Two receive buffers: header + 4 KiB payload each, as Linux gives them.
+        for i in 0..2u64 {
+            let at = 0x10_0000 + i * 0x1_0000;
+            rx.add_chain(&[(at, HEADER_SIZE as u32, true), (at + 0x100, 4096, true)]);
+        }
+        let mut req = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Request);
+        req.set_buf_alloc(65536);
+        guest_send(&f.mem, &mut tx, 0x20_0000, &req, &[]);
+        dev.run_queues(true);
+        assert_eq!(tx.used_idx(), 1);
+        assert_eq!(rx.used_idx(), 1);
+        assert_eq!(rx.used_entry(0), (0, HEADER_SIZE as u32));
+        let resp = guest_rx_header(&f.mem, 0x10_0000);
+        assert_eq!(resp.known_op(), Some(Op::Response));
+        assert_eq!(
+            (resp.src_port(), resp.dst_port(), resp.dst_cid()),
+            (80, 5000, CID)
+        );
+        let (mut server, _) = listener.accept().unwrap();
+
+        // Guest -> host data.
+        let mut rw = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Rw);
+        rw.set_len(5).set_buf_alloc(65536);
+        guest_send(&f.mem, &mut tx, 0x21_0000, &rw, b"hello");
+        dev.run_queues(true);
+        let mut got = [0u8; 5];
+        server.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hello");
+
+        // Host -> guest data, through the muxer's epoll fd.
+        std::io::Write::write_all(&mut server, b"world").unwrap();
+        for _ in 0..100 {
+            dev.muxer.process_host_events();
+            dev.run_queues(false);
+            if rx.used_idx() == 2 {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert_eq!(rx.used_entry(1), (2, HEADER_SIZE as u32 + 5));
+        let h = guest_rx_header(&f.mem, 0x11_0000);
+        assert_eq!((h.known_op(), h.len()), (Some(Op::Rw), 5));
+        let mut data = [0u8; 5];
+        f.mem
+            .read_slice(&mut data, GuestAddress(0x11_0100))
+            .unwrap();
+        assert_eq!(&data, b"world");
+
+        // A packet whose header claims more payload than the chain holds is dropped.
+        let mut bad = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Rw);
+        bad.set_len(60_000);
+        guest_send(&f.mem, &mut tx, 0x22_0000, &bad, b"short");
+        dev.run_queues(true);
+        assert_eq!(dev.stats().bad_chains, 1);
+        assert_eq!(tx.used_idx(), 3, "still returned to the guest");
+
+        // The driver resets the device: host streams end.
+        dev.reset();
+        server
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        assert_eq!(server.read(&mut got).unwrap(), 0);
+    }
+
+    #[test]
+    fn config_space_holds_the_cid() {
+        let f = Fixture::new("cfg");
+        let rx = TestRing::new(&f.mem, 0, 16);
+        let dev = f.device(&rx, &rx);
+        let mut b = [0u8; 8];
+        dev.read_config(0, &mut b);
+        assert_eq!(u64::from_le_bytes(b), CID);
+        let mut b = [0xffu8; 4];
+        dev.read_config(8, &mut b);
+        assert_eq!(b, [0; 4]);
+        assert_eq!(dev.queue_max_sizes().len(), 3);
+    }
+}
