@@ -27,14 +27,8 @@ use crate::devices::{DeviceError, DeviceManager, MmioSlot};
 use crate::event_loop::{new_event_manager, EventManager, ExitWatcher};
 use crate::exit::VmExit;
 use crate::host::{append_switches, HostInfo};
-    let exit_status = attach_pseudo_devices(
-        config,
-        &mut devices,
-        &exit,
-        &timeline,
-        hooks.boot_timer_notify.take(),
-    )?;
-    attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
+use crate::kernel::{self, ImageLoader, KernelError, KernelFormat};
+use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::symbols::LazySymbols;
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::{Vcpu, VcpuBootParams, VcpuError, VcpuShared};
@@ -148,10 +142,6 @@ pub fn build_vm(
         &exit,
         &timeline,
     )?;
-<<<<<<< HEAD
-    let exit_status = attach_pseudo_devices(config, &mut devices, &exit, &timeline)?;
-    attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
-=======
     let exit_status = attach_pseudo_devices(
         config,
         &mut devices,
@@ -159,7 +149,7 @@ pub fn build_vm(
         &timeline,
         hooks.boot_timer_notify.take(),
     )?;
->>>>>>> 9a10d87 (ember bench: scripted boot benchmarks with peers (QEMU, Firecracker), bench instruments in ember run (--bench-report), guest profiler (--profile-guest), parallel kernel/initrd loading)
+    attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
     let cmdline = build_cmdline(config, &host, &devices);

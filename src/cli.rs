@@ -56,7 +56,6 @@ Examples:
   ember bench --runs 3 --compare qemu --compare firecracker=/path/to/firecracker --json out.json
   ember bench --runs 1 --profile boot-profile.txt";
 
-
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
         .map_err(|_| format!("unknown log level {s:?}: use off, error, warn, info, debug or trace"))

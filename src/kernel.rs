@@ -365,9 +365,9 @@ impl ImageLoader {
     /// Waits for the images.
     pub fn join(self) -> Result<LoadedImages, KernelError> {
         match self.0 {
-            LoaderState::Running(h) => h
-                .join()
-                .unwrap_or(Err(KernelError::Write("kernel (the loader thread panicked)"))),
+            LoaderState::Running(h) => h.join().unwrap_or(Err(KernelError::Write(
+                "kernel (the loader thread panicked)",
+            ))),
             LoaderState::Done(r) => r,
         }
     }

@@ -99,7 +99,9 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
     };
     let opts = RunOptions {
         shutdown_timeout: Duration::from_secs(30),
-        deadline: args.stop_after_ms.map(|ms| start + Duration::from_millis(ms)),
+        deadline: args
+            .stop_after_ms
+            .map(|ms| start + Duration::from_millis(ms)),
         ..Default::default()
     };
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {

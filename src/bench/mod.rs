@@ -143,7 +143,9 @@ pub fn run_bench(
 
     let mut peers = Vec::new();
     if opts.setup_only && !opts.compare.is_empty() {
-        notes.push("--setup-only: peers are not run (their set-up is not visible from outside)".into());
+        notes.push(
+            "--setup-only: peers are not run (their set-up is not visible from outside)".into(),
+        );
     }
     for spec in opts.compare.iter().filter(|_| !opts.setup_only) {
         match peers::lookup(spec).map_err(BenchError::Usage)? {

@@ -399,7 +399,7 @@ pub fn run_job(ctx: &RunContext, job: &Job) -> RunRecord {
                     rec.error = rec
                         .error
                         .take()
-                        .or(Some(format!("bad report {}: {e}", path.display())))
+                        .or(Some(format!("bad report {}: {e}", path.display())));
                 }
             },
             Err(e) => {
