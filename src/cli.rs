@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::bench::peers::COMPARE_SYNTAX;
 use crate::config::{default_guest_dir, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE};
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
@@ -40,7 +41,23 @@ pub enum Command {
     /// Boot a Linux kernel in a microVM whose serial console is this terminal.
     #[command(after_help = EXIT_CODES_HELP)]
     Run(RunArgs),
+    /// Boot the same guest several times (each in a fresh `ember run` process) and report
+    /// boot phases, KVM exits, CPU and memory, optionally side by side with QEMU or
+    /// Firecracker.
+    #[command(after_help = BENCH_HELP)]
+    Bench(BenchArgs),
 }
+
+const BENCH_HELP: &str = "\
+Each boot runs to the guest's end: bench adds `ember.cmd=true` to the command line (unless it
+has an ember.cmd= already), so the default guest's init runs `true` and reboots. Times are
+milliseconds since the process was spawned. Peers are timed from outside (first console byte,
+the --marker line); ember's own phases come from the boot itself.
+
+Examples:
+  ember bench --runs 3
+  ember bench --runs 3 --compare qemu --compare firecracker=/path/to/firecracker --json out.json
+  ember bench --runs 1 --profile boot-profile.txt";
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
@@ -106,6 +123,159 @@ pub struct RunArgs {
     /// No virtio-rng device.
     #[arg(long)]
     pub no_rng: bool,
+    /// Sample each vCPU's guest RIP and stack at --profile-rate and write a flat profile of
+    /// guest kernel functions to FILE (folded stacks to FILE.folded), symbolized with the
+    /// kernel's ELF symbol table.
+    #[arg(long, value_name = "FILE")]
+    pub profile_guest: Option<PathBuf>,
+    /// Samples per second and vCPU for --profile-guest.
+    #[arg(long, value_name = "HZ", default_value_t = crate::profiler::DEFAULT_RATE_HZ,
+          value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub profile_rate: u32,
+    /// Write boot phases, exits, CPU and memory figures as JSON to FILE at the end (used
+    /// by `ember bench`).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub bench_report: Option<PathBuf>,
+    /// Stop the VM this many milliseconds after ember started (exit status 124; used by
+    /// `ember bench --setup-only`).
+    #[arg(long, value_name = "MS", hide = true)]
+    pub stop_after_ms: Option<u64>,
+}
+
+/// `ember bench` flags.
+#[derive(Debug, Args, Clone)]
+pub struct BenchArgs {
+    /// Guest kernel (default: the default guest, as for `ember run`).
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initial ramdisk (default with the default kernel: its initramfs).
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Disk image for every VMM, in `ember run --disk` syntax (repeatable; peers get the
+    /// image path and read-only flag).
+    #[arg(long, value_name = DiskConfig::SYNTAX)]
+    pub disk: Vec<String>,
+    /// Boot every VMM from this device (as `ember run --root`; the default initramfs is then
+    /// left out).
+    #[arg(long, value_name = "DEV")]
+    pub root: Option<String>,
+    /// Kernel command line (bench adds `ember.cmd=true` unless it has an ember.cmd=).
+    #[arg(long, value_name = "STRING", default_value = DEFAULT_CMDLINE)]
+    pub cmdline: String,
+    /// Extra command-line words appended to --cmdline (repeatable).
+    #[arg(long, value_name = "STRING")]
+    pub append: Vec<String>,
+    /// vCPUs per VM.
+    #[arg(long, default_value_t = crate::config::DEFAULT_VCPUS, value_name = "N")]
+    pub vcpus: u32,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = crate::config::DEFAULT_MEM_MIB, value_name = "MIB")]
+    pub mem: u64,
+    /// Boots per VMM.
+    #[arg(long, default_value_t = 3, value_name = "R",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Boots at once.
+    #[arg(long, default_value_t = 1, value_name = "P",
+          value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub parallel: u32,
+    /// Also write every raw sample and the statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Boot the same guest with a peer VMM in the same bench, alternating runs, and print
+    /// ratios (repeatable). A peer that is not installed is skipped with a note.
+    #[arg(long, value_name = "PEER", help = format!("Compare with a peer VMM: {COMPARE_SYNTAX} (repeatable); a peer that is not installed is skipped with a note"))]
+    pub compare: Vec<String>,
+    /// Profile the guest in every ember boot and write the merged flat profile to FILE
+    /// (default ember-profile.txt; folded stacks to FILE.folded).
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "ember-profile.txt")]
+    pub profile: Option<PathBuf>,
+    /// Console text that says the guest's init started (timed from outside, for every VMM).
+    #[arg(long, value_name = "TEXT", default_value = "ember-init:")]
+    pub marker: String,
+    /// Seconds a boot may take before it is killed and counted as failed.
+    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    pub timeout: u64,
+    /// Do not adapt the guest to this host (see `ember run --help`).
+    #[arg(long)]
+    pub no_host_tuning: bool,
+    /// Measure only the VMM's set-up (process start to first KVM_RUN): each ember run is
+    /// stopped half a second after it started, so many runs take little time. Peers are not
+    /// run.
+    #[arg(long)]
+    pub setup_only: bool,
+}
+
+impl BenchArgs {
+    /// The bench these flags describe.
+    pub fn to_options(&self) -> Result<crate::bench::BenchOptions, ConfigError> {
+        let (kernel, initrd) = resolve_guest(
+            self.kernel.as_ref(),
+            self.initrd.as_ref(),
+            self.root.as_deref(),
+        )?;
+        let mut cmdline = self.cmdline.trim().to_string();
+        for a in &self.append {
+            cmdline.push(' ');
+            cmdline.push_str(a.trim());
+        }
+        if !cmdline
+            .split_whitespace()
+            .any(|w| w.starts_with("ember.cmd="))
+        {
+            cmdline.push_str(" ember.cmd=true");
+        }
+        let mut probe = VmConfig::new(&kernel);
+        probe.initrd = initrd.clone();
+        probe.vcpus = self.vcpus;
+        probe.mem_mib = self.mem;
+        probe.disks = self
+            .disk
+            .iter()
+            .map(|d| d.parse::<DiskConfig>())
+            .collect::<Result<_, _>>()?;
+        probe.root = self.root.clone();
+        probe.validate()?;
+        Ok(crate::bench::BenchOptions {
+            guest: crate::bench::peers::GuestSpec {
+                kernel,
+                initrd,
+                disks: self.disk.clone(),
+                root: self.root.clone(),
+                root_cmdline: probe.root_cmdline(),
+                cmdline: cmdline.trim().to_string(),
+                vcpus: self.vcpus,
+                mem_mib: self.mem,
+            },
+            runs: self.runs as usize,
+            parallel: self.parallel as usize,
+            compare: self.compare.clone(),
+            marker: self.marker.clone(),
+            timeout: std::time::Duration::from_secs(self.timeout.max(1)),
+            profile: self.profile.clone(),
+            host_tuning: !self.no_host_tuning,
+            ember_bin: None,
+            setup_only: self.setup_only,
+        })
+    }
+}
+
+/// Kernel and initrd: the ones given, or the default guest's (without its initramfs when
+/// the guest boots from a disk, `root`).
+fn resolve_guest(
+    kernel: Option<&PathBuf>,
+    initrd: Option<&PathBuf>,
+    root: Option<&str>,
+) -> Result<(PathBuf, Option<PathBuf>), ConfigError> {
+    Ok(match kernel {
+        Some(k) => (k.clone(), initrd.cloned()),
+        None => {
+            let dir = default_guest_dir().ok_or(ConfigError::NoDefaultGuest)?;
+            let default_initrd =
+                Some(dir.join("initramfs.cpio")).filter(|p| p.is_file() && root.is_none());
+            (dir.join("vmlinux"), initrd.cloned().or(default_initrd))
+        }
+    })
 }
 
 fn parse_net(s: &str) -> Result<NetConfig, String> {
@@ -123,17 +293,12 @@ fn parse_rng(s: &str) -> Result<RngConfig, String> {
 impl RunArgs {
     /// The VM configuration these flags describe.
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
-        let (kernel, initrd) = match &self.kernel {
-            Some(k) => (k.clone(), self.initrd.clone()),
-            None => {
-                let dir = default_guest_dir().ok_or(ConfigError::NoDefaultGuest)?;
-                // With --root the guest boots from disk, not from the default initramfs.
-                let default_initrd =
-                    Some(dir.join("initramfs.cpio")).filter(|p| p.is_file() && self.root.is_none());
-                let initrd = self.initrd.clone().or(default_initrd);
-                (dir.join("vmlinux"), initrd)
-            }
-        };
+        // With --root the guest boots from disk, not from the default initramfs.
+        let (kernel, initrd) = resolve_guest(
+            self.kernel.as_ref(),
+            self.initrd.as_ref(),
+            self.root.as_deref(),
+        )?;
         let mut c = VmConfig::new(kernel);
         c.initrd = initrd;
         c.cmdline = self.cmdline.clone();
@@ -154,6 +319,10 @@ impl RunArgs {
         } else {
             Some(self.rng.unwrap_or_default())
         };
+        if self.bench_report.is_some() {
+            // Bench children have no console input (and no terminal to put in raw mode).
+            c.stdin = false;
+        }
         Ok(c)
     }
 }
@@ -169,7 +338,9 @@ mod tests {
     #[test]
     fn run_defaults() {
         let cli = parse(&["run", "--kernel", "/k"]).unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
         let c = a.to_config().unwrap();
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.mem_mib, 128);
@@ -196,7 +367,9 @@ mod tests {
             "--no-host-tuning",
         ])
         .unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
         let c = a.to_config().unwrap();
         assert_eq!((c.vcpus, c.mem_mib), (2, 256));
         assert_eq!(c.cmdline, "console=ttyS0 quiet");
@@ -218,7 +391,9 @@ mod tests {
             "/dev/vda",
         ])
         .unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
         let c = a.to_config().unwrap();
         assert_eq!(c.disks.len(), 2);
         assert_eq!(c.disks[0].path, std::path::Path::new("/a.img"));
@@ -237,21 +412,29 @@ mod tests {
         std::fs::write(dir.join("vmlinux"), b"x").unwrap();
         std::fs::write(dir.join("initramfs.cpio"), b"x").unwrap();
         std::env::set_var("EMBER_GUEST_DIR", &dir);
-        let Command::Run(a) = parse(&["run"]).unwrap().command;
+        let Command::Run(a) = parse(&["run"]).unwrap().command else {
+            panic!("not run")
+        };
         assert_eq!(
             a.to_config().unwrap().initrd,
             Some(dir.join("initramfs.cpio"))
         );
         let Command::Run(a) = parse(&["run", "--disk", "/r.img", "--root", "/dev/vda"])
             .unwrap()
-            .command;
+            .command
+        else {
+            panic!("not run")
+        };
         let c = a.to_config().unwrap();
         assert_eq!(c.initrd, None);
         assert_eq!(c.kernel, dir.join("vmlinux"));
         // An explicit --initrd is kept.
         let Command::Run(a) = parse(&["run", "--root", "/dev/vda", "--initrd", "/i"])
             .unwrap()
-            .command;
+            .command
+        else {
+            panic!("not run")
+        };
         assert_eq!(
             a.to_config().unwrap().initrd.as_deref(),
             Some(std::path::Path::new("/i"))
@@ -276,7 +459,9 @@ mod tests {
             "rate=4K",
         ])
         .unwrap();
-        let Command::Run(a) = cli.command;
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
         let c = a.to_config().unwrap();
         assert_eq!(c.net.len(), 2);
         assert_eq!(c.net[1].mac.unwrap().to_string(), "02:00:00:00:00:09");
@@ -284,9 +469,14 @@ mod tests {
         assert_eq!(c.rng.map(|r| r.rate), Some(4096));
         let Command::Run(a) = parse(&["run", "--kernel", "/k", "--no-rng"])
             .unwrap()
-            .command;
+            .command
+        else {
+            panic!("not run")
+        };
         assert_eq!(a.to_config().unwrap().rng, None);
-        let Command::Run(a) = parse(&["run", "--kernel", "/k"]).unwrap().command;
+        let Command::Run(a) = parse(&["run", "--kernel", "/k"]).unwrap().command else {
+            panic!("not run")
+        };
         assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));
         // Bad values are refused by the parser, with the reason.
         let e = parse(&["run", "--kernel", "/k", "--net", "tap=t,mac=1:2"]).unwrap_err();
@@ -294,6 +484,89 @@ mod tests {
         let e = parse(&["run", "--kernel", "/k", "--vsock", "cid=3"]).unwrap_err();
         assert!(e.to_string().contains("uds= is required"), "{e}");
         assert!(parse(&["run", "--kernel", "/k", "--rng", "rate=1", "--no-rng"]).is_err());
+    }
+
+    #[test]
+    fn bench_flags() {
+        let cli = parse(&[
+            "bench",
+            "--kernel",
+            "/k",
+            "--initrd",
+            "/i",
+            "--runs",
+            "2",
+            "--parallel",
+            "2",
+            "--compare",
+            "qemu",
+            "--compare",
+            "firecracker=/fc",
+            "--profile",
+            "--json",
+            "o.json",
+            "--append",
+            "quiet",
+        ])
+        .unwrap();
+        let Command::Bench(b) = cli.command else {
+            panic!("not bench")
+        };
+        assert_eq!((b.runs, b.parallel), (2, 2));
+        assert_eq!(b.compare, ["qemu", "firecracker=/fc"]);
+        assert_eq!(
+            b.profile.as_deref(),
+            Some(std::path::Path::new("ember-profile.txt"))
+        );
+        assert_eq!(b.marker, "ember-init:");
+        // Validation needs a real kernel file.
+        assert!(b.to_options().unwrap_err().to_string().contains("--kernel"));
+        assert!(parse(&["bench", "--runs", "0"]).is_err());
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--profile-guest",
+            "p.txt",
+            "--bench-report",
+            "r",
+        ])
+        .unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.profile_rate, crate::profiler::DEFAULT_RATE_HZ);
+        assert!(
+            !a.to_config().unwrap().stdin,
+            "bench children take no input"
+        );
+    }
+
+    #[test]
+    fn bench_adds_the_guest_command_once() {
+        let k = std::env::temp_dir().join(format!("ember-cli-k-{}", std::process::id()));
+        std::fs::write(&k, b"\x7fELF").unwrap();
+        let ks = k.to_str().unwrap();
+        let parse_opts = |extra: &[&str]| {
+            let mut args = vec!["bench", "--kernel", ks];
+            args.extend_from_slice(extra);
+            let Command::Bench(b) = parse(&args).unwrap().command else {
+                panic!("not bench")
+            };
+            b.to_options().unwrap()
+        };
+        assert_eq!(
+            parse_opts(&[]).guest.cmdline,
+            format!("{DEFAULT_CMDLINE} ember.cmd=true")
+        );
+        let o = parse_opts(&[
+            "--cmdline",
+            "console=ttyS0",
+            "--append",
+            "ember.cmd=\"ls /\"",
+        ]);
+        assert_eq!(o.guest.cmdline, "console=ttyS0 ember.cmd=\"ls /\"");
+        std::fs::remove_file(k).unwrap();
     }
 
     #[test]

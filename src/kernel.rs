@@ -234,14 +234,9 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Kerne
     }
 }
 
-/// Places the initrd bytes as high as the kernel allows (page aligned), above the kernel.
-pub fn load_initrd(
-    mem: &GuestMemory,
-    mem_size: u64,
-    kernel: &LoadedKernel,
-    initrd: &[u8],
-) -> Result<InitrdPlacement, KernelError> {
-    let size = initrd.len() as u64;
+/// Where an initrd of `size` bytes goes: as high as the kernel allows (page aligned), above
+/// the kernel.
+fn initrd_address(mem_size: u64, kernel: &LoadedKernel, size: u64) -> Result<u64, KernelError> {
     let low_ram_end = mem_size.min(MMIO_GAP_START);
     let limit = (kernel.initrd_addr_max + 1).min(low_ram_end);
     let too_large = || KernelError::InitrdTooLarge {
@@ -253,9 +248,129 @@ pub fn load_initrd(
     if addr < kernel.kernel_end {
         return Err(too_large());
     }
+    Ok(addr)
+}
+
+/// Places the initrd bytes as high as the kernel allows (page aligned), above the kernel.
+pub fn load_initrd(
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    initrd: &[u8],
+) -> Result<InitrdPlacement, KernelError> {
+    let size = initrd.len() as u64;
+    let addr = initrd_address(mem_size, kernel, size)?;
     mem.write_slice(initrd, GuestAddress(addr))
         .map_err(|_| KernelError::Write("initrd"))?;
     Ok(InitrdPlacement { addr, size })
+}
+
+/// Places the initrd file at `path`, then `extra` bytes (another cpio archive: Linux unpacks
+/// concatenated archives, the first ending 4-aligned), as high as the kernel allows. The
+/// file is read straight into guest memory, with no copy on the heap.
+pub fn load_initrd_file(
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    path: &Path,
+    extra: Option<&[u8]>,
+) -> Result<InitrdPlacement, KernelError> {
+    let err = |source| KernelError::Initrd {
+        path: path.into(),
+        source,
+    };
+    let mut file = File::open(path).map_err(err)?;
+    let file_len = file.metadata().map_err(err)?.len();
+    let size = match extra {
+        Some(e) => file_len.next_multiple_of(4) + e.len() as u64,
+        None => file_len,
+    };
+    let addr = initrd_address(mem_size, kernel, size)?;
+    let count = usize::try_from(file_len).map_err(|_| KernelError::Write("initrd"))?;
+    mem.read_exact_volatile_from(GuestAddress(addr), &mut file, count)
+        .map_err(|e| {
+            err(std::io::Error::other(format!(
+                "reading {count} bytes into guest memory failed ({e}); was the file changed \
+                 while ember read it?"
+            )))
+        })?;
+    if let Some(e) = extra {
+        let pad = file_len.next_multiple_of(4) - file_len;
+        mem.write_slice(&[0u8; 3][..pad as usize], GuestAddress(addr + file_len))
+            .and_then(|()| mem.write_slice(e, GuestAddress(addr + file_len + pad)))
+            .map_err(|_| KernelError::Write("initrd"))?;
+    }
+    Ok(InitrdPlacement { addr, size })
+}
+
+/// What the image loader produces: the kernel, and the initrd when there is one.
+pub type LoadedImages = (LoadedKernel, Option<InitrdPlacement>);
+
+/// Loads the kernel, then the initrd file and `extra` initrd bytes, into guest memory.
+pub fn load_images(
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel: &Path,
+    initrd: Option<&Path>,
+    extra: Option<&[u8]>,
+) -> Result<LoadedImages, KernelError> {
+    let loaded = load_kernel(mem, kernel)?;
+    let placed = match (initrd, extra) {
+        (Some(path), extra) => Some(load_initrd_file(mem, mem_size, &loaded, path, extra)?),
+        (None, Some(extra)) => Some(load_initrd(mem, mem_size, &loaded, extra)?),
+        (None, None) => None,
+    };
+    Ok((loaded, placed))
+}
+
+/// [`load_images`] on a helper thread, so that the copying (milliseconds of CPU for a
+/// 10 MB kernel) overlaps with the VM set-up that waits on KVM.
+#[derive(Debug)]
+pub struct ImageLoader(LoaderState);
+
+#[derive(Debug)]
+enum LoaderState {
+    Running(std::thread::JoinHandle<Result<LoadedImages, KernelError>>),
+    Done(Result<LoadedImages, KernelError>),
+}
+
+impl ImageLoader {
+    /// Starts loading (on the calling thread if no thread can be started).
+    pub fn spawn(
+        mem: &GuestMemory,
+        mem_size: u64,
+        kernel: &Path,
+        initrd: Option<&Path>,
+        extra: Option<&[u8]>,
+    ) -> Self {
+        let job = {
+            let (mem, kernel) = (mem.clone(), kernel.to_path_buf());
+            let (initrd, extra) = (initrd.map(Path::to_path_buf), extra.map(<[u8]>::to_vec));
+            move || load_images(&mem, mem_size, &kernel, initrd.as_deref(), extra.as_deref())
+        };
+        match std::thread::Builder::new()
+            .name("ember-loader".into())
+            .spawn(job)
+        {
+            Ok(h) => Self(LoaderState::Running(h)),
+            Err(e) => {
+                log::debug!("cannot start the loader thread ({e}); loading in place");
+                Self(LoaderState::Done(load_images(
+                    mem, mem_size, kernel, initrd, extra,
+                )))
+            }
+        }
+    }
+
+    /// Waits for the images.
+    pub fn join(self) -> Result<LoadedImages, KernelError> {
+        match self.0 {
+            LoaderState::Running(h) => h.join().unwrap_or(Err(KernelError::Write(
+                "kernel (the loader thread panicked)",
+            ))),
+            LoaderState::Done(r) => r,
+        }
+    }
 }
 
 /// Reads an initrd file.
@@ -375,6 +490,24 @@ mod tests {
         assert!(e.to_string().contains("--mem"), "{e}");
         let data = vec![0u8; 32 << 20];
         assert!(load_initrd(&mem, 16 << 20, &k, &data).is_err());
+    }
+
+    #[test]
+    fn initrd_file_goes_straight_into_guest_memory_with_extra_archive() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let k = fake_kernel(0x200_0000);
+        let path = tmpfile("initrd", &[0x11u8; 4097]);
+        let p = load_initrd_file(&mem, 64 << 20, &k, &path, Some(b"EXTRA")).unwrap();
+        assert_eq!(p.size, 4100 + 5);
+        assert_eq!(p.addr % 4096, 0);
+        let mut b = [0u8; 9];
+        mem.read_slice(&mut b, GuestAddress(p.addr + 4096)).unwrap();
+        assert_eq!(&b, b"\x11\0\0\0EXTRA");
+        let p2 = load_initrd_file(&mem, 64 << 20, &k, &path, None).unwrap();
+        assert_eq!(p2.size, 4097);
+        let missing = load_initrd_file(&mem, 64 << 20, &k, Path::new("/nonexistent/i"), None);
+        assert!(missing.unwrap_err().to_string().contains("--initrd"));
+        let _ = std::fs::remove_file(path);
     }
 
     #[test]

@@ -14,8 +14,12 @@
 //!    [`exit`] saying how.
 //!
 //! [`host`] knows what a PVM host (KVM without hardware virtualization) needs.
+//!
+//! Measuring: [`timeline`] records boot phases; [`bench`] (`ember bench`) boots a guest
+//! many times and compares with peer VMMs; [`profiler`] samples guest stacks.
 
 pub mod arch;
+pub mod bench;
 pub mod builder;
 pub mod cli;
 pub mod config;
@@ -26,6 +30,7 @@ pub mod host;
 pub mod kernel;
 pub mod logger;
 pub mod memory;
+pub mod profiler;
 pub mod symbols;
 pub mod terminal;
 pub mod timeline;

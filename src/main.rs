@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 
-use ember::cli::{Cli, Command, RunArgs};
+use ember::bench::runner::Progress;
+use ember::cli::{BenchArgs, Cli, Command, RunArgs};
 use ember::exit::{code, ExitReason};
 use ember::vmm::RunOptions;
 
@@ -17,6 +18,74 @@ fn main() -> ExitCode {
     ember::logger::init(cli.log_level);
     match cli.command {
         Command::Run(args) => run(&args, start),
+        Command::Bench(args) => bench(&args),
+    }
+}
+
+fn bench(args: &BenchArgs) -> ExitCode {
+    let opts = match args.to_options() {
+        Ok(o) => o,
+        Err(e) => {
+            ember::print_error_chain(&e);
+            return ExitCode::from(code::USAGE);
+        }
+    };
+    use std::io::IsTerminal;
+    let tty = std::io::stderr().is_terminal();
+    let mut on_progress = |p: &Progress, done: usize, total: usize| match p {
+        Progress::Started(job) if tty => {
+            eprint!("\r\x1b[K[{done}/{total}] running {}", job.label());
+        }
+        Progress::Started(_) => {}
+        Progress::Finished(rec) => {
+            let status = match &rec.error {
+                None => "ok".to_string(),
+                Some(e) => format!("FAILED: {e}"),
+            };
+            let ms = ember::bench::report::milestones(rec);
+            let at = |k: &str| {
+                ms.iter()
+                    .find(|m| m.0 == k)
+                    .and_then(|m| m.1)
+                    .map_or("-".to_string(), |v| format!("{:.2} s", v / 1000.0))
+            };
+            let line = format!(
+                "[{done}/{total}] {} #{} {status}: marker {}, exit {}",
+                rec.vmm,
+                rec.run,
+                at("marker"),
+                at("process_exit")
+            );
+            if tty {
+                eprint!("\r\x1b[K{line}\n");
+            } else {
+                eprintln!("{line}");
+            }
+        }
+    };
+    let results = match ember::bench::run_bench(&opts, &mut on_progress) {
+        Ok(r) => r,
+        Err(e) => {
+            ember::print_error_chain(&e);
+            return ExitCode::from(code::VMM_ERROR);
+        }
+    };
+    println!("{}", results.render());
+    if let Some(path) = &args.json {
+        if let Err(e) = results.write_json(path) {
+            ember::print_error_chain(&e);
+            return ExitCode::from(code::VMM_ERROR);
+        }
+        eprintln!("raw samples and statistics written to {}", path.display());
+    }
+    if results
+        .records
+        .iter()
+        .any(|r| r.vmm == "ember" && r.error.is_none())
+    {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(code::VMM_ERROR)
     }
 }
 
@@ -30,9 +99,24 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
     };
     let opts = RunOptions {
         shutdown_timeout: Duration::from_secs(30),
+        deadline: args
+            .stop_after_ms
+            .map(|ms| start + Duration::from_millis(ms)),
         ..Default::default()
     };
-    match ember::run_vm(&config, start, Default::default(), opts) {
+    let result = if args.bench_report.is_some() || args.profile_guest.is_some() {
+        let inst = ember::bench::probe::Instruments {
+            report: args.bench_report.clone(),
+            profile: args.profile_guest.clone(),
+            profile_rate_hz: args.profile_rate,
+        };
+        ember::bench::probe::run_instrumented(&config, start, &inst, opts)
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+    } else {
+        ember::run_vm(&config, start, Default::default(), opts)
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+    };
+    match result {
         Ok(outcome) => {
             let reason = &outcome.reason;
             let code = reason.exit_code();
@@ -43,7 +127,7 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             ExitCode::from(code)
         }
         Err(e) => {
-            ember::print_error_chain(&e);
+            ember::print_error_chain(e.as_ref());
             ExitCode::from(code::USAGE)
         }
     }

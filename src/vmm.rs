@@ -131,6 +131,11 @@ impl Vmm {
         &self.vm
     }
 
+    /// The vCPU threads (for their thread ids and exit counters).
+    pub fn vcpus(&self) -> &[VcpuHandle] {
+        &self.vcpus
+    }
+
     /// The event manager, for devices that attach after the build.
     pub fn event_manager(&mut self) -> &mut EventManager {
         &mut self.event_manager

@@ -1,0 +1,356 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Peer VMMs that `ember bench --compare` boots side by side with ember: QEMU's microvm
+//! machine and Firecracker, each given the same kernel, initrd, command line, vCPUs and
+//! memory, with the switches this host needs (see `docs` of [`crate::host`]).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use super::json::Json;
+
+/// Which peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PeerKind {
+    /// `qemu-system-x86_64 -M microvm`.
+    Qemu,
+    /// Firecracker, run without its API (`--no-api --config-file`).
+    Firecracker,
+}
+
+impl PeerKind {
+    /// Name used in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeerKind::Qemu => "qemu",
+            PeerKind::Firecracker => "firecracker",
+        }
+    }
+
+    fn default_binary(self) -> &'static str {
+        match self {
+            PeerKind::Qemu => "qemu-system-x86_64",
+            PeerKind::Firecracker => "firecracker",
+        }
+    }
+}
+
+/// A peer VMM that can be run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Which one.
+    pub kind: PeerKind,
+    /// Its executable.
+    pub binary: PathBuf,
+}
+
+/// What `--compare` asked for and found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PeerLookup {
+    /// Found: it will run.
+    Found(Peer),
+    /// Not installed: skipped, with a note saying why.
+    Missing(String),
+}
+
+/// The syntax of `--compare`.
+pub const COMPARE_SYNTAX: &str = "qemu[=PATH] or firecracker[=PATH]";
+
+/// Resolves a `--compare` value: `qemu`, `qemu=PATH`, `firecracker`, `firecracker=PATH`.
+/// A peer that is not installed is [`PeerLookup::Missing`], not an error; an unknown name is.
+pub fn lookup(spec: &str) -> Result<PeerLookup, String> {
+    let (name, path) = match spec.split_once('=') {
+        Some((n, p)) => (n.trim(), Some(PathBuf::from(p.trim()))),
+        None => (spec.trim(), None),
+    };
+    let kind = match name {
+        "qemu" => PeerKind::Qemu,
+        "firecracker" | "fc" => PeerKind::Firecracker,
+        other => {
+            return Err(format!(
+                "--compare {other:?}: unknown peer; use {COMPARE_SYNTAX}"
+            ))
+        }
+    };
+    let found = match path {
+        Some(p) => p.is_file().then_some(p),
+        None => find_in_path(kind.default_binary()),
+    };
+    Ok(match found {
+        Some(binary) => PeerLookup::Found(Peer { kind, binary }),
+        None => PeerLookup::Missing(format!(
+            "{} skipped: {} not found{}",
+            kind.name(),
+            spec.split_once('=')
+                .map_or(kind.default_binary(), |(_, p)| p.trim()),
+            if spec.contains('=') {
+                ""
+            } else {
+                " in PATH (give its path: --compare NAME=PATH)"
+            }
+        )),
+    })
+}
+
+fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// The guest every VMM of a bench boots.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GuestSpec {
+    /// Kernel image.
+    pub kernel: PathBuf,
+    /// Initial ramdisk.
+    pub initrd: Option<PathBuf>,
+    /// Disk images (`PATH[,ro][,...]`, ember's `--disk` syntax).
+    pub disks: Vec<String>,
+    /// Root device (`ember run --root`).
+    pub root: Option<String>,
+    /// What `--root` adds to the command line (`root=... rootfstype=ext4 rw`), for peers.
+    pub root_cmdline: Option<String>,
+    /// The full command line the guest gets (host switches included).
+    pub cmdline: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Memory in MiB.
+    pub mem_mib: u64,
+}
+
+/// Path and read-only flag of an ember `--disk` value.
+fn disk_path(spec: &str) -> (&str, bool) {
+    let mut parts = spec.split(',');
+    let path = parts.next().unwrap_or_default();
+    (path, parts.any(|p| p == "ro" || p == "readonly=on"))
+}
+
+impl Peer {
+    /// Whether the peer reports the guest's boot-timer write (Firecracker `--boot-timer`).
+    pub fn has_boot_timer(&self) -> bool {
+        self.kind == PeerKind::Firecracker
+    }
+
+    /// Whether a console line is the peer's own log line rather than guest output
+    /// (Firecracker logs to its stdout, which is also the serial console).
+    pub fn is_log_line(&self, line: &str) -> bool {
+        self.kind == PeerKind::Firecracker && is_firecracker_log_line(line)
+    }
+
+    /// Text of the log line that reports the boot-timer write.
+    pub fn boot_timer_line(&self) -> Option<&'static str> {
+        (self.kind == PeerKind::Firecracker).then_some("Guest-boot-time")
+    }
+
+    /// The command that boots `guest`; files it needs go into `workdir`.
+    pub fn command(
+        &self,
+        guest: &GuestSpec,
+        workdir: &Path,
+        run: usize,
+    ) -> std::io::Result<Command> {
+        let mut cmd = Command::new(&self.binary);
+        match self.kind {
+            PeerKind::Qemu => {
+                cmd.args(qemu_args(guest));
+            }
+            PeerKind::Firecracker => {
+                let config = workdir.join(format!("firecracker-{run}.json"));
+                std::fs::write(&config, firecracker_config(guest).to_pretty())?;
+                cmd.arg("--no-api")
+                    .arg("--config-file")
+                    .arg(&config)
+                    .arg("--boot-timer");
+            }
+        }
+        Ok(cmd)
+    }
+}
+
+/// QEMU microvm flags that work on this project's hosts (see /work/shared/kvm-host.md): KVM's
+/// hypercall-based PV features off (they hang on PVM), no default devices, the console on
+/// stdio, an i8042 so that `reboot=k` ends the VM, and `-no-reboot` so that a reset exits.
+pub fn qemu_args(g: &GuestSpec) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "-M",
+        "microvm,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-unhalt=off,kvm-pv-sched-yield=off",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-serial",
+        "stdio",
+        "-device",
+        "i8042",
+        "-no-reboot",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a.extend([
+        "-m".into(),
+        g.mem_mib.to_string(),
+        "-smp".into(),
+        g.vcpus.to_string(),
+    ]);
+    a.extend(["-kernel".into(), g.kernel.display().to_string()]);
+    if let Some(i) = &g.initrd {
+        a.extend(["-initrd".into(), i.display().to_string()]);
+    }
+    for (n, d) in g.disks.iter().enumerate() {
+        let (path, ro) = disk_path(d);
+        let ro = if ro { ",readonly=on" } else { "" };
+        a.push("-drive".into());
+        a.push(format!("file={path},if=none,id=disk{n},format=raw{ro}"));
+        a.push("-device".into());
+        a.push(format!("virtio-blk-device,drive=disk{n}"));
+    }
+    a.extend(["-append".into(), g.cmdline.clone()]);
+    a
+}
+
+/// Firecracker's configuration file for `guest`.
+pub fn firecracker_config(g: &GuestSpec) -> Json {
+    let mut boot = vec![
+        (
+            "kernel_image_path",
+            Json::from(g.kernel.display().to_string()),
+        ),
+        ("boot_args", Json::from(g.cmdline.as_str())),
+    ];
+    if let Some(i) = &g.initrd {
+        boot.push(("initrd_path", Json::from(i.display().to_string())));
+    }
+    let drives = g
+        .disks
+        .iter()
+        .enumerate()
+        .map(|(n, d)| {
+            let (path, ro) = disk_path(d);
+            Json::obj([
+                ("drive_id", Json::from(format!("disk{n}"))),
+                ("path_on_host", Json::from(path)),
+                ("is_root_device", Json::from(false)),
+                ("is_read_only", Json::from(ro)),
+            ])
+        })
+        .collect();
+    Json::obj([
+        ("boot-source", Json::obj(boot)),
+        ("drives", Json::Arr(drives)),
+        (
+            "machine-config",
+            Json::obj([
+                ("vcpu_count", Json::from(g.vcpus)),
+                ("mem_size_mib", Json::from(g.mem_mib)),
+            ]),
+        ),
+    ])
+}
+
+/// Firecracker log lines start with an ISO-8601 timestamp: `2026-11-23T15:49:22.194758174 [`.
+fn is_firecracker_log_line(line: &str) -> bool {
+    let b = line.as_bytes();
+    b.len() > 30
+        && b[..4].iter().all(u8::is_ascii_digit)
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && line[19..].contains(" [")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guest() -> GuestSpec {
+        GuestSpec {
+            kernel: "/g/vmlinux".into(),
+            initrd: Some("/g/initramfs.cpio".into()),
+            disks: vec!["/g/root.ext4,ro".into()],
+            root: None,
+            root_cmdline: None,
+            cmdline: "console=ttyS0 reboot=k ember.cmd=true".into(),
+            vcpus: 1,
+            mem_mib: 128,
+        }
+    }
+
+    #[test]
+    fn qemu_gets_the_same_guest() {
+        let a = qemu_args(&guest()).join(" ");
+        assert!(a.contains("-m 128 -smp 1"), "{a}");
+        assert!(
+            a.contains("-kernel /g/vmlinux -initrd /g/initramfs.cpio"),
+            "{a}"
+        );
+        assert!(
+            a.contains("file=/g/root.ext4,if=none,id=disk0,format=raw,readonly=on"),
+            "{a}"
+        );
+        assert!(
+            a.ends_with("-append console=ttyS0 reboot=k ember.cmd=true"),
+            "{a}"
+        );
+        assert!(
+            a.contains("-device i8042") && a.contains("-no-reboot"),
+            "{a}"
+        );
+    }
+
+    #[test]
+    fn firecracker_config_has_every_part() {
+        let c = firecracker_config(&guest());
+        let boot = c.get("boot-source").unwrap();
+        assert_eq!(
+            boot.get("initrd_path").and_then(Json::as_str),
+            Some("/g/initramfs.cpio")
+        );
+        assert_eq!(
+            boot.get("boot_args").and_then(Json::as_str),
+            Some("console=ttyS0 reboot=k ember.cmd=true")
+        );
+        let m = c.get("machine-config").unwrap();
+        assert_eq!(m.get("mem_size_mib").and_then(Json::as_u64), Some(128));
+        let d = &c.get("drives").and_then(Json::as_array).unwrap()[0];
+        assert_eq!(d.get("is_read_only"), Some(&Json::Bool(true)));
+    }
+
+    #[test]
+    fn lookup_names_and_missing_peers() {
+        assert!(lookup("bochs").unwrap_err().contains("unknown peer"));
+        match lookup("firecracker=/nonexistent/fc").unwrap() {
+            PeerLookup::Missing(note) => assert!(note.contains("/nonexistent/fc"), "{note}"),
+            other => panic!("{other:?}"),
+        }
+        let sh = lookup("qemu=/bin/sh").unwrap();
+        assert_eq!(
+            sh,
+            PeerLookup::Found(Peer {
+                kind: PeerKind::Qemu,
+                binary: "/bin/sh".into()
+            })
+        );
+    }
+
+    #[test]
+    fn firecracker_log_lines() {
+        let p = Peer {
+            kind: PeerKind::Firecracker,
+            binary: "fc".into(),
+        };
+        assert!(p.is_log_line(
+            "2026-11-23T15:49:22.194758174 [anonymous-instance:main] Running Firecracker"
+        ));
+        assert!(!p.is_log_line("[    0.000000] Linux version 6.1.192"));
+        assert!(!p.is_log_line("ember-init: running: true"));
+        let q = Peer {
+            kind: PeerKind::Qemu,
+            binary: "q".into(),
+        };
+        assert!(!q.is_log_line("2026-11-23T15:49:22.194758174 [anonymous-instance:main] x"));
+    }
+}
