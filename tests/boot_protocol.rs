@@ -76,6 +76,7 @@ fn check(test: &str, kernel_bytes: Vec<u8>) {
             "--mem",
             "64",
             "--no-host-tuning",
+            "--no-rng",
             "--cmdline",
             "console=ttyS0 hello=world",
         ],
