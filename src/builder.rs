@@ -10,12 +10,14 @@ use std::time::Instant;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 use crate::arch::x86_64::layout::{
-    BOOT_TIMER_SIZE, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, EXIT_DEVICE_SIZE,
-    EXIT_DEVICE_START, I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT_SIZE,
+    ACPI_MMIO_SIZE, ACPI_MMIO_START, BOOT_TIMER_SIZE, BOOT_TIMER_START, COM1_IRQ, COM1_PORT,
+    COM2_IRQ, COM2_PORT, EXIT_DEVICE_SIZE, EXIT_DEVICE_START, GED_IRQ, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, SERIAL_PORT_SIZE,
 };
 use crate::arch::x86_64::regs::EntryProtocol;
-use crate::arch::x86_64::{mptable, write_pvh_start_info, write_zero_page, BootError};
+use crate::arch::x86_64::{acpi, mptable, write_pvh_start_info, write_zero_page, BootError};
 use crate::config::{ConfigError, ConsoleSink, VmConfig};
+use crate::devices::acpi::{AcpiPlatform, PowerButton};
 use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::exit_device::ExitDevice;
 use crate::devices::legacy::i8042::I8042;
@@ -115,6 +117,11 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
         &timeline,
     )?;
     let exit_status = attach_pseudo_devices(config, &mut devices, &exit, &timeline)?;
+    let power_button = if config.acpi {
+        Some(attach_acpi_platform(&vm, &mut devices, &exit)?)
+    } else {
+        None
+    };
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
     let cmdline = build_cmdline(config, &host, &devices);
@@ -147,8 +154,16 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
         },
     };
     let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
+    // ACPI tables for guests that read them, and the MP table for guests without ACPI.
+    let rsdp = if config.acpi {
+        let tables = acpi::create_acpi_tables(&mem, config.vcpus, devices.mmio_slots())
+            .map_err(BootError::from)?;
+        Some(tables.rsdp)
+    } else {
+        None
+    };
     match loaded.protocol {
-        EntryProtocol::Pvh => write_pvh_start_info(&mem, config.mem_bytes(), initrd, None)?,
+        EntryProtocol::Pvh => write_pvh_start_info(&mem, config.mem_bytes(), initrd, rsdp)?,
         EntryProtocol::Linux64 => {
             write_zero_page(&mem, config.mem_bytes(), loaded.header, cmdline_len, initrd)?;
         }
@@ -190,15 +205,11 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
         .map(Vcpu::start)
         .collect::<Result<Vec<_>, _>>()?;
 
-    Ok(Vmm::new(
-        vm,
-        mem,
-        exit,
-        event_manager,
-        handles,
-        timeline,
-        exit_status,
-    ))
+    let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
+    if let Some(button) = power_button {
+        vmm.set_shutdown_requester(button.requester());
+    }
+    Ok(vmm)
 }
 
 /// The final guest command line.
@@ -317,4 +328,17 @@ fn attach_pseudo_devices(
         EXIT_DEVICE_SIZE,
     )?;
     Ok(status)
+}
+
+/// The ACPI register window (sleep, reset, GED events) with the GED's interrupt line. The
+/// returned power button asks the guest to shut down.
+fn attach_acpi_platform(
+    vm: &Vm,
+    devices: &mut DeviceManager,
+    exit: &Arc<VmExit>,
+) -> Result<PowerButton, BuildError> {
+    let irq = devices.irqfd(vm.fd(), GED_IRQ)?;
+    let (platform, button) = AcpiPlatform::new(exit.clone(), irq);
+    devices.add_mmio(Arc::new(Mutex::new(platform)), ACPI_MMIO_START, ACPI_MMIO_SIZE)?;
+    Ok(button)
 }

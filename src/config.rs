@@ -107,6 +107,8 @@ pub struct VmConfig {
     pub stdin: bool,
     /// A status write to the exit device ends the VM (`ember exec`).
     pub exit_on_status: bool,
+    /// Give the guest ACPI tables and the ACPI platform (power off, reset, power button).
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -125,6 +127,7 @@ impl VmConfig {
             com2: None,
             stdin: true,
             exit_on_status: false,
+            acpi: true,
         }
     }
 

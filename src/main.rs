@@ -9,6 +9,7 @@ use clap::Parser;
 
 use ember::cli::{Cli, Command, RunArgs};
 use ember::exit::{code, ExitReason};
+use ember::host::HostInfo;
 use ember::vmm::RunOptions;
 
 fn main() -> ExitCode {
@@ -28,8 +29,11 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             return ExitCode::from(code::USAGE);
         }
     };
+    let shutdown_timeout = args
+        .shutdown_timeout
+        .map_or_else(|| HostInfo::detect().default_shutdown_timeout(), Duration::from_secs);
     let opts = RunOptions {
-        shutdown_timeout: Duration::from_secs(30),
+        shutdown_timeout,
         ..Default::default()
     };
     match ember::run_vm(&config, start, Default::default(), opts) {
@@ -37,7 +41,9 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             let reason = &outcome.reason;
             let code = reason.exit_code();
             match reason {
-                ExitReason::Reset | ExitReason::PowerOff => log::info!("{}", reason.describe()),
+                ExitReason::Reset
+                | ExitReason::PowerOff
+                | ExitReason::Stopped { graceful: true } => log::info!("{}", reason.describe()),
                 _ => log::error!("{}", reason.describe()),
             }
             ExitCode::from(code)

@@ -77,6 +77,7 @@ pub struct Vmm {
     exit: Arc<VmExit>,
     timeline: Arc<Timeline>,
     guest_status: Arc<Mutex<Option<u32>>>,
+    shutdown: Option<ShutdownRequester>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -106,9 +107,21 @@ impl Vmm {
             exit,
             timeline,
             guest_status,
+            shutdown: None,
             vm,
             mem,
         }
+    }
+
+    /// Sets how this VM's guest is asked to shut down (the ACPI power button), used by
+    /// [`run`](Self::run) when its [`RunOptions`] bring no requester of their own.
+    pub fn set_shutdown_requester(&mut self, requester: ShutdownRequester) {
+        self.shutdown = Some(requester);
+    }
+
+    /// Whether the guest can be asked to shut down (it has a power button).
+    pub fn can_request_shutdown(&self) -> bool {
+        self.shutdown.is_some()
     }
 
     /// The boot timeline.
@@ -138,6 +151,9 @@ impl Vmm {
 
     /// Runs the event loop until the guest ends or is stopped, then stops every vCPU.
     pub fn run(mut self, mut opts: RunOptions) -> RunOutcome {
+        if opts.shutdown.is_none() {
+            opts.shutdown = self.shutdown.take();
+        }
         let pending = Arc::new(Mutex::new(Vec::new()));
         if let Some(fd) = opts.signal_fd.take() {
             self.event_manager
