@@ -1,0 +1,327 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The ACPI platform end to end with tiny guests (milliseconds each): the tables are where the
+//! guest looks for them, S5 and the reset register end the VM, and a stop signal presses the
+//! power button — a guest that answers shuts down cleanly (exit 6), one that does not is
+//! stopped hard after --shutdown-timeout or at a second signal (exit 7).
+
+mod common;
+
+use std::io::Read;
+use std::process::Child;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+use ember::arch::x86_64::layout::{
+    ACPI_GED_EVENT, ACPI_RESET_REGISTER, ACPI_SLEEP_CONTROL, ACPI_START,
+};
+use ember::devices::acpi::{GED_EVENT_POWER_BUTTON, RESET_VALUE, S5_SLEEP_TYPE, SLP_EN, SLP_TYP_SHIFT};
+
+const T: Duration = Duration::from_secs(30);
+
+/// The byte a guest writes to the sleep control register to power off.
+const S5: u8 = (S5_SLEEP_TYPE << SLP_TYP_SHIFT) | SLP_EN;
+
+/// `mov rdi, addr; mov al, [rdi]`
+fn mmio_read8(a: &mut Asm, addr: u64) {
+    a.bytes(&[0x48, 0xbf]).bytes(&addr.to_le_bytes()).bytes(&[0x8a, 0x07]);
+}
+
+/// `mov rdi, addr; mov eax, [rdi]`
+fn mmio_read32(a: &mut Asm, addr: u64) {
+    a.bytes(&[0x48, 0xbf]).bytes(&addr.to_le_bytes()).bytes(&[0x8b, 0x07]);
+}
+
+/// Prints the byte in al on COM1 (`mov dx, 0x3f8; out dx, al`).
+fn print_al(a: &mut Asm) {
+    a.mov_dx(0x3f8).out_dx_al();
+}
+
+/// Writes S5 to the sleep control register, then halts (a guest whose power off did not
+/// work would halt forever and the test would time out).
+fn power_off(a: &mut Asm) {
+    a.mov_al(S5).mmio_write8(ACPI_SLEEP_CONTROL).halt_loop();
+}
+
+struct Tiny {
+    dir: std::path::PathBuf,
+    elf: std::path::PathBuf,
+}
+
+impl Tiny {
+    fn new(name: &str, a: &Asm) -> Option<Self> {
+        if !kvm_available(name) {
+            return None;
+        }
+        let dir = temp_dir(name);
+        let elf = write_tiny_guest(&dir, "guest.elf", &a.code, &[]);
+        Some(Self { dir, elf })
+    }
+
+    fn args<'a>(&'a self, extra: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec!["run", "--kernel", self.elf.to_str().unwrap(), "--mem", "16"];
+        args.extend_from_slice(extra);
+        args
+    }
+
+    fn run(&self, extra: &[&str]) -> Finished {
+        let out = run_ember(&self.args(extra), None, T);
+        assert!(!out.timed_out, "ember did not end: {out:?}");
+        out
+    }
+}
+
+impl Drop for Tiny {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn guest_finds_the_rsdp_in_the_bios_area() {
+    // Print the 8 bytes at ACPI_START ("RSD PTR " with ACPI on), then reset.
+    let mut a = Asm::new();
+    for i in 0..8 {
+        mmio_read8(&mut a, ACPI_START + i);
+        print_al(&mut a);
+    }
+    a.reset();
+    let Some(g) = Tiny::new("acpi-rsdp", &a) else { return };
+    let on = g.run(&[]);
+    on.expect_code(0);
+    assert_eq!(on.stdout.as_bytes(), b"RSD PTR ", "{on:?}");
+    let off = g.run(&["--no-acpi"]);
+    off.expect_code(0);
+    assert_eq!(off.stdout.as_bytes(), &[0u8; 8], "{off:?}");
+}
+
+#[test]
+fn s5_write_powers_off_with_status_zero() {
+    let mut a = Asm::new();
+    a.print("powering off\n");
+    // A sleep type without SLP_EN does nothing: the guest goes on.
+    a.mov_al(S5_SLEEP_TYPE << SLP_TYP_SHIFT).mmio_write8(ACPI_SLEEP_CONTROL);
+    a.print("still here\n");
+    power_off(&mut a);
+    let Some(g) = Tiny::new("acpi-s5", &a) else { return };
+    let out = g.run(&[]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, "powering off\nstill here\n");
+    assert!(out.stderr.contains("guest powered off"), "{out:?}");
+}
+
+#[test]
+fn reset_register_reboots_with_status_zero() {
+    let mut a = Asm::new();
+    a.mov_al(RESET_VALUE).mmio_write8(ACPI_RESET_REGISTER).halt_loop();
+    let Some(g) = Tiny::new("acpi-reset", &a) else { return };
+    let out = g.run(&[]);
+    out.expect_code(0);
+    assert!(out.stderr.contains("guest rebooted"), "{out:?}");
+}
+
+#[test]
+fn without_acpi_the_registers_are_absent() {
+    // With --no-acpi the S5 write hits nothing; the guest then resets through the i8042.
+    let mut a = Asm::new();
+    a.mov_al(S5).mmio_write8(ACPI_SLEEP_CONTROL);
+    a.print("no acpi\n").reset();
+    let Some(g) = Tiny::new("acpi-absent", &a) else { return };
+    let out = g.run(&["--no-acpi"]);
+    out.expect_code(0);
+    assert_eq!(out.stdout, "no acpi\n");
+    assert!(out.stderr.contains("guest rebooted"), "{out:?}");
+}
+
+/// A running ember whose stdout and stderr are collected as they come.
+struct Running {
+    child: Child,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    stderr: Arc<Mutex<Vec<u8>>>,
+}
+
+fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
+    let buf = Arc::new(Mutex::new(Vec::new()));
+    let sink = buf.clone();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 256];
+        while let Ok(n) = pipe.read(&mut b) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&b[..n]);
+        }
+    });
+    buf
+}
+
+fn text(buf: &Mutex<Vec<u8>>) -> String {
+    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = spawn_ember(args, None);
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Self {
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Waits until stdout (or stderr) contains `marker`; false after `timeout`.
+    fn wait_for(&self, stream: &Mutex<Vec<u8>>, marker: &str, timeout: Duration) -> bool {
+        let start = Instant::now();
+        while start.elapsed() < timeout {
+            if text(stream).contains(marker) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
+    fn wait_stdout(&self, marker: &str, timeout: Duration) -> bool {
+        self.wait_for(&self.stdout, marker, timeout)
+    }
+
+    fn wait_stderr(&self, marker: &str, timeout: Duration) -> bool {
+        self.wait_for(&self.stderr, marker, timeout)
+    }
+
+    fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
+        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill failed");
+    }
+
+    /// Waits for the end (killing ember after `timeout`).
+    fn finish(mut self, timeout: Duration) -> Finished {
+        let start = Instant::now();
+        let mut timed_out = false;
+        let status = loop {
+            if let Some(st) = self.child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > timeout {
+                timed_out = true;
+                let _ = self.child.kill();
+                break self.child.wait().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        // Let the readers drain what the process wrote before it ended.
+        std::thread::sleep(Duration::from_millis(50));
+        Finished {
+            code: status.code(),
+            stdout: text(&self.stdout),
+            stderr: text(&self.stderr),
+            elapsed: start.elapsed(),
+            timed_out,
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A guest that polls the GED event register and powers off when the power button was
+/// pressed (what Linux does through the GED interrupt and _EVT).
+fn button_aware_guest() -> Asm {
+    let mut a = Asm::new();
+    a.print("ready\n");
+    let top = a.here();
+    mmio_read32(&mut a, ACPI_GED_EVENT);
+    a.bytes(&[0xa9]).bytes(&GED_EVENT_POWER_BUTTON.to_le_bytes()); // test eax, imm32
+    a.bytes(&[0xf3, 0x90]); // pause
+    a.jcc(0x74, top); // jz top
+    a.print("button pressed\n");
+    power_off(&mut a);
+    a
+}
+
+/// A guest that ignores everything.
+fn spinning_guest() -> Asm {
+    let mut a = Asm::new();
+    a.print("ready\n");
+    let top = a.here();
+    a.bytes(&[0xf3, 0x90]).jmp(top); // pause; jmp
+    a
+}
+
+#[test]
+fn sigterm_presses_the_power_button_and_a_clean_shutdown_exits_6() {
+    let Some(g) = Tiny::new("acpi-sigterm", &button_aware_guest()) else { return };
+    let vm = Running::start(&g.args(&["--shutdown-timeout", "60"]));
+    assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(T);
+    assert!(!out.timed_out, "{out:?}");
+    out.expect_code(6);
+    assert_eq!(out.stdout, "ready\nbutton pressed\n");
+    assert!(out.stderr.contains("asked the guest to shut down"), "{out:?}");
+    assert!(out.stderr.contains("the guest shut down cleanly"), "{out:?}");
+}
+
+#[test]
+fn sigint_without_a_terminal_also_asks() {
+    let Some(g) = Tiny::new("acpi-sigint", &button_aware_guest()) else { return };
+    let vm = Running::start(&g.args(&["--shutdown-timeout", "60"]));
+    assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
+    vm.signal(libc::SIGINT);
+    let out = vm.finish(T);
+    out.expect_code(6);
+    assert!(out.stdout.ends_with("button pressed\n"), "{out:?}");
+}
+
+#[test]
+fn a_guest_that_ignores_the_button_is_stopped_hard_after_the_timeout() {
+    let Some(g) = Tiny::new("acpi-timeout", &spinning_guest()) else { return };
+    let vm = Running::start(&g.args(&["--shutdown-timeout", "2"]));
+    assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(T);
+    assert!(!out.timed_out, "{out:?}");
+    out.expect_code(7);
+    assert!(out.stderr.contains("did not shut down within 2s"), "{out:?}");
+    assert!(out.stderr.contains("stopped hard"), "{out:?}");
+}
+
+#[test]
+fn a_second_signal_stops_at_once() {
+    // The shutdown timeout (10 minutes) is far beyond the wait: only the second signal can
+    // end this run in time.
+    let Some(g) = Tiny::new("acpi-second", &spinning_guest()) else { return };
+    let vm = Running::start(&g.args(&["--shutdown-timeout", "600"]));
+    assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
+    vm.signal(libc::SIGTERM);
+    // Signals of one kind do not queue: send the second after the first was handled.
+    assert!(vm.wait_stderr("asked the guest to shut down", T));
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(T);
+    assert!(!out.timed_out, "{out:?}");
+    out.expect_code(7);
+    assert!(out.stderr.contains("asked the guest to shut down"), "{out:?}");
+    assert!(out.stderr.contains("second stop signal"), "{out:?}");
+}
+
+#[test]
+fn without_acpi_a_signal_stops_at_once() {
+    let Some(g) = Tiny::new("acpi-nobutton", &spinning_guest()) else { return };
+    let vm = Running::start(&g.args(&["--no-acpi", "--shutdown-timeout", "600"]));
+    assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(T);
+    assert!(!out.timed_out, "{out:?}");
+    out.expect_code(7);
+    assert!(out.stderr.contains("stopping the guest"), "{out:?}");
+}
