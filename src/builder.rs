@@ -339,6 +339,10 @@ fn attach_acpi_platform(
 ) -> Result<PowerButton, BuildError> {
     let irq = devices.irqfd(vm.fd(), GED_IRQ)?;
     let (platform, button) = AcpiPlatform::new(exit.clone(), irq);
-    devices.add_mmio(Arc::new(Mutex::new(platform)), ACPI_MMIO_START, ACPI_MMIO_SIZE)?;
+    devices.add_mmio(
+        Arc::new(Mutex::new(platform)),
+        ACPI_MMIO_START,
+        ACPI_MMIO_SIZE,
+    )?;
     Ok(button)
 }

@@ -142,7 +142,14 @@ mod tests {
 
     #[test]
     fn acpi_and_shutdown_flags() {
-        let cli = parse(&["run", "--kernel", "/k", "--no-acpi", "--shutdown-timeout", "2"]);
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--no-acpi",
+            "--shutdown-timeout",
+            "2",
+        ]);
         let Command::Run(a) = cli.unwrap().command;
         assert_eq!(a.shutdown_timeout, Some(2));
         assert!(!a.to_config().unwrap().acpi);

@@ -29,9 +29,10 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             return ExitCode::from(code::USAGE);
         }
     };
-    let shutdown_timeout = args
-        .shutdown_timeout
-        .map_or_else(|| HostInfo::detect().default_shutdown_timeout(), Duration::from_secs);
+    let shutdown_timeout = args.shutdown_timeout.map_or_else(
+        || HostInfo::detect().default_shutdown_timeout(),
+        Duration::from_secs,
+    );
     let opts = RunOptions {
         shutdown_timeout,
         ..Default::default()

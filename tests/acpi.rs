@@ -15,7 +15,9 @@ use common::*;
 use ember::arch::x86_64::layout::{
     ACPI_GED_EVENT, ACPI_RESET_REGISTER, ACPI_SLEEP_CONTROL, ACPI_START,
 };
-use ember::devices::acpi::{GED_EVENT_POWER_BUTTON, RESET_VALUE, S5_SLEEP_TYPE, SLP_EN, SLP_TYP_SHIFT};
+use ember::devices::acpi::{
+    GED_EVENT_POWER_BUTTON, RESET_VALUE, S5_SLEEP_TYPE, SLP_EN, SLP_TYP_SHIFT,
+};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -24,12 +26,16 @@ const S5: u8 = (S5_SLEEP_TYPE << SLP_TYP_SHIFT) | SLP_EN;
 
 /// `mov rdi, addr; mov al, [rdi]`
 fn mmio_read8(a: &mut Asm, addr: u64) {
-    a.bytes(&[0x48, 0xbf]).bytes(&addr.to_le_bytes()).bytes(&[0x8a, 0x07]);
+    a.bytes(&[0x48, 0xbf])
+        .bytes(&addr.to_le_bytes())
+        .bytes(&[0x8a, 0x07]);
 }
 
 /// `mov rdi, addr; mov eax, [rdi]`
 fn mmio_read32(a: &mut Asm, addr: u64) {
-    a.bytes(&[0x48, 0xbf]).bytes(&addr.to_le_bytes()).bytes(&[0x8b, 0x07]);
+    a.bytes(&[0x48, 0xbf])
+        .bytes(&addr.to_le_bytes())
+        .bytes(&[0x8b, 0x07]);
 }
 
 /// Prints the byte in al on COM1 (`mov dx, 0x3f8; out dx, al`).
@@ -86,7 +92,9 @@ fn guest_finds_the_rsdp_in_the_bios_area() {
         print_al(&mut a);
     }
     a.reset();
-    let Some(g) = Tiny::new("acpi-rsdp", &a) else { return };
+    let Some(g) = Tiny::new("acpi-rsdp", &a) else {
+        return;
+    };
     let on = g.run(&[]);
     on.expect_code(0);
     assert_eq!(on.stdout.as_bytes(), b"RSD PTR ", "{on:?}");
@@ -100,10 +108,13 @@ fn s5_write_powers_off_with_status_zero() {
     let mut a = Asm::new();
     a.print("powering off\n");
     // A sleep type without SLP_EN does nothing: the guest goes on.
-    a.mov_al(S5_SLEEP_TYPE << SLP_TYP_SHIFT).mmio_write8(ACPI_SLEEP_CONTROL);
+    a.mov_al(S5_SLEEP_TYPE << SLP_TYP_SHIFT)
+        .mmio_write8(ACPI_SLEEP_CONTROL);
     a.print("still here\n");
     power_off(&mut a);
-    let Some(g) = Tiny::new("acpi-s5", &a) else { return };
+    let Some(g) = Tiny::new("acpi-s5", &a) else {
+        return;
+    };
     let out = g.run(&[]);
     out.expect_code(0);
     assert_eq!(out.stdout, "powering off\nstill here\n");
@@ -113,8 +124,12 @@ fn s5_write_powers_off_with_status_zero() {
 #[test]
 fn reset_register_reboots_with_status_zero() {
     let mut a = Asm::new();
-    a.mov_al(RESET_VALUE).mmio_write8(ACPI_RESET_REGISTER).halt_loop();
-    let Some(g) = Tiny::new("acpi-reset", &a) else { return };
+    a.mov_al(RESET_VALUE)
+        .mmio_write8(ACPI_RESET_REGISTER)
+        .halt_loop();
+    let Some(g) = Tiny::new("acpi-reset", &a) else {
+        return;
+    };
     let out = g.run(&[]);
     out.expect_code(0);
     assert!(out.stderr.contains("guest rebooted"), "{out:?}");
@@ -126,7 +141,9 @@ fn without_acpi_the_registers_are_absent() {
     let mut a = Asm::new();
     a.mov_al(S5).mmio_write8(ACPI_SLEEP_CONTROL);
     a.print("no acpi\n").reset();
-    let Some(g) = Tiny::new("acpi-absent", &a) else { return };
+    let Some(g) = Tiny::new("acpi-absent", &a) else {
+        return;
+    };
     let out = g.run(&["--no-acpi"]);
     out.expect_code(0);
     assert_eq!(out.stdout, "no acpi\n");
@@ -241,7 +258,8 @@ fn button_aware_guest() -> Asm {
     a.print("ready\n");
     let top = a.here();
     mmio_read32(&mut a, ACPI_GED_EVENT);
-    a.bytes(&[0xa9]).bytes(&GED_EVENT_POWER_BUTTON.to_le_bytes()); // test eax, imm32
+    a.bytes(&[0xa9])
+        .bytes(&GED_EVENT_POWER_BUTTON.to_le_bytes()); // test eax, imm32
     a.bytes(&[0xf3, 0x90]); // pause
     a.jcc(0x74, top); // jz top
     a.print("button pressed\n");
@@ -260,7 +278,9 @@ fn spinning_guest() -> Asm {
 
 #[test]
 fn sigterm_presses_the_power_button_and_a_clean_shutdown_exits_6() {
-    let Some(g) = Tiny::new("acpi-sigterm", &button_aware_guest()) else { return };
+    let Some(g) = Tiny::new("acpi-sigterm", &button_aware_guest()) else {
+        return;
+    };
     let vm = Running::start(&g.args(&["--shutdown-timeout", "60"]));
     assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
     vm.signal(libc::SIGTERM);
@@ -268,13 +288,21 @@ fn sigterm_presses_the_power_button_and_a_clean_shutdown_exits_6() {
     assert!(!out.timed_out, "{out:?}");
     out.expect_code(6);
     assert_eq!(out.stdout, "ready\nbutton pressed\n");
-    assert!(out.stderr.contains("asked the guest to shut down"), "{out:?}");
-    assert!(out.stderr.contains("the guest shut down cleanly"), "{out:?}");
+    assert!(
+        out.stderr.contains("asked the guest to shut down"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("the guest shut down cleanly"),
+        "{out:?}"
+    );
 }
 
 #[test]
 fn sigint_without_a_terminal_also_asks() {
-    let Some(g) = Tiny::new("acpi-sigint", &button_aware_guest()) else { return };
+    let Some(g) = Tiny::new("acpi-sigint", &button_aware_guest()) else {
+        return;
+    };
     let vm = Running::start(&g.args(&["--shutdown-timeout", "60"]));
     assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
     vm.signal(libc::SIGINT);
@@ -285,14 +313,19 @@ fn sigint_without_a_terminal_also_asks() {
 
 #[test]
 fn a_guest_that_ignores_the_button_is_stopped_hard_after_the_timeout() {
-    let Some(g) = Tiny::new("acpi-timeout", &spinning_guest()) else { return };
+    let Some(g) = Tiny::new("acpi-timeout", &spinning_guest()) else {
+        return;
+    };
     let vm = Running::start(&g.args(&["--shutdown-timeout", "2"]));
     assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
     vm.signal(libc::SIGTERM);
     let out = vm.finish(T);
     assert!(!out.timed_out, "{out:?}");
     out.expect_code(7);
-    assert!(out.stderr.contains("did not shut down within 2s"), "{out:?}");
+    assert!(
+        out.stderr.contains("did not shut down within 2s"),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("stopped hard"), "{out:?}");
 }
 
@@ -300,7 +333,9 @@ fn a_guest_that_ignores_the_button_is_stopped_hard_after_the_timeout() {
 fn a_second_signal_stops_at_once() {
     // The shutdown timeout (10 minutes) is far beyond the wait: only the second signal can
     // end this run in time.
-    let Some(g) = Tiny::new("acpi-second", &spinning_guest()) else { return };
+    let Some(g) = Tiny::new("acpi-second", &spinning_guest()) else {
+        return;
+    };
     let vm = Running::start(&g.args(&["--shutdown-timeout", "600"]));
     assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
     vm.signal(libc::SIGTERM);
@@ -310,13 +345,18 @@ fn a_second_signal_stops_at_once() {
     let out = vm.finish(T);
     assert!(!out.timed_out, "{out:?}");
     out.expect_code(7);
-    assert!(out.stderr.contains("asked the guest to shut down"), "{out:?}");
+    assert!(
+        out.stderr.contains("asked the guest to shut down"),
+        "{out:?}"
+    );
     assert!(out.stderr.contains("second stop signal"), "{out:?}");
 }
 
 #[test]
 fn without_acpi_a_signal_stops_at_once() {
-    let Some(g) = Tiny::new("acpi-nobutton", &spinning_guest()) else { return };
+    let Some(g) = Tiny::new("acpi-nobutton", &spinning_guest()) else {
+        return;
+    };
     let vm = Running::start(&g.args(&["--no-acpi", "--shutdown-timeout", "600"]));
     assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
     vm.signal(libc::SIGTERM);

@@ -103,7 +103,9 @@ impl DeviceManager {
     /// The next free interrupt line for a device.
     pub fn allocate_irq(&mut self) -> Result<u32, DeviceError> {
         if self.next_irq > DEVICE_IRQ_LAST {
-            return Err(DeviceError::OutOfIrqs(DEVICE_IRQ_LAST - VIRTIO_IRQ_FIRST + 1));
+            return Err(DeviceError::OutOfIrqs(
+                DEVICE_IRQ_LAST - VIRTIO_IRQ_FIRST + 1,
+            ));
         }
         let irq = self.next_irq;
         self.next_irq += 1;
