@@ -154,10 +154,12 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
         },
     };
     let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
-    // ACPI tables for guests that read them, and the MP table for guests without ACPI.
+    // ACPI tables for guests that read them, and the MP table for guests without ACPI. The
+    // virtio-mmio windows stay on the command line, which every guest kernel reads, with or
+    // without ACPI; describing them in the DSDT as well would make an ACPI guest probe each
+    // device twice (the DSDT code can: pass `devices.mmio_slots()` and drop the entries).
     let rsdp = if config.acpi {
-        let tables = acpi::create_acpi_tables(&mem, config.vcpus, devices.mmio_slots())
-            .map_err(BootError::from)?;
+        let tables = acpi::create_acpi_tables(&mem, config.vcpus, &[]).map_err(BootError::from)?;
         Some(tables.rsdp)
     } else {
         None

@@ -119,11 +119,6 @@ impl Vmm {
         self.shutdown = Some(requester);
     }
 
-    /// Whether the guest can be asked to shut down (it has a power button).
-    pub fn can_request_shutdown(&self) -> bool {
-        self.shutdown.is_some()
-    }
-
     /// The boot timeline.
     pub fn timeline(&self) -> &Arc<Timeline> {
         &self.timeline
