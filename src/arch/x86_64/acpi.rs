@@ -115,10 +115,13 @@ pub fn create_acpi_tables(
     Ok(tables)
 }
 
+/// Table bytes with their guest-physical addresses.
+type Blobs = Vec<(u64, Vec<u8>)>;
+
 /// Places tables one after another, 16-byte aligned, inside the ACPI area.
 struct Placer {
     next: u64,
-    blobs: Vec<(u64, Vec<u8>)>,
+    blobs: Blobs,
 }
 
 impl Placer {
@@ -147,7 +150,7 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
 }
 
 /// Every table with its guest-physical address (pure: for [`create_acpi_tables`] and tests).
-fn build(vcpus: u32, virtio: &[MmioSlot]) -> Result<(AcpiTables, Vec<(u64, Vec<u8>)>), AcpiError> {
+fn build(vcpus: u32, virtio: &[MmioSlot]) -> Result<(AcpiTables, Blobs), AcpiError> {
     let mut at = Placer {
         next: ACPI_START,
         blobs: Vec::new(),
@@ -375,7 +378,7 @@ mod tests {
     }
 
     /// Reads every table back from guest memory the way the kernel finds them.
-    fn tables_in_memory(vcpus: u32, virtio: &[MmioSlot]) -> (AcpiTables, Vec<(u64, Vec<u8>)>) {
+    fn tables_in_memory(vcpus: u32, virtio: &[MmioSlot]) -> (AcpiTables, Blobs) {
         let mem = create_guest_memory(64 << 20).unwrap();
         let t = create_acpi_tables(&mem, vcpus, virtio).unwrap();
         let read = |addr: u64, len: usize| {
