@@ -5,13 +5,12 @@
 //! stopped hard after --shutdown-timeout or at a second signal (exit 7).
 
 mod common;
+mod common_acpi;
 
-use std::io::Read;
-use std::process::Child;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
+use common_acpi::Running;
 use ember::arch::x86_64::layout::{
     ACPI_GED_EVENT, ACPI_RESET_REGISTER, ACPI_SLEEP_CONTROL, ACPI_START,
 };
@@ -148,107 +147,6 @@ fn without_acpi_the_registers_are_absent() {
     out.expect_code(0);
     assert_eq!(out.stdout, "no acpi\n");
     assert!(out.stderr.contains("guest rebooted"), "{out:?}");
-}
-
-/// A running ember whose stdout and stderr are collected as they come.
-struct Running {
-    child: Child,
-    stdout: Arc<Mutex<Vec<u8>>>,
-    stderr: Arc<Mutex<Vec<u8>>>,
-}
-
-fn collect(mut pipe: impl Read + Send + 'static) -> Arc<Mutex<Vec<u8>>> {
-    let buf = Arc::new(Mutex::new(Vec::new()));
-    let sink = buf.clone();
-    std::thread::spawn(move || {
-        let mut b = [0u8; 256];
-        while let Ok(n) = pipe.read(&mut b) {
-            if n == 0 {
-                break;
-            }
-            sink.lock().unwrap().extend_from_slice(&b[..n]);
-        }
-    });
-    buf
-}
-
-fn text(buf: &Mutex<Vec<u8>>) -> String {
-    String::from_utf8_lossy(&buf.lock().unwrap()).into_owned()
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Self {
-        let mut child = spawn_ember(args, None);
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        Self {
-            child,
-            stdout,
-            stderr,
-        }
-    }
-
-    /// Waits until stdout (or stderr) contains `marker`; false after `timeout`.
-    fn wait_for(&self, stream: &Mutex<Vec<u8>>, marker: &str, timeout: Duration) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < timeout {
-            if text(stream).contains(marker) {
-                return true;
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        false
-    }
-
-    fn wait_stdout(&self, marker: &str, timeout: Duration) -> bool {
-        self.wait_for(&self.stdout, marker, timeout)
-    }
-
-    fn wait_stderr(&self, marker: &str, timeout: Duration) -> bool {
-        self.wait_for(&self.stderr, marker, timeout)
-    }
-
-    fn signal(&self, sig: libc::c_int) {
-        let pid = libc::pid_t::try_from(self.child.id()).unwrap();
-        // SAFETY: kill(2) on the pid of a child this test started and has not reaped.
-        let rc = unsafe { libc::kill(pid, sig) };
-        assert_eq!(rc, 0, "kill failed");
-    }
-
-    /// Waits for the end (killing ember after `timeout`).
-    fn finish(mut self, timeout: Duration) -> Finished {
-        let start = Instant::now();
-        let mut timed_out = false;
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if start.elapsed() > timeout {
-                timed_out = true;
-                let _ = self.child.kill();
-                break self.child.wait().unwrap();
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        };
-        // Let the readers drain what the process wrote before it ended.
-        std::thread::sleep(Duration::from_millis(50));
-        Finished {
-            code: status.code(),
-            stdout: text(&self.stdout),
-            stderr: text(&self.stderr),
-            elapsed: start.elapsed(),
-            timed_out,
-        }
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 /// A guest that polls the GED event register and powers off when the power button was
