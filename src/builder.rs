@@ -209,7 +209,7 @@ pub fn build_vm(config: &VmConfig, start: Instant, hooks: BuildHooks) -> Result<
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
     if let Some(button) = power_button {
-        vmm.set_shutdown_requester(button.requester());
+        vmm.set_shutdown_requester(button.requester(), Some(GED_IRQ));
     }
     Ok(vmm)
 }

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::*;
 use common_acpi::Running;
 use ember::arch::x86_64::layout::{
-    ACPI_GED_EVENT, ACPI_RESET_REGISTER, ACPI_SLEEP_CONTROL, ACPI_START,
+    ACPI_GED_EVENT, ACPI_RESET_REGISTER, ACPI_SLEEP_CONTROL, ACPI_START, GED_IRQ, IOAPIC_START,
 };
 use ember::devices::acpi::{
     GED_EVENT_POWER_BUTTON, RESET_VALUE, S5_SLEEP_TYPE, SLP_EN, SLP_TYP_SHIFT,
@@ -149,10 +149,20 @@ fn without_acpi_the_registers_are_absent() {
     assert!(out.stderr.contains("guest rebooted"), "{out:?}");
 }
 
+/// Unmasks the GED's IOAPIC pin (vector 0x30, edge, active high, CPU 0), as a guest's GED
+/// driver does: ember only presses the power button of a guest that did. Interrupts stay
+/// disabled in the tiny guest (IF=0), so the vector is never delivered.
+fn enable_ged_irq(a: &mut Asm) {
+    let low_dword_index = 0x10 + 2 * GED_IRQ;
+    a.mov_eax(low_dword_index).mmio_write32(IOAPIC_START); // IOREGSEL
+    a.mov_eax(0x30).mmio_write32(IOAPIC_START + 0x10); // IOWIN
+}
+
 /// A guest that polls the GED event register and powers off when the power button was
 /// pressed (what Linux does through the GED interrupt and _EVT).
 fn button_aware_guest() -> Asm {
     let mut a = Asm::new();
+    enable_ged_irq(&mut a);
     a.print("ready\n");
     let top = a.here();
     mmio_read32(&mut a, ACPI_GED_EVENT);
@@ -165,9 +175,13 @@ fn button_aware_guest() -> Asm {
     a
 }
 
-/// A guest that ignores everything.
-fn spinning_guest() -> Asm {
+/// A guest that enabled its power button but ignores it (or, with `listening` false, never
+/// enabled it).
+fn spinning_guest(listening: bool) -> Asm {
     let mut a = Asm::new();
+    if listening {
+        enable_ged_irq(&mut a);
+    }
     a.print("ready\n");
     let top = a.here();
     a.bytes(&[0xf3, 0x90]).jmp(top); // pause; jmp
@@ -211,7 +225,7 @@ fn sigint_without_a_terminal_also_asks() {
 
 #[test]
 fn a_guest_that_ignores_the_button_is_stopped_hard_after_the_timeout() {
-    let Some(g) = Tiny::new("acpi-timeout", &spinning_guest()) else {
+    let Some(g) = Tiny::new("acpi-timeout", &spinning_guest(true)) else {
         return;
     };
     let vm = Running::start(&g.args(&["--shutdown-timeout", "2"]));
@@ -231,7 +245,7 @@ fn a_guest_that_ignores_the_button_is_stopped_hard_after_the_timeout() {
 fn a_second_signal_stops_at_once() {
     // The shutdown timeout (10 minutes) is far beyond the wait: only the second signal can
     // end this run in time.
-    let Some(g) = Tiny::new("acpi-second", &spinning_guest()) else {
+    let Some(g) = Tiny::new("acpi-second", &spinning_guest(true)) else {
         return;
     };
     let vm = Running::start(&g.args(&["--shutdown-timeout", "600"]));
@@ -252,7 +266,7 @@ fn a_second_signal_stops_at_once() {
 
 #[test]
 fn without_acpi_a_signal_stops_at_once() {
-    let Some(g) = Tiny::new("acpi-nobutton", &spinning_guest()) else {
+    let Some(g) = Tiny::new("acpi-nobutton", &spinning_guest(false)) else {
         return;
     };
     let vm = Running::start(&g.args(&["--no-acpi", "--shutdown-timeout", "600"]));
@@ -262,4 +276,23 @@ fn without_acpi_a_signal_stops_at_once() {
     assert!(!out.timed_out, "{out:?}");
     out.expect_code(7);
     assert!(out.stderr.contains("stopping the guest"), "{out:?}");
+}
+
+#[test]
+fn a_guest_that_never_enabled_its_power_button_is_stopped_at_once() {
+    // ACPI is on, but the guest never unmasked the GED's interrupt line: nothing in it
+    // could hear the button, so waiting for it would only waste the shutdown timeout.
+    let Some(g) = Tiny::new("acpi-deaf", &spinning_guest(false)) else {
+        return;
+    };
+    let vm = Running::start(&g.args(&["--shutdown-timeout", "600"]));
+    assert!(vm.wait_stdout("ready\n", T), "the guest did not start");
+    vm.signal(libc::SIGTERM);
+    let out = vm.finish(T);
+    assert!(!out.timed_out, "{out:?}");
+    out.expect_code(7);
+    assert!(
+        out.stderr.contains("has not enabled its power button"),
+        "{out:?}"
+    );
 }
