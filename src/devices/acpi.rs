@@ -102,11 +102,6 @@ impl BusDevice for AcpiPlatform {
         match (offset, data.len()) {
             (SLEEP_STATUS, 1) => data[0] = self.sleep_status,
             (GED_EVENT, 4) => {
-                static TMP_N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                let n = TMP_N.fetch_add(1, Ordering::Relaxed);
-                if n % 100 == 0 {
-                    log::warn!("TMP GED read #{n}");
-                }
                 let pending = self.events.swap(0, Ordering::AcqRel);
                 data.copy_from_slice(&pending.to_le_bytes());
             }
