@@ -230,12 +230,20 @@ pub fn build_cmdline(config: &VmConfig, host: &HostInfo, devices: &DeviceManager
             }
         }
     }
+    if !config.acpi {
+        // No tables: spare an ACPI-capable kernel the search for them (and its "no valid
+        // RSDP" error). A kernel without ACPI ignores the switch.
+        cmdline = append_switches(&cmdline, NO_ACPI_SWITCH);
+    }
     for entry in devices.cmdline_entries() {
         cmdline.push(' ');
         cmdline.push_str(entry);
     }
     cmdline
 }
+
+/// What ember adds to the guest command line with `--no-acpi`, unless `acpi=` is there.
+pub const NO_ACPI_SWITCH: &str = "acpi=off";
 
 fn sink_writer(sink: ConsoleSink) -> Box<dyn std::io::Write + Send> {
     match sink {
@@ -347,4 +355,25 @@ fn attach_acpi_platform(
         ACPI_MMIO_SIZE,
     )?;
     Ok(button)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_acpi_turns_the_guests_acpi_off_unless_the_user_chose() {
+        let host = HostInfo { pvm: false };
+        let devices = DeviceManager::new();
+        let mut c = VmConfig::new("/k");
+        assert!(!build_cmdline(&c, &host, &devices).contains("acpi="));
+        c.acpi = false;
+        assert!(build_cmdline(&c, &host, &devices).ends_with(" acpi=off"));
+        c.cmdline.push_str(" acpi=strict");
+        let line = build_cmdline(&c, &host, &devices);
+        assert!(
+            line.contains("acpi=strict") && !line.contains("acpi=off"),
+            "{line}"
+        );
+    }
 }

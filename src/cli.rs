@@ -78,8 +78,9 @@ pub struct RunArgs {
     /// Log when the guest's init signals it started (a write of 123 to MMIO 0xc0000000).
     #[arg(long)]
     pub boot_timer: bool,
-    /// Give the guest no ACPI tables: it then finds its CPUs through the MP table, cannot
-    /// power off (only reboot), and has no power button for a graceful stop.
+    /// Give the guest no ACPI tables (and `acpi=off` on its command line): it then finds its
+    /// CPUs through the MP table, cannot power off (only reboot), and has no power button for
+    /// a graceful stop.
     #[arg(long)]
     pub no_acpi: bool,
     /// After SIGTERM (or SIGINT), how long the guest gets to shut down after ember pressed
