@@ -10,12 +10,14 @@ use std::time::Instant;
 use kvm_bindings::KVM_MAX_CPUID_ENTRIES;
 
 use crate::arch::x86_64::layout::{
-    BOOT_TIMER_SIZE, BOOT_TIMER_START, COM1_IRQ, COM1_PORT, COM2_IRQ, COM2_PORT, EXIT_DEVICE_SIZE,
-    EXIT_DEVICE_START, I8042_COMMAND_PORT, I8042_DATA_PORT, SERIAL_PORT_SIZE,
+    ACPI_MMIO_SIZE, ACPI_MMIO_START, BOOT_TIMER_SIZE, BOOT_TIMER_START, COM1_IRQ, COM1_PORT,
+    COM2_IRQ, COM2_PORT, EXIT_DEVICE_SIZE, EXIT_DEVICE_START, GED_IRQ, I8042_COMMAND_PORT,
+    I8042_DATA_PORT, SERIAL_PORT_SIZE,
 };
 use crate::arch::x86_64::regs::EntryProtocol;
-use crate::arch::x86_64::{mptable, write_pvh_start_info, write_zero_page, BootError};
+use crate::arch::x86_64::{acpi, mptable, write_pvh_start_info, write_zero_page, BootError};
 use crate::config::{ConfigError, ConsoleSink, VmConfig};
+use crate::devices::acpi::{AcpiPlatform, PowerButton};
 use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::exit_device::ExitDevice;
 use crate::devices::legacy::i8042::I8042;
@@ -194,6 +196,11 @@ pub fn build_vm(
             Arc::new(Mutex::new(rng)),
         )?;
     }
+    let power_button = if config.acpi {
+        Some(attach_acpi_platform(&vm, &mut devices, &exit)?)
+    } else {
+        None
+    };
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
     let cmdline = build_cmdline(config, &host, &devices);
@@ -201,8 +208,18 @@ pub fn build_vm(
     // 7. Kernel and initrd (from the loader), command line and boot structures.
     let (loaded, initrd) = images.join()?;
     let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
+    // ACPI tables for guests that read them, and the MP table for guests without ACPI. The
+    // virtio-mmio windows stay on the command line, which every guest kernel reads, with or
+    // without ACPI; describing them in the DSDT as well would make an ACPI guest probe each
+    // device twice (the DSDT code can: pass `devices.mmio_slots()` and drop the entries).
+    let rsdp = if config.acpi {
+        let tables = acpi::create_acpi_tables(&mem, config.vcpus, &[]).map_err(BootError::from)?;
+        Some(tables.rsdp)
+    } else {
+        None
+    };
     match loaded.protocol {
-        EntryProtocol::Pvh => write_pvh_start_info(&mem, config.mem_bytes(), initrd, None)?,
+        EntryProtocol::Pvh => write_pvh_start_info(&mem, config.mem_bytes(), initrd, rsdp)?,
         EntryProtocol::Linux64 => {
             write_zero_page(&mem, config.mem_bytes(), loaded.header, cmdline_len, initrd)?;
         }
@@ -244,15 +261,11 @@ pub fn build_vm(
         .map(Vcpu::start)
         .collect::<Result<Vec<_>, _>>()?;
 
-    Ok(Vmm::new(
-        vm,
-        mem,
-        exit,
-        event_manager,
-        handles,
-        timeline,
-        exit_status,
-    ))
+    let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
+    if let Some(button) = power_button {
+        vmm.set_shutdown_requester(button.requester(), Some(GED_IRQ));
+    }
+    Ok(vmm)
 }
 
 /// The final guest command line.
@@ -275,12 +288,20 @@ pub fn build_cmdline(config: &VmConfig, host: &HostInfo, devices: &DeviceManager
             }
         }
     }
+    if !config.acpi {
+        // No tables: spare an ACPI-capable kernel the search for them (and its "no valid
+        // RSDP" error). A kernel without ACPI ignores the switch.
+        cmdline = append_switches(&cmdline, NO_ACPI_SWITCH);
+    }
     for entry in devices.cmdline_entries() {
         cmdline.push(' ');
         cmdline.push_str(entry);
     }
     cmdline
 }
+
+/// What ember adds to the guest command line with `--no-acpi`, unless `acpi=` is there.
+pub const NO_ACPI_SWITCH: &str = "acpi=off";
 
 fn sink_writer(sink: ConsoleSink) -> Box<dyn std::io::Write + Send> {
     match sink {
@@ -489,4 +510,42 @@ pub fn virtio_mmio_cmdline(slot: &MmioSlot) -> String {
         "virtio_mmio.device={:#x}@{:#x}:{}",
         slot.size, slot.addr, slot.irq
     )
+}
+
+/// The ACPI register window (sleep, reset, GED events) with the GED's interrupt line. The
+/// returned power button asks the guest to shut down.
+fn attach_acpi_platform(
+    vm: &Vm,
+    devices: &mut DeviceManager,
+    exit: &Arc<VmExit>,
+) -> Result<PowerButton, BuildError> {
+    let irq = devices.irqfd(vm.fd(), GED_IRQ)?;
+    let (platform, button) = AcpiPlatform::new(exit.clone(), irq);
+    devices.add_mmio(
+        Arc::new(Mutex::new(platform)),
+        ACPI_MMIO_START,
+        ACPI_MMIO_SIZE,
+    )?;
+    Ok(button)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn no_acpi_turns_the_guests_acpi_off_unless_the_user_chose() {
+        let host = HostInfo { pvm: false };
+        let devices = DeviceManager::new();
+        let mut c = VmConfig::new("/k");
+        assert!(!build_cmdline(&c, &host, &devices).contains("acpi="));
+        c.acpi = false;
+        assert!(build_cmdline(&c, &host, &devices).ends_with(" acpi=off"));
+        c.cmdline.push_str(" acpi=strict");
+        let line = build_cmdline(&c, &host, &devices);
+        assert!(
+            line.contains("acpi=strict") && !line.contains("acpi=off"),
+            "{line}"
+        );
+    }
 }

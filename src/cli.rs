@@ -14,14 +14,17 @@ use crate::devices::virtio::vsock::VsockConfig;
 
 const EXIT_CODES_HELP: &str = "\
 Exit status:
-  0    the guest powered off or rebooted (`reboot` with reboot=k: the i8042 reset line)
+  0    the guest powered off (`poweroff`: ACPI S5) or rebooted (`reboot`: the i8042 reset
+       line with reboot=k, or the ACPI reset register)
   1    ember failed while the VM ran (a KVM or host error)
   2    bad command line or configuration; nothing was started
   3    the guest triple-faulted (CPU shutdown)
   4    the guest kernel panicked (its panic message was seen on the console)
   5    KVM could not emulate a guest instruction (RIP, bytes and symbol are printed)
-  6    stopped by SIGTERM/SIGINT; the guest shut down cleanly in time
-  7    stopped by a signal; the guest was stopped hard";
+  6    stopped by SIGTERM/SIGINT; the guest shut down cleanly within --shutdown-timeout
+       (ember pressed its ACPI power button)
+  7    stopped by a signal; the guest was stopped hard (it did not shut down in time, it
+       has no ACPI power button, or a second signal came)";
 
 /// ember: a fast, small microVM monitor on Linux KVM.
 #[derive(Debug, Parser)]
@@ -123,6 +126,16 @@ pub struct RunArgs {
     /// No virtio-rng device.
     #[arg(long)]
     pub no_rng: bool,
+    /// Give the guest no ACPI tables (and `acpi=off` on its command line): it then finds its
+    /// CPUs through the MP table, cannot power off (only reboot), and has no power button for
+    /// a graceful stop.
+    #[arg(long)]
+    pub no_acpi: bool,
+    /// After SIGTERM (or SIGINT), how long the guest gets to shut down after ember pressed
+    /// its power button before it is stopped hard. Default: 30 on PVM hosts (guest kernel
+    /// code is emulated there), 5 otherwise.
+    #[arg(long, value_name = "SECS")]
+    pub shutdown_timeout: Option<u64>,
     /// Sample each vCPU's guest RIP and stack at --profile-rate and write a flat profile of
     /// guest kernel functions to FILE (folded stacks to FILE.folded), symbolized with the
     /// kernel's ELF symbol table.
@@ -323,6 +336,7 @@ impl RunArgs {
             // Bench children have no console input (and no terminal to put in raw mode).
             c.stdin = false;
         }
+        c.acpi = !self.no_acpi;
         Ok(c)
     }
 }
@@ -346,6 +360,26 @@ mod tests {
         assert_eq!(c.mem_mib, 128);
         assert_eq!(c.cmdline, DEFAULT_CMDLINE);
         assert!(c.host_tuning);
+        assert!(c.acpi);
+        assert_eq!(a.shutdown_timeout, None);
+    }
+
+    #[test]
+    fn acpi_and_shutdown_flags() {
+        let cli = parse(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--no-acpi",
+            "--shutdown-timeout",
+            "2",
+        ]);
+        let Command::Run(a) = cli.unwrap().command else {
+            panic!("not run")
+        };
+        assert_eq!(a.shutdown_timeout, Some(2));
+        assert!(!a.to_config().unwrap().acpi);
+        assert!(parse(&["run", "--kernel", "/k", "--shutdown-timeout", "-1"]).is_err());
     }
 
     #[test]

@@ -237,6 +237,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The virtio-rng device (on unless `--no-rng`).
     pub rng: Option<RngConfig>,
+    /// Give the guest ACPI tables and the ACPI platform (power off, reset, power button).
+    pub acpi: bool,
 }
 
 impl VmConfig {
@@ -260,6 +262,7 @@ impl VmConfig {
             net: Vec::new(),
             vsock: None,
             rng: Some(RngConfig::default()),
+            acpi: true,
         }
     }
 

@@ -10,6 +10,7 @@ use clap::Parser;
 use ember::bench::runner::Progress;
 use ember::cli::{BenchArgs, Cli, Command, RunArgs};
 use ember::exit::{code, ExitReason};
+use ember::host::HostInfo;
 use ember::vmm::RunOptions;
 
 fn main() -> ExitCode {
@@ -97,8 +98,12 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             return ExitCode::from(code::USAGE);
         }
     };
+    let shutdown_timeout = args.shutdown_timeout.map_or_else(
+        || HostInfo::detect().default_shutdown_timeout(),
+        Duration::from_secs,
+    );
     let opts = RunOptions {
-        shutdown_timeout: Duration::from_secs(30),
+        shutdown_timeout,
         deadline: args
             .stop_after_ms
             .map(|ms| start + Duration::from_millis(ms)),
@@ -121,7 +126,9 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             let reason = &outcome.reason;
             let code = reason.exit_code();
             match reason {
-                ExitReason::Reset | ExitReason::PowerOff => log::info!("{}", reason.describe()),
+                ExitReason::Reset
+                | ExitReason::PowerOff
+                | ExitReason::Stopped { graceful: true } => log::info!("{}", reason.describe()),
                 _ => log::error!("{}", reason.describe()),
             }
             ExitCode::from(code)

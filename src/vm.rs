@@ -2,7 +2,10 @@
 //! The KVM VM: opening /dev/kvm, checking what ember needs, the in-kernel interrupt
 //! controllers and PIT, and registering guest memory.
 
-use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_bindings::{
+    kvm_irqchip, kvm_pit_config, kvm_userspace_memory_region, KVM_IRQCHIP_IOAPIC,
+    KVM_PIT_SPEAKER_DUMMY,
+};
 use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -141,5 +144,40 @@ impl Vm {
     /// Largest vCPU count this host's KVM allows.
     pub fn max_vcpus(&self) -> usize {
         self.max_vcpus
+    }
+
+    /// Whether the guest left IOAPIC input `pin` masked (as it is at reset), i.e. no guest
+    /// driver has set up that interrupt line. A pin the IOAPIC does not have reads as masked.
+    pub fn ioapic_pin_masked(&self, pin: u32) -> Result<bool, VmError> {
+        const REDIRECTION_MASKED: u64 = 1 << 16;
+        let mut chip = kvm_irqchip {
+            chip_id: KVM_IRQCHIP_IOAPIC,
+            ..Default::default()
+        };
+        self.fd
+            .get_irqchip(&mut chip)
+            .map_err(kvm_err("IOAPIC state read"))?;
+        let index = usize::try_from(pin).unwrap_or(usize::MAX);
+        // SAFETY: KVM_GET_IRQCHIP with chip_id KVM_IRQCHIP_IOAPIC fills the `ioapic` member of
+        // the union, and every redirection entry is plain data readable as `bits`.
+        let entry = unsafe { chip.chip.ioapic.redirtbl.get(index).map(|e| e.bits) };
+        Ok(entry.is_none_or(|bits| bits & REDIRECTION_MASKED != 0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ioapic_pins_start_masked() {
+        let Ok(kvm) = open_kvm() else {
+            eprintln!("SKIP ioapic_pins_start_masked: /dev/kvm is not usable here");
+            return;
+        };
+        let vm = Vm::new(&kvm).unwrap();
+        for pin in [0, 4, 23, 24, u32::MAX] {
+            assert!(vm.ioapic_pin_masked(pin).unwrap(), "pin {pin}");
+        }
     }
 }

@@ -77,6 +77,9 @@ pub struct Vmm {
     exit: Arc<VmExit>,
     timeline: Arc<Timeline>,
     guest_status: Arc<Mutex<Option<u32>>>,
+    shutdown: Option<ShutdownRequester>,
+    /// IOAPIC pin the guest unmasks once it listens to `shutdown` (its power button).
+    shutdown_irq: Option<u32>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -106,8 +109,34 @@ impl Vmm {
             exit,
             timeline,
             guest_status,
+            shutdown: None,
+            shutdown_irq: None,
             vm,
             mem,
+        }
+    }
+
+    /// Sets how this VM's guest is asked to shut down (the ACPI power button), used by
+    /// [`run`](Self::run) when its [`RunOptions`] bring no requester of their own. `irq` is
+    /// the IOAPIC pin of the request: while the guest keeps it masked (no driver for it, or
+    /// not booted that far) nothing would hear the request, so a stop signal stops the guest
+    /// at once instead of waiting out the shutdown timeout.
+    pub fn set_shutdown_requester(&mut self, requester: ShutdownRequester, irq: Option<u32>) {
+        self.shutdown = Some(requester);
+        self.shutdown_irq = irq;
+    }
+
+    /// Whether the guest listens for a shutdown request on `irq` (it unmasked that pin).
+    fn guest_listens(&self, irq: u32) -> bool {
+        match self.vm.ioapic_pin_masked(irq) {
+            Ok(masked) => !masked,
+            Err(e) => {
+                log::debug!(
+                    "cannot read the IOAPIC state: {}",
+                    crate::error_chain_line(&e)
+                );
+                true
+            }
         }
     }
 
@@ -143,6 +172,11 @@ impl Vmm {
 
     /// Runs the event loop until the guest ends or is stopped, then stops every vCPU.
     pub fn run(mut self, mut opts: RunOptions) -> RunOutcome {
+        let mut listener_irq = None;
+        if opts.shutdown.is_none() {
+            opts.shutdown = self.shutdown.take();
+            listener_irq = self.shutdown_irq;
+        }
         let pending = Arc::new(Mutex::new(Vec::new()));
         if let Some(fd) = opts.signal_fd.take() {
             self.event_manager
@@ -188,6 +222,15 @@ impl Vmm {
             for sig in signals {
                 if stop_asked_at.is_some() {
                     log::warn!("second stop signal: stopping the guest now");
+                    self.exit.request(ExitReason::Stopped { graceful: false });
+                    break;
+                }
+                if let Some(irq) = listener_irq.filter(|irq| !self.guest_listens(*irq)) {
+                    log::info!(
+                        "signal {sig}: the guest has not enabled its power button (IRQ {irq} \
+                         is masked: no ACPI in its kernel, or it has not booted that far); \
+                         stopping it"
+                    );
                     self.exit.request(ExitReason::Stopped { graceful: false });
                     break;
                 }

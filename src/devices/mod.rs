@@ -3,6 +3,7 @@
 //! MMIO windows and interrupt lines, wires interrupts to KVM irqfds, and collects the
 //! command-line entries that tell the guest about devices it cannot discover.
 
+pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod virtio;
@@ -13,7 +14,7 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::x86_64::layout::{
-    IRQ_LAST, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_END, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
+    DEVICE_IRQ_LAST, VIRTIO_IRQ_FIRST, VIRTIO_MMIO_END, VIRTIO_MMIO_SIZE, VIRTIO_MMIO_START,
 };
 use bus::{BusDevice, BusError};
 
@@ -108,8 +109,10 @@ impl DeviceManager {
 
     /// The next free interrupt line for a device.
     pub fn allocate_irq(&mut self) -> Result<u32, DeviceError> {
-        if self.next_irq > IRQ_LAST {
-            return Err(DeviceError::OutOfIrqs(IRQ_LAST - VIRTIO_IRQ_FIRST + 1));
+        if self.next_irq > DEVICE_IRQ_LAST {
+            return Err(DeviceError::OutOfIrqs(
+                DEVICE_IRQ_LAST - VIRTIO_IRQ_FIRST + 1,
+            ));
         }
         let irq = self.next_irq;
         self.next_irq += 1;
@@ -172,7 +175,7 @@ mod tests {
         while dm.allocate_mmio_slot().is_ok() {
             n += 1;
         }
-        assert_eq!(n, IRQ_LAST - VIRTIO_IRQ_FIRST + 1);
+        assert_eq!(n, DEVICE_IRQ_LAST - VIRTIO_IRQ_FIRST + 1);
         assert!(matches!(dm.allocate_irq(), Err(DeviceError::OutOfIrqs(_))));
     }
 }

@@ -14,7 +14,8 @@
 //!  0x000f_0000  MP table (floating pointer + configuration table)
 //!  0x0010_0000  kernel (high memory starts here)
 //!  ...          initrd, placed as high as the kernel allows
-//!  0xc000_0000  start of the 32-bit MMIO gap: boot timer, exit device, virtio-mmio windows
+//!  0xc000_0000  start of the 32-bit MMIO gap: boot timer (0xc000_0000), exit device
+//!               (0xc000_1000), ACPI registers (0xc000_2000), virtio-mmio windows (0xd000_0000)
 //!  0xfec0_0000  IOAPIC               0xfee0_0000  local APIC
 //!  0x1_0000_0000 RAM above 4 GiB when the guest has more than 3 GiB
 //! ```
@@ -77,6 +78,18 @@ pub const EXIT_DEVICE_SIZE: u64 = 0x1000;
 pub const ACPI_MMIO_START: u64 = 0xc000_2000;
 /// Size of the ACPI register window.
 pub const ACPI_MMIO_SIZE: u64 = 0x1000;
+/// ACPI sleep control register (8 bits, FADT `SLEEP_CONTROL_REG`): the guest writes
+/// `SLP_TYP << 2 | SLP_EN` here; S5 powers the VM off.
+pub const ACPI_SLEEP_CONTROL: u64 = ACPI_MMIO_START;
+/// ACPI sleep status register (8 bits, FADT `SLEEP_STATUS_REG`): `WAK_STS`, write 1 to clear.
+pub const ACPI_SLEEP_STATUS: u64 = ACPI_MMIO_START + 1;
+/// ACPI reset register (8 bits, FADT `RESET_REG`): writing the FADT's reset value resets.
+pub const ACPI_RESET_REGISTER: u64 = ACPI_MMIO_START + 2;
+/// Event register of the ACPI generic event device (32 bits, read clears): which events
+/// raised [`GED_IRQ`]. Read by the DSDT's `\_SB.GED._EVT`.
+pub const ACPI_GED_EVENT: u64 = ACPI_MMIO_START + 4;
+/// Size of the GED event register.
+pub const ACPI_GED_EVENT_SIZE: u64 = 4;
 /// First virtio-mmio device window.
 pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
 /// Size of one virtio-mmio device window.
@@ -107,6 +120,11 @@ pub const I8042_COMMAND_PORT: u16 = 0x64;
 pub const VIRTIO_IRQ_FIRST: u32 = 5;
 /// Last interrupt line (inclusive) of the IOAPIC's 24 pins.
 pub const IRQ_LAST: u32 = 23;
+/// Interrupt line of the ACPI generic event device (ACPI0013: the power button), the
+/// IOAPIC's last pin, kept out of the device allocator.
+pub const GED_IRQ: u32 = IRQ_LAST;
+/// Last interrupt line (inclusive) the device allocator hands out.
+pub const DEVICE_IRQ_LAST: u32 = GED_IRQ - 1;
 
 /// Number of IOAPIC pins (and of the legacy interrupt lines described in the MP table).
 pub const IOAPIC_PINS: u32 = 24;

@@ -3,6 +3,7 @@
 //! structures the kernel reads (zero page or PVH start info, memory map, MP table), and the
 //! register state of each vCPU ([`regs`], [`gdt`], [`cpuid`], [`msrs`]).
 
+pub mod acpi;
 pub mod cpuid;
 pub mod gdt;
 pub mod layout;
@@ -31,6 +32,9 @@ pub enum BootError {
     /// Building the MP table failed.
     #[error("cannot build the MP table")]
     MpTable(#[from] mptable::MpTableError),
+    /// Building the ACPI tables failed.
+    #[error("cannot build the ACPI tables")]
+    Acpi(#[from] acpi::AcpiError),
 }
 
 /// Where the initrd went.
