@@ -263,10 +263,12 @@ fn attach_legacy_devices(
         devices.add_pio(com2, COM2_PORT, SERIAL_PORT_SIZE)?;
     }
 
-    // i8042: data port and command port, one device.
+    // i8042: one range from the data port to the command port, so that the device sees the
+    // command port at its offset 4 (two one-port ranges would both be offset 0, and the
+    // reset command would never be recognized).
     let i8042 = Arc::new(Mutex::new(I8042::new(exit.clone())));
-    devices.add_pio(i8042.clone(), I8042_DATA_PORT, 1)?;
-    devices.add_pio(i8042, I8042_COMMAND_PORT, 1)?;
+    let len = I8042_COMMAND_PORT - I8042_DATA_PORT + 1;
+    devices.add_pio(i8042, I8042_DATA_PORT, len)?;
     Ok(())
 }
 
