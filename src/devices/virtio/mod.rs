@@ -13,7 +13,8 @@
 //!   interrupt-status bits, the configuration generation and the NEEDS_RESET flag, shared by
 //!   the transport and the device.
 //!
-//! Devices: [`block`] (virtio-blk on a raw image file).
+//! Devices: [`block`] (virtio-blk on a raw image file), [`net`] (virtio-net on a TAP),
+//! [`vsock`] (virtio-vsock to host Unix sockets), [`rng`] (virtio-rng from getrandom).
 //!
 //! # Life of a device
 //!

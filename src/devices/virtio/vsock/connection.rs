@@ -243,7 +243,13 @@ impl<S: HostStream> Connection<S> {
             self.peer_port,
             self.state
         );
-        self.reset();
+        if self.state == State::LocalInit && self.pending_request {
+            // The guest never saw the request (no driver yet, or no receive buffers): there
+            // is nothing to reset on its side.
+            self.close_silently();
+        } else {
+            self.reset();
+        }
     }
 
     /// The connection is over and has nothing more for the guest: the muxer may drop it.
@@ -871,13 +877,30 @@ mod tests {
 
     #[test]
     fn timeout_resets() {
-        let (ours, _h) = pair();
+        // The guest got the request but never answered: it gets a RST.
+        let (ours, mut host) = pair();
         let mut c = Connection::new_local(ours, CID, 1 << 30, 52);
+        assert_eq!(
+            recv(&mut c, &mut []).unwrap().0.known_op(),
+            Some(Op::Request)
+        );
         c.set_deadline(Some(Instant::now()));
         c.expire();
         let ops: Vec<_> = std::iter::from_fn(|| recv(&mut c, &mut []))
             .map(|(h, _)| h.known_op())
             .collect();
         assert_eq!(ops, vec![Some(Op::Rst)]);
+        assert!(c.is_done());
+        assert_eq!(
+            host.read(&mut [0u8; 4]).unwrap(),
+            0,
+            "the host client sees EOF"
+        );
+        // The guest never saw the request: nothing to tell it, the connection is gone.
+        let (ours, _h) = pair();
+        let mut c = Connection::new_local(ours, CID, 1 << 30, 53);
+        c.expire();
+        assert!(c.is_done());
+        assert!(recv(&mut c, &mut []).is_none());
     }
 }
