@@ -208,12 +208,15 @@ pub fn build_vm(
     // 7. Kernel and initrd (from the loader), command line and boot structures.
     let (loaded, initrd) = images.join()?;
     let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
-    // ACPI tables for guests that read them, and the MP table for guests without ACPI. The
-    // virtio-mmio windows stay on the command line, which every guest kernel reads, with or
-    // without ACPI; describing them in the DSDT as well would make an ACPI guest probe each
-    // device twice (the DSDT code can: pass `devices.mmio_slots()` and drop the entries).
+    // ACPI tables (with every device that has an interrupt: see arch::x86_64::acpi) for
+    // guests that read them, and the MP table for guests without ACPI.
     let rsdp = if config.acpi {
-        let tables = acpi::create_acpi_tables(&mem, config.vcpus, &[]).map_err(BootError::from)?;
+        let acpi_devices = acpi::AcpiDevices {
+            serial: &serial_ports(config),
+            virtio: devices.mmio_slots(),
+        };
+        let tables =
+            acpi::create_acpi_tables(&mem, config.vcpus, &acpi_devices).map_err(BootError::from)?;
         Some(tables.rsdp)
     } else {
         None
@@ -294,10 +297,33 @@ pub fn build_cmdline(config: &VmConfig, host: &HostInfo, devices: &DeviceManager
         cmdline = append_switches(&cmdline, NO_ACPI_SWITCH);
     }
     for entry in devices.cmdline_entries() {
+        // With ACPI the DSDT describes the virtio-mmio windows; a command-line entry would
+        // name an interrupt number a hardware-reduced ACPI guest has not mapped.
+        if config.acpi && entry.starts_with(VIRTIO_MMIO_CMDLINE_KEY) {
+            continue;
+        }
         cmdline.push(' ');
         cmdline.push_str(entry);
     }
     cmdline
+}
+
+/// Command-line entries that declare a virtio-mmio device (`virtio_mmio.device=4K@0x..:5`).
+pub const VIRTIO_MMIO_CMDLINE_KEY: &str = "virtio_mmio.device=";
+
+/// The serial ports the guest has, for the DSDT.
+fn serial_ports(config: &VmConfig) -> Vec<acpi::SerialPort> {
+    let mut ports = vec![acpi::SerialPort {
+        base: COM1_PORT,
+        irq: COM1_IRQ,
+    }];
+    if config.com2.is_some() {
+        ports.push(acpi::SerialPort {
+            base: COM2_PORT,
+            irq: COM2_IRQ,
+        });
+    }
+    ports
 }
 
 /// What ember adds to the guest command line with `--no-acpi`, unless `acpi=` is there.
@@ -532,6 +558,35 @@ fn attach_acpi_platform(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn virtio_mmio_entries_only_without_acpi() {
+        let host = HostInfo { pvm: false };
+        let mut devices = DeviceManager::new();
+        devices.push_cmdline("virtio_mmio.device=4K@0xd0000000:5");
+        devices.push_cmdline("other.option=1");
+        let mut c = VmConfig::new("/k");
+        let line = build_cmdline(&c, &host, &devices);
+        assert!(
+            !line.contains("virtio_mmio") && line.ends_with(" other.option=1"),
+            "{line}"
+        );
+        c.acpi = false;
+        let line = build_cmdline(&c, &host, &devices);
+        assert!(
+            line.contains(" virtio_mmio.device=4K@0xd0000000:5"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn serial_ports_follow_the_config() {
+        let mut c = VmConfig::new("/k");
+        assert_eq!(serial_ports(&c).len(), 1);
+        c.com2 = Some(ConsoleSink::Null);
+        let ports = serial_ports(&c);
+        assert_eq!((ports[1].base, ports[1].irq), (COM2_PORT, COM2_IRQ));
+    }
 
     #[test]
     fn no_acpi_turns_the_guests_acpi_off_unless_the_user_chose() {

@@ -8,10 +8,19 @@
 //!   RSDP ─► XSDT ─┬─► FADT  hardware-reduced; sleep control/status and reset registers
 //!                 │     └─► DSDT  \_SB.GED  (ACPI0013, GED_IRQ, _EVT: power button)
 //!                 │               \_SB.PWRB (PNP0C0C, the power button)
-//!                 │               \_SB.VRnn (LNRO0005, one per virtio-mmio window)
+//!                 │               \_SB.COMn (PNP0501, each serial port: I/O ports + IRQ)
+//!                 │               \_SB.VRnn (LNRO0005, each virtio-mmio window + IRQ)
 //!                 │               \_S5_     (the one sleep state: soft off)
 //!                 └─► MADT  one local APIC per vCPU, the IOAPIC, IRQ0 override, LINT1 NMI
 //! ```
+//!
+//! Why the DSDT lists the serial ports and virtio-mmio windows: on a hardware-reduced
+//! platform Linux (x86) drops the legacy PIC and with it the built-in ISA interrupt
+//! numbering, so a device it knows only by a fixed IRQ number (the 8250's IRQ 4, a
+//! `virtio_mmio.device=...:5` command-line entry) gets no working interrupt. A device whose
+//! interrupt comes from its `_CRS` gets its GSI mapped through the IOAPIC. So with ACPI the
+//! DSDT is how the guest learns about every device with an interrupt, and the command line
+//! carries no `virtio_mmio.device=` entries (see `builder::build_cmdline`).
 //!
 //! The registers the tables point to live in the MMIO window at
 //! [`ACPI_MMIO_START`](super::layout::ACPI_MMIO_START), served by
@@ -20,7 +29,7 @@
 use acpi_tables::aml::{
     self, And, Device, EISAName, Field, FieldAccessType, FieldEntry, FieldLockRule,
     FieldUpdateRule, If, Interrupt, Local, Memory32Fixed, Method, Name, Notify, OpRegion,
-    OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store,
+    OpRegionSpace, Package, Path, ResourceTemplate, Scope, Store, IO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
@@ -44,6 +53,9 @@ pub enum AcpiError {
     /// More vCPUs than the MADT's 8-bit APIC IDs can name (the IOAPIC takes one ID).
     #[error("the ACPI MADT can describe at most 254 vCPUs, not {0}")]
     TooManyCpus(u32),
+    /// More serial ports than the DSDT names (COM1..COM9).
+    #[error("the DSDT can describe at most 9 serial ports, not {0}")]
+    TooManySerialPorts(usize),
     /// A device window lies above 4 GiB (the DSDT describes 32-bit windows only).
     #[error("the virtio-mmio window at {0:#x} is above 4 GiB; the DSDT cannot describe it")]
     WindowAbove4G(u64),
@@ -85,6 +97,27 @@ const DSDT_REVISION: u8 = 6;
 /// ACPI notification "device-specific event 0x80": for a power button, "pressed".
 const NOTIFY_POWER_BUTTON_PRESSED: u8 = 0x80;
 
+/// A 16550 UART on the port-I/O bus, as the DSDT describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SerialPort {
+    /// First of its 8 I/O ports.
+    pub base: u16,
+    /// Its interrupt line (GSI).
+    pub irq: u32,
+}
+
+/// The devices the DSDT describes besides the platform's own (GED, power button).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct AcpiDevices<'a> {
+    /// Serial ports, COM1 first.
+    pub serial: &'a [SerialPort],
+    /// virtio-mmio windows.
+    pub virtio: &'a [MmioSlot],
+}
+
+/// Number of I/O ports of a 16550.
+const UART_PORTS: u8 = 8;
+
 /// Guest-physical addresses of the tables ember wrote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct AcpiTables {
@@ -100,14 +133,14 @@ pub struct AcpiTables {
     pub dsdt: u64,
 }
 
-/// Builds the tables for `vcpus` vCPUs and the virtio-mmio windows `virtio`, and writes them
-/// to guest memory at [`ACPI_START`].
+/// Builds the tables for `vcpus` vCPUs and `devices`, and writes them to guest memory at
+/// [`ACPI_START`].
 pub fn create_acpi_tables(
     mem: &GuestMemory,
     vcpus: u32,
-    virtio: &[MmioSlot],
+    devices: &AcpiDevices<'_>,
 ) -> Result<AcpiTables, AcpiError> {
-    let (tables, blobs) = build(vcpus, virtio)?;
+    let (tables, blobs) = build(vcpus, devices)?;
     for (addr, bytes) in blobs {
         mem.write_slice(&bytes, GuestAddress(addr))
             .map_err(|_| AcpiError::Write)?;
@@ -150,14 +183,14 @@ fn bytes_of(table: &dyn Aml) -> Vec<u8> {
 }
 
 /// Every table with its guest-physical address (pure: for [`create_acpi_tables`] and tests).
-fn build(vcpus: u32, virtio: &[MmioSlot]) -> Result<(AcpiTables, Blobs), AcpiError> {
+fn build(vcpus: u32, devices: &AcpiDevices<'_>) -> Result<(AcpiTables, Blobs), AcpiError> {
     let mut at = Placer {
         next: ACPI_START,
         blobs: Vec::new(),
     };
     // The RSDP first: at ACPI_START it is on the 16-byte boundary the kernel's scan wants.
     let rsdp = at.reserve(Rsdp::len())?;
-    let dsdt = at.put(dsdt(virtio)?)?;
+    let dsdt = at.put(dsdt(devices)?)?;
     let fadt = at.put(fadt(dsdt))?;
     let madt = at.put(madt(vcpus)?)?;
     let mut x = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
@@ -265,6 +298,12 @@ fn madt(vcpus: u32) -> Result<Vec<u8>, AcpiError> {
 ///         }
 ///     }
 ///     Device (PWRB) { Name (_HID, EisaId ("PNP0C0C"))  Name (_UID, 0) }
+///     Device (COM1) {                           // one per serial port
+///         Name (_HID, EisaId ("PNP0501"))  Name (_UID, 1)
+///         Name (_CRS, ResourceTemplate () {
+///             IO (Decode16, base, base, 0, 8)
+///             Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive) { irq } })
+///     }
 ///     Device (VR00) {                           // one per virtio-mmio window
 ///         Name (_HID, "LNRO0005")  Name (_UID, 0)
 ///         Name (_CRS, ResourceTemplate () {
@@ -274,7 +313,7 @@ fn madt(vcpus: u32) -> Result<Vec<u8>, AcpiError> {
 /// }
 /// Name (\_S5, Package () { 5, 0 })
 /// ```
-fn dsdt_aml(virtio: &[MmioSlot]) -> Result<Vec<u8>, AcpiError> {
+fn dsdt_aml(devices: &AcpiDevices<'_>) -> Result<Vec<u8>, AcpiError> {
     let mut sb: Vec<u8> = Vec::new();
 
     // The generic event device.
@@ -313,9 +352,24 @@ fn dsdt_aml(virtio: &[MmioSlot]) -> Result<Vec<u8>, AcpiError> {
     let pwrb_hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
     Device::new("PWRB".into(), vec![&pwrb_hid, &uid0]).to_aml_bytes(&mut sb);
 
+    // Serial ports.
+    if devices.serial.len() > 9 {
+        return Err(AcpiError::TooManySerialPorts(devices.serial.len()));
+    }
+    let uart_hid = Name::new("_HID".into(), &EISAName::new("PNP0501"));
+    for (i, port) in devices.serial.iter().enumerate() {
+        let uid = Name::new("_UID".into(), &(i + 1));
+        let ports = IO::new(port.base, port.base, 0, UART_PORTS);
+        let irq = Interrupt::new(true, true, false, false, port.irq);
+        let res = ResourceTemplate::new(vec![&ports, &irq]);
+        let crs = Name::new("_CRS".into(), &res);
+        let name = format!("COM{}", i + 1);
+        Device::new(name.as_str().into(), vec![&uart_hid, &uid, &crs]).to_aml_bytes(&mut sb);
+    }
+
     // virtio-mmio windows.
     let mmio_hid = Name::new("_HID".into(), &"LNRO0005");
-    for (i, slot) in virtio.iter().enumerate() {
+    for (i, slot) in devices.virtio.iter().enumerate() {
         let base = u32::try_from(slot.addr).map_err(|_| AcpiError::WindowAbove4G(slot.addr))?;
         let size = u32::try_from(slot.size).map_err(|_| AcpiError::WindowAbove4G(slot.addr))?;
         let uid = Name::new("_UID".into(), &i);
@@ -333,7 +387,7 @@ fn dsdt_aml(virtio: &[MmioSlot]) -> Result<Vec<u8>, AcpiError> {
     Ok(out)
 }
 
-fn dsdt(virtio: &[MmioSlot]) -> Result<Vec<u8>, AcpiError> {
+fn dsdt(devices: &AcpiDevices<'_>) -> Result<Vec<u8>, AcpiError> {
     let mut d = Sdt::new(
         *b"DSDT",
         36,
@@ -342,7 +396,7 @@ fn dsdt(virtio: &[MmioSlot]) -> Result<Vec<u8>, AcpiError> {
         OEM_TABLE_ID,
         OEM_REVISION,
     );
-    d.append_slice(&dsdt_aml(virtio)?);
+    d.append_slice(&dsdt_aml(devices)?);
     Ok(d.as_slice().to_vec())
 }
 
@@ -377,10 +431,23 @@ mod tests {
             .collect()
     }
 
+    const COM1: SerialPort = SerialPort {
+        base: 0x3f8,
+        irq: 4,
+    };
+    const COM2: SerialPort = SerialPort {
+        base: 0x2f8,
+        irq: 3,
+    };
+
+    fn devices<'a>(serial: &'a [SerialPort], virtio: &'a [MmioSlot]) -> AcpiDevices<'a> {
+        AcpiDevices { serial, virtio }
+    }
+
     /// Reads every table back from guest memory the way the kernel finds them.
     fn tables_in_memory(vcpus: u32, virtio: &[MmioSlot]) -> (AcpiTables, Blobs) {
         let mem = create_guest_memory(64 << 20).unwrap();
-        let t = create_acpi_tables(&mem, vcpus, virtio).unwrap();
+        let t = create_acpi_tables(&mem, vcpus, &devices(&[COM1], virtio)).unwrap();
         let read = |addr: u64, len: usize| {
             let mut b = vec![0u8; len];
             mem.read_slice(&mut b, GuestAddress(addr)).unwrap();
@@ -539,8 +606,8 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_describes_the_ged_power_button_s5_and_virtio_windows() {
-        let b = dsdt(&slots(2)).unwrap();
+    fn dsdt_describes_the_ged_power_button_s5_serial_ports_and_virtio_windows() {
+        let b = dsdt(&devices(&[COM1, COM2], &slots(2))).unwrap();
         assert_eq!(u32_at(&b, 4) as usize, b.len());
         assert_eq!(sum(&b), 0);
         assert_eq!(b[8], DSDT_REVISION);
@@ -581,19 +648,36 @@ mod tests {
             irq.extend_from_slice(&s.irq.to_le_bytes());
             assert!(contains(&b, &mem) && contains(&b, &irq), "window {i}");
         }
-        let none = dsdt(&[]).unwrap();
-        assert!(!contains(&none, b"LNRO0005"));
+        // Each serial port: PNP0501 (EisaId 0x0105d041) with its 8 I/O ports and its IRQ.
+        assert!(contains(&b, &[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        for (i, com) in [COM1, COM2].iter().enumerate() {
+            assert!(contains(&b, format!("COM{}", i + 1).as_bytes()));
+            let mut io = vec![0x47, 1];
+            io.extend_from_slice(&com.base.to_le_bytes());
+            io.extend_from_slice(&com.base.to_le_bytes());
+            io.extend_from_slice(&[0, 8]);
+            let mut irq = vec![0x89, 6, 0, 0x03, 1];
+            irq.extend_from_slice(&com.irq.to_le_bytes());
+            assert!(contains(&b, &io) && contains(&b, &irq), "COM{}", i + 1);
+        }
+        let none = dsdt(&AcpiDevices::default()).unwrap();
+        assert!(!contains(&none, b"LNRO0005") && !contains(&none, b"COM1"));
         let high = [MmioSlot {
             addr: 1 << 32,
             size: 0x1000,
             irq: 5,
         }];
-        assert_eq!(dsdt(&high), Err(AcpiError::WindowAbove4G(1 << 32)));
+        let err = dsdt(&devices(&[], &high));
+        assert_eq!(err, Err(AcpiError::WindowAbove4G(1 << 32)));
+        let many = [COM1; 10];
+        let err = dsdt(&devices(&many, &[]));
+        assert_eq!(err, Err(AcpiError::TooManySerialPorts(10)));
     }
 
     #[test]
     fn tables_fit_with_many_vcpus_and_devices() {
-        let (_, blobs) = build(254, &slots(18)).unwrap();
+        let serial = [COM1, COM2];
+        let (_, blobs) = build(254, &devices(&serial, &slots(18))).unwrap();
         let end = blobs.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
         assert!(end <= ACPI_START + ACPI_SIZE);
     }
