@@ -103,6 +103,11 @@ pub struct ExecArgs {
     /// Guest memory in MiB (the --file contents are held in it, twice while unpacking).
     #[arg(long, default_value_t = crate::config::DEFAULT_MEM_MIB, value_name = "MIB")]
     pub mem: u64,
+    /// A raw disk image as a virtio-blk device (repeatable: /dev/vda, /dev/vdb, ... in
+    /// order), for inputs too large for --file; the command mounts it itself. Same syntax as
+    /// `ember run --disk`.
+    #[arg(long, value_name = DiskConfig::SYNTAX)]
+    pub disk: Vec<DiskConfig>,
     /// Stop the VM and exit with 124 after this many seconds (decimals allowed), counted from
     /// ember's start: the guest's boot counts too.
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
@@ -164,6 +169,7 @@ impl ExecArgs {
         let (kernel, initrd) = resolve_guest(self.kernel.as_ref(), self.initrd.as_ref(), None)?;
         let mut c = VmConfig::new(kernel);
         c.initrd = initrd;
+        c.disks = self.disk.clone();
         c.cmdline = EXEC_CMDLINE.to_string();
         for a in &self.append {
             c.cmdline.push(' ');
@@ -544,7 +550,8 @@ mod tests {
 
     #[test]
     fn exec_flags() {
-        let args = "exec --kernel /k --timeout 2.5 --file a.sh --file d:/opt/ --append foo=1";
+        let args = "exec --kernel /k --timeout 2.5 --file a.sh --file d:/opt/ --append foo=1 \
+                    --disk /d.img,ro";
         let mut args: Vec<&str> = args.split(' ').collect();
         args.extend(["--env", "A=b c", "--", "sh", "-c", "exit 3"]);
         let a = exec_args(&args);
@@ -556,6 +563,8 @@ mod tests {
         assert_eq!(spec.workdir, "/root");
         let c = a.to_config().unwrap();
         assert_eq!(c.cmdline, format!("{EXEC_CMDLINE} foo=1"));
+        assert_eq!(c.disks.len(), 1);
+        assert!(c.disks[0].read_only);
         let cli = parse(&["exec", "--kernel", "/k", "--", "true"]).unwrap();
         assert_eq!(cli.log_level(), log::LevelFilter::Warn);
         let cli = parse(&["--log-level", "debug", "exec", "--kernel", "/k", "true"]).unwrap();

@@ -4,17 +4,20 @@
 //! and before the status, and ember's memory does not grow with the output. The same paths
 //! with a real Linux guest are in tests/exec_linux.rs.
 
+mod common;
 mod common_exec;
 
 use std::time::Duration;
 
-use common_exec::{kvm_or_skip, run, tiny, Running, TempDir};
+use common::Asm;
+use common_exec::tiny::{self, COM1, COM2};
+use common_exec::{kvm_or_skip, run, Running, TempDir};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
 /// `ember exec --kernel <tiny guest> [extra...] -- true`.
-fn exec_tiny(dir: &TempDir, name: &str, code: &[u8], extra: &[&str]) -> std::process::Command {
-    let kernel = tiny::write(&dir.0, name, code);
+fn exec_tiny(dir: &TempDir, name: &str, code: &Asm, extra: &[&str]) -> std::process::Command {
+    let kernel = common_exec::tiny_guest(&dir.0, name, code);
     let mut cmd = common_exec::ember();
     cmd.arg("exec")
         .arg("--kernel")
@@ -31,7 +34,8 @@ fn exit_device_status_is_the_exit_status() {
     }
     let dir = TempDir::new("status");
     for status in [0u32, 1, 42, 255] {
-        let code = [tiny::write_status(status), tiny::halt()].concat();
+        let mut code = Asm::new();
+        tiny::write_status(&mut code, status).halt_loop();
         let f = run(exec_tiny(&dir, "status", &code, &[]), LIMIT);
         assert_eq!(f.code, Some(i32::try_from(status).unwrap()), "{f:?}");
         assert!(f.stdout.is_empty(), "{f:?}");
@@ -48,7 +52,8 @@ fn out_of_range_status_is_a_failure() {
         return;
     }
     let dir = TempDir::new("range");
-    let code = [tiny::write_status(300), tiny::halt()].concat();
+    let mut code = Asm::new();
+    tiny::write_status(&mut code, 300).halt_loop();
     let f = run(exec_tiny(&dir, "range", &code, &[]), LIMIT);
     assert_eq!(f.code, Some(125), "{f:?}");
     assert!(f.stderr.contains("300"), "{f:?}");
@@ -63,14 +68,11 @@ fn output_before_the_status_is_complete_and_nothing_after_it() {
     }
     let dir = TempDir::new("order");
     let n = 100_000;
-    let code = [
-        tiny::out_counter(0x3f8, n),
-        tiny::out_bytes(0x2f8, b"on stderr\n"),
-        tiny::write_status(7),
-        tiny::out_bytes(0x3f8, b"AFTER STATUS"),
-        tiny::halt(),
-    ]
-    .concat();
+    let mut code = Asm::new();
+    tiny::out_counter(&mut code, COM1, n);
+    tiny::out_bytes(&mut code, COM2, b"on stderr\n");
+    tiny::write_status(&mut code, 7);
+    tiny::out_bytes(&mut code, COM1, b"AFTER STATUS").halt_loop();
     let f = run(exec_tiny(&dir, "order", &code, &[]), LIMIT);
     assert_eq!(f.code, Some(7), "stderr: {}", f.stderr);
     let expected: Vec<u8> = (0..n).map(|i| (i % 256) as u8).collect();
@@ -88,7 +90,7 @@ fn reset_without_status_is_a_failure() {
         return;
     }
     let dir = TempDir::new("reset");
-    let f = run(exec_tiny(&dir, "reset", &tiny::reset(), &[]), LIMIT);
+    let f = run(exec_tiny(&dir, "reset", Asm::new().reset(), &[]), LIMIT);
     assert_eq!(f.code, Some(125), "{f:?}");
     assert!(f.stderr.contains("without reporting"), "{f:?}");
 }
@@ -100,7 +102,12 @@ fn timeout_stops_the_vm_with_124() {
     }
     let dir = TempDir::new("timeout");
     let f = run(
-        exec_tiny(&dir, "spin", &tiny::spin(), &["--timeout", "1.5"]),
+        exec_tiny(
+            &dir,
+            "spin",
+            tiny::spin(&mut Asm::new()),
+            &["--timeout", "1.5"],
+        ),
         LIMIT,
     );
     assert_eq!(f.code, Some(124), "{f:?}");
@@ -116,7 +123,7 @@ fn signals_stop_the_vm() {
     }
     let dir = TempDir::new("signal");
     for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
-        let r = Running::spawn(exec_tiny(&dir, "spin", &tiny::spin(), &[]));
+        let r = Running::spawn(exec_tiny(&dir, "spin", tiny::spin(&mut Asm::new()), &[]));
         // Let ember block the signals and start the vCPU; a signal before that would kill it
         // with the default action, which the assertion below would report.
         std::thread::sleep(Duration::from_millis(700));
@@ -137,12 +144,9 @@ fn memory_stays_bounded_while_streaming() {
     }
     let dir = TempDir::new("hwm");
     let hwm = |n: u32| {
-        let code = [
-            tiny::out_counter(0x3f8, n),
-            tiny::write_status(0),
-            tiny::halt(),
-        ]
-        .concat();
+        let mut code = Asm::new();
+        tiny::out_counter(&mut code, COM1, n);
+        tiny::write_status(&mut code, 0).halt_loop();
         let f = run(
             exec_tiny(&dir, "bulk", &code, &[]),
             Duration::from_secs(300),

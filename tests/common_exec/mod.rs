@@ -1,8 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Helpers for the `ember exec` tests: spawning the binary with a hard wall-clock limit
-//! (killed on drop), collecting stdout/stderr and ember's peak memory (VmHWM), hand-built
-//! tiny ELF guests, and the checks that skip a test when /dev/kvm or the default guest is
-//! missing.
+//! Helpers for the `ember exec` tests, beside the shared tests/common: spawning the binary
+//! with a hard wall-clock limit (killed on drop), collecting stdout as bytes, stderr, and
+//! ember's peak memory (VmHWM), sending it signals, and the tiny-guest programs the exec
+//! tests use.
 
 #![allow(dead_code)]
 
@@ -14,49 +14,26 @@ use std::time::{Duration, Instant};
 
 /// The ember binary under test.
 pub fn ember() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_ember"))
+    Command::new(crate::common::ember_bin())
 }
 
 /// Whether /dev/kvm can be used; prints why a test is skipped when not.
 pub fn kvm_or_skip(test: &str) -> bool {
-    match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-    {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipped {test}: /dev/kvm is not usable ({e})");
-            false
-        }
-    }
+    crate::common::kvm_available(test)
 }
 
-/// The default guest the binary finds by itself (`target/guest` next to `target/<profile>/`),
-/// or `$EMBER_GUEST_DIR`; prints why a test is skipped when it is not built.
+/// The default guest's vmlinux when /dev/kvm is usable and the guest is built (the binary
+/// finds the same guest by itself); prints why a test is skipped otherwise.
 pub fn guest_or_skip(test: &str) -> Option<PathBuf> {
     if !kvm_or_skip(test) {
         return None;
     }
-    let dir = std::env::var_os("EMBER_GUEST_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            Path::new(env!("CARGO_BIN_EXE_ember"))
-                .parent()
-                .and_then(Path::parent)
-                .map(|t| t.join("guest"))
-                .unwrap_or_default()
-        });
-    if dir.join("vmlinux").is_file() && dir.join("initramfs.cpio").is_file() {
-        Some(dir)
-    } else {
-        eprintln!(
-            "skipped {test}: the default guest is not built in {} (run `bash \
-             resources/guest/build.sh`)",
-            dir.display()
-        );
-        None
-    }
+    crate::common::default_guest(test).map(|(vmlinux, _)| vmlinux)
+}
+
+/// Writes the tiny guest `code` into `dir` and returns its path.
+pub fn tiny_guest(dir: &Path, name: &str, code: &crate::common::Asm) -> PathBuf {
+    crate::common::write_tiny_guest(dir, name, &code.code, &[])
 }
 
 /// What a finished ember run left behind.
@@ -195,93 +172,47 @@ impl Drop for TempDir {
     }
 }
 
-/// Tiny guests: a few hand-assembled x86-64 instructions in a minimal ELF64 without a PVH
-/// note, so ember enters them in 64-bit mode with the first 4 GiB identity-mapped.
+/// Tiny-guest programs for the exec tests, on top of the shared [`Asm`]: the guest is a
+/// minimal ELF64 without a PVH note (`common::tiny_elf`), entered in 64-bit mode with the
+/// first 4 GiB identity-mapped.
 pub mod tiny {
-    /// Guest-physical load address of the code (HIMEM_START).
-    pub const LOAD: u64 = 0x10_0000;
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
+    use crate::common::Asm;
 
-    /// `mov eax, 0xC000_1000; mov dword [rax], status` (exit device).
-    pub fn write_status(status: u32) -> Vec<u8> {
-        let mut c = vec![0xb8, 0x00, 0x10, 0x00, 0xc0, 0xc7, 0x00];
-        c.extend_from_slice(&status.to_le_bytes());
-        c
+    /// The exit device (arch/x86_64/layout.rs EXIT_DEVICE_START).
+    pub const EXIT_DEVICE: u64 = 0xc000_1000;
+    /// COM1 and COM2.
+    pub const COM1: u16 = 0x3f8;
+    /// COM2 (ember exec's stderr).
+    pub const COM2: u16 = 0x2f8;
+
+    /// Writes `status` to the exit device (a 32-bit MMIO store).
+    pub fn write_status(a: &mut Asm, status: u32) -> &mut Asm {
+        a.mov_eax(status).mmio_write32(EXIT_DEVICE)
     }
 
-    /// `mov dx, port; mov al, b; out dx, al` for each byte.
-    pub fn out_bytes(port: u16, bytes: &[u8]) -> Vec<u8> {
-        let mut c = vec![0x66, 0xba];
-        c.extend_from_slice(&port.to_le_bytes());
+    /// Writes `bytes` to `port`, one OUT each.
+    pub fn out_bytes<'a>(a: &'a mut Asm, port: u16, bytes: &[u8]) -> &'a mut Asm {
+        a.mov_dx(port);
         for &b in bytes {
-            c.extend_from_slice(&[0xb0, b, 0xee]);
+            a.mov_al(b).out_dx_al();
         }
-        c
+        a
     }
 
-    /// Writes bytes `i % 256` for i in 0..n to `port`, one OUT each:
-    /// `mov dx, port; xor ebx, ebx; l: mov al, bl; out dx, al; inc ebx; cmp ebx, n; jne l`.
-    pub fn out_counter(port: u16, n: u32) -> Vec<u8> {
-        let mut c = vec![0x66, 0xba];
-        c.extend_from_slice(&port.to_le_bytes());
-        c.extend_from_slice(&[0x31, 0xdb, 0x88, 0xd8, 0xee, 0xff, 0xc3, 0x81, 0xfb]);
-        c.extend_from_slice(&n.to_le_bytes());
-        c.extend_from_slice(&[0x75, 0xf3]); // back 13 bytes, to `mov al, bl`
-        c
+    /// Writes the bytes `i % 256` for i in 0..n to `port`, one OUT each:
+    /// `xor ebx, ebx; l: mov al, bl; out dx, al; inc ebx; cmp ebx, n; jne l`.
+    pub fn out_counter(a: &mut Asm, port: u16, n: u32) -> &mut Asm {
+        a.mov_dx(port).bytes(&[0x31, 0xdb]);
+        let top = a.here();
+        a.bytes(&[0x88, 0xd8])
+            .out_dx_al()
+            .bytes(&[0xff, 0xc3, 0x81, 0xfb]);
+        a.bytes(&n.to_le_bytes()).jcc(0x75, top)
     }
 
-    /// `mov al, 0xfe; out 0x64, al`: reset through the i8042.
-    pub fn reset() -> Vec<u8> {
-        vec![0xb0, 0xfe, 0xe6, 0x64]
-    }
-
-    /// `hlt; jmp hlt`: stop for good (interrupts are off).
-    pub fn halt() -> Vec<u8> {
-        vec![0xf4, 0xeb, 0xfd]
-    }
-
-    /// `jmp $`: spin forever.
-    pub fn spin() -> Vec<u8> {
-        vec![0xeb, 0xfe]
-    }
-
-    /// A minimal ELF64 executable with one PT_LOAD segment holding `code` at [`LOAD`].
-    pub fn elf(code: &[u8]) -> Vec<u8> {
-        let total = EHDR + PHDR + code.len();
-        let total64 = u64::try_from(total).expect("size");
-        let entry = LOAD + u64::try_from(EHDR + PHDR).expect("size");
-        let mut e = Vec::with_capacity(total);
-        e.extend_from_slice(b"\x7fELF\x02\x01\x01\0\0\0\0\0\0\0\0\0");
-        e.extend_from_slice(&2u16.to_le_bytes()); // ET_EXEC
-        e.extend_from_slice(&0x3eu16.to_le_bytes()); // EM_X86_64
-        e.extend_from_slice(&1u32.to_le_bytes()); // EV_CURRENT
-        e.extend_from_slice(&entry.to_le_bytes());
-        e.extend_from_slice(&64u64.to_le_bytes()); // e_phoff
-        e.extend_from_slice(&0u64.to_le_bytes()); // e_shoff
-        e.extend_from_slice(&0u32.to_le_bytes()); // e_flags
-        e.extend_from_slice(&64u16.to_le_bytes()); // e_ehsize
-        e.extend_from_slice(&56u16.to_le_bytes()); // e_phentsize
-        e.extend_from_slice(&1u16.to_le_bytes()); // e_phnum
-        e.extend_from_slice(&[0; 6]); // e_shentsize, e_shnum, e_shstrndx
-        assert_eq!(e.len(), EHDR);
-        e.extend_from_slice(&1u32.to_le_bytes()); // PT_LOAD
-        e.extend_from_slice(&5u32.to_le_bytes()); // R+X
-        e.extend_from_slice(&0u64.to_le_bytes()); // p_offset
-        e.extend_from_slice(&LOAD.to_le_bytes()); // p_vaddr
-        e.extend_from_slice(&LOAD.to_le_bytes()); // p_paddr
-        e.extend_from_slice(&total64.to_le_bytes()); // p_filesz
-        e.extend_from_slice(&total64.to_le_bytes()); // p_memsz
-        e.extend_from_slice(&0x1000u64.to_le_bytes()); // p_align
-        assert_eq!(e.len(), EHDR + PHDR);
-        e.extend_from_slice(code);
-        e
-    }
-
-    /// Writes the ELF for `code` into `dir` and returns its path.
-    pub fn write(dir: &std::path::Path, name: &str, code: &[u8]) -> std::path::PathBuf {
-        let p = dir.join(name);
-        std::fs::write(&p, elf(code)).expect("write tiny guest");
-        p
+    /// `jmp $`: spins forever.
+    pub fn spin(a: &mut Asm) -> &mut Asm {
+        let here = a.here();
+        a.jmp(here)
     }
 }
