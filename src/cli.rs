@@ -11,6 +11,7 @@ use crate::config::{default_guest_dir, ConfigError, DiskConfig, VmConfig, DEFAUL
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
+use crate::exec::{EnvVar, ExecError, ExecSpec, FileSpec, EXEC_CMDLINE};
 
 const EXIT_CODES_HELP: &str = "\
 Exit status:
@@ -30,9 +31,9 @@ Exit status:
 #[derive(Debug, Parser)]
 #[command(name = "ember", version, about, long_about = None, propagate_version = true)]
 pub struct Cli {
-    /// Log level on stderr: error, warn, info, debug or trace.
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL", value_parser = parse_level)]
-    pub log_level: log::LevelFilter,
+    /// Log level on stderr: error, warn, info, debug or trace [default: info; warn for exec].
+    #[arg(long, global = true, value_name = "LEVEL", value_parser = parse_level)]
+    pub log_level: Option<log::LevelFilter>,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -49,7 +50,136 @@ pub enum Command {
     /// Firecracker.
     #[command(after_help = BENCH_HELP)]
     Bench(BenchArgs),
+    /// Run one command in a throwaway microVM: its stdout and stderr are streamed to ember's,
+    /// and ember exits with its exit status (see docs/exec.md).
+    #[command(after_help = EXEC_HELP)]
+    Exec(ExecArgs),
 }
+
+impl Cli {
+    /// The log level: --log-level, or the subcommand's default (exec keeps stderr for the
+    /// command: warnings and errors only).
+    pub fn log_level(&self) -> log::LevelFilter {
+        self.log_level.unwrap_or(match self.command {
+            Command::Run(_) | Command::Bench(_) => log::LevelFilter::Info,
+            Command::Exec(_) => log::LevelFilter::Warn,
+        })
+    }
+}
+
+const EXEC_HELP: &str = "\
+The command runs as `exec COMMAND ARGS...` from a sh script in the guest (so a program, not a
+shell builtin: use `sh -c '...'` for pipes and shell syntax), with stdin /dev/null, in
+--workdir, after --env. Its stdout goes to ember's stdout, its stderr to ember's stderr; the
+kernel is kept quiet. --file copies files into the guest's initramfs (no disk or network):
+`--file a.sh` -> /root/a.sh, `--file dir:/opt/` -> /opt/dir/..., `--file a:/etc/b` -> /etc/b.
+
+Exit status:
+  0-255  the command's exit status (127: command not found)
+  124    --timeout elapsed (counted from ember's start, guest boot included)
+  125    ember failed or the VM ended without reporting a status (bad flags, missing
+         files, boot failure, kernel panic, crash, VMM error)
+  128+N  stopped by signal N (130: SIGINT, 143: SIGTERM)
+
+Example:
+  ember exec --timeout 300 --file ci/test.sh --env CI=1 -- sh test.sh";
+
+/// `ember exec` flags.
+#[derive(Debug, Args, Clone)]
+pub struct ExecArgs {
+    /// Guest kernel (ELF vmlinux or bzImage). Default: the guest built by
+    /// resources/guest/build.sh (target/guest/vmlinux). Its init must implement the protocol
+    /// in docs/exec.md.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Base initramfs; ember appends its archive (command, env, files) to it. Default with
+    /// the default kernel: target/guest/initramfs.cpio.
+    #[arg(long, value_name = "PATH")]
+    pub initrd: Option<PathBuf>,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = crate::config::DEFAULT_VCPUS, value_name = "N")]
+    pub vcpus: u32,
+    /// Guest memory in MiB (the --file contents are held in it, twice while unpacking).
+    #[arg(long, default_value_t = crate::config::DEFAULT_MEM_MIB, value_name = "MIB")]
+    pub mem: u64,
+    /// A raw disk image as a virtio-blk device (repeatable: /dev/vda, /dev/vdb, ... in
+    /// order), for inputs too large for --file; the command mounts it itself. Same syntax as
+    /// `ember run --disk`.
+    #[arg(long, value_name = DiskConfig::SYNTAX)]
+    pub disk: Vec<DiskConfig>,
+    /// Stop the VM and exit with 124 after this many seconds (decimals allowed), counted from
+    /// ember's start: the guest's boot counts too.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
+    /// Copy a host file or directory into the guest (repeatable). GUEST_PATH default:
+    /// /root/<name>; a relative GUEST_PATH is under /root; one ending in / gets <name>
+    /// appended. Not under /tmp, /proc, /sys, /dev (mounted over) or /ember (ember's).
+    #[arg(long, value_name = FileSpec::SYNTAX, value_parser = parse_file)]
+    pub file: Vec<FileSpec>,
+    /// Set an environment variable for the command (repeatable); NAME alone passes ember's
+    /// own value.
+    #[arg(long, value_name = EnvVar::SYNTAX)]
+    pub env: Vec<std::ffi::OsString>,
+    /// The command's working directory in the guest.
+    #[arg(long, value_name = "DIR", default_value = crate::exec::DEFAULT_GUEST_DIR)]
+    pub workdir: String,
+    /// Extra kernel command-line words (repeatable), after ember's exec command line.
+    #[arg(long, value_name = "STRING")]
+    pub append: Vec<String>,
+    /// The command and its arguments (after `--`, or after the last ember flag).
+    #[arg(
+        value_name = "COMMAND",
+        required = true,
+        num_args = 1..,
+        trailing_var_arg = true
+    )]
+    pub command: Vec<std::ffi::OsString>,
+}
+
+fn parse_timeout(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(t) if t.is_finite() && t > 0.0 && t < 1e9 => Ok(t),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds above 0 (e.g. 300 or 2.5)"
+        )),
+    }
+}
+
+fn parse_file(s: &str) -> Result<FileSpec, String> {
+    s.parse().map_err(|e: ExecError| e.to_string())
+}
+
+impl ExecArgs {
+    /// What to run in the guest.
+    pub fn to_spec(&self) -> Result<ExecSpec, ExecError> {
+        let mut spec = ExecSpec::new(self.command.clone());
+        spec.env = self
+            .env
+            .iter()
+            .map(|e| EnvVar::parse(e))
+            .collect::<Result<_, _>>()?;
+        spec.files = self.file.clone();
+        spec.workdir = self.workdir.clone();
+        Ok(spec)
+    }
+
+    /// The VM configuration (before [`ExecSpec::apply`]).
+    pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
+        let (kernel, initrd) = resolve_guest(self.kernel.as_ref(), self.initrd.as_ref(), None)?;
+        let mut c = VmConfig::new(kernel);
+        c.initrd = initrd;
+        c.disks = self.disk.clone();
+        c.cmdline = EXEC_CMDLINE.to_string();
+        for a in &self.append {
+            c.cmdline.push(' ');
+            c.cmdline.push_str(a.trim());
+        }
+        c.vcpus = self.vcpus;
+        c.mem_mib = self.mem;
+        Ok(c)
+    }
+}
+
 
 const BENCH_HELP: &str = "\
 Each boot runs to the guest's end: bench adds `ember.cmd=true` to the command line (unless it
@@ -409,6 +539,50 @@ mod tests {
         assert_eq!(c.cmdline, "console=ttyS0 quiet");
         assert_eq!(c.initrd.as_deref(), Some(std::path::Path::new("/i")));
         assert!(!c.host_tuning);
+    }
+
+    fn exec_args(args: &[&str]) -> ExecArgs {
+        match parse(args).unwrap().command {
+            Command::Exec(a) => a,
+            _ => panic!("not exec"),
+        }
+    }
+
+    #[test]
+    fn exec_flags() {
+        let args = "exec --kernel /k --timeout 2.5 --file a.sh --file d:/opt/ --append foo=1";
+        let mut args: Vec<&str> = args.split(' ').collect();
+        args.extend(["--env", "A=b c", "--", "sh", "-c", "exit 3"]);
+        let a = exec_args(&args);
+        assert_eq!(a.timeout, Some(2.5));
+        assert_eq!(a.command, ["sh", "-c", "exit 3"]);
+        let spec = a.to_spec().unwrap();
+        assert_eq!(spec.files[1].guest_path().unwrap(), "/opt/d");
+        assert_eq!(spec.env[0].value, "b c");
+        assert_eq!(spec.workdir, "/root");
+        let c = a.to_config().unwrap();
+        assert_eq!(c.cmdline, format!("{EXEC_CMDLINE} foo=1"));
+        let cli = parse(&["exec", "--kernel", "/k", "--", "true"]).unwrap();
+        assert_eq!(cli.log_level(), log::LevelFilter::Warn);
+        let cli = parse(&["--log-level", "debug", "exec", "--kernel", "/k", "true"]).unwrap();
+        assert_eq!(cli.log_level(), log::LevelFilter::Debug);
+    }
+
+    #[test]
+    fn exec_command_without_dashes_keeps_its_flags() {
+        let a = exec_args(&["exec", "--kernel", "/k", "ls", "-l", "--timeout", "3"]);
+        assert_eq!(a.command, ["ls", "-l", "--timeout", "3"]);
+        assert_eq!(a.timeout, None);
+    }
+
+    #[test]
+    fn exec_rejects_bad_flags() {
+        assert!(parse(&["exec", "--kernel", "/k"]).is_err()); // no command
+        assert!(parse(&["exec", "--timeout", "0", "--", "true"]).is_err());
+        assert!(parse(&["exec", "--timeout", "soon", "--", "true"]).is_err());
+        assert!(parse(&["exec", "--file", "a:", "--", "true"]).is_err());
+        let a = exec_args(&["exec", "--kernel", "/k", "--env", "1X=y", "--", "true"]);
+        assert!(a.to_spec().is_err());
     }
 
     #[test]

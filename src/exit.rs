@@ -55,11 +55,15 @@ pub mod code {
     pub const STOPPED: u8 = 6;
     /// Stopped by a signal; the guest did not shut down in time (or a second signal came).
     pub const STOPPED_HARD: u8 = 7;
-    /// `ember exec`: the --timeout elapsed.
+    /// `ember exec`: the --timeout elapsed (as timeout(1)).
     pub const EXEC_TIMEOUT: u8 = 124;
     /// `ember exec`: the VM ended without reporting the command's status (boot failure,
-    /// crash, panic, or a VMM error).
+    /// crash, panic, or a VMM error), or ember could not start it (bad flags, missing
+    /// files): as timeout(1), 125 means "the tool failed, not the command".
     pub const EXEC_NO_STATUS: u8 = 125;
+    /// `ember exec`: stopped by signal N (SIGINT, SIGTERM, SIGHUP) exits with this plus N,
+    /// as a shell reports a command killed by a signal.
+    pub const EXEC_SIGNAL_BASE: u8 = 128;
 }
 
 impl ExitReason {

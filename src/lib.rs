@@ -13,7 +13,8 @@
 //! 4. [`vmm::Vmm::run`] — the [`event_loop`] on the main thread until the guest ends, with
 //!    [`exit`] saying how.
 //!
-//! [`host`] knows what a PVM host (KVM without hardware virtualization) needs.
+//! [`host`] knows what a PVM host (KVM without hardware virtualization) needs. [`exec`] (with
+//! [`cpio`]) runs one command in a throwaway VM (`ember exec`).
 //!
 //! Measuring: [`timeline`] records boot phases; [`bench`] (`ember bench`) boots a guest
 //! many times and compares with peer VMMs; [`profiler`] samples guest stacks.
@@ -23,8 +24,10 @@ pub mod bench;
 pub mod builder;
 pub mod cli;
 pub mod config;
+pub mod cpio;
 pub mod devices;
 pub mod event_loop;
+pub mod exec;
 pub mod exit;
 pub mod host;
 pub mod kernel;

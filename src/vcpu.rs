@@ -279,6 +279,10 @@ impl Vcpu {
                 ))),
             };
             match outcome {
+                // Once the VM's end is decided (a status written to the exit device, a reset
+                // on another vCPU), the guest must not run on: nothing it would print after
+                // its exit status may reach the console.
+                Outcome::Continue if self.exit.is_set() => break,
                 Outcome::Continue => {}
                 Outcome::InternalError => {
                     let detail = self.describe_internal_error();

@@ -39,6 +39,8 @@ pub struct RunOutcome {
     pub guest_status: Option<u32>,
     /// Exit counters.
     pub exits: ExitCounts,
+    /// The first stop signal (SIGTERM, SIGINT, SIGHUP) received, if any.
+    pub stop_signal: Option<i32>,
 }
 
 /// Asks a guest to shut down (ACPI power button, ...). Returns false when the guest cannot
@@ -186,6 +188,7 @@ impl Vmm {
                 ))));
         }
         let mut stop_asked_at: Option<Instant> = None;
+        let mut stop_signal = None;
         loop {
             if self.exit.is_set() {
                 break;
@@ -220,6 +223,7 @@ impl Vmm {
             }
             let signals: Vec<_> = std::mem::take(&mut *crate::devices::bus::lock(&pending));
             for sig in signals {
+                stop_signal = stop_signal.or(Some(sig));
                 if stop_asked_at.is_some() {
                     log::warn!("second stop signal: stopping the guest now");
                     self.exit.request(ExitReason::Stopped { graceful: false });
@@ -265,6 +269,7 @@ impl Vmm {
             reason,
             guest_status,
             exits,
+            stop_signal,
         }
     }
 

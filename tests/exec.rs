@@ -1,0 +1,225 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `ember exec` end to end with tiny guests (a few instructions, milliseconds each): every way
+//! a run can end maps to its documented exit status, output reaches stdout/stderr complete
+//! and before the status, and ember's memory does not grow with the output. The same paths
+//! with a real Linux guest are in tests/exec_linux.rs.
+
+mod common;
+mod common_exec;
+
+use std::time::Duration;
+
+use common::Asm;
+use common_exec::tiny::{self, COM1, COM2};
+use common_exec::{kvm_or_skip, run, Running, TempDir};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// `ember exec --kernel <tiny guest> [extra...] -- true`.
+fn exec_tiny(dir: &TempDir, name: &str, code: &Asm, extra: &[&str]) -> std::process::Command {
+    let kernel = common_exec::tiny_guest(&dir.0, name, code);
+    let mut cmd = common_exec::ember();
+    cmd.arg("exec")
+        .arg("--kernel")
+        .arg(kernel)
+        .args(extra)
+        .args(["--", "true"]);
+    cmd
+}
+
+#[test]
+fn exit_device_status_is_the_exit_status() {
+    if !kvm_or_skip("exit_device_status_is_the_exit_status") {
+        return;
+    }
+    let dir = TempDir::new("status");
+    for status in [0u32, 1, 42, 255] {
+        let mut code = Asm::new();
+        tiny::write_status(&mut code, status).halt_loop();
+        let f = run(exec_tiny(&dir, "status", &code, &[]), LIMIT);
+        assert_eq!(f.code, Some(i32::try_from(status).unwrap()), "{f:?}");
+        assert!(f.stdout.is_empty(), "{f:?}");
+        assert!(
+            f.stderr.is_empty(),
+            "no message when the command's status came back: {f:?}"
+        );
+    }
+}
+
+#[test]
+fn out_of_range_status_is_a_failure() {
+    if !kvm_or_skip("out_of_range_status_is_a_failure") {
+        return;
+    }
+    let dir = TempDir::new("range");
+    let mut code = Asm::new();
+    tiny::write_status(&mut code, 300).halt_loop();
+    let f = run(exec_tiny(&dir, "range", &code, &[]), LIMIT);
+    assert_eq!(f.code, Some(125), "{f:?}");
+    assert!(f.stderr.contains("300"), "{f:?}");
+}
+
+/// COM1 goes to stdout and COM2 to stderr; all output written before the status arrives
+/// complete and in order; nothing the guest does after its status write reaches stdout.
+#[test]
+fn output_before_the_status_is_complete_and_nothing_after_it() {
+    if !kvm_or_skip("output_before_the_status_is_complete_and_nothing_after_it") {
+        return;
+    }
+    let dir = TempDir::new("order");
+    let n = 100_000;
+    let mut code = Asm::new();
+    tiny::out_counter(&mut code, COM1, n);
+    tiny::out_bytes(&mut code, COM2, b"on stderr\n");
+    tiny::write_status(&mut code, 7);
+    tiny::out_bytes(&mut code, COM1, b"AFTER STATUS").halt_loop();
+    let f = run(exec_tiny(&dir, "order", &code, &[]), LIMIT);
+    assert_eq!(f.code, Some(7), "stderr: {}", f.stderr);
+    let expected: Vec<u8> = (0..n).map(|i| (i % 256) as u8).collect();
+    assert_eq!(f.stdout.len(), expected.len(), "stderr: {}", f.stderr);
+    assert!(
+        f.stdout == expected,
+        "stdout differs from the byte sequence the guest wrote"
+    );
+    assert_eq!(f.stderr, "on stderr\n");
+}
+
+#[test]
+fn reset_without_status_is_a_failure() {
+    if !kvm_or_skip("reset_without_status_is_a_failure") {
+        return;
+    }
+    let dir = TempDir::new("reset");
+    let f = run(exec_tiny(&dir, "reset", Asm::new().reset(), &[]), LIMIT);
+    assert_eq!(f.code, Some(125), "{f:?}");
+    assert!(f.stderr.contains("without reporting"), "{f:?}");
+}
+
+#[test]
+fn timeout_stops_the_vm_with_124() {
+    if !kvm_or_skip("timeout_stops_the_vm_with_124") {
+        return;
+    }
+    let dir = TempDir::new("timeout");
+    let f = run(
+        exec_tiny(&dir, "spin", tiny::spin(&mut Asm::new()), &["--timeout", "1.5"]),
+        LIMIT,
+    );
+    assert_eq!(f.code, Some(124), "{f:?}");
+    assert!(f.stderr.contains("timeout"), "{f:?}");
+    assert!(f.elapsed >= Duration::from_millis(1500), "{f:?}");
+}
+
+/// SIGTERM and SIGINT stop a guest that would never end, and ember exits 128 + signal.
+#[test]
+fn signals_stop_the_vm() {
+    if !kvm_or_skip("signals_stop_the_vm") {
+        return;
+    }
+    let dir = TempDir::new("signal");
+    for (sig, code) in [(libc::SIGTERM, 143), (libc::SIGINT, 130)] {
+        let r = Running::spawn(exec_tiny(&dir, "spin", tiny::spin(&mut Asm::new()), &[]));
+        // Let ember block the signals and start the vCPU; a signal before that would kill it
+        // with the default action, which the assertion below would report.
+        std::thread::sleep(Duration::from_millis(700));
+        r.signal(sig);
+        let f = r.finish(LIMIT);
+        assert_eq!(f.code, Some(code), "signal {sig}: {f:?}");
+        assert!(f.stderr.contains("stopped by signal"), "{f:?}");
+    }
+}
+
+/// ember's peak memory does not grow with the amount of output: a run writing 512 KiB peaks
+/// no more than 256 KiB above one writing 16 KiB (if ember buffered output, the difference
+/// would be the whole 496 KiB).
+#[test]
+fn memory_stays_bounded_while_streaming() {
+    if !kvm_or_skip("memory_stays_bounded_while_streaming") {
+        return;
+    }
+    let dir = TempDir::new("hwm");
+    let hwm = |n: u32| {
+        let mut code = Asm::new();
+        tiny::out_counter(&mut code, COM1, n);
+        tiny::write_status(&mut code, 0).halt_loop();
+        let f = run(
+            exec_tiny(&dir, "bulk", &code, &[]),
+            Duration::from_secs(300),
+        );
+        assert_eq!(f.code, Some(0), "{}", f.stderr);
+        assert_eq!(f.stdout.len(), n as usize);
+        eprintln!(
+            "{n} bytes: VmHWM {} KiB, {:.2}s ({:.1} us/byte incl. start-up)",
+            f.hwm_kib,
+            f.elapsed.as_secs_f64(),
+            f.elapsed.as_secs_f64() * 1e6 / f64::from(n)
+        );
+        f.hwm_kib
+    };
+    let small = hwm(16 << 10);
+    let big = hwm(512 << 10);
+    assert!(small > 0 && big > 0, "VmHWM was not sampled");
+    assert!(
+        big <= small + 256,
+        "VmHWM grew from {small} KiB to {big} KiB with 496 KiB more output"
+    );
+}
+
+/// ember's own failures (bad flags, missing files) exit 125, never a status a command could
+/// also return such as 2; no KVM needed.
+#[test]
+fn usage_errors_exit_125() {
+    let cases: [&[&str]; 5] = [
+        &["exec", "--bogus", "--", "true"],
+        &["exec", "--kernel", "/nonexistent/vmlinux", "--", "true"],
+        &[
+            "exec",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--file",
+            "/nonexistent/f",
+            "--",
+            "true",
+        ],
+        &[
+            "exec",
+            "--kernel",
+            "/nonexistent/vmlinux",
+            "--env",
+            "1BAD=x",
+            "--",
+            "true",
+        ],
+        &[
+            "--log-level",
+            "debug",
+            "exec",
+            "--timeout",
+            "-1",
+            "--",
+            "true",
+        ],
+    ];
+    for args in cases {
+        let mut cmd = common_exec::ember();
+        cmd.args(args);
+        let f = run(cmd, LIMIT);
+        assert_eq!(f.code, Some(125), "{args:?}: {f:?}");
+        assert!(!f.stderr.is_empty(), "{args:?}: no message");
+    }
+    let mut cmd = common_exec::ember();
+    cmd.args(["run", "--bogus"]);
+    assert_eq!(
+        run(cmd, LIMIT).code,
+        Some(2),
+        "ember run keeps its usage status"
+    );
+    let mut cmd = common_exec::ember();
+    cmd.args(["exec", "--help"]);
+    let f = run(cmd, LIMIT);
+    assert_eq!(f.code, Some(0));
+    assert!(
+        String::from_utf8_lossy(&f.stdout).contains("124"),
+        "help documents the statuses"
+    );
+}

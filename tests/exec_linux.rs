@@ -1,0 +1,227 @@
+// SPDX-License-Identifier: Apache-2.0
+//! `ember exec` with the default Linux guest (resources/guest/build.sh). Each test is one real
+//! boot (tens of seconds on a PVM host), so each checks several things; cargo runs them two
+//! at a time. The exit paths themselves are also covered by the tiny guests of tests/exec.rs.
+//! Skipped, with a message, when /dev/kvm or the built guest is missing.
+
+mod common;
+mod common_exec;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common_exec::{guest_or_skip, run, TempDir};
+
+/// The longest one boot-and-run may take before the harness kills ember and fails.
+const LIMIT: Duration = Duration::from_secs(600);
+/// `--timeout` for the runs that should end by themselves: a hang becomes status 124.
+const SAFETY_TIMEOUT: &str = "540";
+
+fn exec() -> Command {
+    let mut c = common_exec::ember();
+    c.args(["exec", "--timeout", SAFETY_TIMEOUT]);
+    c
+}
+
+/// The kernel release in the vmlinux banner ("Linux version 6.1.x (...)").
+fn kernel_release(vmlinux: &std::path::Path) -> String {
+    let bytes = std::fs::read(vmlinux).expect("read vmlinux");
+    let key = b"Linux version ";
+    let at = bytes
+        .windows(key.len() + 1)
+        .position(|w| w.starts_with(key) && w[key.len()].is_ascii_digit())
+        .expect("no Linux version banner in vmlinux");
+    let rest = &bytes[at + key.len()..];
+    let end = rest
+        .iter()
+        .position(|&b| b == b' ' || b == 0)
+        .expect("banner end");
+    String::from_utf8(rest[..end].to_vec()).expect("release is UTF-8")
+}
+
+/// Out of the box (no --kernel): exactly `uname -r`'s line on stdout (no kernel messages, no
+/// carriage returns), nothing on stderr, status 0.
+#[test]
+fn uname_out_of_the_box() {
+    let Some(guest) = guest_or_skip("uname_out_of_the_box") else {
+        return;
+    };
+    let release = kernel_release(&guest.join("vmlinux"));
+    let mut c = exec();
+    c.args(["--", "uname", "-r"]);
+    let f = run(c, LIMIT);
+    eprintln!(
+        "uname -r: {:.1}s, VmHWM {} KiB",
+        f.elapsed.as_secs_f64(),
+        f.hwm_kib
+    );
+    assert_eq!(f.code, Some(0), "{f:?}");
+    assert_eq!(String::from_utf8_lossy(&f.stdout), format!("{release}\n"));
+    assert_eq!(f.stderr, "");
+}
+
+/// Deterministic pseudo-random bytes.
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()[0]
+        })
+        .collect()
+}
+
+fn host_sha256(path: &std::path::Path) -> Option<String> {
+    let out = Command::new("sha256sum").arg(path).output().ok()?;
+    let s = String::from_utf8(out.stdout).ok()?;
+    Some(s.split_whitespace().next()?.to_string())
+}
+
+/// --file (a file and a directory tree), --env (given and passed through), argv with
+/// awkward characters, the default working directory, stderr on its own channel, and status
+/// 42, in one boot.
+#[test]
+fn files_env_argv_stderr_and_status() {
+    let Some(_) = guest_or_skip("files_env_argv_stderr_and_status") else {
+        return;
+    };
+    let tmp = TempDir::new("linux-files");
+    let data = tmp.0.join("data.bin");
+    std::fs::write(&data, noise(64 << 10)).unwrap();
+    let Some(sha) = host_sha256(&data) else {
+        eprintln!("skipped files_env_argv_stderr_and_status: no sha256sum on this host");
+        return;
+    };
+    let tree = tmp.0.join("tree");
+    std::fs::create_dir_all(tree.join("sub")).unwrap();
+    std::fs::write(
+        tree.join("sub/tool.sh"),
+        "#!/bin/sh\necho \"tool ran in $(pwd)\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(
+        tree.join("sub/tool.sh"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+
+    let args = [
+        "a b",
+        "it's",
+        "\"dq\"",
+        "$HOME `x`",
+        "back\\slash",
+        "new\nline",
+        "",
+    ];
+    let my_var = "it's \"q\" $x \\ back\nslash";
+    let script = "pwd; sha256sum data.bin; /opt/tree/sub/tool.sh; \
+                  printf '<%s>\\n' \"$@\"; printf '[%s]\\n' \"$MY_VAR\" \"$FROM_HOST\"; \
+                  echo to-stderr >&2; exit 42";
+    let mut c = exec();
+    c.env("FROM_HOST", "host value")
+        .arg("--file")
+        .arg(&data)
+        .arg("--file")
+        .arg(format!("{}:/opt/", tree.display()))
+        .arg("--env")
+        .arg(format!("MY_VAR={my_var}"))
+        .args(["--env", "FROM_HOST", "--", "sh", "-c", script, "sh"])
+        .args(args);
+    let f = run(c, LIMIT);
+    eprintln!("files/env/argv: {:.1}s", f.elapsed.as_secs_f64());
+
+    let mut expected = format!("/root\n{sha}  data.bin\ntool ran in /root\n");
+    for a in args {
+        expected.push_str(&format!("<{a}>\n"));
+    }
+    expected.push_str(&format!("[{my_var}]\n[host value]\n"));
+    assert_eq!(
+        String::from_utf8_lossy(&f.stdout),
+        expected,
+        "stderr: {}",
+        f.stderr
+    );
+    assert_eq!(f.stderr, "to-stderr\n");
+    assert_eq!(f.code, Some(42));
+}
+
+/// A command that does not exist ends with 127, as in a shell, with the shell's message on
+/// stderr.
+#[test]
+fn command_not_found_is_127() {
+    let Some(_) = guest_or_skip("command_not_found_is_127") else {
+        return;
+    };
+    let mut c = exec();
+    c.args(["--", "no-such-command", "arg"]);
+    let f = run(c, LIMIT);
+    assert_eq!(f.code, Some(127), "{f:?}");
+    assert!(
+        f.stderr.contains("no-such-command") && f.stderr.contains("not found"),
+        "{f:?}"
+    );
+    assert!(f.stdout.is_empty(), "{f:?}");
+}
+
+/// Lines written by the guest before it exits arrive complete and in order, then status 1.
+/// The guest times its `cat` and reports the rate on stderr (shown with --nocapture).
+#[test]
+fn bulk_output_complete_in_order() {
+    let Some(_) = guest_or_skip("bulk_output_complete_in_order") else {
+        return;
+    };
+    // 12000 lines, 60,894 bytes: seq writes a file first, then one `cat` streams it in large
+    // writes (a command that writes line by line to the tty also pays a guest system call,
+    // milliseconds here, per line). Through the emulated UART this takes seconds: the guest
+    // kernel's transmit path costs tens of microseconds per byte on a PVM host.
+    let lines = 12_000;
+    let script = format!(
+        "seq 1 {lines} >/tmp/s; read t0 x </proc/uptime; cat /tmp/s; read t1 x </proc/uptime; \
+         echo \"cat: $(wc -c </tmp/s) bytes, uptime $t0 -> $t1\" >&2; exit 1"
+    );
+    let mut c = exec();
+    c.args(["--", "sh", "-c", &script]);
+    let f = run(c, LIMIT);
+    eprintln!(
+        "bulk: {:.1}s in all, VmHWM {} KiB; guest says: {}",
+        f.elapsed.as_secs_f64(),
+        f.hwm_kib,
+        f.stderr.trim()
+    );
+    let expected: String = (1..=lines).map(|i| format!("{i}\n")).collect();
+    assert_eq!(f.stdout.len(), expected.len(), "stderr: {}", f.stderr);
+    assert!(
+        f.stdout == expected.as_bytes(),
+        "stdout is not the lines 1..={lines} in order"
+    );
+    assert_eq!(f.code, Some(1), "{}", f.stderr);
+    // ember holds guest RAM (128 MiB, partly touched) and no copy of the output.
+    assert!(f.hwm_kib < (128 + 64) << 10, "VmHWM {} KiB", f.hwm_kib);
+}
+
+/// --timeout stops a command that would run for 1000 s: status 124, and ember ends soon
+/// after the deadline (counted from ember's start, so the boot is included).
+#[test]
+fn timeout_stops_a_running_command() {
+    let Some(_) = guest_or_skip("timeout_stops_a_running_command") else {
+        return;
+    };
+    let timeout = 60;
+    let mut c = common_exec::ember();
+    c.args(["exec", "--timeout", &timeout.to_string(), "--"])
+        .args(["sh", "-c", "echo started; exec sleep 1000"]);
+    // Well below 1000 s: a VM that is not stopped fails here.
+    let f = run(c, Duration::from_secs(timeout + 60));
+    eprintln!(
+        "timeout {timeout}s: ended after {:.1}s; the command had {}started",
+        f.elapsed.as_secs_f64(),
+        if f.stdout.is_empty() { "not yet " } else { "" }
+    );
+    assert_eq!(f.code, Some(124), "{f:?}");
+    assert!(f.stderr.contains("timeout"), "{f:?}");
+    assert!(f.stdout.is_empty() || f.stdout == b"started\n", "{f:?}");
+}
