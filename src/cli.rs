@@ -180,7 +180,6 @@ impl ExecArgs {
     }
 }
 
-
 const BENCH_HELP: &str = "\
 Each boot runs to the guest's end: bench adds `ember.cmd=true` to the command line (unless it
 has an ember.cmd= already), so the default guest's init runs `true` and reboots. Times are

@@ -102,7 +102,12 @@ fn timeout_stops_the_vm_with_124() {
     }
     let dir = TempDir::new("timeout");
     let f = run(
-        exec_tiny(&dir, "spin", tiny::spin(&mut Asm::new()), &["--timeout", "1.5"]),
+        exec_tiny(
+            &dir,
+            "spin",
+            tiny::spin(&mut Asm::new()),
+            &["--timeout", "1.5"],
+        ),
         LIMIT,
     );
     assert_eq!(f.code, Some(124), "{f:?}");

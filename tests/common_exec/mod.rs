@@ -204,7 +204,9 @@ pub mod tiny {
     pub fn out_counter(a: &mut Asm, port: u16, n: u32) -> &mut Asm {
         a.mov_dx(port).bytes(&[0x31, 0xdb]);
         let top = a.here();
-        a.bytes(&[0x88, 0xd8]).out_dx_al().bytes(&[0xff, 0xc3, 0x81, 0xfb]);
+        a.bytes(&[0x88, 0xd8])
+            .out_dx_al()
+            .bytes(&[0xff, 0xc3, 0x81, 0xfb]);
         a.bytes(&n.to_le_bytes()).jcc(0x75, top)
     }
 
