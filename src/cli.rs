@@ -549,7 +549,8 @@ mod tests {
 
     #[test]
     fn exec_flags() {
-        let args = "exec --kernel /k --timeout 2.5 --file a.sh --file d:/opt/ --append foo=1";
+        let args = "exec --kernel /k --timeout 2.5 --file a.sh --file d:/opt/ --append foo=1 \
+                    --disk /d.img,ro";
         let mut args: Vec<&str> = args.split(' ').collect();
         args.extend(["--env", "A=b c", "--", "sh", "-c", "exit 3"]);
         let a = exec_args(&args);
@@ -561,6 +562,8 @@ mod tests {
         assert_eq!(spec.workdir, "/root");
         let c = a.to_config().unwrap();
         assert_eq!(c.cmdline, format!("{EXEC_CMDLINE} foo=1"));
+        assert_eq!(c.disks.len(), 1);
+        assert!(c.disks[0].read_only);
         let cli = parse(&["exec", "--kernel", "/k", "--", "true"]).unwrap();
         assert_eq!(cli.log_level(), log::LevelFilter::Warn);
         let cli = parse(&["--log-level", "debug", "exec", "--kernel", "/k", "true"]).unwrap();

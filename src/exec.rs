@@ -429,21 +429,31 @@ mod tests {
         v.iter().map(OsString::from).collect()
     }
 
-    /// Runs `script` with the host's `sh` and returns its stdout.
-    fn host_sh(script: &[u8], extra: &str) -> Vec<u8> {
+    /// Runs `script` + `extra` with each shell the host has among `sh` and `busybox sh` (the
+    /// guest's shell) and returns their stdouts.
+    fn host_sh(script: &[u8], extra: &str) -> Vec<Vec<u8>> {
         let mut full = script.to_vec();
         full.extend_from_slice(extra.as_bytes());
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(OsStr::from_bytes(&full))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        let mut outs = Vec::new();
+        for shell in [&["sh"][..], &["busybox", "sh"][..]] {
+            let Ok(out) = Command::new(shell[0])
+                .args(&shell[1..])
+                .arg("-c")
+                .arg(OsStr::from_bytes(&full))
+                .output()
+            else {
+                eprintln!("{shell:?} not on this host: not tried");
+                continue;
+            };
+            assert!(
+                out.status.success(),
+                "{shell:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            outs.push(out.stdout);
+        }
+        assert!(!outs.is_empty(), "no sh on this host");
+        outs
     }
 
     const NASTY: [&str; 9] = [
@@ -465,13 +475,14 @@ mod tests {
         argv.extend(NASTY.iter().map(OsString::from));
         argv.push(std::os::unix::ffi::OsStringExt::from_vec(vec![0xff, b'x']));
         let script = command_script(&argv).unwrap();
-        let out = host_sh(&script, "");
         let mut expected = Vec::new();
         for a in &argv[2..] {
             expected.extend_from_slice(a.as_bytes());
             expected.push(0);
         }
-        assert_eq!(out, expected);
+        for out in host_sh(&script, "") {
+            assert_eq!(out, expected);
+        }
     }
 
     #[test]
@@ -489,13 +500,14 @@ mod tests {
         for i in 0..NASTY.len() {
             probe.push_str(&format!(" \"$V{i}\""));
         }
-        let out = host_sh(&script, &probe);
         let mut expected = b"/root/my dir\0".to_vec();
         for v in NASTY {
             expected.extend_from_slice(v.as_bytes());
             expected.push(0);
         }
-        assert_eq!(out, expected);
+        for out in host_sh(&script, &probe) {
+            assert_eq!(out, expected);
+        }
     }
 
     #[test]
