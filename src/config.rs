@@ -4,8 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-/// The command line a guest gets when the user gives none.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
+/// The command line a guest gets when the user gives none. Besides the console, reset through
+/// the i8042 (`reboot=k`) and reboot on panic, three switches that the guest profiler showed
+/// to save boot time (docs/profile.md): `quiet` (no kernel log on the console), `rodata=off`
+/// (no read-only remapping of kernel data, 5% of the boot) and `retain_initrd` (the initrd's
+/// memory is not handed back page by page).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 quiet rodata=off retain_initrd";
 /// Default number of vCPUs.
 pub const DEFAULT_VCPUS: u32 = 1;
 /// Default guest memory in MiB.
@@ -416,7 +420,8 @@ mod tests {
         let c = VmConfig::new("/k");
         assert_eq!(c.vcpus, 1);
         assert_eq!(c.mem_mib, 128);
-        assert_eq!(c.cmdline, "console=ttyS0 reboot=k panic=-1");
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert!(c.cmdline.starts_with("console=ttyS0 reboot=k panic=-1"));
     }
 
     #[test]
