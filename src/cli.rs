@@ -358,6 +358,10 @@ impl BenchArgs {
             self.root.as_deref(),
         )?;
         let mut cmdline = self.cmdline.trim().to_string();
+        if self.kernel.is_none() {
+            // ember's own guest: the switches that make it boot faster (for every VMM).
+            cmdline = crate::host::append_switches(&cmdline, crate::config::DEFAULT_GUEST_TUNING);
+        }
         for a in &self.append {
             cmdline.push(' ');
             cmdline.push_str(a.trim());
@@ -445,6 +449,11 @@ impl RunArgs {
         let mut c = VmConfig::new(kernel);
         c.initrd = initrd;
         c.cmdline = self.cmdline.clone();
+        if self.kernel.is_none() {
+            // ember's own guest: add the switches that make it boot faster.
+            c.cmdline =
+                crate::host::append_switches(&c.cmdline, crate::config::DEFAULT_GUEST_TUNING);
+        }
         for a in &self.append {
             c.cmdline.push(' ');
             c.cmdline.push_str(a.trim());

@@ -45,12 +45,21 @@ pub struct Instruments {
 struct BootTimerSampler {
     evt: EventFd,
     guest: Vec<(u64, u64)>,
+    vcpu_tids: Vec<i32>,
     slot: Arc<Mutex<Option<MemSample>>>,
+    vcpu_cpu_ns: Arc<Mutex<Option<u64>>>,
 }
 
 impl MutEventSubscriber for BootTimerSampler {
     fn process(&mut self, _events: Events, _ops: &mut EventOps) {
         let _ = self.evt.read();
+        // CPU first: it is what keeps growing while we read smaps.
+        let cpu: Option<u64> = self
+            .vcpu_tids
+            .iter()
+            .map(|&t| procfs::thread_run_ns(t))
+            .sum();
+        *lock(&self.vcpu_cpu_ns) = cpu;
         match procfs::read_smaps(None) {
             Ok(vmas) => *lock(&self.slot) = Some(MemSample::by_ranges(&vmas, &self.guest)),
             Err(e) => log::warn!("bench: cannot read /proc/self/smaps: {e}"),
@@ -101,12 +110,20 @@ pub fn run_instrumented(
     let guest: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
     let guest_size: u64 = guest.iter().map(|g| g.1).sum();
     let at_boot_timer = Arc::new(Mutex::new(None));
+    let vcpu_cpu_at_boot_timer = Arc::new(Mutex::new(None));
     if let Some(evt) = notify {
+        let vcpu_tids = vmm
+            .vcpus()
+            .iter()
+            .filter_map(|v| v.tid(std::time::Duration::from_secs(5)))
+            .collect();
         vmm.event_manager()
             .add_subscriber(Arc::new(Mutex::new(BootTimerSampler {
                 evt,
                 guest: guest.clone(),
+                vcpu_tids,
                 slot: at_boot_timer.clone(),
+                vcpu_cpu_ns: vcpu_cpu_at_boot_timer.clone(),
             })));
     }
     if let Some(p) = &profiler {
@@ -157,6 +174,7 @@ pub fn run_instrumented(
             process_cpu: procfs::process_cpu_time(),
             guest_size,
             at_boot_timer: *lock(&at_boot_timer),
+            vcpu_cpu_at_boot_timer_ns: *lock(&vcpu_cpu_at_boot_timer),
             at_end: end,
             peak_rss: procfs::peak_rss(None),
             profile: profile_summary,
@@ -181,6 +199,7 @@ struct RunReport<'a> {
     process_cpu: CpuTime,
     guest_size: u64,
     at_boot_timer: Option<MemSample>,
+    vcpu_cpu_at_boot_timer_ns: Option<u64>,
     at_end: MemSample,
     peak_rss: Option<u64>,
     profile: Option<(u64, u64)>,
@@ -243,6 +262,10 @@ impl RunReport<'_> {
                     (
                         "vmm_sys",
                         Json::from(self.process_cpu.sys_us.saturating_sub(vs)),
+                    ),
+                    (
+                        "vcpu_at_boot_timer",
+                        Json::from(self.vcpu_cpu_at_boot_timer_ns.map(|n| n / 1000)),
                     ),
                 ]),
             ),

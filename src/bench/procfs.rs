@@ -125,6 +125,38 @@ pub fn peak_rss(pid: Option<u32>) -> Option<u64> {
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
+/// CPU time thread `tid` of this process has run, in nanoseconds (`/proc/self/task/TID/
+/// schedstat`, exact, unlike the tick-sampled times of `stat`).
+pub fn thread_run_ns(tid: i32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/self/task/{tid}/schedstat")).ok()?;
+    text.split_whitespace().next()?.parse().ok()
+}
+
+/// CPU time (user + system) of every thread of process `pid` so far, in milliseconds, from
+/// `/proc/PID/stat` (which counts in clock ticks, usually 10 ms).
+pub fn process_cpu_ms(pid: u32) -> Option<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat_cpu_ticks(&text).map(|t| t as f64 * 1000.0 / clock_ticks_per_second())
+}
+
+/// utime + stime (fields 14 and 15) of a `/proc/PID/stat` line; the command name (field 2)
+/// may hold spaces and parentheses, so fields are counted after its last ')'.
+fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_whitespace().skip(11);
+    Some(f.next()?.parse::<u64>().ok()? + f.next()?.parse::<u64>().ok()?)
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as f64
+    } else {
+        100.0
+    }
+}
+
 /// CPU time, in microseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct CpuTime {
@@ -306,6 +338,19 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(MemSample::by_size(&vmas, 128 << 20), Some(s));
         assert_eq!(MemSample::by_size(&vmas, 256 << 20), None);
         assert_eq!(MemSample::by_ranges(&vmas, &[]).guest_resident, 0);
+    }
+
+    #[test]
+    fn stat_cpu_fields() {
+        let line = "1234 (a (weird) name) S 1 2 3 4 5 6 7 8 9 10 250 30 0 0 20 0 3 0";
+        assert_eq!(parse_stat_cpu_ticks(line), Some(280));
+        assert_eq!(parse_stat_cpu_ticks("garbage"), None);
+        assert!(process_cpu_ms(std::process::id()).is_some());
+        // SAFETY: gettid has no preconditions.
+        let tid = unsafe { libc::gettid() };
+        let spin: u64 = (0..100_000u64).map(|x| x ^ 3).sum();
+        assert!(spin > 0);
+        assert!(thread_run_ns(tid).unwrap() > 0);
     }
 
     #[test]

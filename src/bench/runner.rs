@@ -100,6 +100,8 @@ pub struct RunRecord {
     pub peer_boot_timer_ns: Option<u64>,
     /// Memory of the process when the marker appeared (guest RAM found by size).
     pub mem_at_marker: Option<MemSample>,
+    /// CPU time (all threads) the process had used when the marker appeared, in ms.
+    pub cpu_at_marker_ms: Option<f64>,
     /// ember's own report (`--bench-report`).
     pub report: Option<Json>,
     /// Guest profile written by the run.
@@ -327,7 +329,7 @@ pub fn run_job(ctx: &RunContext, job: &Job) -> RunRecord {
     let guest_size = ctx.guest.mem_mib << 20;
     let tail = Arc::new(Mutex::new(Tail::default()));
     let scanner = Arc::new(Mutex::new(ConsoleScanner::new(&ctx.marker, peer)));
-    let mem_at_marker = Arc::new(Mutex::new(None));
+    let mem_at_marker = Arc::new(Mutex::new((None, None)));
 
     let mut readers = Vec::new();
     if let Some(mut out) = child.stdout.take() {
@@ -341,11 +343,12 @@ pub fn run_job(ctx: &RunContext, job: &Job) -> RunRecord {
                         let now = procfs::monotonic_ns();
                         lock(&tail).push(&buf[..n]);
                         if lock(&scanner).feed(&buf[..n], now) {
-                            // The child is alive (it just wrote): sample it now.
+                            // The child is alive (it just wrote): sample it now, CPU first.
+                            let cpu = procfs::process_cpu_ms(pid);
                             let m = procfs::read_smaps(Some(pid))
                                 .ok()
                                 .and_then(|v| MemSample::by_size(&v, guest_size));
-                            *lock(&mem) = m;
+                            *lock(&mem) = (m, cpu);
                         }
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
@@ -388,7 +391,7 @@ pub fn run_job(ctx: &RunContext, job: &Job) -> RunRecord {
     rec.marker_ns = s.marker_ns;
     rec.peer_boot_timer_ns = s.boot_timer_ns;
     drop(s);
-    rec.mem_at_marker = *lock(&mem_at_marker);
+    (rec.mem_at_marker, rec.cpu_at_marker_ms) = *lock(&mem_at_marker);
     rec.output_tail = lock(&tail).text();
 
     if let Some(path) = report_path {
