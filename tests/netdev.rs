@@ -17,7 +17,7 @@
 //! expensive: busybox nc, which moves 1 KiB per system call, manages only a few KiB/s there,
 //! so its transfers are kept small and the MiBs go through vsock-io (64 KiB per call). The
 //! link uses a 64 KiB MTU (fewer packets; frames then span many receive buffers, which
-//! exercises MRG_RXBUF), and the guest streams through pipes instead of storing data.
+//! exercises MRG_RXBUF).
 //!
 //! A second test checks that bad --net/--vsock/--rng values stop ember before a VM exists.
 //! Needs root (network namespaces, TAP), /dev/kvm, the default guest and a C compiler;
@@ -53,23 +53,42 @@ const HOST_IP: &str = "172.30.0.1";
 const GUEST_MAC: &str = "02:00:00:00:00:42";
 const GUEST_CID: u32 = 42;
 
-/// The guest's side of the test (run by init through ember.cmd).
+/// The guest's side of the test (run by init through ember.cmd). No pipelines: in the default
+/// guest a process started while another one of a pipeline runs sometimes dies at start-up
+/// (resources/guest/README.md, "Known problems"), so data goes through files in /tmp and
+/// values are read with the shell's `read`.
 const GUEST_SCRIPT: &str = r#"#!/bin/sh
 fail() { echo "NETDEV-FAIL: $*"; exit 1; }
-ip addr add 172.30.0.2/24 dev eth0 && ip link set eth0 mtu 65000 up || fail "ip setup"
-echo "NETDEV-MAC $(cat /sys/class/net/eth0/address)"
+ip addr add 172.30.0.2/24 dev eth0 || fail "ip addr"
+ip link set eth0 mtu 65000 up || fail "ip link"
+read mac </sys/class/net/eth0/address
+echo "NETDEV-MAC $mac"
 ping -c 2 -W 20 172.30.0.1 >/dev/null || fail ping
 echo NETDEV-PING-OK
-echo "NETDEV-RNG $(cat /sys/class/misc/hw_random/rng_current) $(head -c 64 /dev/hwrng | wc -c)"
+read rng </sys/class/misc/hw_random/rng_current
+head -c 64 /dev/hwrng >/tmp/rng || fail "read /dev/hwrng"
+wc -c </tmp/rng >/tmp/rng.n
+read n </tmp/rng.n
+echo "NETDEV-RNG $rng $n"
 vsock-io echo 5000 1 &
 echo_pid=$!
-echo "NETDEV-H2G-NC $(nc 172.30.0.1 5004 </dev/null | sha256sum)"
-echo "NETDEV-H2G $(vsock-io tcp 172.30.0.1 5002 </dev/null | sha256sum)"
-seq 1 20000 | nc 172.30.0.1 5001 >/dev/null
+nc 172.30.0.1 5004 </dev/null >/tmp/nc.bin || fail "nc host->guest"
+sha256sum </tmp/nc.bin >/tmp/nc.sum
+read sum _ </tmp/nc.sum
+echo "NETDEV-H2G-NC $sum"
+rm /tmp/nc.bin
+vsock-io tcp 172.30.0.1 5002 </dev/null >/tmp/h2g || fail "tcp host->guest"
+sha256sum </tmp/h2g >/tmp/h2g.sum
+read sum _ </tmp/h2g.sum
+echo "NETDEV-H2G $sum"
+rm /tmp/h2g
+seq 1 20000 >/tmp/seq
+nc 172.30.0.1 5001 </tmp/seq >/dev/null
 vsock-io tcp-send 172.30.0.1 5003 2 || fail "tcp-send"
 echo NETDEV-G2H-SENT
-back=$(seq 1 50000 | vsock-io connect 2 6000 | sha256sum) || fail "vsock connect"
-[ "$back" = "$(seq 1 50000 | sha256sum)" ] || fail "vsock echo from the host differs"
+seq 1 50000 >/tmp/v.out
+vsock-io connect 2 6000 </tmp/v.out >/tmp/v.back || fail "vsock connect"
+cmp /tmp/v.out /tmp/v.back >/dev/null || fail "vsock echo from the host differs"
 echo NETDEV-VSOCK-GUEST-OK
 wait $echo_pid || fail "vsock echo server"
 echo NETDEV-VSOCK-HOST-OK
@@ -405,7 +424,7 @@ fn net_vsock_rng_in_one_boot() {
         return;
     };
     assert!(
-        GUEST_SCRIPT.contains(&format!("seq 1 {SEQ_N} |"))
+        GUEST_SCRIPT.contains(&format!("seq 1 {SEQ_N} >"))
             && GUEST_SCRIPT.contains(&format!("tcp-send 172.30.0.1 5003 {BULK_MIB} ")),
         "script and constants agree"
     );
