@@ -358,8 +358,9 @@ impl BenchArgs {
             self.root.as_deref(),
         )?;
         let mut cmdline = self.cmdline.trim().to_string();
-        if self.kernel.is_none() {
-            // ember's own guest: the switches that make it boot faster (for every VMM).
+        if self.kernel.is_none() && self.cmdline == DEFAULT_CMDLINE {
+            // ember's own guest with the default command line: the switches that make it boot
+            // faster (for every VMM).
             cmdline = crate::host::append_switches(&cmdline, crate::config::DEFAULT_GUEST_TUNING);
         }
         for a in &self.append {
@@ -449,8 +450,9 @@ impl RunArgs {
         let mut c = VmConfig::new(kernel);
         c.initrd = initrd;
         c.cmdline = self.cmdline.clone();
-        if self.kernel.is_none() {
-            // ember's own guest: add the switches that make it boot faster.
+        if self.kernel.is_none() && self.cmdline == DEFAULT_CMDLINE {
+            // ember's own guest with the default command line: add the switches that make it
+            // boot faster.
             c.cmdline =
                 crate::host::append_switches(&c.cmdline, crate::config::DEFAULT_GUEST_TUNING);
         }
