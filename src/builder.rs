@@ -127,15 +127,9 @@ pub fn build_vm(
     let taps = open_taps(config)?;
     let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
-    // 2. KVM and the VM with its interrupt controllers.
-    let kvm = open_kvm()?;
-    let vm = Vm::new(&kvm)?;
-    config.validate_vcpus(vm.max_vcpus())?;
-    timeline.mark(Phase::VmCreated);
-
-    // 3. Guest memory. The kernel and initrd are copied in on a helper thread meanwhile:
-    //    registering memory with KVM mostly waits (~4 ms on a PVM host), and the copying is
-    //    CPU work that does not need KVM.
+    // 2. Guest memory, and the kernel and initrd copied into it on a helper thread while
+    //    the VM is set up: the copying is CPU work that needs no KVM, and registering memory
+    //    with KVM mostly waits (~4 ms on a PVM host).
     let mem = create_guest_memory(config.mem_bytes())?;
     let images = ImageLoader::spawn(
         &mem,
@@ -144,6 +138,12 @@ pub fn build_vm(
         config.initrd.as_deref(),
         config.initrd_append.as_deref(),
     );
+
+    // 3. KVM, the VM with its interrupt controllers, and its memory.
+    let kvm = open_kvm()?;
+    let vm = Vm::new(&kvm)?;
+    config.validate_vcpus(vm.max_vcpus())?;
+    timeline.mark(Phase::VmCreated);
     vm.register_memory(&mem)?;
     timeline.mark(Phase::MemoryMapped);
 
