@@ -48,15 +48,17 @@ cargo test --lib --bins \
     --test virtio_blk --test exec --test acpi --test bench_tiny
 
 # Real Linux boots: slow here (guest kernel code is emulated on PVM hosts), so each boot
-# checks several things. Each file gets one retry: on PVM hosts the guest occasionally loses
+# checks several things. One boot at a time: a guest that gets only a fraction of a core
+# spends all of it in its own timer tick and stops making progress (docs/profile.md), and a
+# CI machine has two cores. Each file gets one retry: on PVM hosts the guest occasionally loses
 # a process to a host-side TLS fault (resources/guest/README.md, "Known problems"); a second
 # failure fails the run.
 failed=()
 for t in boot_linux boot_disk exec_linux acpi_linux netdev bench; do
     log "real boots: $t"
-    if ! cargo test --test "$t"; then
+    if ! cargo test --test "$t" -- --test-threads=1; then
         log "$t failed; retrying once"
-        cargo test --test "$t" || failed+=("$t")
+        cargo test --test "$t" -- --test-threads=1 || failed+=("$t")
     fi
 done
 if [ "${#failed[@]}" -gt 0 ]; then
