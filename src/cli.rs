@@ -221,7 +221,7 @@ pub struct RunArgs {
     #[arg(long, default_value_t = crate::config::DEFAULT_MEM_MIB, value_name = "MIB")]
     pub mem: u64,
     /// Do not adapt the guest to this host (on a PVM host ember otherwise adds
-    /// `noxsave clearcpuid=smap,popcnt,erms,fsrm` to the command line and hides KVM's hypercall-based
+    /// `noxsave clearcpuid=smap,popcnt` to the command line and hides KVM's hypercall-based
     /// PV features from CPUID).
     #[arg(long)]
     pub no_host_tuning: bool,
