@@ -50,9 +50,8 @@ cargo test --lib --bins \
 # Real Linux boots: slow here (guest kernel code is emulated on PVM hosts), so each boot
 # checks several things. One boot at a time: a guest that gets only a fraction of a core
 # spends all of it in its own timer tick and stops making progress (docs/profile.md), and a
-# CI machine has two cores. Each file gets one retry: on PVM hosts the guest occasionally loses
-# a process to a host-side TLS fault (resources/guest/README.md, "Known problems"); a second
-# failure fails the run.
+# CI machine has two cores. Each file gets one retry, because CI machines are shared and a
+# starved guest can miss a deadline; a second failure fails the run.
 failed=()
 for t in boot_linux boot_disk exec_linux acpi_linux netdev bench; do
     log "real boots: $t"

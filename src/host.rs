@@ -10,11 +10,27 @@ use std::path::Path;
 use std::time::Duration;
 
 /// Guest command-line switches a PVM host needs: no XSAVE (XRSTOR is not emulated), no
-/// SMAP (CLAC/STAC), no POPCNT. (Hiding ERMS/FSRM too made `clear_page` eight times cheaper in
+/// SMAP (CLAC/STAC), no POPCNT, and an environment variable for init that tells glibc not to
+/// use AVX.
+///
+/// The last one is not about emulation. Guest user code runs natively on a PVM host, so its
+/// CPUID and XGETBV see the host's CPU: OSXSAVE set and AVX/AVX2/AVX-512 enabled in XCR0.
+/// glibc then picks AVX and EVEX string functions (memcpy, strlen, ...). But the guest
+/// kernel runs with `noxsave`, so a context switch saves only the x87/SSE state (FXSAVE):
+/// the upper halves of the YMM registers and YMM16-31/ZMM/k registers leak between processes,
+/// and a process preempted in the middle of a memcpy resumes with another's data in them.
+/// Pipelines of busybox applets died with SIGSEGV in about half of all boots that way.
+/// `GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE` (the kernel hands unknown `NAME=value` words
+/// to init as environment, and every process inherits it) makes glibc treat AVX as unusable,
+/// so it stays on SSE code whose registers FXSAVE does save. Programs that test CPUID for AVX
+/// themselves instead of through glibc are not covered.
+///
+/// (Hiding ERMS/FSRM too made `clear_page` eight times cheaper in
 /// one profiled boot, docs/profile.md, but another boot with `clearcpuid=erms` crashed early
 /// on an unemulated `lsl` in `paranoid_entry`; until that is understood the switches stay
 /// the verified set.)
-pub const PVM_CMDLINE_SWITCHES: &str = "noxsave clearcpuid=smap,popcnt";
+pub const PVM_CMDLINE_SWITCHES: &str =
+    "noxsave clearcpuid=smap,popcnt GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE";
 
 /// Facts about the host that change how a guest is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,19 +70,72 @@ impl HostInfo {
 }
 
 /// Appends `switches` to `cmdline`, skipping each switch whose key the user already set.
+/// `GLIBC_TUNABLES` is merged instead: its tunables are `:`-separated, so ember's are added
+/// to the user's unless the user already set the same tunable.
 pub fn append_switches(cmdline: &str, switches: &str) -> String {
     let key = |s: &str| s.split('=').next().unwrap_or(s).to_string();
-    let present: Vec<String> = cmdline.split_whitespace().map(key).collect();
+    // The user's text is kept byte for byte (a quoted `ember.cmd` may hold double spaces).
     let mut out = cmdline.trim().to_string();
     for s in switches.split_whitespace() {
-        if !present.contains(&key(s)) {
-            if !out.is_empty() {
-                out.push(' ');
+        let found = word_spans(&out).find(|&(a, b)| key(&out[a..b]) == key(s));
+        match found {
+            Some((a, b)) if key(s) == "GLIBC_TUNABLES" => {
+                let mut word = out[a..b].to_string();
+                merge_tunables(&mut word, s);
+                out.replace_range(a..b, &word);
             }
-            out.push_str(s);
+            Some(_) => {}
+            None => {
+                if !out.is_empty() {
+                    out.push(' ');
+                }
+                out.push_str(s);
+            }
         }
     }
     out
+}
+
+/// Byte ranges of the whitespace-separated words of `s`.
+fn word_spans(s: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let mut start = None;
+    s.char_indices()
+        .chain(std::iter::once((s.len(), ' ')))
+        .filter_map(move |(i, c)| match (c.is_whitespace(), start) {
+            (false, None) => {
+                start = Some(i);
+                None
+            }
+            (true, Some(a)) => {
+                start = None;
+                Some((a, i))
+            }
+            _ => None,
+        })
+}
+
+/// Adds the tunables of `ours` (`GLIBC_TUNABLES=a.b=1:c.d=2`) that `word` does not set.
+fn merge_tunables(word: &mut String, ours: &str) {
+    let tunables = |w: &str| -> Vec<String> {
+        w.split_once('=')
+            .map(|(_, v)| {
+                v.split(':')
+                    .filter(|t| !t.is_empty())
+                    .map(str::to_string)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let name = |t: &str| t.split('=').next().unwrap_or(t).to_string();
+    let theirs = tunables(word);
+    for t in tunables(ours) {
+        if !theirs.iter().any(|u| name(u) == name(&t)) {
+            if !word.ends_with('=') {
+                word.push(':');
+            }
+            word.push_str(&t);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -102,5 +171,27 @@ mod tests {
             "console=ttyS0 clearcpuid=smap,popcnt,cx16 noxsave"
         );
         assert_eq!(append_switches("", "a b"), "a b");
+        assert_eq!(
+            append_switches(" ember.cmd=\"echo  a\"\tq ", "b"),
+            "ember.cmd=\"echo  a\"\tq b"
+        );
+        // A user's GLIBC_TUNABLES keeps its tunables and gains ember's...
+        assert_eq!(
+            append_switches("GLIBC_TUNABLES=glibc.malloc.check=3", PVM_CMDLINE_SWITCHES),
+            "GLIBC_TUNABLES=glibc.malloc.check=3:glibc.cpu.hwcaps=-OSXSAVE noxsave \
+             clearcpuid=smap,popcnt"
+        );
+        // ...unless it sets the same one: the user's choice stands.
+        assert_eq!(
+            append_switches(
+                "x GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2",
+                PVM_CMDLINE_SWITCHES
+            ),
+            "x GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2 noxsave clearcpuid=smap,popcnt"
+        );
+        assert_eq!(
+            append_switches("GLIBC_TUNABLES=", "GLIBC_TUNABLES=a.b=1"),
+            "GLIBC_TUNABLES=a.b=1"
+        );
     }
 }

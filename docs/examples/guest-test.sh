@@ -4,8 +4,6 @@
 #   ember exec --file docs/examples/guest-test.sh -- sh guest-test.sh
 set -e
 
-# No pipelines or $(...) here: on a PVM host the default guest has a known problem with
-# processes started while another one runs (resources/guest/README.md, "Known problems").
 uname -r
 nproc
 grep MemTotal /proc/meminfo

@@ -252,13 +252,17 @@ cp "$kentry/vmlinux" "$kentry/kernel.config" "$stage/"
 # sleep setsid cttyhack; the rest is for the commands users run.
 mapfile -t applets < <("$busybox_bin" --list-full | grep -v '^bin/busybox$' | sort -u)
 [[ ${#applets[@]} -gt 50 ]] || die "busybox --list-full returned too few applets"
-dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt)
+dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt run)
 
 log "writing initramfs.cpio (uncompressed newc, busybox + ${#applets[@]} applet links)"
 list=$work/initramfs.list
 {
 	for d in "${dirs[@]}"; do echo "dir /$d 0755 0 0"; done
 	echo "nod /dev/console 0600 0 0 c 5 1"
+	# init's power-button watcher blocks opening the first, says "ready" through the
+	# second (see init, 3b).
+	echo "pipe /run/ember-power 0600 0 0"
+	echo "pipe /run/ember-ready 0600 0 0"
 	echo "file /bin/busybox $busybox_bin 0755 0 0"
 	for a in "${applets[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
 	echo "file /init $script_dir/init 0755 0 0"
@@ -275,6 +279,7 @@ for a in "${applets[@]}"; do ln -s /bin/busybox "$rootdir/$a"; done
 install -m 0755 "$script_dir/init" "$rootdir/init"
 install -m 0755 "$script_dir/init" "$rootdir/sbin/init"
 install -m 0644 "$script_dir/fstab" "$rootdir/etc/fstab"
+mkfifo -m 0600 "$rootdir/run/ember-power" "$rootdir/run/ember-ready"
 chmod 1777 "$rootdir/tmp"
 chmod 0700 "$rootdir/root"
 # -d copies the tree without mounting or root rights. 32 MiB leaves room for tests that

@@ -26,7 +26,7 @@ while [[ $# -gt 0 ]]; do
 	esac
 	shift
 done
-append="console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=smap,popcnt random.trust_cpu=on quiet rodata=off"
+append="console=ttyS0 reboot=k panic=-1 noxsave clearcpuid=smap,popcnt GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE random.trust_cpu=on quiet rodata=off"
 args=(-M microvm,acpi=off -enable-kvm
 	-cpu host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-unhalt=off,kvm-pv-sched-yield=off
 	-m 64 -smp 1 -nodefaults -no-user-config -nographic -serial stdio -device i8042

@@ -31,6 +31,7 @@ check "$base ember.cmd=\"echo hello; uname -r; false\"" 1 'echo hello; uname -r;
 check "$base ember.cmd=\"echo 'a b' | tr a-z A-Z\" ember.exit=poweroff" 1 "echo 'a b' | tr a-z A-Z" poweroff
 check "ember.cmd=\"ls  -l   /\" $base" 1 'ls  -l   /' reboot
 check "$base ember.cmd=uname" 1 uname reboot
+check "$base GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE ember.cmd=uname" 1 uname reboot
 check "$base ember.cmd=uname ember.exit=reboot" 1 uname reboot
 check "$base ember.cmd=\"\"" 1 '' reboot
 check "$base ember.cmd=" 1 '' reboot
