@@ -128,8 +128,7 @@ pub fn build_vm(
     let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
     // 2. Guest memory, and the kernel and initrd copied into it on a helper thread while
-    //    the VM is set up: the copying is CPU work that needs no KVM, and registering memory
-    //    with KVM mostly waits (~4 ms on a PVM host).
+    //    the VM is set up: the copying is CPU work that needs no KVM.
     let mem = create_guest_memory(config.mem_bytes())?;
     let images = ImageLoader::spawn(
         &mem,
@@ -139,13 +138,10 @@ pub fn build_vm(
         config.initrd_append.as_deref(),
     );
 
-    // 3. KVM, the VM with its interrupt controllers, and its memory.
+    // 3. KVM, the VM with its memory and its interrupt controllers.
     let kvm = open_kvm()?;
-    let vm = Vm::new(&kvm)?;
+    let vm = Vm::new(&kvm, &mem, &timeline)?;
     config.validate_vcpus(vm.max_vcpus())?;
-    timeline.mark(Phase::VmCreated);
-    vm.register_memory(&mem)?;
-    timeline.mark(Phase::MemoryMapped);
 
     // 4. The exit latch and the event loop.
     let exit = Arc::new(VmExit::new().map_err(BuildError::EventLoop)?);

@@ -10,6 +10,7 @@ use kvm_ioctls::{Cap, Kvm, VmFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::memory::GuestMemory;
+use crate::timeline::{Phase, Timeline};
 
 /// KVM TSS area (three pages inside the MMIO gap, never RAM).
 const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
@@ -90,8 +91,12 @@ pub struct Vm {
 }
 
 impl Vm {
-    /// Creates the VM, its TSS, in-kernel IOAPIC/PIC/LAPICs and PIT.
-    pub fn new(kvm: &Kvm) -> Result<Self, VmError> {
+    /// Creates the VM with its guest memory, TSS, in-kernel IOAPIC/PIC/LAPICs and PIT.
+    ///
+    /// The memory is registered before the interrupt controllers exist: with an in-kernel
+    /// irqchip, KVM_SET_USER_MEMORY_REGION waits for an SRCU grace period (about 6-7 ms on
+    /// this project's hosts, 0.1 ms without), which would be most of ember's set-up time.
+    pub fn new(kvm: &Kvm, mem: &GuestMemory, timeline: &Timeline) -> Result<Self, VmError> {
         let api = kvm.get_api_version();
         if api != 12 {
             return Err(VmError::ApiVersion(api));
@@ -102,24 +107,32 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(kvm_err("VM creation"))?;
-        fd.set_tss_address(KVM_TSS_ADDRESS)
+        timeline.mark(Phase::VmCreated);
+        let vm = Self {
+            fd,
+            max_vcpus: kvm.get_max_vcpus(),
+        };
+        vm.register_memory(mem)?;
+        timeline.mark(Phase::MemoryMapped);
+        vm.fd
+            .set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_err("TSS address set-up"))?;
-        fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        vm.fd
+            .set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
             .map_err(kvm_err("identity map set-up"))?;
-        fd.create_irq_chip().map_err(kvm_err("irqchip creation"))?;
+        vm.fd
+            .create_irq_chip()
+            .map_err(kvm_err("irqchip creation"))?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
         };
-        fd.create_pit2(pit).map_err(kvm_err("PIT creation"))?;
-        Ok(Self {
-            fd,
-            max_vcpus: kvm.get_max_vcpus(),
-        })
+        vm.fd.create_pit2(pit).map_err(kvm_err("PIT creation"))?;
+        Ok(vm)
     }
 
     /// Registers every region of `mem` with KVM, one slot each.
-    pub fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
+    fn register_memory(&self, mem: &GuestMemory) -> Result<(), VmError> {
         for (slot, region) in mem.iter().enumerate() {
             let r = kvm_userspace_memory_region {
                 slot: u32::try_from(slot).unwrap_or(u32::MAX),
@@ -175,7 +188,12 @@ mod tests {
             eprintln!("SKIP ioapic_pins_start_masked: /dev/kvm is not usable here");
             return;
         };
-        let vm = Vm::new(&kvm).unwrap();
+        let mem = crate::memory::create_guest_memory(2 << 20).unwrap();
+        let timeline = Timeline::new(std::time::Instant::now());
+        let vm = Vm::new(&kvm, &mem, &timeline).unwrap();
+        // Both phases were reached, in order.
+        let t = |p| timeline.get(p).unwrap();
+        assert!(t(Phase::VmCreated) <= t(Phase::MemoryMapped));
         for pin in [0, 4, 23, 24, u32::MAX] {
             assert!(vm.ioapic_pin_masked(pin).unwrap(), "pin {pin}");
         }
