@@ -175,12 +175,7 @@ pub fn run_bench(
     // ACPI tables have no S5 sleep control, so `poweroff -f` only halts the guest and the
     // VMM waits forever): they end through the i8042 reset line, so the default guest's
     // init is told to reboot.
-    if !peers.is_empty()
-        && !peer_cmdline
-            .split_whitespace()
-            .any(|w| w.starts_with("ember.exit="))
-    {
-        peer_cmdline.push_str(" ember.exit=reboot");
+    if !peers.is_empty() && peers::ask_for_reboot(&mut peer_cmdline) {
         notes.push(
             "peers get `ember.exit=reboot`: they end a guest through the i8042 reset line, \
              not through ACPI poweroff"

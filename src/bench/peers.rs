@@ -168,6 +168,25 @@ impl Peer {
     }
 }
 
+/// Appends `ember.exit=reboot` to a peer's command line unless it already says how the
+/// guest ends; returns whether it did. Peers end guests through the i8042 reset line only.
+pub fn ask_for_reboot(cmdline: &mut String) -> bool {
+    // Words only outside double quotes: `ember.cmd="echo ember.exit=x"` sets nothing (the
+    // kernel and the default init read quoted values the same way).
+    let unquoted: String = cmdline.split('"').step_by(2).collect::<Vec<_>>().join(" ");
+    if unquoted
+        .split_whitespace()
+        .any(|w| w.starts_with("ember.exit="))
+    {
+        return false;
+    }
+    if !cmdline.is_empty() {
+        cmdline.push(' ');
+    }
+    cmdline.push_str("ember.exit=reboot");
+    true
+}
+
 /// QEMU microvm flags that work on this project's hosts (see /work/shared/kvm-host.md): KVM's
 /// hypercall-based PV features off (they hang on PVM), no default devices, the console on
 /// stdio, an i8042 so that `reboot=k` ends the VM, and `-no-reboot` so that a reset exits.
@@ -277,6 +296,25 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
         }
+    }
+
+    #[test]
+    fn peers_are_asked_to_reboot_unless_the_cmdline_says_otherwise() {
+        let mut c = "console=ttyS0 ember.cmd=\"echo ember.exit=poweroff\"".to_string();
+        // A word inside a quoted value does not count...
+        assert!(ask_for_reboot(&mut c));
+        assert!(c.ends_with(" ember.exit=reboot"), "{c}");
+        // ...the user's own choice does, and nothing is added twice.
+        let mut c = "console=ttyS0 ember.exit=poweroff".to_string();
+        assert!(!ask_for_reboot(&mut c));
+        assert_eq!(c, "console=ttyS0 ember.exit=poweroff");
+        assert!(!ask_for_reboot(&mut "x ember.exit=reboot".to_string()));
+        assert!(!ask_for_reboot(
+            &mut "x ember.exit=\"poweroff\" y".to_string()
+        ));
+        let mut c = String::new();
+        assert!(ask_for_reboot(&mut c));
+        assert_eq!(c, "ember.exit=reboot");
     }
 
     #[test]
