@@ -367,10 +367,7 @@ impl BenchArgs {
             cmdline.push(' ');
             cmdline.push_str(a.trim());
         }
-        if !cmdline
-            .split_whitespace()
-            .any(|w| w.starts_with("ember.cmd="))
-        {
+        if !crate::host::has_param(&cmdline, "ember.cmd") {
             cmdline.push_str(" ember.cmd=true");
         }
         let mut probe = VmConfig::new(&kernel);

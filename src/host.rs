@@ -73,13 +73,12 @@ impl HostInfo {
 /// `GLIBC_TUNABLES` is merged instead: its tunables are `:`-separated, so ember's are added
 /// to the user's unless the user already set the same tunable.
 pub fn append_switches(cmdline: &str, switches: &str) -> String {
-    let key = |s: &str| s.split('=').next().unwrap_or(s).to_string();
     // The user's text is kept byte for byte (a quoted `ember.cmd` may hold double spaces).
     let mut out = cmdline.trim().to_string();
     for s in switches.split_whitespace() {
-        let found = word_spans(&out).find(|&(a, b)| key(&out[a..b]) == key(s));
+        let found = word_spans(&out).find(|&(a, b)| param_key(&out[a..b]) == param_key(s));
         match found {
-            Some((a, b)) if key(s) == "GLIBC_TUNABLES" => {
+            Some((a, b)) if param_key(s) == "GLIBC_TUNABLES" => {
                 let mut word = out[a..b].to_string();
                 merge_tunables(&mut word, s);
                 out.replace_range(a..b, &word);
@@ -96,21 +95,43 @@ pub fn append_switches(cmdline: &str, switches: &str) -> String {
     out
 }
 
-/// Byte ranges of the whitespace-separated words of `s`.
+/// Whether `cmdline` sets `key=...` (outside any other parameter's quoted value).
+pub fn has_param(cmdline: &str, key: &str) -> bool {
+    word_spans(cmdline).any(|(a, b)| {
+        cmdline[a..b]
+            .strip_prefix(key)
+            .is_some_and(|rest| rest.starts_with('='))
+    })
+}
+
+/// The name of a command-line word: what comes before its first `=`.
+fn param_key(word: &str) -> &str {
+    word.split('=').next().unwrap_or(word)
+}
+
+/// Byte ranges of the words of a kernel command line: whitespace separates them, except
+/// inside double quotes (`ember.cmd="echo a b"` is one word), as the kernel splits them.
 fn word_spans(s: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
     let mut start = None;
+    let mut quoted = false;
     s.char_indices()
         .chain(std::iter::once((s.len(), ' ')))
-        .filter_map(move |(i, c)| match (c.is_whitespace(), start) {
-            (false, None) => {
-                start = Some(i);
-                None
+        .filter_map(move |(i, c)| {
+            let separator = c.is_whitespace() && (!quoted || i == s.len());
+            if c == '"' {
+                quoted = !quoted;
             }
-            (true, Some(a)) => {
-                start = None;
-                Some((a, i))
+            match (separator, start) {
+                (false, None) => {
+                    start = Some(i);
+                    None
+                }
+                (true, Some(a)) => {
+                    start = None;
+                    Some((a, i))
+                }
+                _ => None,
             }
-            _ => None,
         })
 }
 
@@ -193,5 +214,25 @@ mod tests {
             append_switches("GLIBC_TUNABLES=", "GLIBC_TUNABLES=a.b=1"),
             "GLIBC_TUNABLES=a.b=1"
         );
+        // Words inside a quoted value are not parameters: nothing is skipped or merged there.
+        assert_eq!(
+            append_switches(
+                "ember.cmd=\"echo GLIBC_TUNABLES=x noxsave\"",
+                PVM_CMDLINE_SWITCHES
+            ),
+            format!("ember.cmd=\"echo GLIBC_TUNABLES=x noxsave\" {PVM_CMDLINE_SWITCHES}")
+        );
+    }
+
+    #[test]
+    fn finds_parameters_outside_quotes() {
+        assert!(has_param("a ember.cmd=true", "ember.cmd"));
+        assert!(has_param("ember.exit=\"poweroff\" b", "ember.exit"));
+        assert!(!has_param(
+            "ember.cmd=\"echo ember.exit=poweroff\"",
+            "ember.exit"
+        ));
+        assert!(!has_param("ember.cmdx=1 ember.cmd", "ember.cmd"));
+        assert!(!has_param("", "ember.cmd"));
     }
 }

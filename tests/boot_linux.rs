@@ -20,7 +20,7 @@ fn boot(test: &str, vcpus: u32) {
     let Some((kernel, initrd)) = default_guest(test) else {
         return;
     };
-    // The last line runs 5 two-process pipelines: on a PVM host they used to die with
+    // The loop at the end runs 5 two-process pipelines: on a PVM host they used to die with
     // SIGSEGV about half the time, until ember kept glibc off AVX (resources/guest/README.md,
     // "Known problems").
     let cmd = "ember.cmd=\"echo EMBER_MARK; nproc; grep -c ^processor /proc/cpuinfo; \

@@ -171,13 +171,7 @@ impl Peer {
 /// Appends `ember.exit=reboot` to a peer's command line unless it already says how the
 /// guest ends; returns whether it did. Peers end guests through the i8042 reset line only.
 pub fn ask_for_reboot(cmdline: &mut String) -> bool {
-    // Words only outside double quotes: `ember.cmd="echo ember.exit=x"` sets nothing (the
-    // kernel and the default init read quoted values the same way).
-    let unquoted: String = cmdline.split('"').step_by(2).collect::<Vec<_>>().join(" ");
-    if unquoted
-        .split_whitespace()
-        .any(|w| w.starts_with("ember.exit="))
-    {
+    if crate::host::has_param(cmdline, "ember.exit") {
         return false;
     }
     if !cmdline.is_empty() {
