@@ -127,8 +127,9 @@ pub fn build_vm(
     let taps = open_taps(config)?;
     let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
-    // 2. Guest memory, and the kernel and initrd copied into it on a helper thread while
-    //    the VM is set up: the copying is CPU work that needs no KVM.
+    // 2. Guest memory, and the kernel and initrd loaded into it on a helper thread while
+    //    the VM is set up (mapped from the image cache, or copied: CPU work that needs no
+    //    KVM).
     let mem = create_guest_memory(config.mem_bytes())?;
     let images = ImageLoader::spawn(
         &mem,
@@ -136,6 +137,7 @@ pub fn build_vm(
         &config.kernel,
         config.initrd.as_deref(),
         config.initrd_append.as_deref(),
+        config.image_cache.as_ref(),
     );
 
     // 3. KVM, the VM with its memory and its interrupt controllers.
@@ -202,7 +204,11 @@ pub fn build_vm(
     let cmdline = build_cmdline(config, &host, &devices);
 
     // 7. Kernel and initrd (from the loader), command line and boot structures.
-    let (loaded, initrd) = images.join()?;
+    let kernel::LoadedImages {
+        kernel: loaded,
+        initrd,
+        ..
+    } = images.join()?;
     let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
     // ACPI tables (with every device that has an interrupt: see arch::x86_64::acpi) for
     // guests that read them, and the MP table for guests without ACPI.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
+use crate::image_file::ImageCache;
 
 /// The command line a guest gets when the user gives none.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
@@ -246,6 +247,9 @@ pub struct VmConfig {
     pub rng: Option<RngConfig>,
     /// Give the guest ACPI tables and the ACPI platform (power off, reset, power button).
     pub acpi: bool,
+    /// Where kernel and initrd copies are kept to be mapped into guest memory instead of
+    /// copied (see [`crate::image_file`]); `None` copies them.
+    pub image_cache: Option<ImageCache>,
 }
 
 impl VmConfig {
@@ -270,6 +274,7 @@ impl VmConfig {
             vsock: None,
             rng: Some(RngConfig::default()),
             acpi: true,
+            image_cache: ImageCache::from_env(),
         }
     }
 

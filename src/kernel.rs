@@ -15,6 +15,7 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::arch::x86_64::layout::{CMDLINE_START, HIMEM_START, MMIO_GAP_START};
 use crate::arch::x86_64::regs::EntryProtocol;
 use crate::arch::x86_64::InitrdPlacement;
+use crate::image_file::{ImageCache, ImageFile};
 use crate::memory::GuestMemory;
 
 /// The x86 kernel's command-line limit when the image does not say (COMMAND_LINE_SIZE).
@@ -162,13 +163,29 @@ fn read_up_to(f: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     Ok(n)
 }
 
-/// Loads the kernel image at `path` into `mem`.
-pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, KernelError> {
+/// Loads the kernel image at `path` into `mem`; with a `cache`, its page-aligned parts are
+/// mapped from ember's copy of the file instead of copied (see [`crate::image_file`]).
+/// Returns the kernel and the bytes mapped.
+pub fn load_kernel(
+    mem: &GuestMemory,
+    path: &Path,
+    cache: Option<&ImageCache>,
+) -> Result<(LoadedKernel, usize), KernelError> {
     let format = detect_format(path)?;
-    let mut file = File::open(path).map_err(|source| KernelError::Open {
+    let mut file = ImageFile::open(path, mem, cache).map_err(|source| KernelError::Open {
         path: path.into(),
         source,
     })?;
+    let loaded = load_kernel_from(&mut file, format, mem, path)?;
+    Ok((loaded, file.stats().0))
+}
+
+fn load_kernel_from(
+    file: &mut ImageFile,
+    format: KernelFormat,
+    mem: &GuestMemory,
+    path: &Path,
+) -> Result<LoadedKernel, KernelError> {
     let load_err = |source| KernelError::Load {
         path: path.into(),
         source,
@@ -176,7 +193,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Kerne
     let highmem = Some(GuestAddress(HIMEM_START));
     match format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            let r = Elf::load(mem, None, file, highmem).map_err(load_err)?;
             let (protocol, entry) = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => (EntryProtocol::Pvh, addr.0),
                 _ => (EntryProtocol::Linux64, r.kernel_load.0),
@@ -197,7 +214,7 @@ pub fn load_kernel(mem: &GuestMemory, path: &Path) -> Result<LoadedKernel, Kerne
                     path: path.into(),
                     source,
                 })?;
-            let r = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
+            let r = BzImage::load(mem, None, file, highmem).map_err(load_err)?;
             let hdr = r
                 .setup_header
                 .ok_or_else(|| KernelError::UnknownFormat(path.into()))?;
@@ -267,20 +284,22 @@ pub fn load_initrd(
 
 /// Places the initrd file at `path`, then `extra` bytes (another cpio archive: Linux unpacks
 /// concatenated archives, the first ending 4-aligned), as high as the kernel allows. The
-/// file is read straight into guest memory, with no copy on the heap.
+/// file is read straight into guest memory, or with a `cache` mostly mapped from ember's copy
+/// of it (see [`crate::image_file`]). Returns the placement and the bytes mapped.
 pub fn load_initrd_file(
     mem: &GuestMemory,
     mem_size: u64,
     kernel: &LoadedKernel,
     path: &Path,
     extra: Option<&[u8]>,
-) -> Result<InitrdPlacement, KernelError> {
+    cache: Option<&ImageCache>,
+) -> Result<(InitrdPlacement, usize), KernelError> {
     let err = |source| KernelError::Initrd {
         path: path.into(),
         source,
     };
-    let mut file = File::open(path).map_err(err)?;
-    let file_len = file.metadata().map_err(err)?.len();
+    let mut file = ImageFile::open(path, mem, cache).map_err(err)?;
+    let file_len = file.len();
     let size = match extra {
         Some(e) => file_len.next_multiple_of(4) + e.len() as u64,
         None => file_len,
@@ -300,11 +319,19 @@ pub fn load_initrd_file(
             .and_then(|()| mem.write_slice(e, GuestAddress(addr + file_len + pad)))
             .map_err(|_| KernelError::Write("initrd"))?;
     }
-    Ok(InitrdPlacement { addr, size })
+    Ok((InitrdPlacement { addr, size }, file.stats().0))
 }
 
-/// What the image loader produces: the kernel, and the initrd when there is one.
-pub type LoadedImages = (LoadedKernel, Option<InitrdPlacement>);
+/// What the image loader produces.
+#[derive(Debug)]
+pub struct LoadedImages {
+    /// The kernel.
+    pub kernel: LoadedKernel,
+    /// Where the initrd is, when there is one.
+    pub initrd: Option<InitrdPlacement>,
+    /// Bytes of guest memory mapped from the image cache rather than copied.
+    pub mapped: usize,
+}
 
 /// Loads the kernel, then the initrd file and `extra` initrd bytes, into guest memory.
 pub fn load_images(
@@ -313,14 +340,29 @@ pub fn load_images(
     kernel: &Path,
     initrd: Option<&Path>,
     extra: Option<&[u8]>,
+    cache: Option<&ImageCache>,
 ) -> Result<LoadedImages, KernelError> {
-    let loaded = load_kernel(mem, kernel)?;
+    let (loaded, mut mapped) = load_kernel(mem, kernel, cache)?;
     let placed = match (initrd, extra) {
-        (Some(path), extra) => Some(load_initrd_file(mem, mem_size, &loaded, path, extra)?),
+        (Some(path), extra) => {
+            let (placed, n) = load_initrd_file(mem, mem_size, &loaded, path, extra, cache)?;
+            mapped += n;
+            Some(placed)
+        }
         (None, Some(extra)) => Some(load_initrd(mem, mem_size, &loaded, extra)?),
         (None, None) => None,
     };
-    Ok((loaded, placed))
+    if mapped > 0 {
+        log::debug!(
+            "{} KiB of kernel and initrd mapped (copy-on-write) from the image cache",
+            mapped >> 10
+        );
+    }
+    Ok(LoadedImages {
+        kernel: loaded,
+        initrd: placed,
+        mapped,
+    })
 }
 
 /// [`load_images`] on a helper thread, so that the copying (milliseconds of CPU for a
@@ -342,11 +384,16 @@ impl ImageLoader {
         kernel: &Path,
         initrd: Option<&Path>,
         extra: Option<&[u8]>,
+        cache: Option<&ImageCache>,
     ) -> Self {
         let job = {
             let (mem, kernel) = (mem.clone(), kernel.to_path_buf());
             let (initrd, extra) = (initrd.map(Path::to_path_buf), extra.map(<[u8]>::to_vec));
-            move || load_images(&mem, mem_size, &kernel, initrd.as_deref(), extra.as_deref())
+            let cache = cache.cloned();
+            move || {
+                let (initrd, extra) = (initrd.as_deref(), extra.as_deref());
+                load_images(&mem, mem_size, &kernel, initrd, extra, cache.as_ref())
+            }
         };
         match std::thread::Builder::new()
             .name("ember-loader".into())
@@ -356,7 +403,7 @@ impl ImageLoader {
             Err(e) => {
                 log::debug!("cannot start the loader thread ({e}); loading in place");
                 Self(LoaderState::Done(load_images(
-                    mem, mem_size, kernel, initrd, extra,
+                    mem, mem_size, kernel, initrd, extra, cache,
                 )))
             }
         }
@@ -497,17 +544,27 @@ mod tests {
         let mem = create_guest_memory(64 << 20).unwrap();
         let k = fake_kernel(0x200_0000);
         let path = tmpfile("initrd", &[0x11u8; 4097]);
-        let p = load_initrd_file(&mem, 64 << 20, &k, &path, Some(b"EXTRA")).unwrap();
+        let dir = std::env::temp_dir().join(format!("ember-initrd-cache-{}", std::process::id()));
+        let cache = ImageCache::new(&dir).with_min_size(0);
+        let (p, mapped) =
+            load_initrd_file(&mem, 64 << 20, &k, &path, Some(b"EXTRA"), Some(&cache)).unwrap();
         assert_eq!(p.size, 4100 + 5);
         assert_eq!(p.addr % 4096, 0);
+        // The whole first page is mapped from the file, the last byte copied.
+        assert_eq!(mapped, 4096);
         let mut b = [0u8; 9];
         mem.read_slice(&mut b, GuestAddress(p.addr + 4096)).unwrap();
         assert_eq!(&b, b"\x11\0\0\0EXTRA");
-        let p2 = load_initrd_file(&mem, 64 << 20, &k, &path, None).unwrap();
-        assert_eq!(p2.size, 4097);
-        let missing = load_initrd_file(&mem, 64 << 20, &k, Path::new("/nonexistent/i"), None);
+        let mut first = [0u8; 4096];
+        mem.read_slice(&mut first, GuestAddress(p.addr)).unwrap();
+        assert!(first.iter().all(|&x| x == 0x11));
+        let (p2, mapped) = load_initrd_file(&mem, 64 << 20, &k, &path, None, None).unwrap();
+        assert_eq!((p2.size, mapped), (4097, 0));
+        assert_eq!(read_initrd(&path).unwrap().len(), 4097);
+        let missing = load_initrd_file(&mem, 64 << 20, &k, Path::new("/nonexistent/i"), None, None);
         assert!(missing.unwrap_err().to_string().contains("--initrd"));
         let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -8,8 +8,9 @@
 //! 3. [`builder::build_vm`] — the boot recipe, one step per line:
 //!    [`vm`] (KVM, irqchip, PIT) → [`memory`] (guest RAM around the MMIO gap) →
 //!    [`devices`] (serial, i8042, boot timer, exit device; virtio-mmio) →
-//!    [`kernel`] (ELF/bzImage, initrd, command line) → [`arch::x86_64`] (zero page or PVH
-//!    start info, e820, MP table, registers, CPUID) → [`vcpu`] (one thread each);
+//!    [`kernel`] (ELF/bzImage, initrd, command line; [`image_file`] maps them into guest
+//!    memory from ember's image cache) → [`arch::x86_64`] (zero page or PVH start info, e820,
+//!    MP table, registers, CPUID) → [`vcpu`] (one thread each);
 //! 4. [`vmm::Vmm::run`] — the [`event_loop`] on the main thread until the guest ends, with
 //!    [`exit`] saying how.
 //!
@@ -31,6 +32,7 @@ pub mod event_loop;
 pub mod exec;
 pub mod exit;
 pub mod host;
+pub mod image_file;
 pub mod kernel;
 pub mod logger;
 pub mod memory;

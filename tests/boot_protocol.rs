@@ -150,3 +150,79 @@ fn large_guest_memory_map_skips_the_mmio_gap() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Kernel and initrd of 1 MiB or more go through ember's image cache and are mapped into
+/// guest memory, not copied: the guest reads them through KVM, and a guest write into its
+/// own kernel image changes neither the user's file nor the cache entry.
+#[test]
+fn images_mapped_from_the_cache_are_private_to_the_guest() {
+    if !kvm_available("image_cache") {
+        return;
+    }
+    let dir = temp_dir("proto-image-cache");
+    let target = TINY_LOAD + 0x2000; // inside the padded kernel segment, past the code
+    let mut a = Asm::new();
+    a.bytes(&[0xbb]).bytes(&(target as u32).to_le_bytes()); // mov ebx, target
+    a.bytes(&[0x8a, 0x03]); // mov al, [rbx]: the file's byte ('K')
+    a.mov_dx(0x3f8).out_dx_al();
+    a.bytes(&[0xc6, 0x03, b'W']); // mov byte [rbx], 'W'
+    a.bytes(&[0x8a, 0x03]); // mov al, [rbx]
+    a.out_dx_al();
+    a.print("\ninitrd=");
+    print_string_at_zero_page_field(&mut a, 0x218); // hdr.ramdisk_image
+    a.print("\n").reset();
+    let mut code = a.code;
+    assert!(code.len() < 0x2000);
+    code.resize(0x2000, 0x90);
+    code.push(b'K');
+    code.resize(0x12_0000, 0); // over the cache's 1 MiB minimum
+    let kernel = tiny_elf(&code, &[]);
+    let k = dir.join("kernel");
+    std::fs::write(&k, &kernel).unwrap();
+    let mut initrd = b"MAPPED-INITRD\0".to_vec();
+    initrd.resize(0x10_0800, 0x5a); // whole pages mapped, the tail copied
+    let rd = dir.join("initrd");
+    std::fs::write(&rd, &initrd).unwrap();
+    let cache = dir.join("cache");
+    let boot = || {
+        let mut cmd = std::process::Command::new(ember_bin());
+        cmd.args([
+            "run",
+            "--kernel",
+            k.to_str().unwrap(),
+            "--initrd",
+            rd.to_str().unwrap(),
+            "--mem",
+            "64",
+            "--no-host-tuning",
+            "--no-rng",
+            "--log-level",
+            "debug",
+        ])
+        .env("EMBER_CACHE_DIR", &cache)
+        .env_remove("EMBER_IMAGE_CACHE")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        let out = wait_ember(cmd.spawn().unwrap(), Duration::from_secs(30));
+        out.expect_code(0);
+        assert!(out.stdout.contains("KW\ninitrd=MAPPED-INITRD\n"), "{out:?}");
+        assert!(
+            out.stderr.contains("KiB of kernel and initrd mapped"),
+            "{out:?}"
+        );
+    };
+    // Twice: the first boot makes the entries, the second maps the same ones.
+    for _ in 0..2 {
+        boot();
+        // Two entries, byte for byte the user's files; the guest's write reached neither.
+        let mut entries: Vec<Vec<u8>> = std::fs::read_dir(cache.join("images"))
+            .unwrap()
+            .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+            .collect();
+        entries.sort_by_key(Vec::len);
+        assert_eq!(entries, vec![initrd.clone(), kernel.clone()]);
+        assert_eq!(std::fs::read(&k).unwrap(), kernel);
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -221,6 +221,17 @@ pub fn run_bench(
     if !opts.host_tuning {
         ember_flags.push("--no-host-tuning".to_string());
     }
+    notes.push(match crate::image_file::ImageCache::from_env() {
+        Some(c) => format!(
+            "ember maps kernel and initrd from its image cache ({}; {}=off copies them)",
+            c.dir().display(),
+            crate::image_file::CACHE_ENV
+        ),
+        None => format!(
+            "ember copies kernel and initrd into guest memory ({} is off or no cache              directory is known)",
+            crate::image_file::CACHE_ENV
+        ),
+    });
     let mut peer_guest = opts.guest.clone();
     peer_guest.cmdline = peer_cmdline.clone();
     let ctx = RunContext {

@@ -93,13 +93,31 @@ impl MemSample {
     }
 
     /// Sums `vmas`, counting as guest memory every mapping whose size is between the guest
-    /// memory size and 16 MiB more (for peers, whose mappings ember cannot name). Returns
-    /// `None` when no mapping looks like guest memory.
+    /// memory size and 16 MiB more (for peers, whose mappings ember cannot name). When no
+    /// single mapping qualifies, a run of adjacent mappings of that total size does (guest
+    /// memory with image files mapped into it, as ember's image cache does, is several
+    /// mappings). Returns `None` when nothing looks like guest memory.
     pub fn by_size(vmas: &[Vma], guest_size: u64) -> Option<Self> {
-        let looks_like_ram = |v: &Vma| v.len() >= guest_size && v.len() <= guest_size + (16 << 20);
-        vmas.iter()
-            .any(looks_like_ram)
-            .then(|| Self::split(vmas, looks_like_ram))
+        let ram_sized = |len: u64| len >= guest_size && len <= guest_size + (16 << 20);
+        if vmas.iter().any(|v| ram_sized(v.len())) {
+            return Some(Self::split(vmas, |v| ram_sized(v.len())));
+        }
+        // Runs of adjacent mappings, in address order.
+        let mut sorted = vmas.to_vec();
+        sorted.sort_by_key(|v| v.start);
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for v in &sorted {
+            match runs.last_mut() {
+                Some(run) if run.1 == v.start => run.1 = v.end,
+                _ => runs.push((v.start, v.end)),
+            }
+        }
+        let guest: Vec<(u64, u64)> = runs
+            .into_iter()
+            .filter(|&(s, e)| ram_sized(e - s))
+            .map(|(s, e)| (s, e - s))
+            .collect();
+        (!guest.is_empty()).then(|| Self::by_ranges(vmas, &guest))
     }
 
     fn split(vmas: &[Vma], is_guest: impl Fn(&Vma) -> bool) -> Self {
@@ -338,6 +356,24 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(MemSample::by_size(&vmas, 128 << 20), Some(s));
         assert_eq!(MemSample::by_size(&vmas, 256 << 20), None);
         assert_eq!(MemSample::by_ranges(&vmas, &[]).guest_resident, 0);
+    }
+
+    #[test]
+    fn guest_memory_split_by_mapped_images_is_found_by_size() {
+        // 128 MiB of guest memory as anonymous | file (kernel) | anonymous, plus the
+        // process's own heap elsewhere.
+        let base = 0x7f00_0000_0000u64;
+        let vma = |start: u64, end: u64, rss: u64| Vma { start, end, rss };
+        let vmas = [
+            vma(0x5500_0000_0000, 0x5500_0010_0000, 300 << 10),
+            vma(base + (16 << 20), base + (26 << 20), 4 << 20),
+            vma(base, base + (16 << 20), 2 << 20),
+            vma(base + (26 << 20), base + (128 << 20), 1 << 20),
+        ];
+        let s = MemSample::by_size(&vmas, 128 << 20).unwrap();
+        assert_eq!(s.guest_resident, 7 << 20);
+        assert_eq!(s.overhead(), 300 << 10);
+        assert_eq!(MemSample::by_size(&vmas[..2], 128 << 20), None);
     }
 
     #[test]
