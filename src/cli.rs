@@ -347,6 +347,11 @@ pub struct BenchArgs {
     /// run.
     #[arg(long)]
     pub setup_only: bool,
+    /// Boot ember's guests without ACPI (as `ember run --no-acpi`), like QEMU microvm's in
+    /// the comparison (it runs with acpi=off): the guest then skips ACPI's set-up, and ends
+    /// through the reset line.
+    #[arg(long)]
+    pub no_acpi: bool,
 }
 
 impl BenchArgs {
@@ -401,6 +406,7 @@ impl BenchArgs {
             host_tuning: !self.no_host_tuning,
             ember_bin: None,
             setup_only: self.setup_only,
+            acpi: !self.no_acpi,
         })
     }
 }

@@ -33,9 +33,10 @@ use crate::vmm::RunOutcome;
 /// console on COM1, a second UART for stderr, `reboot=k` so the guest's `reboot -f` ends
 /// the VM, `panic=-1` so a panic does too, and the kernel kept quiet (`loglevel=1`: only
 /// emergency messages such as a panic reach the console, so stdout stays the command's).
-/// `random.trust_cpu=on rodata=off retain_initrd` save boot time.
+/// `random.trust_cpu=on rodata=off retain_initrd noreplace-smp` save boot time (see
+/// [`crate::config::DEFAULT_GUEST_TUNING`]).
 pub const EXEC_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 8250.nr_uarts=2 \
-     random.trust_cpu=on rodata=off retain_initrd quiet loglevel=1";
+     random.trust_cpu=on rodata=off retain_initrd noreplace-smp quiet loglevel=1";
 
 /// Where `--file` puts files without a guest path, and the default working directory.
 pub const DEFAULT_GUEST_DIR: &str = "/root";

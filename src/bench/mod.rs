@@ -105,6 +105,8 @@ pub struct BenchOptions {
     pub ember_bin: Option<PathBuf>,
     /// Only the VMM set-up: stop each ember run soon after its first KVM_RUN; no peers.
     pub setup_only: bool,
+    /// Give ember's guests ACPI (off with `--no-acpi`).
+    pub acpi: bool,
 }
 
 /// How long after its start a `--setup-only` run is stopped.
@@ -220,6 +222,10 @@ pub fn run_bench(
     }
     if !opts.host_tuning {
         ember_flags.push("--no-host-tuning".to_string());
+    }
+    if !opts.acpi {
+        ember_flags.push("--no-acpi".to_string());
+        notes.push("--no-acpi: ember's guests had no ACPI tables (acpi=off)".into());
     }
     notes.push(match crate::image_file::ImageCache::from_env() {
         Some(c) => format!(
