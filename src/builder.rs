@@ -204,11 +204,7 @@ pub fn build_vm(
     let cmdline = build_cmdline(config, &host, &devices);
 
     // 7. Kernel and initrd (from the loader), command line and boot structures.
-    let kernel::LoadedImages {
-        kernel: loaded,
-        initrd,
-        ..
-    } = images.join()?;
+    let (loaded, initrd) = images.join()?;
     let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
     // ACPI tables (with every device that has an interrupt: see arch::x86_64::acpi) for
     // guests that read them, and the MP table for guests without ACPI.

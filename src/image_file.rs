@@ -33,9 +33,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{
-    GuestMemoryBackend, GuestMemoryRegion, ReadVolatile, VolatileMemoryError, VolatileSlice,
-};
+use vm_memory::{ReadVolatile, VolatileMemoryError, VolatileSlice};
 
 use crate::memory::GuestMemory;
 
@@ -209,7 +207,7 @@ pub struct ImageFile {
     /// The file is an immutable cache entry, so pieces of it may be mapped.
     mappable: bool,
     /// Host address ranges of guest memory: the only places pieces may be mapped to.
-    guest: Vec<(usize, usize)>,
+    guest: Vec<(u64, u64)>,
     mapped: usize,
     copied: usize,
 }
@@ -234,10 +232,7 @@ impl ImageFile {
             },
             None => (source, false),
         };
-        let guest = mem
-            .iter()
-            .map(|r| (r.as_ptr() as usize, r.len() as usize))
-            .collect();
+        let guest = crate::memory::host_ranges(mem);
         Ok(Self {
             file,
             len: meta.len(),
@@ -264,6 +259,7 @@ impl ImageFile {
     }
 
     fn inside_guest(&self, addr: usize, len: usize) -> bool {
+        let (addr, len) = (addr as u64, len as u64);
         self.guest
             .iter()
             .any(|&(s, l)| addr >= s && addr.checked_add(len).is_some_and(|e| e <= s + l))

@@ -176,24 +176,14 @@ pub fn load_kernel(
         path: path.into(),
         source,
     })?;
-    let loaded = load_kernel_from(&mut file, format, mem, path)?;
-    Ok((loaded, file.stats().0))
-}
-
-fn load_kernel_from(
-    file: &mut ImageFile,
-    format: KernelFormat,
-    mem: &GuestMemory,
-    path: &Path,
-) -> Result<LoadedKernel, KernelError> {
     let load_err = |source| KernelError::Load {
         path: path.into(),
         source,
     };
     let highmem = Some(GuestAddress(HIMEM_START));
-    match format {
+    let loaded = match format {
         KernelFormat::Elf => {
-            let r = Elf::load(mem, None, file, highmem).map_err(load_err)?;
+            let r = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
             let (protocol, entry) = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => (EntryProtocol::Pvh, addr.0),
                 _ => (EntryProtocol::Linux64, r.kernel_load.0),
@@ -214,7 +204,7 @@ fn load_kernel_from(
                     path: path.into(),
                     source,
                 })?;
-            let r = BzImage::load(mem, None, file, highmem).map_err(load_err)?;
+            let r = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
             let hdr = r
                 .setup_header
                 .ok_or_else(|| KernelError::UnknownFormat(path.into()))?;
@@ -248,7 +238,8 @@ fn load_kernel_from(
                 initrd_addr_max: initrd_addr_max.min(MMIO_GAP_START - 1),
             })
         }
-    }
+    };
+    Ok((loaded?, file.stats().0))
 }
 
 /// Where an initrd of `size` bytes goes: as high as the kernel allows (page aligned), above
@@ -322,16 +313,8 @@ pub fn load_initrd_file(
     Ok((InitrdPlacement { addr, size }, file.stats().0))
 }
 
-/// What the image loader produces.
-#[derive(Debug)]
-pub struct LoadedImages {
-    /// The kernel.
-    pub kernel: LoadedKernel,
-    /// Where the initrd is, when there is one.
-    pub initrd: Option<InitrdPlacement>,
-    /// Bytes of guest memory mapped from the image cache rather than copied.
-    pub mapped: usize,
-}
+/// What the image loader produces: the kernel, and the initrd when there is one.
+pub type LoadedImages = (LoadedKernel, Option<InitrdPlacement>);
 
 /// Loads the kernel, then the initrd file and `extra` initrd bytes, into guest memory.
 pub fn load_images(
@@ -358,11 +341,7 @@ pub fn load_images(
             mapped >> 10
         );
     }
-    Ok(LoadedImages {
-        kernel: loaded,
-        initrd: placed,
-        mapped,
-    })
+    Ok((loaded, placed))
 }
 
 /// [`load_images`] on a helper thread, so that the copying (milliseconds of CPU for a

@@ -2,7 +2,7 @@
 //! Guest RAM: anonymous mappings laid around the 32-bit MMIO gap, and the e820-style map
 //! that describes them to the guest.
 
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
@@ -54,6 +54,11 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
         size_mib: size >> 20,
         source,
     })
+}
+
+/// The host address and length of every guest RAM mapping.
+pub fn host_ranges(mem: &GuestMemory) -> Vec<(u64, u64)> {
+    mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect()
 }
 
 /// Kind of an entry of the guest's physical memory map.

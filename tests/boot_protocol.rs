@@ -185,8 +185,7 @@ fn images_mapped_from_the_cache_are_private_to_the_guest() {
     std::fs::write(&rd, &initrd).unwrap();
     let cache = dir.join("cache");
     let boot = || {
-        let mut cmd = std::process::Command::new(ember_bin());
-        cmd.args([
+        let mut cmd = ember_command(&[
             "run",
             "--kernel",
             k.to_str().unwrap(),
@@ -198,12 +197,9 @@ fn images_mapped_from_the_cache_are_private_to_the_guest() {
             "--no-rng",
             "--log-level",
             "debug",
-        ])
-        .env("EMBER_CACHE_DIR", &cache)
-        .env_remove("EMBER_IMAGE_CACHE")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped());
+        ]);
+        cmd.env("EMBER_CACHE_DIR", &cache)
+            .env_remove("EMBER_IMAGE_CACHE");
         let out = wait_ember(cmd.spawn().unwrap(), Duration::from_secs(30));
         out.expect_code(0);
         assert!(out.stdout.contains("KW\ninitrd=MAPPED-INITRD\n"), "{out:?}");

@@ -10,7 +10,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber, SubscriberOps};
-use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -107,7 +106,7 @@ pub fn run_instrumented(
     let mut vmm = crate::builder::build_vm(config, start, hooks)?;
 
     let mem = vmm.memory().clone();
-    let guest: Vec<(u64, u64)> = mem.iter().map(|r| (r.as_ptr() as u64, r.len())).collect();
+    let guest = crate::memory::host_ranges(&mem);
     let guest_size: u64 = guest.iter().map(|g| g.1).sum();
     let at_boot_timer = Arc::new(Mutex::new(None));
     let vcpu_cpu_at_boot_timer = Arc::new(Mutex::new(None));

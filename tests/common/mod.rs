@@ -77,17 +77,23 @@ impl Finished {
     }
 }
 
-/// Starts `ember ARGS` with `stdin` bytes piped in (then closed).
-pub fn spawn_ember(args: &[&str], stdin: Option<&[u8]>) -> Child {
+/// `ember ARGS` with stdout and stderr piped and no stdin, for [`wait_ember`] (add
+/// environment variables before spawning it).
+pub fn ember_command(args: &[&str]) -> Command {
     let mut cmd = Command::new(ember_bin());
     cmd.args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        });
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Starts `ember ARGS` with `stdin` bytes piped in (then closed).
+pub fn spawn_ember(args: &[&str], stdin: Option<&[u8]>) -> Child {
+    let mut cmd = ember_command(args);
+    if stdin.is_some() {
+        cmd.stdin(Stdio::piped());
+    }
     let mut child = cmd.spawn().expect("cannot start ember");
     if let Some(bytes) = stdin {
         let mut pipe = child.stdin.take().unwrap();
