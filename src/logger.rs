@@ -3,6 +3,9 @@
 //! guest console.
 
 use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 
@@ -41,4 +44,137 @@ static LOGGER: StderrLogger = StderrLogger;
 pub fn init(level: LevelFilter) {
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
+}
+
+/// How often one kind of guest-triggered message may be logged.
+pub const GUEST_LOG_INTERVAL: Duration = Duration::from_secs(5);
+
+/// A rate limit for one kind of log line (one call site of [`guest_log!`]): the first line
+/// is logged, then at most one per [`GUEST_LOG_INTERVAL`]; the lines dropped in between are
+/// counted and the count is printed with the next line that gets through. Lock-free, so a
+/// vCPU thread and the event loop can share it.
+#[derive(Debug)]
+pub struct RateLimit {
+    /// Milliseconds since [`epoch`] of the last line logged, plus one (0: never).
+    last: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl RateLimit {
+    /// A limit that has logged nothing yet.
+    pub const fn new() -> Self {
+        Self {
+            last: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a line may be logged now: `Some(n)` with the number of lines dropped since
+    /// the last one, or `None` (and the line is counted as dropped).
+    pub fn check(&self) -> Option<u64> {
+        let now = u64::try_from(epoch().elapsed().as_millis()).unwrap_or(u64::MAX - 1);
+        self.check_at(now, GUEST_LOG_INTERVAL)
+    }
+
+    /// [`check`](Self::check) at `now_ms` milliseconds since the epoch.
+    pub fn check_at(&self, now_ms: u64, interval: Duration) -> Option<u64> {
+        let interval_ms = u64::try_from(interval.as_millis()).unwrap_or(u64::MAX);
+        let stamp = now_ms.saturating_add(1);
+        let last = self.last.load(Ordering::Relaxed);
+        let due = last == 0 || stamp.saturating_sub(last) >= interval_ms;
+        if due
+            && self
+                .last
+                .compare_exchange(last, stamp, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+
+    /// Lines dropped since the last one logged.
+    pub fn suppressed(&self) -> u64 {
+        self.suppressed.load(Ordering::Relaxed)
+    }
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The time rate limits count from (the first use).
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// Logs a line that the guest can trigger (a bad register access, a malformed queue, a sleep
+/// request...), rate-limited per call site: see [`RateLimit`]. A guest that repeats the
+/// same mistake in a loop costs one line per kind per [`GUEST_LOG_INTERVAL`], and the next
+/// line says how many were dropped.
+///
+/// `guest_log!(log::Level::Warn, "virtio-mmio: bad write at {offset:#x}")`
+#[macro_export]
+macro_rules! guest_log {
+    ($lvl:expr, $($arg:tt)+) => {{
+        static LIMIT: $crate::logger::RateLimit = $crate::logger::RateLimit::new();
+        let lvl: ::log::Level = $lvl;
+        if ::log::log_enabled!(lvl) {
+            match LIMIT.check() {
+                Some(0) => ::log::log!(lvl, $($arg)+),
+                Some(n) => ::log::log!(
+                    lvl,
+                    "{} ({n} more like it suppressed)",
+                    format_args!($($arg)+)
+                ),
+                None => {}
+            }
+        }
+    }};
+}
+
+/// [`guest_log!`] at warning level.
+#[macro_export]
+macro_rules! guest_warn {
+    ($($arg:tt)+) => { $crate::guest_log!(::log::Level::Warn, $($arg)+) };
+}
+
+/// [`guest_log!`] at error level.
+#[macro_export]
+macro_rules! guest_error {
+    ($($arg:tt)+) => { $crate::guest_log!(::log::Level::Error, $($arg)+) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_lets_one_line_per_interval_through_and_counts_the_rest() {
+        let r = RateLimit::new();
+        let i = Duration::from_secs(5);
+        assert_eq!(r.check_at(0, i), Some(0), "the first line always gets through");
+        for t in 1..1000 {
+            assert_eq!(r.check_at(t, i), None);
+        }
+        assert_eq!(r.suppressed(), 999);
+        assert_eq!(r.check_at(4_999, i), None);
+        assert_eq!(r.check_at(5_000, i), Some(1000), "the next line says how many");
+        assert_eq!(r.suppressed(), 0);
+        assert_eq!(r.check_at(5_001, i), None);
+        assert_eq!(r.check_at(u64::MAX, i), Some(1));
+    }
+
+    #[test]
+    fn guest_log_macro_compiles_at_every_level() {
+        for i in 0..3 {
+            crate::guest_warn!("test line {i}");
+            crate::guest_error!("test line {}", i);
+            crate::guest_log!(log::Level::Debug, "test line {i}");
+        }
+    }
 }
