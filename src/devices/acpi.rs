@@ -87,7 +87,7 @@ impl AcpiPlatform {
             log::debug!("ACPI: guest entered S5 (soft off)");
             self.exit.request(ExitReason::PowerOff);
         } else {
-            log::warn!(
+            crate::guest_warn!(
                 "ACPI: guest asked for sleep type {sleep_type}, which ember does not offer \
                  (only S5, power off); it stays running"
             );

@@ -18,7 +18,8 @@
 //! ```
 //!
 //! Feature words can be written only between DRIVER and FEATURES_OK, queue registers only
-//! between FEATURES_OK and DRIVER_OK; writes at other times are ignored (and logged).
+//! between FEATURES_OK and DRIVER_OK; writes at other times are ignored (and logged, at most
+//! one line per kind per 5 s: see [`crate::guest_warn!`]).
 
 use std::sync::{Arc, Mutex};
 
@@ -240,7 +241,7 @@ impl MmioTransport {
             VIRTIO_MMIO_INTERRUPT_ACK => self.interrupt.ack(v),
             VIRTIO_MMIO_STATUS => self.write_status(v),
             VIRTIO_MMIO_SHM_SEL => {}
-            _ => log::warn!(
+            _ => crate::guest_warn!(
                 "virtio-mmio: write of {v:#x} to unknown or read-only register {reg:#x} ignored"
             ),
         }
@@ -251,7 +252,7 @@ impl MmioTransport {
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
             VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED,
         ) {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: driver features written in status {:#x}; ignored",
                 self.status
             );
@@ -268,7 +269,7 @@ impl MmioTransport {
         let asked = u64::from(v) << shift;
         let unknown = asked & !self.device_features;
         if unknown != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: driver acked features {unknown:#x} that were not offered; dropped"
             );
         }
@@ -288,7 +289,7 @@ impl MmioTransport {
         }
         let sel = self.queue_sel;
         let Some(q) = self.selected_queue() else {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: queue register {reg:#x} written for missing queue {sel}; ignored"
             );
             return;
@@ -296,7 +297,9 @@ impl MmioTransport {
         match reg {
             VIRTIO_MMIO_QUEUE_NUM => match u16::try_from(v) {
                 Ok(size) => q.set_size(size),
-                Err(_) => log::warn!("virtio-mmio: queue {sel} size {v} too large; ignored"),
+                Err(_) => {
+                    crate::guest_warn!("virtio-mmio: queue {sel} size {v} too large; ignored");
+                }
             },
             VIRTIO_MMIO_QUEUE_READY => q.set_ready(v == 1),
             VIRTIO_MMIO_QUEUE_DESC_LOW => q.set_desc_table_address(Some(v), None),
@@ -319,10 +322,10 @@ impl MmioTransport {
         match usize::try_from(v).ok().and_then(|i| self.queue_evts.get(i)) {
             Some(evt) => {
                 if let Err(e) = evt.write(1) {
-                    log::error!("virtio-mmio: cannot signal queue {v}: {e}");
+                    crate::guest_error!("virtio-mmio: cannot signal queue {v}: {e}");
                 }
             }
-            None => log::warn!("virtio-mmio: notify for missing queue {v}; ignored"),
+            None => crate::guest_warn!("virtio-mmio: notify for missing queue {v}; ignored"),
         }
     }
 
@@ -332,7 +335,7 @@ impl MmioTransport {
             return;
         }
         if v & VIRTIO_CONFIG_S_FAILED != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: the guest driver gave up on device type {} (status FAILED)",
                 self.device_type
             );
@@ -340,7 +343,7 @@ impl MmioTransport {
             return;
         }
         if v & self.status != self.status {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: status {v:#x} clears bits of {:#x} without a reset; ignored",
                 self.status
             );
@@ -349,7 +352,7 @@ impl MmioTransport {
         let added = v & !self.status;
         let known: u32 = STATUS_STEPS.iter().sum();
         if added & !known != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: status bits {:#x} cannot be set by the driver; ignored",
                 added & !known
             );
@@ -360,7 +363,7 @@ impl MmioTransport {
             }
             let before: u32 = STATUS_STEPS[..i].iter().sum();
             if self.status != before {
-                log::warn!(
+                crate::guest_warn!(
                     "virtio-mmio: status bit {bit:#x} set out of order (status {:#x}); ignored",
                     self.status
                 );
@@ -368,7 +371,7 @@ impl MmioTransport {
             }
             match bit {
                 VIRTIO_CONFIG_S_FEATURES_OK if self.acked_features & VERSION_1 == 0 => {
-                    log::warn!(
+                    crate::guest_warn!(
                         "virtio-mmio: the driver did not accept VIRTIO_F_VERSION_1 (legacy \
                          drivers are not supported); FEATURES_OK refused"
                     );
@@ -377,7 +380,7 @@ impl MmioTransport {
                 VIRTIO_CONFIG_S_DRIVER_OK => {
                     self.status |= bit;
                     if let Err(e) = self.activate() {
-                        log::error!(
+                        crate::guest_error!(
                             "virtio-mmio: cannot activate device type {}: {}",
                             self.device_type,
                             crate::error_chain_line(&e)
@@ -450,7 +453,7 @@ impl BusDevice for MmioTransport {
         }
         data.fill(0);
         if data.len() != 4 || offset % 4 != 0 {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte read at {offset:#x} (registers are 32-bit); read as 0",
                 data.len()
             );
@@ -468,14 +471,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!(
+            crate::guest_warn!(
                 "virtio-mmio: {}-byte write at {offset:#x} (registers are 32-bit); ignored",
                 data.len()
             );
             return;
         };
         if offset % 4 != 0 {
-            log::warn!("virtio-mmio: unaligned write at {offset:#x}; ignored");
+            crate::guest_warn!("virtio-mmio: unaligned write at {offset:#x}; ignored");
             return;
         }
         self.write_register(offset as u32, u32::from_le_bytes(bytes));
