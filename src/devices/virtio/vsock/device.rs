@@ -145,9 +145,12 @@ impl Vsock {
             let cap = (writer.available_bytes() - HEADER_SIZE).min(MAX_PKT_PAYLOAD);
             let mut hdr = VsockHeader::default();
             let Some(n) = self.muxer.recv_pkt(&mut hdr, &mut self.buf[..cap]) else {
-                // Nothing after all: give the buffer back for next time.
+                // Nothing that fits after all (or nothing: host data went away, or the
+                // buffer has no room for payload, which Linux never gives): give the buffer
+                // back for next time, unused, and wait for the guest or the host to move.
                 a.rxq
                     .set_next_avail((Wrapping(a.rxq.next_avail()) - Wrapping(1)).0);
+                a.rxq.enable_notification(&a.mem)?;
                 break;
             };
             let len = match writer
@@ -524,5 +527,73 @@ mod tests {
         dev.run_queues(false);
         assert_eq!(rx.used_idx(), 0, "a broken device delivers nothing");
         assert_eq!(dev.stats().rx_packets, 0);
+    }
+
+    #[test]
+    fn header_only_rx_buffers_with_host_data_waiting_do_not_spin() {
+        let f = Fixture::new("hdronly");
+        let listener = UnixListener::bind(f.dir.join("v.sock_80")).unwrap();
+        let mut rx = TestRing::new(&f.mem, 0, 16);
+        let mut tx = TestRing::new(&f.mem, 0x4000, 16);
+        let mut dev = f.device(&rx, &tx);
+        // Receive buffers of exactly one header: room for control packets, none for data.
+        for i in 0..3u64 {
+            rx.add_chain(&[(0x10_0000 + i * 0x1000, HEADER_SIZE as u32, true)]);
+        }
+        let mut req = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Request);
+        req.set_buf_alloc(65536);
+        guest_send(&f.mem, &mut tx, 0x20_0000, &req, &[]);
+        dev.run_queues(true);
+        assert_eq!(rx.used_entry(0), (0, HEADER_SIZE as u32));
+        assert_eq!(
+            guest_rx_header(&f.mem, 0x10_0000).known_op(),
+            Some(Op::Response)
+        );
+        let (mut server, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut server, b"host data").unwrap();
+        for _ in 0..500 {
+            dev.muxer.process_host_events();
+            if dev.muxer.has_pending_rx() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(dev.muxer.has_pending_rx(), "the host data was seen");
+        let mut dev = finishes(move || {
+            dev.run_queues(false);
+            dev
+        });
+        assert_eq!(
+            rx.used_idx(),
+            1,
+            "no data packet in a buffer without room for it"
+        );
+        assert_eq!(dev.stats().rx_packets, 1);
+        // Control packets still fit: the guest asks for credit and gets the update.
+        let mut creq = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::CreditRequest);
+        creq.set_buf_alloc(65536);
+        guest_send(&f.mem, &mut tx, 0x21_0000, &creq, &[]);
+        dev.run_queues(true);
+        assert_eq!(rx.used_idx(), 2);
+        assert_eq!(rx.used_entry(1), (1, HEADER_SIZE as u32));
+        assert_eq!(
+            guest_rx_header(&f.mem, 0x10_1000).known_op(),
+            Some(Op::CreditUpdate)
+        );
+        // A buffer with room gets the data once the guest offers one at the head of the
+        // ring (after the header-only one left there is used by another control packet).
+        rx.add_chain(&[
+            (0x10_3000, HEADER_SIZE as u32, true),
+            (0x10_3100, 4096, true),
+        ]);
+        guest_send(&f.mem, &mut tx, 0x22_0000, &creq, &[]);
+        dev.run_queues(true);
+        assert_eq!(rx.used_idx(), 4);
+        assert_eq!(rx.used_entry(3), (3, HEADER_SIZE as u32 + 9));
+        let mut data = [0u8; 9];
+        f.mem
+            .read_slice(&mut data, GuestAddress(0x10_3100))
+            .unwrap();
+        assert_eq!(&data, b"host data");
     }
 }

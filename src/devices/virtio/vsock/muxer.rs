@@ -416,12 +416,20 @@ impl Muxer {
 
     /// The next packet for the guest (its rx queue): the header goes to `hdr`, RW payload
     /// into `buf`; returns the payload length, or None when nothing is ready.
+    ///
+    /// Each connection waiting to send is asked once per call: one that has nothing that
+    /// fits `buf` (data, and `buf` has no room for payload) goes back to the end of the
+    /// queue and the call ends with None when no connection had a packet, instead of asking
+    /// it again forever.
     pub fn recv_pkt(&mut self, hdr: &mut VsockHeader, buf: &mut [u8]) -> Option<usize> {
         if let Some(h) = self.rsts.pop_front() {
             *hdr = h;
             return Some(0);
         }
-        while let Some(key) = self.rxq.pop_front() {
+        for _ in 0..self.rxq.len() {
+            let Some(key) = self.rxq.pop_front() else {
+                break;
+            };
             self.in_rxq.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
