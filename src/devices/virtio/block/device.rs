@@ -185,21 +185,19 @@ impl Block {
     }
 }
 
-/// Counts a completion and logs failures (the first few, then every power of two, so a
-/// misbehaving guest cannot flood the log).
+/// Counts a completion and logs failures (rate-limited, so a misbehaving guest cannot flood
+/// the log).
 fn report(name: &str, stats: &BlockStats, c: &Completion) {
     stats.record(c);
     if let Err(e) = &c.result {
         let n = stats.errors();
-        if n <= 10 || n.is_power_of_two() {
-            let status = c
-                .status
-                .map_or("none: chain malformed".to_string(), |s| s.to_string());
-            log::warn!(
-                "{name}: request failed ({}), status {status} (failure #{n})",
-                crate::error_chain_line(e)
-            );
-        }
+        let status = c
+            .status
+            .map_or("none: chain malformed".to_string(), |s| s.to_string());
+        crate::guest_warn!(
+            "{name}: request failed ({}), status {status} (failure #{n})",
+            crate::error_chain_line(e)
+        );
     }
 }
 

@@ -195,7 +195,10 @@ impl Net {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         if e.kind() != io::ErrorKind::WouldBlock {
-                            log::warn!("virtio-net {}: TAP read failed: {e}", self.tap.name());
+                            crate::guest_warn!(
+                                "virtio-net {}: TAP read failed: {e}",
+                                self.tap.name()
+                            );
                         }
                         self.tap_readable = false;
                         break;

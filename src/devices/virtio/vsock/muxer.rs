@@ -248,13 +248,13 @@ impl Muxer {
                         continue; // dropping the stream closes it
                     }
                     if let Err(e) = self.add_handshake(stream) {
-                        log::warn!("vsock: cannot take a host connection: {e}");
+                        crate::guest_warn!("vsock: cannot take a host connection: {e}");
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
+                    crate::guest_warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
                     return;
                 }
             }
@@ -325,7 +325,7 @@ impl Muxer {
                 self.update(key);
             }
             Err(why) => {
-                log::warn!(
+                crate::guest_warn!(
                     "vsock: host client on {}: {why}: expected `CONNECT <port>\\n`",
                     self.uds_path.display()
                 );
@@ -519,7 +519,7 @@ impl Muxer {
                 Ok(()) => {
                     self.registered.insert(key, want);
                 }
-                Err(e) => log::warn!("vsock: epoll_ctl failed: {e}"),
+                Err(e) => crate::guest_warn!("vsock: epoll_ctl failed: {e}"),
             }
         }
         let pending = conn.has_pending_rx();
@@ -557,7 +557,7 @@ impl Muxer {
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.handshakes.remove(&fd);
-            log::warn!("vsock: host client sent no CONNECT line in time");
+            crate::guest_warn!("vsock: host client sent no CONNECT line in time");
         }
         let late: Vec<ConnKey> = self
             .conns
