@@ -50,7 +50,7 @@ impl Interrupt {
     /// configuration-change interrupt (virtio 1.2, 2.1.2).
     pub fn set_needs_reset(&self) {
         if !self.needs_reset.swap(true, Ordering::SeqCst) {
-            log::warn!("virtio device needs a reset (the guest driver is told so)");
+            crate::guest_warn!("virtio device needs a reset (the guest driver is told so)");
             self.raise(VIRTIO_MMIO_INT_CONFIG);
         }
     }
@@ -89,7 +89,7 @@ impl Interrupt {
     fn raise(&self, bit: u32) {
         self.status.fetch_or(bit, Ordering::SeqCst);
         if let Err(e) = self.irq_evt.write(1) {
-            log::error!("cannot raise a virtio interrupt: {e}");
+            crate::guest_error!("cannot raise a virtio interrupt: {e}");
         }
     }
 }

@@ -53,6 +53,15 @@
 //! and a state the device cannot recover from sets NEEDS_RESET
 //! ([`interrupt::Interrupt::set_needs_reset`]). Nothing the guest does may panic the VMM or
 //! touch host memory outside the guest's.
+//!
+//! Every device takes chains off its queues through one path, [`pop_chain`] /
+//! [`pop_or_enable`], and returns them through [`add_used`]: these report a corrupt queue
+//! (an available index more than the queue size ahead of the device, a head index outside
+//! the queue...) as an error instead of "no chain" (which is what
+//! `QueueT::pop_descriptor_chain` does, after logging inside virtio-queue: a device loop
+//! that asks again would spin and flood the log forever). On any queue error a device calls
+//! [`Broken::mark`]: the device sets NEEDS_RESET and ignores its queues until the driver
+//! resets it. `clippy.toml` forbids `pop_descriptor_chain` in ember.
 
 pub mod block;
 pub mod interrupt;
@@ -66,7 +75,7 @@ pub mod vsock;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use virtio_queue::Queue;
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -236,6 +245,82 @@ impl ActivationEvent {
             }
         }
         self.queues_registered = true;
+    }
+}
+
+/// The next available descriptor chain of `queue`, `Ok(None)` when the driver offers no
+/// more, or an error when the available ring is corrupt (its index is more than the queue
+/// size ahead of the device's: the driver offers entries it never filled, or offers them
+/// twice). On an error the caller must stop using the queue: see [`Broken::mark`].
+pub fn pop_chain<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+) -> Result<Option<DescriptorChain<&'m GuestMemory>>, virtio_queue::Error> {
+    Ok(queue.iter(mem)?.next())
+}
+
+/// [`pop_chain`], and when the queue is empty, notifications are enabled again and the queue
+/// looked at once more (so that a chain the driver added meanwhile is not missed).
+/// `Ok(None)`: the queue is empty and the driver will notify the device when it adds to it.
+///
+/// Bounded: a driver whose available index says "more" while nothing can be taken off the
+/// ring gets an error (from [`pop_chain`]) or `Ok(None)`, never an endless retry.
+pub fn pop_or_enable<'m>(
+    queue: &mut Queue,
+    mem: &'m GuestMemory,
+) -> Result<Option<DescriptorChain<&'m GuestMemory>>, virtio_queue::Error> {
+    for _ in 0..2 {
+        if let Some(chain) = pop_chain(queue, mem)? {
+            return Ok(Some(chain));
+        }
+        if !queue.enable_notification(mem)? {
+            break;
+        }
+    }
+    Ok(None)
+}
+
+/// Puts the chain with head `head` on the used ring with `len` bytes written. A head outside
+/// the queue (the driver put a bogus index in its available ring) is an error, checked here
+/// so that virtio-queue does not log it on every call.
+pub fn add_used(
+    queue: &mut Queue,
+    mem: &GuestMemory,
+    head: u16,
+    len: u32,
+) -> Result<(), virtio_queue::Error> {
+    if head >= queue.size() {
+        return Err(virtio_queue::Error::InvalidDescriptorIndex);
+    }
+    #[allow(clippy::disallowed_methods)] // the one checked caller
+    queue.add_used(mem, head, len)
+}
+
+/// Whether a device gave up on its queues: set by [`Broken::mark`] after a queue error the
+/// device cannot recover from (a corrupt available ring, a used ring it cannot write...).
+/// A broken device does no queue work at all (every notification is ignored) until the
+/// driver resets it; the driver sees DEVICE_NEEDS_RESET in the status register. Keep it in
+/// the state a device builds on activation, so that a reset clears it.
+#[derive(Debug, Default)]
+pub struct Broken(bool);
+
+impl Broken {
+    /// Whether the device gave up on its queues.
+    pub fn is_broken(&self) -> bool {
+        self.0
+    }
+
+    /// The device gives up: logs why (rate-limited: the guest can make this happen again
+    /// after each reset), marks itself broken and sets NEEDS_RESET through `interrupt`.
+    pub fn mark(&mut self, device: &str, interrupt: &Interrupt, why: &dyn std::fmt::Display) {
+        if !self.0 {
+            crate::guest_error!(
+                "{device}: virtio queue error ({why}); the device stops until the driver \
+                 resets it"
+            );
+        }
+        self.0 = true;
+        interrupt.set_needs_reset();
     }
 }
 

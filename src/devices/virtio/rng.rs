@@ -18,8 +18,8 @@ use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::{
-    ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice, ACTIVATION_TOKEN,
-    EVENT_IDX,
+    add_used, pop_or_enable, ActivateContext, ActivateError, ActivationEvent, Broken, Interrupt,
+    VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX,
 };
 use crate::config::{parse_options, ConfigError};
 use crate::memory::GuestMemory;
@@ -181,6 +181,7 @@ struct Active {
     mem: GuestMemory,
     queue: Queue,
     interrupt: Arc<Interrupt>,
+    broken: Broken,
 }
 
 /// The virtio-rng device.
@@ -215,67 +216,81 @@ impl Rng {
     }
 
     /// Fills the guest's buffers while the bucket allows; when it runs dry, waits for the
-    /// timer (the guest's requests stay queued, nothing spins).
+    /// timer (the guest's requests stay queued, nothing spins). A corrupt queue breaks the
+    /// device (NEEDS_RESET) until the driver resets it.
     pub fn process_queue(&mut self) {
-        let Some(a) = self.active.as_mut() else {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return;
         };
+        let result = Self::serve(
+            a,
+            &mut self.bucket,
+            &mut self.buf,
+            &mut self.bytes_served,
+            &mut self.timer,
+            &mut self.timer_armed,
+        );
+        let notify = result.and_then(|used| Ok(used && a.queue.needs_notification(&a.mem)?));
+        match notify {
+            Ok(true) => a.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => a.broken.mark("virtio-rng", &a.interrupt, &e),
+        }
+    }
+
+    /// The queue loop of [`Self::process_queue`]; returns whether buffers were used.
+    fn serve(
+        a: &mut Active,
+        bucket: &mut TokenBucket,
+        buf: &mut [u8],
+        bytes_served: &mut u64,
+        timer: &mut TimerFd,
+        timer_armed: &mut bool,
+    ) -> Result<bool, virtio_queue::Error> {
         let mut used = false;
-        loop {
-            let Some(chain) = a.queue.pop_descriptor_chain(&a.mem) else {
-                match a.queue.enable_notification(&a.mem) {
-                    Ok(true) => continue,
-                    _ => break,
-                }
-            };
+        while let Some(chain) = pop_or_enable(&mut a.queue, &a.mem)? {
             let head = chain.head_index();
             let mut writer = match chain.writer(&a.mem) {
                 Ok(w) => w,
                 Err(e) => {
                     log::debug!("virtio-rng: bad descriptor chain: {e}");
-                    let _ = a.queue.add_used(&a.mem, head, 0);
+                    add_used(&mut a.queue, &a.mem, head, 0)?;
                     used = true;
                     continue;
                 }
             };
             let want = writer.available_bytes().min(MAX_REQUEST);
-            let n = self.bucket.take(want as u64, Instant::now());
+            let n = bucket.take(want as u64, Instant::now());
             let n = usize::try_from(n).unwrap_or(0);
             if want > 0 && n == 0 {
                 // Out of tokens: put the request back and come back when there are some.
                 a.queue
                     .set_next_avail((Wrapping(a.queue.next_avail()) - Wrapping(1)).0);
-                if !self.timer_armed {
-                    let wait = self.bucket.wait_time(Instant::now());
-                    if self.timer.reset(wait, None).is_ok() {
-                        self.timer_armed = true;
+                if !*timer_armed {
+                    let wait = bucket.wait_time(Instant::now());
+                    if timer.reset(wait, None).is_ok() {
+                        *timer_armed = true;
                     }
                 }
                 break;
             }
-            let written = match fill_random(&mut self.buf[..n]) {
-                Ok(()) => writer.write_all(&self.buf[..n]).map(|()| n).unwrap_or(0),
+            let written = match fill_random(&mut buf[..n]) {
+                Ok(()) => writer.write_all(&buf[..n]).map(|()| n).unwrap_or(0),
                 Err(e) => {
-                    log::warn!("virtio-rng: getrandom failed: {e}");
+                    crate::guest_warn!("virtio-rng: getrandom failed: {e}");
                     0
                 }
             };
-            self.bytes_served += written as u64;
-            let _ = a
-                .queue
-                .add_used(&a.mem, head, u32::try_from(written).unwrap_or(0));
+            *bytes_served += written as u64;
+            add_used(
+                &mut a.queue,
+                &a.mem,
+                head,
+                u32::try_from(written).unwrap_or(0),
+            )?;
             used = true;
         }
-        if used {
-            match a.queue.needs_notification(&a.mem) {
-                Ok(true) => a.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(e) => {
-                    log::error!("virtio-rng: virtio queue error ({e}); the device needs a reset");
-                    a.interrupt.set_needs_reset();
-                }
-            }
-        }
+        Ok(used)
     }
 }
 
@@ -313,6 +328,7 @@ impl VirtioDevice for Rng {
             mem: ctx.mem,
             queue,
             interrupt: ctx.interrupt,
+            broken: Broken::default(),
         });
         self.activation.signal()
     }
@@ -377,6 +393,7 @@ pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
     fn config() {
@@ -439,6 +456,7 @@ mod tests {
             mem: mem.clone(),
             queue: ring.queue(),
             interrupt: Arc::new(Interrupt::new(evt)),
+            broken: Broken::default(),
         });
         dev.process_queue();
         // The burst covers the first request partly; then the bucket is dry: the rest
@@ -458,6 +476,36 @@ mod tests {
         assert_eq!(ring.used_idx(), 2);
         let (_, n) = ring.used_entry(1);
         assert!(n > 0 && n <= 0x6000, "{n}");
+    }
+
+    #[test]
+    fn avail_index_far_ahead_breaks_the_device_instead_of_spinning() {
+        use crate::devices::virtio::test_ring::{finishes, TestRing};
+        use vm_memory::GuestAddress;
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let mut ring = TestRing::new(&mem, 0, 16);
+        ring.set_avail_idx(16 + 5);
+        let mut dev = Rng::new(&RngConfig::default()).unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.active = Some(Active {
+            mem: mem.clone(),
+            queue: ring.queue(),
+            interrupt: interrupt.clone(),
+            broken: Broken::default(),
+        });
+        let mut dev = finishes(move || {
+            dev.process_queue();
+            dev
+        });
+        assert!(interrupt.needs_reset());
+        assert!(dev.active.as_ref().unwrap().broken.is_broken());
+        // The driver makes the ring sane again but does not reset the device: a notify
+        // does nothing.
+        ring.set_avail_idx(0);
+        ring.add_chain(&[(0x10_0000, 64, true)]);
+        dev.process_queue();
+        assert_eq!(ring.used_idx(), 0);
+        assert_eq!(dev.bytes_served, 0);
     }
 
     #[test]

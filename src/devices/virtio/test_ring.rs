@@ -90,6 +90,15 @@ impl<'a> TestRing<'a> {
         head % self.size
     }
 
+    /// Writes the available ring's index as a driver would, `idx` whatever it is (a hostile
+    /// driver may put it more than the queue size ahead); later chains follow from it.
+    pub fn set_avail_idx(&mut self, idx: u16) {
+        self.avail_idx = idx;
+        self.mem
+            .write_obj(idx, self.avail().unchecked_add(2))
+            .unwrap();
+    }
+
     /// The used ring's index (entries the device returned).
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(self.used().unchecked_add(2)).unwrap()
@@ -103,4 +112,16 @@ impl<'a> TestRing<'a> {
             self.mem.read_obj(e.unchecked_add(4)).unwrap(),
         )
     }
+}
+
+/// Runs `f` on a thread and returns its result, or fails the test when it has not finished
+/// within 10 s (a device loop that spins forever fails the test instead of hanging it; the
+/// spinning thread is left behind).
+pub fn finishes<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .expect("the device did not return within 10 s: it spins")
 }

@@ -519,14 +519,27 @@ fn head_index_out_of_range_needs_reset() {
 #[test]
 fn avail_index_jumping_ahead_needs_reset() {
     let mut rig = rig("availidx", false);
-    // The driver claims 100 new entries in a 16-entry ring.
+    // The driver claims 100 new entries in a 16-entry ring, then just past the size.
+    for claimed in [100u16, QSIZE + 5] {
+        rig.driver
+            .mem
+            .write_obj(claimed, GuestAddress(AVAIL + 2))
+            .unwrap();
+        rig.block.process_queue();
+        assert!(rig.interrupt.needs_reset());
+        assert_eq!(rig.driver.used_idx(), 0);
+    }
+    // The driver puts a sane index back and a valid request, without a reset: a notify
+    // does nothing.
     rig.driver
         .mem
-        .write_obj(100u16, GuestAddress(AVAIL + 2))
+        .write_obj(0u16, GuestAddress(AVAIL + 2))
         .unwrap();
+    rig.driver.header(HDR, VIRTIO_BLK_T_IN, 0);
+    rig.driver
+        .chain(1, &[(HDR, 16, R), (DATA, 512, W), (STATUS, 1, W)]);
     rig.block.process_queue();
-    assert!(rig.interrupt.needs_reset());
-    assert_eq!(rig.driver.used_idx(), 0);
+    assert_eq!(rig.driver.used_idx(), 0, "a broken device does no work");
 }
 
 #[test]

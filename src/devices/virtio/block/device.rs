@@ -11,14 +11,14 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, BounceBuffer, Completion, RequestContext, RequestType};
 use super::{BlockError, DiskFile, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice,
-    EVENT_IDX,
+    add_used, pop_or_enable, read_config_bytes, ActivateContext, ActivateError, ActivationEvent,
+    Broken, Interrupt, VirtioDevice, EVENT_IDX,
 };
 use crate::memory::GuestMemory;
 
@@ -76,7 +76,7 @@ pub(super) struct Active {
     queue: Queue,
     interrupt: Arc<Interrupt>,
     /// Set after an error the device cannot recover from; the queue is left alone until reset.
-    broken: bool,
+    broken: Broken,
 }
 
 /// A virtio-blk device on a raw image file.
@@ -155,72 +155,49 @@ impl Block {
             name,
             ..
         } = self;
-        let Some(active) = active.as_mut().filter(|a| !a.broken) else {
+        let Some(active) = active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return;
         };
-        let mut used_any = false;
-        let result = (|| -> Result<(), virtio_queue::Error> {
-            loop {
-                active.queue.disable_notification(&active.mem)?;
-                loop {
-                    let chain = active.queue.iter(&active.mem)?.next();
-                    let Some(chain) = chain else {
-                        break;
-                    };
-                    let head = chain.head_index();
-                    let mut ctx = RequestContext {
-                        mem: &active.mem,
-                        disk,
-                        id,
-                        bounce,
-                        max_descriptors: usize::from(QUEUE_SIZE),
-                    };
-                    let c = request::process(chain, &mut ctx);
-                    report(name, stats, &c);
-                    active.queue.add_used(&active.mem, head, c.used_len)?;
-                    used_any = true;
-                }
-                if !active.queue.enable_notification(&active.mem)? {
-                    break;
-                }
+        let result = (|| -> Result<bool, virtio_queue::Error> {
+            let mut used_any = false;
+            active.queue.disable_notification(&active.mem)?;
+            while let Some(chain) = pop_or_enable(&mut active.queue, &active.mem)? {
+                let head = chain.head_index();
+                let mut ctx = RequestContext {
+                    mem: &active.mem,
+                    disk,
+                    id,
+                    bounce,
+                    max_descriptors: usize::from(QUEUE_SIZE),
+                };
+                let c = request::process(chain, &mut ctx);
+                report(name, stats, &c);
+                add_used(&mut active.queue, &active.mem, head, c.used_len)?;
+                used_any = true;
             }
-            Ok(())
+            Ok(used_any && active.queue.needs_notification(&active.mem)?)
         })();
-        if let Err(e) = result {
-            log::error!("{name}: virtio queue error ({e}); the device needs a reset");
-            active.broken = true;
-            active.interrupt.set_needs_reset();
-            return;
-        }
-        if used_any {
-            match active.queue.needs_notification(&active.mem) {
-                Ok(true) => active.interrupt.signal_used_queue(),
-                Ok(false) => {}
-                Err(e) => {
-                    log::error!("{name}: virtio queue error ({e}); the device needs a reset");
-                    active.broken = true;
-                    active.interrupt.set_needs_reset();
-                }
-            }
+        match result {
+            Ok(true) => active.interrupt.signal_used_queue(),
+            Ok(false) => {}
+            Err(e) => active.broken.mark(name, &active.interrupt, &e),
         }
     }
 }
 
-/// Counts a completion and logs failures (the first few, then every power of two, so a
-/// misbehaving guest cannot flood the log).
+/// Counts a completion and logs failures (rate-limited, so a misbehaving guest cannot flood
+/// the log).
 fn report(name: &str, stats: &BlockStats, c: &Completion) {
     stats.record(c);
     if let Err(e) = &c.result {
         let n = stats.errors();
-        if n <= 10 || n.is_power_of_two() {
-            let status = c
-                .status
-                .map_or("none: chain malformed".to_string(), |s| s.to_string());
-            log::warn!(
-                "{name}: request failed ({}), status {status} (failure #{n})",
-                crate::error_chain_line(e)
-            );
-        }
+        let status = c
+            .status
+            .map_or("none: chain malformed".to_string(), |s| s.to_string());
+        crate::guest_warn!(
+            "{name}: request failed ({}), status {status} (failure #{n})",
+            crate::error_chain_line(e)
+        );
     }
 }
 
@@ -292,7 +269,7 @@ impl VirtioDevice for Block {
             mem,
             queue,
             interrupt,
-            broken: false,
+            broken: Broken::default(),
         });
         self.activation.signal()
     }

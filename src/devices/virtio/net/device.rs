@@ -26,8 +26,8 @@ use super::header::{
 use super::tap::Tap;
 use super::{MacAddr, NetError};
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice,
-    ACTIVATION_TOKEN, EVENT_IDX,
+    add_used, pop_or_enable, read_config_bytes, ActivateContext, ActivateError, ActivationEvent,
+    Broken, Interrupt, VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX,
 };
 use crate::memory::GuestMemory;
 
@@ -63,7 +63,7 @@ struct Active {
     txq: Queue,
     interrupt: Arc<Interrupt>,
     mergeable: bool,
-    broken: bool,
+    broken: Broken,
 }
 
 /// What became of the packet waiting for the guest.
@@ -144,47 +144,40 @@ impl Net {
     }
 
     fn process_tx(&mut self) -> Result<bool, virtio_queue::Error> {
-        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return Ok(false);
         };
         let mut used = false;
-        loop {
-            a.txq.disable_notification(&a.mem)?;
-            while let Some(chain) = a.txq.pop_descriptor_chain(&a.mem) {
-                let head = chain.head_index();
-                let sent = read_tx_frame(chain, &a.mem, &mut self.tx_buf).and_then(|n| {
-                    self.tap
-                        .write_packet(&self.tx_buf[..n])
-                        .map_err(|e| format!("the TAP refused it: {e}"))
-                });
-                match sent {
-                    Ok(n) => {
-                        self.stats.tx_frames += 1;
-                        self.stats.tx_bytes += n as u64;
-                    }
-                    Err(why) => {
-                        self.stats.tx_dropped += 1;
-                        let k = self.stats.tx_dropped;
-                        if k <= 10 || k.is_power_of_two() {
-                            log::warn!(
-                                "virtio-net {}: dropped a guest frame: {why} (#{k})",
-                                self.tap.name()
-                            );
-                        }
-                    }
+        a.txq.disable_notification(&a.mem)?;
+        while let Some(chain) = pop_or_enable(&mut a.txq, &a.mem)? {
+            let head = chain.head_index();
+            let sent = read_tx_frame(chain, &a.mem, &mut self.tx_buf).and_then(|n| {
+                self.tap
+                    .write_packet(&self.tx_buf[..n])
+                    .map_err(|e| format!("the TAP refused it: {e}"))
+            });
+            match sent {
+                Ok(n) => {
+                    self.stats.tx_frames += 1;
+                    self.stats.tx_bytes += n as u64;
                 }
-                a.txq.add_used(&a.mem, head, 0)?;
-                used = true;
+                Err(why) => {
+                    self.stats.tx_dropped += 1;
+                    let k = self.stats.tx_dropped;
+                    crate::guest_warn!(
+                        "virtio-net {}: dropped a guest frame: {why} (#{k})",
+                        self.tap.name()
+                    );
+                }
             }
-            if !a.txq.enable_notification(&a.mem)? {
-                break;
-            }
+            add_used(&mut a.txq, &a.mem, head, 0)?;
+            used = true;
         }
         Ok(used)
     }
 
     fn process_rx(&mut self) -> Result<bool, RxError> {
-        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return Ok(false);
         };
         let mut used = false;
@@ -202,7 +195,10 @@ impl Net {
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         if e.kind() != io::ErrorKind::WouldBlock {
-                            log::warn!("virtio-net {}: TAP read failed: {e}", self.tap.name());
+                            crate::guest_warn!(
+                                "virtio-net {}: TAP read failed: {e}",
+                                self.tap.name()
+                            );
                         }
                         self.tap_readable = false;
                         break;
@@ -221,13 +217,11 @@ impl Net {
                     self.rx_len = None;
                     self.stats.rx_dropped_too_large += 1;
                     let k = self.stats.rx_dropped_too_large;
-                    if k <= 10 || k.is_power_of_two() {
-                        log::warn!(
-                            "virtio-net {}: dropped a {len}-byte frame: the guest's receive \
-                             buffers cannot hold it (#{k})",
-                            self.tap.name()
-                        );
-                    }
+                    crate::guest_warn!(
+                        "virtio-net {}: dropped a {len}-byte frame: the guest's receive \
+                         buffers cannot hold it (#{k})",
+                        self.tap.name()
+                    );
                 }
             }
         }
@@ -244,10 +238,12 @@ impl Net {
                 Err(e) => failed = Some(e.to_string()),
             }
         }
-        match self.process_rx() {
-            Ok(u) => used |= u,
-            Err(RxError::Queue(e)) => failed = Some(e.to_string()),
-            Err(RxError::Chain(e)) => failed = Some(format!("bad receive buffer: {e}")),
+        if failed.is_none() {
+            match self.process_rx() {
+                Ok(u) => used |= u,
+                Err(RxError::Queue(e)) => failed = Some(e.to_string()),
+                Err(RxError::Chain(e)) => failed = Some(format!("bad receive buffer: {e}")),
+            }
         }
         let Some(a) = self.active.as_mut() else {
             return;
@@ -264,14 +260,8 @@ impl Net {
             }
         }
         if let Some(why) = failed {
-            if !a.broken {
-                log::error!(
-                    "virtio-net {}: virtio queue error ({why}); the device needs a reset",
-                    self.tap.name()
-                );
-            }
-            a.broken = true;
-            a.interrupt.set_needs_reset();
+            let name = format!("virtio-net {}", self.tap.name());
+            a.broken.mark(&name, &a.interrupt, &why);
         }
     }
 }
@@ -329,7 +319,7 @@ fn deliver(a: &mut Active, packet: &mut [u8]) -> Result<Delivery, RxError> {
                     w.write_all(&packet[off..off + n])
                         .map_err(|e| RxError::Chain(e.to_string()))?;
                     off += n;
-                    rxq.add_used(mem, *head, u32::try_from(n).unwrap_or(0))?;
+                    add_used(rxq, mem, *head, u32::try_from(n).unwrap_or(0))?;
                 }
                 return Ok(Delivery::Delivered);
             }
@@ -337,7 +327,7 @@ fn deliver(a: &mut Active, packet: &mut [u8]) -> Result<Delivery, RxError> {
                 give_back(rxq, heads.len());
                 return Ok(Delivery::Drop);
             }
-            RxPlan::NeedMore => match rxq.pop_descriptor_chain(&*mem) {
+            RxPlan::NeedMore => match pop_or_enable(rxq, mem)? {
                 Some(chain) => {
                     heads.push(chain.head_index());
                     let w = chain
@@ -347,13 +337,8 @@ fn deliver(a: &mut Active, packet: &mut [u8]) -> Result<Delivery, RxError> {
                     writers.push(w);
                 }
                 None => {
-                    // Ask to be notified of buffers beyond the ones taken, then give those
+                    // Notifications are on again (pop_or_enable): give the buffers taken
                     // back until the rest arrives.
-                    let more = rxq.enable_notification(&*mem)?;
-                    if more {
-                        rxq.disable_notification(&*mem)?;
-                        continue;
-                    }
                     give_back(rxq, heads.len());
                     return Ok(Delivery::Wait);
                 }
@@ -415,7 +400,7 @@ impl VirtioDevice for Net {
             txq,
             interrupt: ctx.interrupt,
             mergeable: mergeable_rx(ctx.acked_features),
-            broken: false,
+            broken: Broken::default(),
         });
         self.activation.signal()
     }
@@ -472,7 +457,7 @@ mod tests {
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     use super::*;
-    use crate::devices::virtio::test_ring::TestRing;
+    use crate::devices::virtio::test_ring::{finishes, TestRing};
 
     const BUF_BASE: u64 = 0x10_0000;
 
@@ -495,7 +480,7 @@ mod tests {
             txq: ring.queue(),
             interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
             mergeable,
-            broken: false,
+            broken: Broken::default(),
         }
     }
 
@@ -586,5 +571,81 @@ mod tests {
             deliver(&mut a, &mut packet(100)),
             Err(RxError::Chain(_))
         ));
+    }
+
+    /// A NIC on a stand-in TAP (one end of a datagram socket pair, so reads say
+    /// `WouldBlock` until the test writes a frame), with both queues on `rx` and `tx`.
+    fn net_on(
+        m: &GuestMemory,
+        rx: &TestRing<'_>,
+        tx: &TestRing<'_>,
+    ) -> (Net, std::os::unix::net::UnixDatagram, Arc<Interrupt>) {
+        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        let file = std::fs::File::from(std::os::fd::OwnedFd::from(ours));
+        let mut net = Net::new(
+            Tap::from_file(file, "testtap0"),
+            MacAddr([2, 0, 0, 0, 0, 1]),
+        )
+        .unwrap();
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let mut a = active(m, rx, true);
+        a.txq = tx.queue();
+        a.interrupt = interrupt.clone();
+        net.active = Some(a);
+        (net, theirs, interrupt)
+    }
+
+    #[test]
+    fn tx_avail_index_far_ahead_breaks_the_device_instead_of_spinning() {
+        let m = mem();
+        let rx = TestRing::new(&m, 0, 16);
+        let mut tx = TestRing::new(&m, 0x4000, 16);
+        tx.set_avail_idx(16 + 5);
+        let (net, peer, interrupt) = net_on(&m, &rx, &tx);
+        let mut net = finishes(move || {
+            let mut net = net;
+            net.run_queues(true);
+            net
+        });
+        assert!(interrupt.needs_reset());
+        assert!(net.active.as_ref().unwrap().broken.is_broken());
+        // A sane ring again, without a reset: a notify sends nothing.
+        tx.set_avail_idx(0);
+        let frame = packet(60);
+        m.write_slice(&frame, GuestAddress(BUF_BASE)).unwrap();
+        tx.add_chain(&[(BUF_BASE, 60, false)]);
+        net.run_queues(true);
+        assert_eq!(tx.used_idx(), 0);
+        assert_eq!(net.stats().tx_frames, 0);
+        peer.set_nonblocking(true).unwrap();
+        assert!(
+            peer.recv(&mut [0u8; 128]).is_err(),
+            "nothing reached the TAP"
+        );
+    }
+
+    #[test]
+    fn rx_avail_index_far_ahead_breaks_the_device_instead_of_spinning() {
+        let m = mem();
+        let mut rx = TestRing::new(&m, 0, 16);
+        let tx = TestRing::new(&m, 0x4000, 16);
+        rx.set_avail_idx(16 + 5);
+        let (net, peer, interrupt) = net_on(&m, &rx, &tx);
+        // A frame from the host waits for the guest.
+        peer.send(&packet(100)).unwrap();
+        let mut net = finishes(move || {
+            let mut net = net;
+            net.tap_readable = true;
+            net.run_queues(false);
+            net
+        });
+        assert!(interrupt.needs_reset());
+        assert!(net.active.as_ref().unwrap().broken.is_broken());
+        rx.set_avail_idx(0);
+        offer(&mut rx, 0, &[2048]);
+        net.run_queues(false);
+        assert_eq!(rx.used_idx(), 0, "a broken device delivers nothing");
+        assert_eq!(net.stats().rx_frames, 0);
     }
 }

@@ -114,6 +114,15 @@ impl Tap {
         Ok(tap)
     }
 
+    /// A stand-in TAP on any file (a socket, in device tests), called `name`.
+    #[cfg(test)]
+    pub(crate) fn from_file(file: File, name: &str) -> Self {
+        Self {
+            file,
+            name: name.to_string(),
+        }
+    }
+
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name

@@ -16,8 +16,9 @@
 //! size (`buf_alloc`) and how many bytes it has consumed (`fwd_cnt`); a sender may have at
 //! most `buf_alloc - (tx_cnt - fwd_cnt)` bytes in flight. ember's side of it:
 //! - guest -> host: bytes the host socket cannot take at once wait in `to_host`, which the
-//!   credit ember advertises bounds to [`CONN_BUF_ALLOC`]; a guest that sends beyond its
-//!   credit gets its connection reset, so it cannot make ember buffer more;
+//!   credit ember advertises bounds to [`CONN_BUF_ALLOC`] (its allocation to
+//!   [`TO_HOST_CAPACITY`], freed when it drains); a guest that sends beyond its credit gets
+//!   its connection reset, so it cannot make ember buffer more;
 //! - host -> guest: ember reads the host socket only when the guest has credit and has given
 //!   a receive buffer, and reads straight into that buffer: nothing is queued in between.
 //!
@@ -32,9 +33,19 @@ use std::time::Instant;
 
 use super::packet::{Op, VsockHeader, HOST_CID, SHUTDOWN_RCV, SHUTDOWN_SEND, TYPE_STREAM};
 
-/// The receive buffer ember advertises to the guest for each connection (guest -> host bytes
-/// ember may have to hold while the host socket is not reading).
-pub const CONN_BUF_ALLOC: u32 = 256 * 1024;
+/// The receive buffer ember advertises to the guest for each connection (`buf_alloc`): the
+/// most guest -> host bytes ember holds for one connection while its host socket is not
+/// reading (past what the host socket's own buffer takes). A guest that sends more than
+/// this credit allows is reset, so the credit is never more than ember holds. Host -> guest
+/// bytes are never queued in ember (they are read straight into a guest buffer).
+pub const CONN_BUF_ALLOC: u32 = 64 * 1024;
+
+/// Longest line ember writes to a host stream itself (`OK <port>\n`, port up to 2^32 - 1).
+pub const MAX_OWN_LINE: usize = "OK 4294967295\n".len();
+
+/// The most bytes one connection's host-bound buffer ever holds (and allocates): its guest
+/// data plus ember's own `OK` line.
+pub const TO_HOST_CAPACITY: usize = CONN_BUF_ALLOC as usize + MAX_OWN_LINE;
 
 /// Send a credit update once this many forwarded bytes have not been reported to the guest.
 const CREDIT_UPDATE_THRESHOLD: u32 = CONN_BUF_ALLOC / 4;
@@ -136,6 +147,8 @@ pub struct Connection<S> {
 
     /// When this connection gives up waiting (guest answer, host flush).
     deadline: Option<Instant>,
+    /// The host asked for it (a `CONNECT` line), not the guest.
+    host_initiated: bool,
     stats: ConnStats,
 }
 
@@ -167,6 +180,7 @@ impl<S: HostStream> Connection<S> {
             pending_rst: false,
             closing: false,
             deadline: None,
+            host_initiated: state == State::LocalInit,
             stats: ConnStats::default(),
         }
     }
@@ -223,6 +237,16 @@ impl<S: HostStream> Connection<S> {
     /// Bytes of guest data waiting for the host stream.
     pub fn buffered_to_host(&self) -> usize {
         self.to_host.len()
+    }
+
+    /// Bytes allocated for data waiting for the host stream (at most [`TO_HOST_CAPACITY`]).
+    pub fn buffer_capacity(&self) -> usize {
+        self.to_host.capacity()
+    }
+
+    /// Whether the host asked for this connection (else the guest did).
+    pub fn host_initiated(&self) -> bool {
+        self.host_initiated
     }
 
     /// When this connection gives up waiting, if it is waiting.
@@ -299,7 +323,7 @@ impl<S: HostStream> Connection<S> {
             self.pending_rst = true;
             let _ = self.stream.shutdown_both();
         }
-        self.to_host.clear();
+        self.to_host = Vec::new();
         self.own_prefix = 0;
         self.deadline = None;
     }
@@ -309,7 +333,7 @@ impl<S: HostStream> Connection<S> {
         self.state = State::Closed;
         self.pending_rst = false;
         let _ = self.stream.shutdown_both();
-        self.to_host.clear();
+        self.to_host = Vec::new();
         self.own_prefix = 0;
         self.deadline = None;
     }
@@ -342,29 +366,33 @@ impl<S: HostStream> Connection<S> {
 
     /// Writes buffered guest data to the host stream, as much as it takes.
     fn flush_to_host(&mut self) {
-        while !self.to_host.is_empty() {
-            match self.stream.write(&self.to_host) {
-                Ok(0) => {
-                    self.reset();
-                    return;
-                }
-                Ok(n) => {
-                    self.to_host.drain(..n);
-                    // ember's own bytes do not count as forwarded guest data.
-                    let own = n.min(self.own_prefix);
-                    self.own_prefix -= own;
-                    self.forwarded(n - own);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::debug!("vsock: host stream write failed, resetting: {e}");
-                    self.reset();
-                    return;
-                }
+        if !self.to_host.is_empty() {
+            let Some(n) = write_some(&mut self.stream, &self.to_host) else {
+                self.reset();
+                return;
+            };
+            self.to_host.drain(..n);
+            // ember's own bytes do not count as forwarded guest data.
+            let own = n.min(self.own_prefix);
+            self.own_prefix -= own;
+            self.forwarded(n - own);
+            if self.to_host.is_empty() {
+                // Idle connections hold no buffer.
+                self.to_host = Vec::new();
             }
         }
         self.after_flush();
+    }
+
+    /// Queues `bytes` for the host stream behind what waits already. The caller keeps the
+    /// total within [`TO_HOST_CAPACITY`], which is allocated once, exactly: the buffer never
+    /// grows past it.
+    fn buffer_to_host(&mut self, bytes: &[u8]) {
+        if self.to_host.capacity() < TO_HOST_CAPACITY {
+            self.to_host
+                .reserve_exact(TO_HOST_CAPACITY - self.to_host.len());
+        }
+        self.to_host.extend_from_slice(bytes);
     }
 
     fn forwarded(&mut self, n: usize) {
@@ -428,7 +456,7 @@ impl<S: HostStream> Connection<S> {
                 self.deadline = None;
                 let line = format!("OK {}\n", self.local_port);
                 self.own_prefix = line.len();
-                self.to_host.extend_from_slice(line.as_bytes());
+                self.buffer_to_host(line.as_bytes());
                 self.flush_to_host();
             }
             (State::Established, Some(Op::Rw)) => self.guest_data(payload),
@@ -464,8 +492,22 @@ impl<S: HostStream> Connection<S> {
             self.reset();
             return;
         }
-        self.to_host.extend_from_slice(payload);
-        self.flush_to_host();
+        if !self.to_host.is_empty() {
+            // Behind what waits already, in order.
+            self.buffer_to_host(payload);
+            self.flush_to_host();
+            return;
+        }
+        // Straight to the host stream; only what it does not take is held.
+        let Some(n) = write_some(&mut self.stream, payload) else {
+            self.reset();
+            return;
+        };
+        self.forwarded(n);
+        if n < payload.len() {
+            self.buffer_to_host(&payload[n..]);
+        }
+        self.after_flush();
     }
 
     fn guest_shutdown(&mut self, flags: u32) {
@@ -576,6 +618,25 @@ impl<S: HostStream> Connection<S> {
             };
         }
     }
+}
+
+/// Writes as much of `data` as `stream` takes without blocking; None when the stream is
+/// closed or failed (the connection must be reset).
+fn write_some<S: Write>(stream: &mut S, data: &[u8]) -> Option<usize> {
+    let mut done = 0;
+    while done < data.len() {
+        match stream.write(&data[done..]) {
+            Ok(0) => return None,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::debug!("vsock: host stream write failed, resetting: {e}");
+                return None;
+            }
+        }
+    }
+    Some(done)
 }
 
 #[cfg(test)]

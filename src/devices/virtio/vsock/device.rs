@@ -21,8 +21,8 @@ use super::packet::{Op, VsockHeader, HEADER_SIZE};
 use super::VsockConfig;
 use super::VsockError;
 use crate::devices::virtio::{
-    read_config_bytes, ActivateContext, ActivateError, ActivationEvent, Interrupt, VirtioDevice,
-    ACTIVATION_TOKEN, EVENT_IDX,
+    add_used, pop_or_enable, read_config_bytes, ActivateContext, ActivateError, ActivationEvent,
+    Broken, Interrupt, VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX,
 };
 use crate::memory::GuestMemory;
 
@@ -43,7 +43,7 @@ struct Active {
     rxq: Queue,
     txq: Queue,
     interrupt: Arc<Interrupt>,
-    broken: bool,
+    broken: Broken,
 }
 
 /// Packet counters.
@@ -92,35 +92,28 @@ impl Vsock {
 
     /// Takes every packet the guest queued and hands it to the muxer.
     fn process_tx(&mut self) -> Result<bool, virtio_queue::Error> {
-        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return Ok(false);
         };
         let mut used = false;
-        loop {
-            a.txq.disable_notification(&a.mem)?;
-            while let Some(chain) = a.txq.pop_descriptor_chain(&a.mem) {
-                let head = chain.head_index();
-                match read_tx_packet(chain, &a.mem, &mut self.buf) {
-                    Ok((hdr, len)) => {
-                        self.stats.tx_packets += 1;
-                        self.muxer.send_pkt(&hdr, &self.buf[..len]);
-                    }
-                    Err(why) => {
-                        self.stats.bad_chains += 1;
-                        if self.stats.bad_chains <= 10 || self.stats.bad_chains.is_power_of_two() {
-                            log::warn!(
-                                "virtio-vsock: dropping a malformed tx packet: {why} (#{})",
-                                self.stats.bad_chains
-                            );
-                        }
-                    }
+        a.txq.disable_notification(&a.mem)?;
+        while let Some(chain) = pop_or_enable(&mut a.txq, &a.mem)? {
+            let head = chain.head_index();
+            match read_tx_packet(chain, &a.mem, &mut self.buf) {
+                Ok((hdr, len)) => {
+                    self.stats.tx_packets += 1;
+                    self.muxer.send_pkt(&hdr, &self.buf[..len]);
                 }
-                a.txq.add_used(&a.mem, head, 0)?;
-                used = true;
+                Err(why) => {
+                    self.stats.bad_chains += 1;
+                    crate::guest_warn!(
+                        "virtio-vsock: dropping a malformed tx packet: {why} (#{})",
+                        self.stats.bad_chains
+                    );
+                }
             }
-            if !a.txq.enable_notification(&a.mem)? {
-                break;
-            }
+            add_used(&mut a.txq, &a.mem, head, 0)?;
+            used = true;
         }
         Ok(used)
     }
@@ -129,18 +122,14 @@ impl Vsock {
     /// out. Without buffers, packets wait in the muxer (bounded) and host sockets are not
     /// read.
     fn process_rx(&mut self) -> Result<bool, virtio_queue::Error> {
-        let Some(a) = self.active.as_mut().filter(|a| !a.broken) else {
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return Ok(false);
         };
         let mut used = false;
         a.rxq.disable_notification(&a.mem)?;
         while self.muxer.has_pending_rx() {
-            let Some(chain) = a.rxq.pop_descriptor_chain(&a.mem) else {
-                // Out of buffers: be told when the guest adds some.
-                if a.rxq.enable_notification(&a.mem)? {
-                    a.rxq.disable_notification(&a.mem)?;
-                    continue;
-                }
+            // Out of buffers: notifications are on again, the guest tells when it adds some.
+            let Some(chain) = pop_or_enable(&mut a.rxq, &a.mem)? else {
                 break;
             };
             let head = chain.head_index();
@@ -148,7 +137,7 @@ impl Vsock {
                 Ok(w) if w.available_bytes() >= HEADER_SIZE => w,
                 _ => {
                     self.stats.bad_chains += 1;
-                    a.rxq.add_used(&a.mem, head, 0)?;
+                    add_used(&mut a.rxq, &a.mem, head, 0)?;
                     used = true;
                     continue;
                 }
@@ -156,9 +145,12 @@ impl Vsock {
             let cap = (writer.available_bytes() - HEADER_SIZE).min(MAX_PKT_PAYLOAD);
             let mut hdr = VsockHeader::default();
             let Some(n) = self.muxer.recv_pkt(&mut hdr, &mut self.buf[..cap]) else {
-                // Nothing after all: give the buffer back for next time.
+                // Nothing that fits after all (or nothing: host data went away, or the
+                // buffer has no room for payload, which Linux never gives): give the buffer
+                // back for next time, unused, and wait for the guest or the host to move.
                 a.rxq
                     .set_next_avail((Wrapping(a.rxq.next_avail()) - Wrapping(1)).0);
+                a.rxq.enable_notification(&a.mem)?;
                 break;
             };
             let len = match writer
@@ -168,13 +160,12 @@ impl Vsock {
                 Ok(()) => HEADER_SIZE + n,
                 Err(e) => {
                     // Checked above to fit; a failure means guest memory went away.
-                    log::warn!("virtio-vsock: cannot write an rx packet: {e}");
+                    crate::guest_warn!("virtio-vsock: cannot write an rx packet: {e}");
                     0
                 }
             };
             self.stats.rx_packets += 1;
-            a.rxq
-                .add_used(&a.mem, head, u32::try_from(len).unwrap_or(0))?;
+            add_used(&mut a.rxq, &a.mem, head, u32::try_from(len).unwrap_or(0))?;
             used = true;
         }
         Ok(used)
@@ -201,11 +192,7 @@ impl Vsock {
         match notify {
             Ok(true) => a.interrupt.signal_used_queue(),
             Ok(false) => {}
-            Err(e) => {
-                log::error!("virtio-vsock: virtio queue error ({e}); the device needs a reset");
-                a.broken = true;
-                a.interrupt.set_needs_reset();
-            }
+            Err(e) => a.broken.mark("virtio-vsock", &a.interrupt, &e),
         }
     }
 }
@@ -280,7 +267,7 @@ impl VirtioDevice for Vsock {
             rxq,
             txq,
             interrupt: ctx.interrupt,
-            broken: false,
+            broken: Broken::default(),
         });
         self.activation.signal()
     }
@@ -339,7 +326,7 @@ mod tests {
 
     use super::super::packet::HOST_CID;
     use super::*;
-    use crate::devices::virtio::test_ring::TestRing;
+    use crate::devices::virtio::test_ring::{finishes, TestRing};
 
     const CID: u64 = 3;
 
@@ -369,7 +356,7 @@ mod tests {
                 rxq: rx.queue(),
                 txq: tx.queue(),
                 interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
-                broken: false,
+                broken: Broken::default(),
             });
             dev
         }
@@ -487,5 +474,126 @@ mod tests {
         dev.read_config(8, &mut b);
         assert_eq!(b, [0; 4]);
         assert_eq!(dev.queue_max_sizes().len(), 3);
+    }
+
+    #[test]
+    fn tx_avail_index_far_ahead_breaks_the_device_instead_of_spinning() {
+        let f = Fixture::new("txidx");
+        let rx = TestRing::new(&f.mem, 0, 16);
+        let mut tx = TestRing::new(&f.mem, 0x4000, 16);
+        tx.set_avail_idx(16 + 5);
+        let dev = f.device(&rx, &tx);
+        let interrupt = dev.active.as_ref().unwrap().interrupt.clone();
+        let mut dev = finishes(move || {
+            let mut dev = dev;
+            dev.run_queues(true);
+            dev
+        });
+        assert!(interrupt.needs_reset());
+        assert!(dev.active.as_ref().unwrap().broken.is_broken());
+        // A sane ring again, without a reset: a notify takes nothing.
+        tx.set_avail_idx(0);
+        let req = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Request);
+        guest_send(&f.mem, &mut tx, 0x20_0000, &req, &[]);
+        dev.run_queues(true);
+        assert_eq!(tx.used_idx(), 0);
+        assert_eq!(dev.stats().tx_packets, 0);
+        assert!(!dev.muxer.has_pending_rx(), "the muxer saw nothing");
+    }
+
+    #[test]
+    fn rx_avail_index_far_ahead_breaks_the_device_instead_of_spinning() {
+        let f = Fixture::new("rxidx");
+        let mut rx = TestRing::new(&f.mem, 0, 16);
+        let tx = TestRing::new(&f.mem, 0x4000, 16);
+        rx.set_avail_idx(16 + 5);
+        let mut dev = f.device(&rx, &tx);
+        let interrupt = dev.active.as_ref().unwrap().interrupt.clone();
+        // A packet for the guest waits: the RST for a connect to a port nobody listens on.
+        let req = VsockHeader::new((CID, 5000), (HOST_CID, 4321), Op::Request);
+        dev.muxer.send_pkt(&req, &[]);
+        assert!(dev.muxer.has_pending_rx());
+        let mut dev = finishes(move || {
+            dev.run_queues(false);
+            dev
+        });
+        assert!(interrupt.needs_reset());
+        assert!(dev.active.as_ref().unwrap().broken.is_broken());
+        rx.set_avail_idx(0);
+        rx.add_chain(&[
+            (0x10_0000, HEADER_SIZE as u32, true),
+            (0x10_0100, 4096, true),
+        ]);
+        dev.run_queues(false);
+        assert_eq!(rx.used_idx(), 0, "a broken device delivers nothing");
+        assert_eq!(dev.stats().rx_packets, 0);
+    }
+
+    #[test]
+    fn header_only_rx_buffers_with_host_data_waiting_do_not_spin() {
+        let f = Fixture::new("hdronly");
+        let listener = UnixListener::bind(f.dir.join("v.sock_80")).unwrap();
+        let mut rx = TestRing::new(&f.mem, 0, 16);
+        let mut tx = TestRing::new(&f.mem, 0x4000, 16);
+        let mut dev = f.device(&rx, &tx);
+        // Receive buffers of exactly one header: room for control packets, none for data.
+        for i in 0..3u64 {
+            rx.add_chain(&[(0x10_0000 + i * 0x1000, HEADER_SIZE as u32, true)]);
+        }
+        let mut req = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Request);
+        req.set_buf_alloc(65536);
+        guest_send(&f.mem, &mut tx, 0x20_0000, &req, &[]);
+        dev.run_queues(true);
+        assert_eq!(rx.used_entry(0), (0, HEADER_SIZE as u32));
+        assert_eq!(
+            guest_rx_header(&f.mem, 0x10_0000).known_op(),
+            Some(Op::Response)
+        );
+        let (mut server, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut server, b"host data").unwrap();
+        for _ in 0..500 {
+            dev.muxer.process_host_events();
+            if dev.muxer.has_pending_rx() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        assert!(dev.muxer.has_pending_rx(), "the host data was seen");
+        let mut dev = finishes(move || {
+            dev.run_queues(false);
+            dev
+        });
+        assert_eq!(
+            rx.used_idx(),
+            1,
+            "no data packet in a buffer without room for it"
+        );
+        assert_eq!(dev.stats().rx_packets, 1);
+        // Control packets still fit: the guest asks for credit and gets the update.
+        let mut creq = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::CreditRequest);
+        creq.set_buf_alloc(65536);
+        guest_send(&f.mem, &mut tx, 0x21_0000, &creq, &[]);
+        dev.run_queues(true);
+        assert_eq!(rx.used_idx(), 2);
+        assert_eq!(rx.used_entry(1), (1, HEADER_SIZE as u32));
+        assert_eq!(
+            guest_rx_header(&f.mem, 0x10_1000).known_op(),
+            Some(Op::CreditUpdate)
+        );
+        // A buffer with room gets the data once the guest offers one at the head of the
+        // ring (after the header-only one left there is used by another control packet).
+        rx.add_chain(&[
+            (0x10_3000, HEADER_SIZE as u32, true),
+            (0x10_3100, 4096, true),
+        ]);
+        guest_send(&f.mem, &mut tx, 0x22_0000, &creq, &[]);
+        dev.run_queues(true);
+        assert_eq!(rx.used_idx(), 4);
+        assert_eq!(rx.used_entry(3), (3, HEADER_SIZE as u32 + 9));
+        let mut data = [0u8; 9];
+        f.mem
+            .read_slice(&mut data, GuestAddress(0x10_3100))
+            .unwrap();
+        assert_eq!(&data, b"host data");
     }
 }

@@ -11,10 +11,13 @@
 //!
 //! The muxer owns an epoll set with the listener, every host stream and a timer; the device
 //! polls that one fd in ember's event loop and calls [`Muxer::process_host_events`]. Memory is
-//! bounded: at most [`MAX_CONNECTIONS`] connections (each holding at most
-//! [`CONN_BUF_ALLOC`](super::connection::CONN_BUF_ALLOC) bytes of guest data), one pending
-//! packet of each kind per connection, and at most [`MAX_PENDING_RSTS`] replies to packets for
-//! unknown connections (more are dropped: a RST is advisory).
+//! bounded: at most [`MAX_CONNECTIONS`] connections, half of them for each side
+//! ([`MAX_HOST_CONNECTIONS`], [`MAX_GUEST_CONNECTIONS`]: a host client connecting in a loop
+//! cannot starve the guest, nor the reverse), each holding at most
+//! [`CONN_BUF_ALLOC`](super::connection::CONN_BUF_ALLOC) bytes of guest data
+//! ([`MAX_BUFFERED_TO_HOST`] in all), one pending packet of each kind per connection, and at
+//! most [`MAX_PENDING_RSTS`] replies to packets for unknown connections (more are dropped: a
+//! RST is advisory).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read};
@@ -26,12 +29,24 @@ use std::time::{Duration, Instant};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::connection::{Connection, Interest, State};
+use super::connection::{Connection, Interest, State, TO_HOST_CAPACITY};
 use super::packet::{Op, VsockHeader, HOST_CID, TYPE_STREAM};
 use super::VsockError;
 
-/// Most connections (and pending `CONNECT` handshakes) at once.
-pub const MAX_CONNECTIONS: usize = 512;
+/// Most connections (and pending `CONNECT` handshakes) at once, both sides together.
+pub const MAX_CONNECTIONS: usize = 256;
+/// Most connections the host side may have (established, waiting for the guest, or still
+/// sending its `CONNECT` line): half the slots. More host clients are refused (their stream
+/// is closed at once).
+pub const MAX_HOST_CONNECTIONS: usize = MAX_CONNECTIONS / 2;
+/// Most connections the guest may open: the other half. More get a RST.
+pub const MAX_GUEST_CONNECTIONS: usize = MAX_CONNECTIONS - MAX_HOST_CONNECTIONS;
+/// The most memory ember holds for host sockets that do not read, all connections together:
+/// [`MAX_CONNECTIONS`] x [`TO_HOST_CAPACITY`] (64 KiB of guest data plus the `OK` line
+/// each), about 16 MiB. Nothing is held the other way (host data is read straight into a
+/// guest buffer, when the guest has given one and credit).
+pub const MAX_BUFFERED_TO_HOST: usize = MAX_CONNECTIONS * TO_HOST_CAPACITY;
+const _: () = assert!(MAX_BUFFERED_TO_HOST <= 17 << 20);
 /// Most RST replies to unknown connections waiting for a guest buffer.
 pub const MAX_PENDING_RSTS: usize = 64;
 /// How long a host client has to send its `CONNECT` line, and the guest to answer a request.
@@ -71,7 +86,7 @@ pub struct MuxerStats {
     pub bad_packets: u64,
     /// RST replies not sent because [`MAX_PENDING_RSTS`] were already waiting.
     pub dropped_rsts: u64,
-    /// Connections refused because [`MAX_CONNECTIONS`] were open.
+    /// Connections refused because their side's share of [`MAX_CONNECTIONS`] was taken.
     pub refused_full: u64,
 }
 
@@ -223,23 +238,23 @@ impl Muxer {
         loop {
             match self.listener.accept() {
                 Ok((stream, _)) => {
-                    if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+                    if self.host_slots_used() >= MAX_HOST_CONNECTIONS {
                         self.stats.refused_full += 1;
-                        log::warn!(
-                            "vsock: {MAX_CONNECTIONS} connections open: refusing a host \
-                             connection on {}",
+                        crate::guest_warn!(
+                            "vsock: {MAX_HOST_CONNECTIONS} host connections open: refusing \
+                             a host connection on {}",
                             self.uds_path.display()
                         );
                         continue; // dropping the stream closes it
                     }
                     if let Err(e) = self.add_handshake(stream) {
-                        log::warn!("vsock: cannot take a host connection: {e}");
+                        crate::guest_warn!("vsock: cannot take a host connection: {e}");
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    log::warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
+                    crate::guest_warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
                     return;
                 }
             }
@@ -310,12 +325,22 @@ impl Muxer {
                 self.update(key);
             }
             Err(why) => {
-                log::warn!(
+                crate::guest_warn!(
                     "vsock: host client on {}: {why}: expected `CONNECT <port>\\n`",
                     self.uds_path.display()
                 );
             }
         }
+    }
+
+    /// Slots the host side holds: its connections and the clients still in handshake.
+    fn host_slots_used(&self) -> usize {
+        self.handshakes.len() + self.conns.values().filter(|c| c.host_initiated()).count()
+    }
+
+    /// Slots the guest holds: the connections it asked for.
+    fn guest_slots_used(&self) -> usize {
+        self.conns.values().filter(|c| !c.host_initiated()).count()
     }
 
     fn allocate_local_port(&mut self) -> u32 {
@@ -365,9 +390,12 @@ impl Muxer {
     }
 
     fn guest_connect(&mut self, hdr: &VsockHeader, key: ConnKey) {
-        if self.conns.len() + self.handshakes.len() >= MAX_CONNECTIONS {
+        if self.guest_slots_used() >= MAX_GUEST_CONNECTIONS {
             self.stats.refused_full += 1;
-            log::warn!("vsock: {MAX_CONNECTIONS} connections open: refusing a guest connection");
+            crate::guest_warn!(
+                "vsock: {MAX_GUEST_CONNECTIONS} guest connections open: refusing a guest \
+                 connection"
+            );
             self.reply_rst(hdr);
             return;
         }
@@ -416,12 +444,20 @@ impl Muxer {
 
     /// The next packet for the guest (its rx queue): the header goes to `hdr`, RW payload
     /// into `buf`; returns the payload length, or None when nothing is ready.
+    ///
+    /// Each connection waiting to send is asked once per call: one that has nothing that
+    /// fits `buf` (data, and `buf` has no room for payload) goes back to the end of the
+    /// queue and the call ends with None when no connection had a packet, instead of asking
+    /// it again forever.
     pub fn recv_pkt(&mut self, hdr: &mut VsockHeader, buf: &mut [u8]) -> Option<usize> {
         if let Some(h) = self.rsts.pop_front() {
             *hdr = h;
             return Some(0);
         }
-        while let Some(key) = self.rxq.pop_front() {
+        for _ in 0..self.rxq.len() {
+            let Some(key) = self.rxq.pop_front() else {
+                break;
+            };
             self.in_rxq.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
@@ -483,7 +519,7 @@ impl Muxer {
                 Ok(()) => {
                     self.registered.insert(key, want);
                 }
-                Err(e) => log::warn!("vsock: epoll_ctl failed: {e}"),
+                Err(e) => crate::guest_warn!("vsock: epoll_ctl failed: {e}"),
             }
         }
         let pending = conn.has_pending_rx();
@@ -521,7 +557,7 @@ impl Muxer {
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             self.handshakes.remove(&fd);
-            log::warn!("vsock: host client sent no CONNECT line in time");
+            crate::guest_warn!("vsock: host client sent no CONNECT line in time");
         }
         let late: Vec<ConnKey> = self
             .conns
@@ -926,5 +962,93 @@ mod tests {
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
         assert_eq!(server.read(&mut [0u8; 1]).unwrap(), 0);
+    }
+
+    /// Guest connections to a host listener that accepts but never reads, each sending as
+    /// much as its credit allows: what ember holds for them stays under the bound.
+    #[test]
+    fn non_reading_listener_keeps_buffered_bytes_bounded() {
+        let mut f = Fixture::new("noread");
+        let listener = UnixListener::bind(port_path(&f.uds(), 1)).unwrap();
+        let mut servers = Vec::new();
+        let chunk = vec![0x5au8; 32 * 1024];
+        let mut established = 0;
+        for port in 0..512u32 {
+            f.mux
+                .send_pkt(&from_guest(Op::Request, 10_000 + port, 1), &[]);
+            // The answer (credit updates for earlier connections may come first).
+            let h = loop {
+                let (h, _) = f.next_pkt(&mut []);
+                if h.dst_port() == 10_000 + port {
+                    break h;
+                }
+            };
+            if h.known_op() != Some(Op::Response) {
+                assert_eq!(h.known_op(), Some(Op::Rst));
+                continue;
+            }
+            established += 1;
+            // Accepted, never read.
+            servers.push(listener.accept().unwrap().0);
+            let key = ConnKey {
+                local_port: 1,
+                peer_port: 10_000 + port,
+            };
+            // A guest that respects its credit: at most buf_alloc bytes not yet forwarded.
+            let credit = h.buf_alloc() as usize;
+            for _ in 0..64 {
+                let held = f.mux.conns[&key].buffered_to_host();
+                if held + chunk.len() > credit {
+                    break;
+                }
+                let mut rw = from_guest(Op::Rw, 10_000 + port, 1);
+                rw.set_len(chunk.len() as u32);
+                f.mux.send_pkt(&rw, &chunk);
+            }
+            assert_eq!(f.mux.conns[&key].state(), State::Established);
+        }
+        assert!(established > 0);
+        let total: usize = f.mux.conns.values().map(|c| c.buffered_to_host()).sum();
+        let memory: usize = f.mux.conns.values().map(|c| c.buffer_capacity()).sum();
+        assert!(
+            total <= memory && memory <= MAX_BUFFERED_TO_HOST && memory <= 17 << 20,
+            "{established} connections hold {total} bytes ({memory} allocated) for the host"
+        );
+    }
+
+    /// One host client opening connection after connection cannot take the slots the guest
+    /// needs for its own connections.
+    #[test]
+    fn one_host_client_cannot_take_every_slot() {
+        let mut f = Fixture::new("hostslots");
+        let mut clients = Vec::new();
+        for _ in 0..512 {
+            let mut c = UnixStream::connect(f.uds()).unwrap();
+            c.write_all(b"CONNECT 52\n").unwrap();
+            clients.push(c);
+            f.mux.process_host_events();
+        }
+        for _ in 0..10 {
+            f.mux.process_host_events();
+        }
+        assert!(f.mux.connection_count() + f.mux.handshakes.len() <= MAX_HOST_CONNECTIONS);
+        assert!(f.mux.stats().refused_full > 0);
+        // The guest can still connect out.
+        let listener = UnixListener::bind(port_path(&f.uds(), 1)).unwrap();
+        f.mux.send_pkt(&from_guest(Op::Request, 7000, 1), &[]);
+        let mut buf = [0u8; 16];
+        let mut answer = None;
+        f.pump_until(|m| {
+            let mut h = VsockHeader::default();
+            while m.recv_pkt(&mut h, &mut buf).is_some() {
+                if h.dst_port() == 7000 {
+                    answer = h.known_op();
+                    return true;
+                }
+            }
+            false
+        });
+        assert_eq!(answer, Some(Op::Response));
+        drop(listener);
     }
 }
