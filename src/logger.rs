@@ -20,7 +20,50 @@ impl Log for StderrLogger {
         if !self.enabled(record.metadata()) {
             return;
         }
-        let level = match record.level() {
+        if is_guest_driven(record.target()) {
+            // Crates that log what the guest did to them (a queue register set to a bad
+            // value, a corrupt ring): rate-limited like ember's own guest-triggered lines.
+            let slot = record.line().unwrap_or(0) as usize % GUEST_DRIVEN_SLOTS;
+            let Some(n) = GUEST_DRIVEN_LIMITS[slot].check() else {
+                return;
+            };
+            let more = if n > 0 {
+                format!(" ({n} more like it suppressed)")
+            } else {
+                String::new()
+            };
+            let target = record.target();
+            return self.write(
+                record.level(),
+                format_args!("{target}: {}{more}", record.args()),
+            );
+        }
+        self.write(record.level(), *record.args());
+    }
+
+    fn flush(&self) {}
+}
+
+/// Log targets (crates) whose messages a guest can trigger at will.
+const GUEST_DRIVEN_TARGETS: [&str; 1] = ["virtio_queue"];
+
+/// Rate limits for [`GUEST_DRIVEN_TARGETS`], shared by call sites with the same line number
+/// modulo this.
+const GUEST_DRIVEN_SLOTS: usize = 16;
+
+static GUEST_DRIVEN_LIMITS: [RateLimit; GUEST_DRIVEN_SLOTS] =
+    [const { RateLimit::new() }; GUEST_DRIVEN_SLOTS];
+
+/// Whether `target` is one of [`GUEST_DRIVEN_TARGETS`] (or a module of one).
+fn is_guest_driven(target: &str) -> bool {
+    GUEST_DRIVEN_TARGETS
+        .iter()
+        .any(|t| target == *t || target.strip_prefix(t).is_some_and(|r| r.starts_with("::")))
+}
+
+impl StderrLogger {
+    fn write(&self, level: Level, args: std::fmt::Arguments<'_>) {
+        let level = match level {
             Level::Error => "error: ",
             Level::Warn => "warning: ",
             Level::Info => "",
@@ -28,14 +71,8 @@ impl Log for StderrLogger {
             Level::Trace => "trace: ",
         };
         // With the console in raw mode a bare \n would not return the cursor.
-        let _ = write!(
-            std::io::stderr().lock(),
-            "ember: {level}{}\r\n",
-            record.args()
-        );
+        let _ = write!(std::io::stderr().lock(), "ember: {level}{args}\r\n");
     }
-
-    fn flush(&self) {}
 }
 
 static LOGGER: StderrLogger = StderrLogger;
@@ -175,6 +212,14 @@ mod tests {
         assert_eq!(r.suppressed(), 0);
         assert_eq!(r.check_at(5_001, i), None);
         assert_eq!(r.check_at(u64::MAX, i), Some(1));
+    }
+
+    #[test]
+    fn crates_that_log_guest_mistakes_are_recognised_by_target() {
+        assert!(is_guest_driven("virtio_queue"));
+        assert!(is_guest_driven("virtio_queue::queue"));
+        assert!(!is_guest_driven("virtio_queue_extra"));
+        assert!(!is_guest_driven("ember::devices::virtio::mmio"));
     }
 
     #[test]

@@ -174,18 +174,33 @@ fn exit_device_status_is_recorded_but_run_ends_on_reset() {
 
 #[test]
 fn guest_triggered_log_lines_are_rate_limited() {
-    // 20000 rounds of three mistakes that each log a warning: a 1-byte write to a 32-bit
-    // virtio-mmio register, an unaligned 32-bit write there, and an ACPI sleep request for a
-    // state ember does not offer (S3). Unlimited, that is 60000 lines on stderr; each kind
-    // gets one line per interval (plus a count of the suppressed ones).
+    // 20000 rounds of four mistakes that each log a warning: a queue size that is not a power
+    // of two (logged by virtio-queue itself), a 1-byte write to a 32-bit virtio-mmio
+    // register, an unaligned 32-bit write there, and an ACPI sleep request for a state ember
+    // does not offer (S3). Unlimited, that is 80000 lines on stderr; each kind gets one line
+    // per interval (plus a count of the suppressed ones).
     use ember::arch::x86_64::layout::{ACPI_SLEEP_CONTROL, VIRTIO_MMIO_START};
     use ember::devices::acpi::{SLP_EN, SLP_TYP_SHIFT};
     const ROUNDS: u32 = 20_000;
+    let rng = VIRTIO_MMIO_START; // the first virtio-mmio window: virtio-rng, on by default
     let mut a = Asm::new();
+    // Bring the rng's transport to FEATURES_OK so that its queue registers take writes.
+    for (reg, v) in [
+        (0x70, 1),
+        (0x70, 3),
+        (0x24, 1),
+        (0x20, 1),
+        (0x70, 11),
+        (0x30, 0),
+    ] {
+        a.mov_eax(v).mmio_write32(rng + reg);
+    }
     a.bytes(&[0xb9]).bytes(&ROUNDS.to_le_bytes()); // mov ecx, ROUNDS
     let top = a.here();
-    a.mov_al(1).mmio_write8(VIRTIO_MMIO_START + 0x70); // status register, 1 byte wide
-    a.mov_eax(0).mmio_write32(VIRTIO_MMIO_START + 0x72); // unaligned
+    // QueueNum = 3, not a power of two: virtio-queue itself logs "invalid size".
+    a.mov_eax(3).mmio_write32(rng + 0x38);
+    a.mov_al(1).mmio_write8(rng + 0x70); // status register, 1 byte wide
+    a.mov_eax(0).mmio_write32(rng + 0x72); // unaligned
     a.mov_al((3 << SLP_TYP_SHIFT) | SLP_EN)
         .mmio_write8(ACPI_SLEEP_CONTROL); // S3: not offered
     a.bytes(&[0xff, 0xc9]); // dec ecx
@@ -197,20 +212,21 @@ fn guest_triggered_log_lines_are_rate_limited() {
     out.expect_code(0);
     assert!(out.stdout.contains("done"), "{out:?}");
     let lines = |needle: &str| out.stderr.lines().filter(|l| l.contains(needle)).count();
-    let (narrow, unaligned, sleep) = (
+    let (narrow, unaligned, sleep, size) = (
         lines("1-byte write"),
         lines("unaligned write"),
         lines("sleep type 3"),
+        lines("invalid size"),
     );
     assert!(
-        narrow >= 1 && unaligned >= 1 && sleep >= 1,
+        narrow >= 1 && unaligned >= 1 && sleep >= 1 && size >= 1,
         "{}",
         out.stderr
     );
     // One line per kind per 5 s: a run this short logs a handful, not thousands.
     assert!(
-        narrow + unaligned + sleep <= 30,
-        "{narrow} + {unaligned} + {sleep} lines: {}",
+        narrow + unaligned + sleep + size <= 40,
+        "{narrow} + {unaligned} + {sleep} + {size} lines: {}",
         &out.stderr[..out.stderr.len().min(2000)]
     );
     assert!(
