@@ -202,8 +202,8 @@ impl Vmm {
                 }
                 wait = wait.min(d - now);
             }
-            if let Some(asked) = stop_asked_at {
-                let d = asked + opts.shutdown_timeout;
+            // checked: a shutdown timeout past the clock's end means waiting for ever.
+            if let Some(d) = stop_asked_at.and_then(|a| a.checked_add(opts.shutdown_timeout)) {
                 if now >= d {
                     log::warn!(
                         "the guest did not shut down within {:?}; stopping it",

@@ -167,3 +167,61 @@ fn unknown_flag_and_bad_number() {
     let out = run_ember(&["run", "--frobnicate"], None, T);
     assert_eq!(out.code, Some(2));
 }
+
+const HUGE: &str = "18446744073709551615";
+
+#[test]
+fn huge_shutdown_timeout_is_refused() {
+    let dir = temp_dir("cli-huge-shutdown");
+    let k = tiny_kernel(&dir);
+    expect_error(
+        &["run", "--kernel", &k, "--shutdown-timeout", HUGE],
+        &["--shutdown-timeout", "to 315360000 (10 years)"],
+    );
+}
+
+#[test]
+fn huge_stop_after_ms_is_refused() {
+    let dir = temp_dir("cli-huge-stop");
+    let k = tiny_kernel(&dir);
+    expect_error(
+        &["run", "--kernel", &k, "--stop-after-ms", HUGE],
+        &["--stop-after-ms", "315360000000 (10 years)"],
+    );
+}
+
+#[test]
+fn huge_bench_timeout_is_refused() {
+    let dir = temp_dir("cli-huge-bench");
+    let k = tiny_kernel(&dir);
+    let json = dir.join("bench.json");
+    expect_error(
+        &[
+            "bench",
+            "--kernel",
+            &k,
+            "--runs",
+            "1",
+            "--setup-only",
+            "--json",
+            json.to_str().unwrap(),
+            "--timeout",
+            HUGE,
+        ],
+        &["--timeout", "to 315360000 (10 years)"],
+    );
+}
+
+#[test]
+fn huge_exec_timeout_is_refused() {
+    // ember exec reports its own usage errors as 125, apart from the command's statuses.
+    let out = run_ember(&["exec", "--timeout", HUGE, "--", "true"], None, T);
+    assert_eq!(out.code, Some(125), "{out:?}");
+    assert!(out.stderr.contains("--timeout"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("at most 315360000 (10 years)"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
