@@ -215,7 +215,7 @@ pub struct ImageFile {
 impl ImageFile {
     /// Opens `path` for loading into `mem`, through `cache` when there is one.
     pub fn open(path: &Path, mem: &GuestMemory, cache: Option<&ImageCache>) -> io::Result<Self> {
-        let source = File::open(path)?;
+        let source = crate::user_file::open_regular(path)?;
         let meta = source.metadata()?;
         let cacheable = |c: &&ImageCache| meta.is_file() && meta.len() >= c.min_size;
         let (file, mappable) = match cache.filter(cacheable) {

@@ -134,7 +134,7 @@ pub struct LoadedKernel {
 
 /// Looks at the first bytes of the image to tell its format.
 pub fn detect_format(path: &Path) -> Result<KernelFormat, KernelError> {
-    let mut f = File::open(path).map_err(|source| KernelError::Open {
+    let mut f = crate::user_file::open_regular(path).map_err(|source| KernelError::Open {
         path: path.into(),
         source,
     })?;
@@ -401,7 +401,7 @@ impl ImageLoader {
 
 /// Reads an initrd file.
 pub fn read_initrd(path: &Path) -> Result<Vec<u8>, KernelError> {
-    std::fs::read(path).map_err(|source| KernelError::Initrd {
+    crate::user_file::read_regular(path).map_err(|source| KernelError::Initrd {
         path: path.into(),
         source,
     })
