@@ -222,3 +222,36 @@ fn images_mapped_from_the_cache_are_private_to_the_guest() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn command_line_is_capped_at_ember_s_area_not_the_bzimage_s_claim() {
+    if !kvm_available("cmdline_area") {
+        return;
+    }
+    let dir = temp_dir("proto-cmdline-area");
+    let mut img = tiny_bzimage(&zero_page_reader());
+    img[0x238..0x23c].copy_from_slice(&u32::MAX.to_le_bytes()); // cmdline_size: 4 GiB
+    let k = dir.join("kernel");
+    std::fs::write(&k, img).unwrap();
+    // 960 kB in 8 words (one argument may be at most 128 KiB): from CMDLINE_START it would
+    // reach over the kernel loaded at 1 MiB.
+    let word = "x".repeat(120_000 - 1);
+    let mut args = vec!["run", "--kernel", k.to_str().unwrap(), "--mem", "64"];
+    args.extend(["--no-host-tuning", "--no-rng", "--cmdline", "console=ttyS0"]);
+    for _ in 0..8 {
+        args.extend(["--append", &word]);
+    }
+    let out = run_ember(&args, None, Duration::from_secs(30));
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("this kernel accepts at most 4294967295"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .contains("ember's command-line area holds at most 65535"),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
