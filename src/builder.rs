@@ -131,6 +131,8 @@ pub fn build_vm(
     //    the VM is set up (mapped from the image cache, or copied: CPU work that needs no
     //    KVM).
     let mem = create_guest_memory(config.mem_bytes())?;
+    // Before the images are mapped into it; dropped before it is unmapped.
+    let mapped_images = crate::image_file::MappedImages::new(&mem);
     let images = ImageLoader::spawn(
         &mem,
         config.mem_bytes(),
@@ -263,6 +265,7 @@ pub fn build_vm(
         .collect::<Result<Vec<_>, _>>()?;
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
+    vmm.set_mapped_images(mapped_images);
     if let Some(button) = power_button {
         vmm.set_shutdown_requester(button.requester(), Some(GED_IRQ));
     }

@@ -531,6 +531,7 @@ mod tests {
     #[test]
     fn initrd_file_goes_straight_into_guest_memory_with_extra_archive() {
         let mem = create_guest_memory(64 << 20).unwrap();
+        let _registered = crate::image_file::MappedImages::new(&mem);
         let k = fake_kernel(0x200_0000);
         let path = tmpfile("initrd", &[0x11u8; 4097]);
         let dir = std::env::temp_dir().join(format!("ember-initrd-cache-{}", std::process::id()));
