@@ -113,7 +113,8 @@ impl ImageCache {
     /// made now when the cache has none.
     pub fn entry(&self, source: &File, meta: &Metadata) -> io::Result<File> {
         let path = self.dir.join(Self::entry_name(meta));
-        match File::open(&path) {
+        // Never blocks, should something other than an entry (a FIFO) have its name.
+        match crate::user_file::open_regular(&path) {
             Ok(f) => {
                 let m = f.metadata()?;
                 // SAFETY: geteuid has no preconditions.
@@ -892,6 +893,14 @@ mod tests {
         // Same name, wrong size: not trusted.
         write(&cache.dir().join(ImageCache::entry_name(&meta)), b"short");
         let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let f = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
+        assert!(!f.mappable);
+        // A FIFO with the entry's name: not opened for reading (that would block), not used.
+        let entry = cache.dir().join(ImageCache::entry_name(&meta));
+        std::fs::remove_file(&entry).unwrap();
+        let c = std::ffi::CString::new(entry.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let f = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
         assert!(!f.mappable);
         std::fs::remove_dir_all(d).unwrap();
