@@ -144,7 +144,7 @@ const MAX_DURATION_TEXT: &str = "315360000 (10 years)";
 
 fn parse_timeout(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        #[allow(clippy::cast_precision_loss)] // exact: the maximum is below 2^53
+        // `as f64` is exact: the maximum is below 2^53.
         Ok(t) if t.is_finite() && t > 0.0 && t <= MAX_DURATION_SECS as f64 => Ok(t),
         _ => Err(format!(
             "{s:?} is not a number of seconds above 0 and at most {MAX_DURATION_TEXT} \
@@ -518,6 +518,22 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ember").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn duration_flags_stop_at_ten_years() {
+        assert_eq!(MAX_DURATION_TEXT, format!("{MAX_DURATION_SECS} (10 years)"));
+        let max = MAX_DURATION_SECS.to_string();
+        let over = (MAX_DURATION_SECS + 1).to_string();
+        assert_eq!(parse_secs(&max), Ok(MAX_DURATION_SECS));
+        assert!(parse_secs(&over).unwrap_err().contains(MAX_DURATION_TEXT));
+        assert!(parse_millis(&(MAX_DURATION_SECS * 1000).to_string()).is_ok());
+        assert!(parse_millis(&(MAX_DURATION_SECS * 1000 + 1).to_string()).is_err());
+        assert!(parse_timeout(&max).is_ok());
+        assert!(parse_timeout(&over)
+            .unwrap_err()
+            .contains(MAX_DURATION_TEXT));
+        assert!(parse_timeout("1e300").is_err());
     }
 
     #[test]
