@@ -131,6 +131,8 @@ pub fn build_vm(
     //    the VM is set up (mapped from the image cache, or copied: CPU work that needs no
     //    KVM).
     let mem = create_guest_memory(config.mem_bytes())?;
+    // Before the images are mapped into it; dropped before it is unmapped.
+    let mapped_images = crate::image_file::MappedImages::new(&mem);
     let images = ImageLoader::spawn(
         &mem,
         config.mem_bytes(),
@@ -263,6 +265,7 @@ pub fn build_vm(
         .collect::<Result<Vec<_>, _>>()?;
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
+    vmm.set_mapped_images(mapped_images);
     if let Some(button) = power_button {
         vmm.set_shutdown_requester(button.requester(), Some(GED_IRQ));
     }
@@ -329,26 +332,45 @@ pub const NO_ACPI_SWITCH: &str = "acpi=off";
 
 fn sink_writer(sink: ConsoleSink) -> Box<dyn std::io::Write + Send> {
     match sink {
-        ConsoleSink::Stdout => Box::new(raw_fd_writer(libc::STDOUT_FILENO)),
-        ConsoleSink::Stderr => Box::new(raw_fd_writer(libc::STDERR_FILENO)),
+        ConsoleSink::Stdout => raw_fd_writer(libc::STDOUT_FILENO),
+        ConsoleSink::Stderr => raw_fd_writer(libc::STDERR_FILENO),
         ConsoleSink::Null => Box::new(std::io::sink()),
     }
 }
 
-/// An unbuffered writer on a dup of `fd`, so every guest byte is out as soon as it is
-/// written (and nothing is lost if the process ends).
-fn raw_fd_writer(fd: i32) -> std::fs::File {
-    // SAFETY: dup of a standard fd; the result (if valid) is a new fd we own.
-    let new = unsafe { libc::dup(fd) };
-    if new < 0 {
-        // SAFETY: /dev/null fallback is owned by the File it is wrapped in.
-        return std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .unwrap_or_else(|_| unsafe { std::fs::File::from_raw_fd(fd) });
+/// An unbuffered writer on a close-on-exec dup of the standard fd `fd`, so every guest
+/// byte is out as soon as it is written (and nothing is lost if the process ends). When no
+/// fd is left for the dup, it writes to `fd` itself without ever closing it: ember's own
+/// messages go there too.
+fn raw_fd_writer(fd: std::os::fd::RawFd) -> Box<dyn std::io::Write + Send> {
+    // SAFETY: F_DUPFD_CLOEXEC on a standard fd (Rust's runtime keeps 0, 1 and 2 open); the
+    // result, when not -1, is a new fd that nothing else owns.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
+    if new >= 0 {
+        // SAFETY: `new` is a fresh fd owned by nothing else.
+        return Box::new(unsafe { std::fs::File::from_raw_fd(new) });
     }
-    // SAFETY: `new` is a fresh fd owned by nothing else.
-    unsafe { std::fs::File::from_raw_fd(new) }
+    log::debug!(
+        "cannot duplicate fd {fd} for the console ({}): writing to it directly",
+        std::io::Error::last_os_error()
+    );
+    Box::new(StdFdWriter(fd))
+}
+
+/// Writes to a standard fd it does not own (and so never closes).
+struct StdFdWriter(std::os::fd::RawFd);
+
+impl std::io::Write for StdFdWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // SAFETY: fd 0, 1 or 2 stays open for the whole process (nothing in ember closes
+        // it); `buf` is valid for `buf.len()` bytes of reading.
+        let n = unsafe { libc::write(self.0, buf.as_ptr().cast(), buf.len()) };
+        usize::try_from(n).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn attach_legacy_devices(
@@ -371,14 +393,15 @@ fn attach_legacy_devices(
     ));
     devices.add_pio(com1.clone(), COM1_PORT, SERIAL_PORT_SIZE)?;
     if config.stdin {
-        // SAFETY: dup of stdin; the new fd is owned by the File.
-        let fd = unsafe { libc::dup(libc::STDIN_FILENO) };
-        if fd >= 0 {
-            // SAFETY: `fd` is a fresh fd nothing else owns.
-            let input = unsafe { std::fs::File::from_raw_fd(fd) };
-            let sub = SerialInput::new(com1, input).map_err(BuildError::EventLoop)?;
-            event_manager.add_subscriber(Arc::new(Mutex::new(sub)));
+        // SAFETY: close-on-exec dup of stdin; the new fd, when not -1, is owned by the File.
+        let fd = unsafe { libc::fcntl(libc::STDIN_FILENO, libc::F_DUPFD_CLOEXEC, 3) };
+        if fd < 0 {
+            return Err(BuildError::EventLoop(std::io::Error::last_os_error()));
         }
+        // SAFETY: `fd` is a fresh fd nothing else owns.
+        let input = unsafe { std::fs::File::from_raw_fd(fd) };
+        let sub = SerialInput::new(com1, input).map_err(BuildError::EventLoop)?;
+        event_manager.add_subscriber(Arc::new(Mutex::new(sub)));
     }
 
     // COM2, when asked for.

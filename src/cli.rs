@@ -137,11 +137,38 @@ pub struct ExecArgs {
     pub command: Vec<std::ffi::OsString>,
 }
 
+/// The longest duration any time flag takes: 10 years (365-day years), far beyond any real
+/// run but small enough that a deadline computed from it never overflows a clock.
+pub const MAX_DURATION_SECS: u64 = 10 * 365 * 24 * 3600;
+const MAX_DURATION_TEXT: &str = "315360000 (10 years)";
+
 fn parse_timeout(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
-        Ok(t) if t.is_finite() && t > 0.0 && t < 1e9 => Ok(t),
+        // `as f64` is exact: the maximum is below 2^53.
+        Ok(t) if t.is_finite() && t > 0.0 && t <= MAX_DURATION_SECS as f64 => Ok(t),
         _ => Err(format!(
-            "{s:?} is not a number of seconds above 0 (e.g. 300 or 2.5)"
+            "{s:?} is not a number of seconds above 0 and at most {MAX_DURATION_TEXT} \
+             (e.g. 300 or 2.5)"
+        )),
+    }
+}
+
+/// Whole seconds, 0 to [`MAX_DURATION_SECS`].
+fn parse_secs(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(t) if t <= MAX_DURATION_SECS => Ok(t),
+        _ => Err(format!(
+            "{s:?} is not a whole number of seconds from 0 to {MAX_DURATION_TEXT} (e.g. 30)"
+        )),
+    }
+}
+
+/// Whole milliseconds, 0 to [`MAX_DURATION_SECS`] in milliseconds.
+fn parse_millis(s: &str) -> Result<u64, String> {
+    match s.parse::<u64>() {
+        Ok(t) if t <= MAX_DURATION_SECS * 1000 => Ok(t),
+        _ => Err(format!(
+            "{s:?} is not a whole number of milliseconds from 0 to 315360000000 (10 years)"
         )),
     }
 }
@@ -264,7 +291,7 @@ pub struct RunArgs {
     /// After SIGTERM (or SIGINT), how long the guest gets to shut down after ember pressed
     /// its power button before it is stopped hard. Default: 30 on PVM hosts (guest kernel
     /// code is emulated there), 5 otherwise.
-    #[arg(long, value_name = "SECS")]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub shutdown_timeout: Option<u64>,
     /// Sample each vCPU's guest RIP and stack at --profile-rate and write a flat profile of
     /// guest kernel functions to FILE (folded stacks to FILE.folded), symbolized with the
@@ -281,7 +308,7 @@ pub struct RunArgs {
     pub bench_report: Option<PathBuf>,
     /// Stop the VM this many milliseconds after ember started (exit status 124; used by
     /// `ember bench --setup-only`).
-    #[arg(long, value_name = "MS", hide = true)]
+    #[arg(long, value_name = "MS", hide = true, value_parser = parse_millis)]
     pub stop_after_ms: Option<u64>,
 }
 
@@ -337,7 +364,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "TEXT", default_value = "ember-init:")]
     pub marker: String,
     /// Seconds a boot may take before it is killed and counted as failed.
-    #[arg(long, value_name = "SECS", default_value_t = 600)]
+    #[arg(long, value_name = "SECS", default_value_t = 600, value_parser = parse_secs)]
     pub timeout: u64,
     /// Do not adapt the guest to this host (see `ember run --help`).
     #[arg(long)]
@@ -491,6 +518,22 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ember").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn duration_flags_stop_at_ten_years() {
+        assert_eq!(MAX_DURATION_TEXT, format!("{MAX_DURATION_SECS} (10 years)"));
+        let max = MAX_DURATION_SECS.to_string();
+        let over = (MAX_DURATION_SECS + 1).to_string();
+        assert_eq!(parse_secs(&max), Ok(MAX_DURATION_SECS));
+        assert!(parse_secs(&over).unwrap_err().contains(MAX_DURATION_TEXT));
+        assert!(parse_millis(&(MAX_DURATION_SECS * 1000).to_string()).is_ok());
+        assert!(parse_millis(&(MAX_DURATION_SECS * 1000 + 1).to_string()).is_err());
+        assert!(parse_timeout(&max).is_ok());
+        assert!(parse_timeout(&over)
+            .unwrap_err()
+            .contains(MAX_DURATION_TEXT));
+        assert!(parse_timeout("1e300").is_err());
     }
 
     #[test]

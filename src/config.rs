@@ -128,11 +128,10 @@ impl DiskConfig {
         if meta.is_dir() {
             return Err(self.error("is a directory, not a disk image"));
         }
-        let mut opts = std::fs::OpenOptions::new();
-        opts.read(true).write(!self.read_only);
-        opts.open(&self.path).map_err(|e| {
+        let kind = crate::user_file::Kind::RegularOrBlockDevice;
+        crate::user_file::open(&self.path, !self.read_only, 0, kind).map_err(|e| {
             let why = io_why(&e);
-            if self.read_only {
+            if self.read_only || e.kind() == std::io::ErrorKind::InvalidInput {
                 self.error(&why)
             } else {
                 self.error(&format!(
@@ -397,20 +396,10 @@ impl VmConfig {
     }
 }
 
-/// Checks that `path` is a readable regular file.
+/// Checks that `path` is a readable regular file (never blocking on a FIFO: see
+/// [`crate::user_file`]).
 pub fn check_readable(path: &Path) -> Result<(), String> {
-    let meta = std::fs::metadata(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => "no such file".to_string(),
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-        _ => e.to_string(),
-    })?;
-    if meta.is_dir() {
-        return Err("is a directory, not a file".into());
-    }
-    std::fs::File::open(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::PermissionDenied => "permission denied".to_string(),
-        _ => e.to_string(),
-    })?;
+    crate::user_file::open_regular(path).map_err(|e| io_why(&e))?;
     Ok(())
 }
 

@@ -337,7 +337,8 @@ fn add_host_path(
     let mode = meta.permissions().mode();
     let ft = meta.file_type();
     if ft.is_file() {
-        let data = std::fs::read(host).map_err(read_err)?;
+        // Opened without blocking: the path may have become a FIFO since the stat.
+        let data = crate::user_file::read_regular(host).map_err(read_err)?;
         w.add_file(guest, mode, mtime, data)?;
     } else if ft.is_symlink() {
         let target = std::fs::read_link(host).map_err(read_err)?;

@@ -21,6 +21,12 @@
 //! of guest memory); later boots map it in microseconds. The newest [`KEEP_ENTRIES`] entries
 //! are kept.
 //!
+//! Read-only is not immutable: the entry's owner (after a `chmod`) or root can still
+//! truncate or rewrite an entry that a running guest maps. Pieces are therefore only mapped
+//! into guest memory registered by a [`MappedImages`], whose SIGBUS handler keeps ember
+//! alive when it reads a page such a truncation took away, and which reports it when the
+//! VM ends.
+//!
 //! When the cache cannot be used (`EMBER_IMAGE_CACHE=off`, no writable cache directory, a
 //! source that changes while it is copied) or a piece is not page-aligned in both the file
 //! and guest memory, its bytes are copied into guest memory as before.
@@ -107,7 +113,8 @@ impl ImageCache {
     /// made now when the cache has none.
     pub fn entry(&self, source: &File, meta: &Metadata) -> io::Result<File> {
         let path = self.dir.join(Self::entry_name(meta));
-        match File::open(&path) {
+        // Never blocks, should something other than an entry (a FIFO) have its name.
+        match crate::user_file::open_regular(&path) {
             Ok(f) => {
                 let m = f.metadata()?;
                 // SAFETY: geteuid has no preconditions.
@@ -197,6 +204,277 @@ impl ImageCache {
     }
 }
 
+/// The guest memory of one VM, registered with ember's SIGBUS handler so that pieces of
+/// cache entries can be mapped into it; dropped (before the memory is unmapped) when the VM
+/// is torn down.
+///
+/// A cache entry is read-only and only ever unlinked by ember, but its owner can `chmod` and
+/// truncate it, and root can write it regardless. The pages past a truncated end then
+/// vanish from the private mapping, even those the guest wrote (its private copies): the
+/// guest loses them, and a read of one by ember (a device reading guest memory) raises
+/// SIGBUS, which would kill ember. The handler installed here
+/// maps a zero page over the faulting page when it lies in registered guest memory, and
+/// returns; KVM's own accesses to such a page fail inside KVM instead (on the PVM host the
+/// guest reads all-ones there; elsewhere `KVM_RUN` may fail with EFAULT). Either way
+/// [`report`](Self::report) says, once the VM ends, that the entry changed under it.
+#[derive(Debug)]
+pub struct MappedImages {
+    /// Handler slots of the guest memory ranges (none when the handler is unusable).
+    slots: Vec<usize>,
+    /// Host address ranges of the guest memory.
+    host: Vec<(u64, u64)>,
+}
+
+impl MappedImages {
+    /// Registers the guest memory `mem`; cache entries are only mapped into registered
+    /// memory (without a registration, or when the handler cannot be installed, images are
+    /// copied).
+    pub fn new(mem: &GuestMemory) -> Self {
+        let host = crate::memory::host_ranges(mem);
+        let mut slots = Vec::new();
+        if let Err(e) = sigbus::install() {
+            log::debug!("cannot install the SIGBUS handler ({e}): images are copied");
+        } else {
+            for &(start, len) in &host {
+                match sigbus::register(start, len) {
+                    Some(slot) => slots.push(slot),
+                    None => {
+                        log::debug!("SIGBUS handler table full: images are copied");
+                        for slot in slots.drain(..) {
+                            sigbus::release(slot);
+                        }
+                        break;
+                    }
+                }
+            }
+        }
+        Self { slots, host }
+    }
+
+    /// What went wrong with mapped cache entries while the VM ran, for the user: entries
+    /// that shrank, and pages ember found gone (and replaced with zeros). `None` when
+    /// nothing did.
+    pub fn report(&self) -> Option<String> {
+        let entries = lock_entries();
+        let mut shrunk: Vec<String> = Vec::new();
+        for e in entries.iter().filter(|e| self.holds(e.addr)) {
+            let now = e.file.metadata().map(|m| m.len()).unwrap_or(0);
+            let name = e.path.display().to_string();
+            if now < e.len && !shrunk.contains(&name) {
+                shrunk.push(name);
+            }
+        }
+        let faults: u64 = self.slots.iter().map(|&s| sigbus::faults(s)).sum();
+        if shrunk.is_empty() && faults == 0 {
+            return None;
+        }
+        let which = if shrunk.is_empty() {
+            "an image cache entry".to_string()
+        } else {
+            format!("image cache entry {}", shrunk.join(", "))
+        };
+        Some(format!(
+            "{which} was truncated while the VM ran (another program changed ember's \
+             read-only copy of the kernel or initrd): the guest lost those pages, its own \
+             writes to them included, and found zeros or all-ones bytes there instead \
+             ({faults} page(s) read by ember replaced with zeros), so its run is not to be \
+             trusted. Do not modify files under the image cache; boot again to use a fresh \
+             copy"
+        ))
+    }
+
+    fn holds(&self, addr: u64) -> bool {
+        self.host.iter().any(|&(s, l)| addr >= s && addr - s < l)
+    }
+}
+
+impl Drop for MappedImages {
+    fn drop(&mut self) {
+        lock_entries().retain(|e| !self.holds(e.addr));
+        for &slot in &self.slots {
+            sigbus::release(slot);
+        }
+    }
+}
+
+/// A piece of a cache entry mapped into guest memory, for [`MappedImages::report`].
+#[derive(Debug)]
+struct MappedEntry {
+    /// Host address the piece is mapped at.
+    addr: u64,
+    /// The entry (its size is checked at the end).
+    file: File,
+    /// The entry's path.
+    path: PathBuf,
+    /// The entry's size when it was mapped.
+    len: u64,
+}
+
+static ENTRIES: std::sync::Mutex<Vec<MappedEntry>> = std::sync::Mutex::new(Vec::new());
+
+fn lock_entries() -> std::sync::MutexGuard<'static, Vec<MappedEntry>> {
+    ENTRIES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The SIGBUS handler and its table of registered guest memory. Everything the handler
+/// touches is a static atomic, and it makes only raw system calls (mmap, sigaction, raise):
+/// it is async-signal-safe.
+mod sigbus {
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    const SLOTS: usize = 32;
+    const PAGE: usize = super::PAGE;
+
+    struct Slot {
+        start: AtomicUsize,
+        end: AtomicUsize,
+        faults: AtomicU64,
+    }
+
+    static TABLE: [Slot; SLOTS] = [const {
+        Slot {
+            start: AtomicUsize::new(0),
+            end: AtomicUsize::new(0),
+            faults: AtomicU64::new(0),
+        }
+    }; SLOTS];
+
+    /// The action SIGBUS had before ember's, for faults that are not ember's to mend.
+    static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+    static INSTALLED: OnceLock<Result<(), i32>> = OnceLock::new();
+
+    /// Installs the handler (once per process).
+    pub(super) fn install() -> std::io::Result<()> {
+        let r = INSTALLED.get_or_init(|| {
+            // SAFETY: sigaction is plain data; all zeroes is a valid (empty) value of it.
+            let (mut new, mut old): (libc::sigaction, libc::sigaction) =
+                unsafe { (std::mem::zeroed(), std::mem::zeroed()) };
+            new.sa_sigaction = on_sigbus as *const () as usize;
+            new.sa_flags = libc::SA_SIGINFO | libc::SA_ONSTACK;
+            // SAFETY: sa_mask is a valid sigset_t to fill.
+            unsafe { libc::sigemptyset(&mut new.sa_mask) };
+            // SAFETY: valid pointers to two sigaction structs; `on_sigbus` has the
+            // SA_SIGINFO signature and is async-signal-safe. Until PREVIOUS is set just
+            // below, a foreign SIGBUS gets the default action (what it had before).
+            if unsafe { libc::sigaction(libc::SIGBUS, &new, &mut old) } != 0 {
+                return Err(std::io::Error::last_os_error().raw_os_error().unwrap_or(0));
+            }
+            let _ = PREVIOUS.set(old);
+            Ok(())
+        });
+        r.map_err(std::io::Error::from_raw_os_error)
+    }
+
+    /// Registers host range `[start, start + len)`; its slot, or `None` when all are taken.
+    pub(super) fn register(start: u64, len: u64) -> Option<usize> {
+        let start = usize::try_from(start).ok()?;
+        let end = start.checked_add(usize::try_from(len).ok()?)?;
+        for (i, slot) in TABLE.iter().enumerate() {
+            if slot
+                .start
+                .compare_exchange(0, start, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+            {
+                slot.faults.store(0, Ordering::Relaxed);
+                slot.end.store(end, Ordering::Release);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Frees a slot from [`register`].
+    pub(super) fn release(slot: usize) {
+        TABLE[slot].end.store(0, Ordering::Release);
+        TABLE[slot].start.store(0, Ordering::Release);
+    }
+
+    /// Pages mended in a slot's range.
+    pub(super) fn faults(slot: usize) -> u64 {
+        TABLE[slot].faults.load(Ordering::Relaxed)
+    }
+
+    /// Whether `[addr, addr + len)` lies in one registered range.
+    pub(super) fn covers(addr: usize, len: usize) -> bool {
+        let Some(last) = addr.checked_add(len) else {
+            return false;
+        };
+        TABLE.iter().any(|s| {
+            let start = s.start.load(Ordering::Acquire);
+            start != 0 && addr >= start && last <= s.end.load(Ordering::Acquire)
+        })
+    }
+
+    extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+        // SAFETY: the kernel passes a valid siginfo_t to an SA_SIGINFO handler; si_addr is
+        // the fault address for the BUS_ADRERR code checked first.
+        let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+        if code == libc::BUS_ADRERR {
+            for slot in &TABLE {
+                let start = slot.start.load(Ordering::Acquire);
+                if start == 0 || addr < start || addr >= slot.end.load(Ordering::Acquire) {
+                    continue;
+                }
+                let page = addr & !(PAGE - 1);
+                // SAFETY: the page lies in registered guest memory, a mapping ember owns for
+                // the VM's lifetime (the registration is released before it is unmapped).
+                // Guest memory is only ever accessed through volatile copies, so replacing a
+                // page that vanished (its file was truncated) with a zero page in place
+                // breaks no Rust reference: the faulting copy retries and reads zeros.
+                let p = unsafe {
+                    libc::mmap(
+                        page as *mut libc::c_void,
+                        PAGE,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_PRIVATE
+                            | libc::MAP_ANONYMOUS
+                            | libc::MAP_FIXED
+                            | libc::MAP_NORESERVE,
+                        -1,
+                        0,
+                    )
+                };
+                if p != libc::MAP_FAILED {
+                    slot.faults.fetch_add(1, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+        // Not ember's to mend: what SIGBUS would have done without this handler.
+        match PREVIOUS.get() {
+            Some(prev)
+                if prev.sa_sigaction != libc::SIG_DFL && prev.sa_sigaction != libc::SIG_IGN =>
+            {
+                if prev.sa_flags & libc::SA_SIGINFO != 0 {
+                    // SAFETY: an SA_SIGINFO handler has this signature; it was installed for
+                    // SIGBUS before ours, so it handles exactly this situation.
+                    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                        unsafe { std::mem::transmute(prev.sa_sigaction) };
+                    f(sig, info, ctx);
+                } else {
+                    // SAFETY: a plain handler has this signature (see above).
+                    let f: extern "C" fn(libc::c_int) =
+                        unsafe { std::mem::transmute(prev.sa_sigaction) };
+                    f(sig);
+                }
+            }
+            _ => {
+                // SAFETY: a zeroed sigaction is SIG_DFL with no flags; sigaction and raise
+                // are async-signal-safe. The raised SIGBUS is blocked until this handler
+                // returns, then kills the process as it would have without ember's handler.
+                unsafe {
+                    let dfl: libc::sigaction = std::mem::zeroed();
+                    libc::sigaction(libc::SIGBUS, &dfl, std::ptr::null_mut());
+                    libc::raise(libc::SIGBUS);
+                }
+            }
+        }
+    }
+}
+
 /// An image file as the kernel and initrd loaders read it: `Read + Seek` for headers, and
 /// a [`ReadVolatile`] that maps page-aligned pieces into guest memory instead of copying
 /// them when the file is a cache entry.
@@ -204,8 +482,11 @@ impl ImageCache {
 pub struct ImageFile {
     file: File,
     len: u64,
-    /// The file is an immutable cache entry, so pieces of it may be mapped.
+    /// The file is a cache entry, so pieces of it may be mapped (into guest memory that a
+    /// [`MappedImages`] registered).
     mappable: bool,
+    /// The cache entry's path, when it is one.
+    entry: Option<PathBuf>,
     /// Host address ranges of guest memory: the only places pieces may be mapped to.
     guest: Vec<(u64, u64)>,
     mapped: usize,
@@ -215,28 +496,29 @@ pub struct ImageFile {
 impl ImageFile {
     /// Opens `path` for loading into `mem`, through `cache` when there is one.
     pub fn open(path: &Path, mem: &GuestMemory, cache: Option<&ImageCache>) -> io::Result<Self> {
-        let source = File::open(path)?;
+        let source = crate::user_file::open_regular(path)?;
         let meta = source.metadata()?;
         let cacheable = |c: &&ImageCache| meta.is_file() && meta.len() >= c.min_size;
-        let (file, mappable) = match cache.filter(cacheable) {
+        let (file, entry) = match cache.filter(cacheable) {
             Some(c) => match c.entry(&source, &meta) {
-                Ok(entry) => (entry, true),
+                Ok(entry) => (entry, Some(c.dir.join(ImageCache::entry_name(&meta)))),
                 Err(e) => {
                     log::debug!(
                         "image cache {}: {e}; copying {} into guest memory",
                         c.dir().display(),
                         path.display()
                     );
-                    (source, false)
+                    (source, None)
                 }
             },
-            None => (source, false),
+            None => (source, None),
         };
         let guest = crate::memory::host_ranges(mem);
         Ok(Self {
             file,
             len: meta.len(),
-            mappable,
+            mappable: entry.is_some(),
+            entry,
             guest,
             mapped: 0,
             copied: 0,
@@ -272,14 +554,23 @@ impl ImageFile {
         let Ok(off_t) = libc::off_t::try_from(off) else {
             return Ok(false);
         };
+        if !sigbus::covers(addr, len) {
+            // No SIGBUS handler watches this memory: a truncated entry could kill ember.
+            return Ok(false);
+        }
         // SAFETY: [addr, addr + len) lies inside guest memory (checked by the caller with
         // `inside_guest`), a private anonymous mapping that ember owns for the VM's lifetime
         // and that nothing else reads or writes while images load (no vCPU runs yet).
         // MAP_FIXED replaces those pages with private (copy-on-write) pages of the file in
         // place: the guest memory mapping keeps its address and length, so every pointer
         // into it stays valid, and unmapping guest memory unmaps these pages too. The file
-        // is an immutable cache entry at least `off + len` bytes long (the caller keeps the
-        // range within the size), so no page of the mapping can go away under the guest.
+        // is a cache entry at least `off + len` bytes long now (the caller keeps the range
+        // within the size). Nothing makes it immutable: ember never writes or truncates an
+        // entry, but its owner (after a chmod) or root can. Then the guest's unwritten pages
+        // show the new bytes, or, past a truncated end, vanish (written ones too). Ember only reaches guest
+        // memory through volatile copies, so changed bytes break no Rust invariant, and a
+        // vanished page read by ember raises SIGBUS in registered memory (`covers` above),
+        // which `sigbus` mends with a zero page; KVM's own accesses fail inside KVM.
         let p = unsafe {
             libc::mmap(
                 addr as *mut libc::c_void,
@@ -316,6 +607,19 @@ impl ImageFile {
         let step = i64::try_from(len).map_err(|_| io::Error::other("mapping too large"))?;
         self.file.seek(SeekFrom::Current(step))?;
         self.mapped += len;
+        if let (Some(path), Ok(file)) = (&self.entry, self.file.try_clone()) {
+            let mut entries = lock_entries();
+            let guest = &self.guest;
+            let same_vm = |a: u64| guest.iter().any(|&(s, l)| a >= s && a - s < l);
+            if !entries.iter().any(|e| &e.path == path && same_vm(e.addr)) {
+                entries.push(MappedEntry {
+                    addr: addr as u64,
+                    file,
+                    path: path.clone(),
+                    len: self.len,
+                });
+            }
+        }
         Ok(true)
     }
 
@@ -419,6 +723,7 @@ mod tests {
         let src = d.join("image");
         write(&src, &data);
         let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let _registered = MappedImages::new(&mem);
         let mut f = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
         assert!(f.mappable);
         // File offset 100 to guest 0x1064: the same offset in a page, so the middle maps.
@@ -466,6 +771,7 @@ mod tests {
         let src = d.join("vmlinux");
         write(&src, &data);
         let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let _registered = MappedImages::new(&mem);
         let mut f = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
         mem.read_exact_volatile_from(GuestAddress(0x4000), &mut f, 8 * PAGE)
             .unwrap();
@@ -490,6 +796,65 @@ mod tests {
             KEEP_ENTRIES
         );
         assert_eq!(read_guest(&mem, 0x4000, 8 * PAGE), data);
+        std::fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn a_cache_entry_truncated_under_the_guest_reads_as_zeros_not_sigbus() {
+        let d = temp_dir("truncated");
+        let cache = ImageCache::new(d.join("cache")).with_min_size(0);
+        let data = pattern(8 * PAGE, 4);
+        let src = d.join("vmlinux");
+        write(&src, &data);
+        let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let registered = MappedImages::new(&mem);
+        let mut f = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
+        mem.read_exact_volatile_from(GuestAddress(0x4000), &mut f, 8 * PAGE)
+            .unwrap();
+        assert_eq!(f.stats(), (8 * PAGE, 0));
+        // The guest writes one page of its own (a private copy, but truncation takes even
+        // those away: POSIX wants SIGBUS past the end of any mapping of the file).
+        mem.write_slice(&[0xee; 16], GuestAddress(0x4000 + 5 * PAGE as u64))
+            .unwrap();
+        assert_eq!(registered.report(), None);
+        // Another writer (the entry's owner after a chmod, or root) truncates the entry.
+        let entry = std::fs::read_dir(cache.dir())
+            .unwrap()
+            .next()
+            .unwrap()
+            .unwrap();
+        std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o644)).unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(entry.path())
+            .unwrap()
+            .set_len(2 * PAGE as u64)
+            .unwrap();
+        // Reading the mapped range must not raise SIGBUS: the pages within the new size
+        // are the old bytes, the vanished ones (the written one too) read as zeros.
+        let got = read_guest(&mem, 0x4000, 8 * PAGE);
+        assert_eq!(got[..2 * PAGE], data[..2 * PAGE]);
+        assert!(got[2 * PAGE..].iter().all(|&b| b == 0));
+        let report = registered.report().expect("no report");
+        assert!(
+            report.contains("was truncated while the VM ran"),
+            "{report}"
+        );
+        assert!(
+            report.contains(&entry.path().display().to_string()),
+            "{report}"
+        );
+        assert!(report.contains("(6 page(s) read by ember"), "{report}");
+        // The mended pages are plain memory again.
+        mem.write_slice(&[0x77; 4], GuestAddress(0x4000 + 3 * PAGE as u64))
+            .unwrap();
+        assert_eq!(read_guest(&mem, 0x4000 + 3 * PAGE as u64, 4), [0x77; 4]);
+        drop(registered);
+        // Without a registration nothing is mapped (a SIGBUS there would not be mended).
+        let mut g = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
+        mem.read_exact_volatile_from(GuestAddress(0x4000), &mut g, 8 * PAGE)
+            .unwrap();
+        assert_eq!(g.stats(), (0, 8 * PAGE));
         std::fs::remove_dir_all(d).unwrap();
     }
 
@@ -528,6 +893,14 @@ mod tests {
         // Same name, wrong size: not trusted.
         write(&cache.dir().join(ImageCache::entry_name(&meta)), b"short");
         let mem = crate::memory::create_guest_memory(1 << 20).unwrap();
+        let f = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
+        assert!(!f.mappable);
+        // A FIFO with the entry's name: not opened for reading (that would block), not used.
+        let entry = cache.dir().join(ImageCache::entry_name(&meta));
+        std::fs::remove_file(&entry).unwrap();
+        let c = std::ffi::CString::new(entry.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let f = ImageFile::open(&src, &mem, Some(&cache)).unwrap();
         assert!(!f.mappable);
         std::fs::remove_dir_all(d).unwrap();

@@ -12,7 +12,7 @@ use linux_loader::loader::elf::{Elf, PvhBootCapability};
 use linux_loader::loader::{load_cmdline, BzImage, KernelLoader};
 use vm_memory::{Bytes, GuestAddress};
 
-use crate::arch::x86_64::layout::{CMDLINE_START, HIMEM_START, MMIO_GAP_START};
+use crate::arch::x86_64::layout::{CMDLINE_MAX_SIZE, CMDLINE_START, HIMEM_START, MMIO_GAP_START};
 use crate::arch::x86_64::regs::EntryProtocol;
 use crate::arch::x86_64::InitrdPlacement;
 use crate::image_file::{ImageCache, ImageFile};
@@ -85,16 +85,19 @@ pub enum KernelError {
         /// Highest address the initrd may reach.
         limit: u64,
     },
-    /// The command line is longer than the kernel accepts.
+    /// The command line is longer than the kernel accepts, or than ember's command-line
+    /// area holds.
     #[error(
-        "the kernel command line is {len} bytes, but this kernel accepts at most {limit}: \
-         shorten --cmdline"
+        "the kernel command line is {len} bytes, but this kernel accepts at most {kernel} \
+         and ember's command-line area holds at most {area}: shorten --cmdline"
     )]
     CmdlineTooLong {
         /// Length of the command line.
         len: usize,
         /// The kernel's limit (excluding the terminating NUL).
-        limit: usize,
+        kernel: usize,
+        /// The room at [`CMDLINE_START`] (excluding the terminating NUL).
+        area: usize,
     },
     /// The command line is malformed.
     #[error("invalid kernel command line: {0}")]
@@ -134,7 +137,7 @@ pub struct LoadedKernel {
 
 /// Looks at the first bytes of the image to tell its format.
 pub fn detect_format(path: &Path) -> Result<KernelFormat, KernelError> {
-    let mut f = File::open(path).map_err(|source| KernelError::Open {
+    let mut f = crate::user_file::open_regular(path).map_err(|source| KernelError::Open {
         path: path.into(),
         source,
     })?;
@@ -401,7 +404,7 @@ impl ImageLoader {
 
 /// Reads an initrd file.
 pub fn read_initrd(path: &Path) -> Result<Vec<u8>, KernelError> {
-    std::fs::read(path).map_err(|source| KernelError::Initrd {
+    crate::user_file::read_regular(path).map_err(|source| KernelError::Initrd {
         path: path.into(),
         source,
     })
@@ -423,12 +426,19 @@ pub fn write_cmdline(
     Ok(cmdline.len())
 }
 
-/// Checks a command line's length and characters.
+/// Longest command line ember's command-line area holds, without the terminating NUL:
+/// anything longer would run over what lies above it (a bzImage's `cmdline_size` can claim
+/// up to 4 GiB).
+pub const CMDLINE_AREA_LIMIT: usize = CMDLINE_MAX_SIZE - 1;
+
+/// Checks a command line's length, against both the kernel's `limit` and ember's
+/// command-line area, and its characters.
 pub fn check_cmdline(cmdline: &str, limit: usize) -> Result<(), KernelError> {
-    if cmdline.len() > limit {
+    if cmdline.len() > limit.min(CMDLINE_AREA_LIMIT) {
         return Err(KernelError::CmdlineTooLong {
             len: cmdline.len(),
-            limit,
+            kernel: limit,
+            area: CMDLINE_AREA_LIMIT,
         });
     }
     if let Some(c) = cmdline
@@ -521,6 +531,7 @@ mod tests {
     #[test]
     fn initrd_file_goes_straight_into_guest_memory_with_extra_archive() {
         let mem = create_guest_memory(64 << 20).unwrap();
+        let _registered = crate::image_file::MappedImages::new(&mem);
         let k = fake_kernel(0x200_0000);
         let path = tmpfile("initrd", &[0x11u8; 4097]);
         let dir = std::env::temp_dir().join(format!("ember-initrd-cache-{}", std::process::id()));
@@ -556,5 +567,27 @@ mod tests {
         let e = write_cmdline(&mem, &k, "console=ttyS0").unwrap_err();
         assert!(e.to_string().contains("at most 10"), "{e}");
         assert!(check_cmdline("a\nb", 100).is_err());
+    }
+
+    #[test]
+    fn cmdline_is_capped_at_ember_s_area_whatever_the_kernel_claims() {
+        let mem = create_guest_memory(16 << 20).unwrap();
+        let mut k = fake_kernel(0x80_0000);
+        // A bzImage's cmdline_size may claim up to 4 GiB; the area at CMDLINE_START holds
+        // 64 KiB, and the kernel itself is loaded at 1 MiB.
+        k.cmdline_limit = u32::MAX as usize;
+        let fits = "x".repeat(CMDLINE_AREA_LIMIT);
+        assert_eq!(write_cmdline(&mem, &k, &fits).unwrap(), CMDLINE_AREA_LIMIT);
+        mem.write_slice(b"KERNEL", GuestAddress(HIMEM_START))
+            .unwrap();
+        let huge = "x".repeat(960 << 10);
+        let e = write_cmdline(&mem, &k, &huge).unwrap_err().to_string();
+        assert!(e.contains("is 983040 bytes"), "{e}");
+        assert!(e.contains("this kernel accepts at most 4294967295"), "{e}");
+        assert!(e.contains("command-line area holds at most 65535"), "{e}");
+        let mut at_kernel = [0u8; 6];
+        mem.read_slice(&mut at_kernel, GuestAddress(HIMEM_START))
+            .unwrap();
+        assert_eq!(&at_kernel, b"KERNEL");
     }
 }

@@ -40,6 +40,7 @@ pub mod profiler;
 pub mod symbols;
 pub mod terminal;
 pub mod timeline;
+pub mod user_file;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;

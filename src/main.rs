@@ -70,7 +70,10 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         return failed(&e);
     }
     let opts = RunOptions {
-        deadline: args.timeout.map(|t| start + Duration::from_secs_f64(t)),
+        // checked: a deadline past the clock's end is no deadline (the flag is capped anyway).
+        deadline: args
+            .timeout
+            .and_then(|t| start.checked_add(Duration::from_secs_f64(t))),
         // A stop signal ends the VM at once: there is nothing in a throwaway guest to shut
         // down gracefully, so the power button is never pressed.
         shutdown: Some(Box::new(|| false)),
@@ -171,7 +174,7 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
         shutdown_timeout,
         deadline: args
             .stop_after_ms
-            .map(|ms| start + Duration::from_millis(ms)),
+            .and_then(|ms| start.checked_add(Duration::from_millis(ms))),
         ..Default::default()
     };
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {

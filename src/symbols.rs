@@ -36,7 +36,7 @@ impl Symbols {
     /// Reads the symbol table of the ELF64 file at `path`. Returns `None` when the file is
     /// not an ELF64 little-endian image or has no symbol table.
     pub fn from_elf_file(path: &Path) -> Option<Self> {
-        let bytes = std::fs::read(path).ok()?;
+        let bytes = crate::user_file::read_regular(path).ok()?;
         Self::from_elf_bytes(&bytes)
     }
 

@@ -82,6 +82,8 @@ pub struct Vmm {
     shutdown: Option<ShutdownRequester>,
     /// IOAPIC pin the guest unmasks once it listens to `shutdown` (its power button).
     shutdown_irq: Option<u32>,
+    /// Image cache entries mapped into `mem` (released before `mem` is unmapped).
+    mapped_images: Option<crate::image_file::MappedImages>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -113,6 +115,7 @@ impl Vmm {
             guest_status,
             shutdown: None,
             shutdown_irq: None,
+            mapped_images: None,
             vm,
             mem,
         }
@@ -126,6 +129,12 @@ impl Vmm {
     pub fn set_shutdown_requester(&mut self, requester: ShutdownRequester, irq: Option<u32>) {
         self.shutdown = Some(requester);
         self.shutdown_irq = irq;
+    }
+
+    /// Hands over the registration of this VM's memory with the image cache's SIGBUS
+    /// handler, so that it lasts as long as the memory and is reported on at the end.
+    pub fn set_mapped_images(&mut self, images: crate::image_file::MappedImages) {
+        self.mapped_images = Some(images);
     }
 
     /// Whether the guest listens for a shutdown request on `irq` (it unmasked that pin).
@@ -202,8 +211,8 @@ impl Vmm {
                 }
                 wait = wait.min(d - now);
             }
-            if let Some(asked) = stop_asked_at {
-                let d = asked + opts.shutdown_timeout;
+            // checked: a shutdown timeout past the clock's end means waiting for ever.
+            if let Some(d) = stop_asked_at.and_then(|a| a.checked_add(opts.shutdown_timeout)) {
                 if now >= d {
                     log::warn!(
                         "the guest did not shut down within {:?}; stopping it",
@@ -261,6 +270,9 @@ impl Vmm {
             reason = ExitReason::Stopped { graceful: true };
         }
         self.stop_vcpus();
+        if let Some(msg) = self.mapped_images.as_ref().and_then(|m| m.report()) {
+            log::error!("{msg}");
+        }
         // Let pending device work (e.g. console output already queued) finish.
         let _ = self.event_manager.run_with_timeout(0);
         let exits = self.exit_counts();

@@ -222,3 +222,163 @@ fn images_mapped_from_the_cache_are_private_to_the_guest() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+#[test]
+fn command_line_is_capped_at_ember_s_area_not_the_bzimage_s_claim() {
+    if !kvm_available("cmdline_area") {
+        return;
+    }
+    let dir = temp_dir("proto-cmdline-area");
+    let mut img = tiny_bzimage(&zero_page_reader());
+    img[0x238..0x23c].copy_from_slice(&u32::MAX.to_le_bytes()); // cmdline_size: 4 GiB
+    let k = dir.join("kernel");
+    std::fs::write(&k, img).unwrap();
+    // 960 kB in 8 words (one argument may be at most 128 KiB): from CMDLINE_START it would
+    // reach over the kernel loaded at 1 MiB.
+    let word = "x".repeat(120_000 - 1);
+    let mut args = vec!["run", "--kernel", k.to_str().unwrap(), "--mem", "64"];
+    args.extend(["--no-host-tuning", "--no-rng", "--cmdline", "console=ttyS0"]);
+    for _ in 0..8 {
+        args.extend(["--append", &word]);
+    }
+    let out = run_ember(&args, None, Duration::from_secs(30));
+    assert_eq!(out.code, Some(2), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("this kernel accepts at most 4294967295"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr
+            .contains("ember's command-line area holds at most 65535"),
+        "{out:?}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Another writer truncates ember's cache entry of the kernel while the guest runs (the
+/// entry is read-only, but its owner can chmod it, and root can write it anyway): the guest
+/// then reads a page of its kernel that the entry no longer has. With `profile`, ember
+/// itself reads that page too (the profiler walks the guest's frame pointer, aimed at it),
+/// which raised SIGBUS in ember. ember must not die by a signal and must say what happened.
+fn truncate_the_cache_entry_under_the_guest(test: &str, profile: bool) {
+    use std::io::{Read, Write};
+    use std::os::unix::fs::PermissionsExt;
+    if !kvm_available(test) {
+        return;
+    }
+    let dir = temp_dir(test);
+    let target = TINY_LOAD + 0x2000; // file offset 0x3000 of the ELF
+    let mut a = Asm::new();
+    a.print("READY\n");
+    let top = a.here();
+    a.mov_dx(0x3fd).in_al_dx().bytes(&[0xa8, 0x01]); // test al, 1: a byte came in?
+    a.jcc(0x74, top); // jz top
+    a.mov_dx(0x3f8).in_al_dx();
+    a.bytes(&[0xbd]).bytes(&(target as u32).to_le_bytes()); // mov ebp, target
+    a.bytes(&[0xb9]).bytes(&200_000u32.to_le_bytes()); // mov ecx, 200000
+    let spin = a.here();
+    a.bytes(&[0xff, 0xc9]); // dec ecx: a while for the profiler to sample rbp
+    a.jcc(0x75, spin); // jnz spin
+    a.bytes(&[0xbb]).bytes(&(target as u32).to_le_bytes()); // mov ebx, target
+    a.bytes(&[0x8a, 0x03]); // mov al, [rbx]: 'K', or 0 / 0xff once the page is gone
+    a.bytes(&[0x04, b'0']); // add al, '0': printable either way
+    a.out_dx_al();
+    a.print("\nDONE\n").reset();
+    let mut code = a.code;
+    assert!(code.len() < 0x1000);
+    code.resize(0x2000, 0x90);
+    code.push(b'K' - b'0');
+    code.resize(0x12_0000, 0); // over the cache's 1 MiB minimum
+    let k = dir.join("kernel");
+    std::fs::write(&k, tiny_elf(&code, &[])).unwrap();
+    let cache = dir.join("cache");
+    let profile_out = dir.join("profile.txt");
+    let mut args = vec![
+        "run",
+        "--kernel",
+        k.to_str().unwrap(),
+        "--mem",
+        "64",
+        "--no-host-tuning",
+        "--no-rng",
+    ];
+    if profile {
+        args.extend(["--profile-guest", profile_out.to_str().unwrap()]);
+        args.extend(["--profile-rate", "2000"]);
+    }
+    let mut cmd = ember_command(&args);
+    cmd.env("EMBER_CACHE_DIR", &cache)
+        .env_remove("EMBER_IMAGE_CACHE")
+        .stdin(std::process::Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut seen = Vec::new();
+    let mut byte = [0u8; 1];
+    while !seen.ends_with(b"READY\n") {
+        assert_eq!(stdout.read(&mut byte).unwrap(), 1, "no READY: {seen:?}");
+        seen.push(byte[0]);
+    }
+    // Keep the code page (file offsets 0x1000..0x3000), take away the page at 0x3000 on.
+    let entries: Vec<_> = std::fs::read_dir(cache.join("images"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    std::fs::set_permissions(&entries[0], std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&entries[0])
+        .unwrap()
+        .set_len(0x3000)
+        .unwrap();
+    child.stdin.as_mut().unwrap().write_all(b"go").unwrap();
+    let out = wait_ember_with_stdout(child, stdout, Duration::from_secs(60));
+    assert!(!out.timed_out, "{out:?}");
+    assert!(out.code.is_some(), "ember died by a signal: {out:?}");
+    assert!(out.stdout.contains("DONE"), "{out:?}");
+    assert!(
+        out.stderr.contains(&format!(
+            "image cache entry {} was truncated while the VM ran",
+            entries[0].display()
+        )),
+        "{out:?}"
+    );
+    if profile {
+        // ember read the vanished page itself, and mended it.
+        assert!(!out.stderr.contains("(0 page(s) read by ember"), "{out:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_cache_entry_truncated_under_a_running_guest_is_reported() {
+    truncate_the_cache_entry_under_the_guest("proto-image-truncated", false);
+}
+
+#[test]
+fn a_cache_entry_truncated_under_ember_s_own_reads_does_not_kill_it() {
+    truncate_the_cache_entry_under_the_guest("proto-image-truncated-profiled", true);
+}
+
+/// [`wait_ember`] for a child whose stdout the caller took and read from.
+fn wait_ember_with_stdout(
+    mut child: std::process::Child,
+    mut stdout: std::process::ChildStdout,
+    timeout: Duration,
+) -> Finished {
+    use std::io::Read;
+    let t = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        let _ = stdout.read_to_end(&mut s);
+        s
+    });
+    // wait_ember reads the child's stdout: give it an empty file instead.
+    let empty = std::fs::File::open("/dev/null").unwrap();
+    child.stdout = Some(std::process::ChildStdout::from(std::os::fd::OwnedFd::from(
+        empty,
+    )));
+    let mut out = wait_ember(child, timeout);
+    out.stdout = String::from_utf8_lossy(&t.join().unwrap()).into_owned();
+    out
+}

@@ -167,3 +167,126 @@ fn unknown_flag_and_bad_number() {
     let out = run_ember(&["run", "--frobnicate"], None, T);
     assert_eq!(out.code, Some(2));
 }
+
+const HUGE: &str = "18446744073709551615";
+
+#[test]
+fn huge_shutdown_timeout_is_refused() {
+    let dir = temp_dir("cli-huge-shutdown");
+    let k = tiny_kernel(&dir);
+    expect_error(
+        &["run", "--kernel", &k, "--shutdown-timeout", HUGE],
+        &["--shutdown-timeout", "to 315360000 (10 years)"],
+    );
+}
+
+#[test]
+fn huge_stop_after_ms_is_refused() {
+    let dir = temp_dir("cli-huge-stop");
+    let k = tiny_kernel(&dir);
+    expect_error(
+        &["run", "--kernel", &k, "--stop-after-ms", HUGE],
+        &["--stop-after-ms", "315360000000 (10 years)"],
+    );
+}
+
+#[test]
+fn huge_bench_timeout_is_refused() {
+    let dir = temp_dir("cli-huge-bench");
+    let k = tiny_kernel(&dir);
+    let json = dir.join("bench.json");
+    expect_error(
+        &[
+            "bench",
+            "--kernel",
+            &k,
+            "--runs",
+            "1",
+            "--setup-only",
+            "--json",
+            json.to_str().unwrap(),
+            "--timeout",
+            HUGE,
+        ],
+        &["--timeout", "to 315360000 (10 years)"],
+    );
+}
+
+#[test]
+fn huge_exec_timeout_is_refused() {
+    // ember exec reports its own usage errors as 125, apart from the command's statuses.
+    let out = run_ember(&["exec", "--timeout", HUGE, "--", "true"], None, T);
+    assert_eq!(out.code, Some(125), "{out:?}");
+    assert!(out.stderr.contains("--timeout"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("at most 315360000 (10 years)"),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+}
+
+/// A FIFO at `dir/name`: opening it for reading blocks until a writer comes.
+fn fifo(dir: &std::path::Path, name: &str) -> String {
+    let p = dir.join(name);
+    let c = std::ffi::CString::new(p.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    p.to_str().unwrap().to_string()
+}
+
+#[test]
+fn kernel_that_is_a_fifo() {
+    let dir = temp_dir("cli-fifo-kernel");
+    let f = fifo(&dir, "k");
+    expect_error(
+        &["run", "--kernel", &f],
+        &["is a FIFO, not a regular file", "--kernel"],
+    );
+    let out = run_ember(&["exec", "--kernel", &f, "--", "true"], None, T);
+    assert_eq!(out.code, Some(125), "{out:?}");
+    assert!(
+        out.stderr.contains("is a FIFO, not a regular file"),
+        "{out:?}"
+    );
+}
+
+#[test]
+fn initrd_that_is_a_fifo() {
+    let dir = temp_dir("cli-fifo-initrd");
+    let k = tiny_kernel(&dir);
+    let f = fifo(&dir, "rd");
+    expect_error(
+        &["run", "--kernel", &k, "--initrd", &f],
+        &["is a FIFO, not a regular file", "--initrd"],
+    );
+}
+
+#[test]
+fn read_only_disk_that_is_a_fifo() {
+    let dir = temp_dir("cli-fifo-disk");
+    let k = tiny_kernel(&dir);
+    let f = fifo(&dir, "disk");
+    for disk in [format!("{f},ro"), f.clone()] {
+        expect_error(
+            &["run", "--kernel", &k, "--disk", &disk],
+            &["--disk", "is a FIFO, not a regular file or block device"],
+        );
+    }
+}
+
+#[test]
+fn bench_kernel_and_initrd_that_are_fifos() {
+    let dir = temp_dir("cli-fifo-bench");
+    let k = tiny_kernel(&dir);
+    let f = fifo(&dir, "f");
+    let json = dir.join("bench.json");
+    let json = json.to_str().unwrap();
+    let common = ["bench", "--runs", "1", "--setup-only", "--json", json];
+    let mut args = common.to_vec();
+    args.extend(["--kernel", &f]);
+    expect_error(&args, &["is a FIFO, not a regular file", "--kernel"]);
+    let mut args = common.to_vec();
+    args.extend(["--kernel", &k, "--initrd", &f]);
+    expect_error(&args, &["is a FIFO, not a regular file", "--initrd"]);
+}

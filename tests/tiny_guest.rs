@@ -235,3 +235,48 @@ fn guest_triggered_log_lines_are_rate_limited() {
         out.stderr.len()
     );
 }
+
+/// With a low limit on open files, creating the devices runs out of fds somewhere; wherever
+/// that is (the console's dup included, whose fallback once wrapped fd 2 itself and closed
+/// it when the VM was torn down), ember must still say why on stderr.
+#[test]
+fn running_out_of_fds_never_silences_stderr() {
+    use std::os::unix::process::CommandExt;
+    if !kvm_available("fd-limit") {
+        return;
+    }
+    let dir = temp_dir("fd-limit");
+    let mut a = Asm::new();
+    a.reset();
+    let elf = write_tiny_guest(&dir, "guest.elf", &a.code, &[]);
+    let elf = elf.to_str().unwrap();
+    for limit in 8..64u64 {
+        let mut cmd = ember_command(&["exec", "--kernel", elf, "--mem", "16", "--", "true"]);
+        // SAFETY: setrlimit is async-signal-safe; it limits the child only.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = wait_ember(cmd.spawn().unwrap(), T);
+        assert!(!out.timed_out, "limit {limit}: {out:?}");
+        assert!(
+            out.code.is_some(),
+            "limit {limit}: killed by a signal: {out:?}"
+        );
+        assert!(
+            !out.stderr.trim().is_empty(),
+            "limit {limit}: exit status {:?} and nothing on stderr",
+            out.code
+        );
+        assert!(!out.stderr.contains("panicked"), "limit {limit}: {out:?}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}

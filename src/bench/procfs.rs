@@ -252,7 +252,8 @@ pub struct ChildExit {
 pub fn wait_child(pid: u32, timeout: Option<Duration>) -> io::Result<Option<ChildExit>> {
     let pid_t =
         libc::pid_t::try_from(pid).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let deadline = timeout.map(|t| Instant::now() + t);
+    // A timeout past the clock's end is no timeout.
+    let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
     let pidfd = pidfd_open(pid_t);
     loop {
         if let Some(exit) = try_reap(pid_t)? {
@@ -426,5 +427,15 @@ VmFlags: rd wr mr mw me ac
         sleeper.kill().unwrap();
         let exit = wait_child(pid, None).unwrap().unwrap();
         assert_eq!(exit.signal, Some(libc::SIGKILL));
+    }
+
+    #[test]
+    #[allow(clippy::zombie_processes)] // reaped by wait_child
+    fn a_timeout_past_the_clock_s_end_does_not_panic() {
+        let child = std::process::Command::new("true").spawn().unwrap();
+        let exit = wait_child(child.id(), Some(Duration::MAX))
+            .unwrap()
+            .expect("true did not exit");
+        assert_eq!(exit.code, Some(0));
     }
 }

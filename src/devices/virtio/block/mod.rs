@@ -16,10 +16,10 @@ pub mod device;
 mod event_handler;
 pub mod request;
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 pub use device::{Block, BlockStats};
@@ -120,22 +120,21 @@ impl DiskFile {
             "read-write"
         };
         let direct = cfg.cache == CacheMode::None;
-        let mut opts = OpenOptions::new();
-        opts.read(true).write(!cfg.read_only);
-        if direct {
-            opts.custom_flags(libc::O_DIRECT);
-        }
-        let mut file = opts.open(&path).map_err(|source| {
-            if direct && source.raw_os_error() == Some(libc::EINVAL) {
-                BlockError::NoDirectIo(path.clone())
-            } else {
-                BlockError::Open {
-                    path: path.clone(),
-                    mode,
-                    source,
+        let flags = if direct { libc::O_DIRECT } else { 0 };
+        // Never blocks on a FIFO, and refuses anything but a regular file or block device.
+        let kind = crate::user_file::Kind::RegularOrBlockDevice;
+        let mut file =
+            crate::user_file::open(&path, !cfg.read_only, flags, kind).map_err(|source| {
+                if direct && source.raw_os_error() == Some(libc::EINVAL) {
+                    BlockError::NoDirectIo(path.clone())
+                } else {
+                    BlockError::Open {
+                        path: path.clone(),
+                        mode,
+                        source,
+                    }
                 }
-            }
-        })?;
+            })?;
         lock_file(&file, &path, cfg.read_only)?;
         let size = file
             .seek(SeekFrom::End(0))
