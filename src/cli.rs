@@ -20,7 +20,8 @@ Exit status:
   1    ember failed while the VM ran (a KVM or host error)
   2    bad command line or configuration; nothing was started
   3    the guest triple-faulted (CPU shutdown)
-  4    the guest kernel panicked (its panic message was seen on the console)
+  4    the guest reported a kernel panic: Linux's panic line appeared on its console (the
+       guest's own claim, not verified by ember: any guest can print that line)
   5    KVM could not emulate a guest instruction (RIP, bytes and symbol are printed)
   6    stopped by SIGTERM/SIGINT; the guest shut down cleanly within --shutdown-timeout
        (ember pressed its ACPI power button)

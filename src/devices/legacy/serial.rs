@@ -17,7 +17,9 @@ use crate::devices::bus::{lock, BusDevice};
 use crate::exit::VmExit;
 use crate::timeline::{Phase, Timeline};
 
-/// The message Linux prints when it panics.
+/// The message Linux prints when it panics. Seeing it makes the run end with
+/// [`ExitReason::Panic`](crate::exit::ExitReason::Panic): the guest's claim, printed by the
+/// guest, which ember takes at its word (any guest can print it).
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 /// Longest line prefix kept for spotting the panic message.
 const LINE_KEEP: usize = 160;
