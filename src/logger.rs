@@ -157,13 +157,21 @@ mod tests {
     fn rate_limit_lets_one_line_per_interval_through_and_counts_the_rest() {
         let r = RateLimit::new();
         let i = Duration::from_secs(5);
-        assert_eq!(r.check_at(0, i), Some(0), "the first line always gets through");
+        assert_eq!(
+            r.check_at(0, i),
+            Some(0),
+            "the first line always gets through"
+        );
         for t in 1..1000 {
             assert_eq!(r.check_at(t, i), None);
         }
         assert_eq!(r.suppressed(), 999);
         assert_eq!(r.check_at(4_999, i), None);
-        assert_eq!(r.check_at(5_000, i), Some(1000), "the next line says how many");
+        assert_eq!(
+            r.check_at(5_000, i),
+            Some(1000),
+            "the next line says how many"
+        );
         assert_eq!(r.suppressed(), 0);
         assert_eq!(r.check_at(5_001, i), None);
         assert_eq!(r.check_at(u64::MAX, i), Some(1));
