@@ -5,6 +5,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::devices::legacy::console::{ConsoleHandle, FLUSH_STALL};
 use crate::event_loop::{EventManager, SignalWatcher};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
@@ -82,6 +83,8 @@ pub struct Vmm {
     shutdown: Option<ShutdownRequester>,
     /// IOAPIC pin the guest unmasks once it listens to `shutdown` (its power button).
     shutdown_irq: Option<u32>,
+    /// Guest console outputs, flushed (and their dropped bytes reported) when the run ends.
+    consoles: Vec<ConsoleHandle>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -113,6 +116,7 @@ impl Vmm {
             guest_status,
             shutdown: None,
             shutdown_irq: None,
+            consoles: Vec::new(),
             vm,
             mem,
         }
@@ -126,6 +130,12 @@ impl Vmm {
     pub fn set_shutdown_requester(&mut self, requester: ShutdownRequester, irq: Option<u32>) {
         self.shutdown = Some(requester);
         self.shutdown_irq = irq;
+    }
+
+    /// Adds a console output to flush when the run ends (its writer thread may still hold
+    /// bytes then), reporting the bytes it had to drop.
+    pub fn add_console(&mut self, console: ConsoleHandle) {
+        self.consoles.push(console);
     }
 
     /// Whether the guest listens for a shutdown request on `irq` (it unmasked that pin).
@@ -261,8 +271,13 @@ impl Vmm {
             reason = ExitReason::Stopped { graceful: true };
         }
         self.stop_vcpus();
-        // Let pending device work (e.g. console output already queued) finish.
+        // Let pending device work finish.
         let _ = self.event_manager.run_with_timeout(0);
+        // Everything the guest printed is out before ember says how the run ended (unless
+        // nobody reads the output: then the count of what was lost).
+        for console in &self.consoles {
+            console.finish(FLUSH_STALL);
+        }
         let exits = self.exit_counts();
         let guest_status = *crate::devices::bus::lock(&self.guest_status);
         RunOutcome {

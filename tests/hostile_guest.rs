@@ -64,3 +64,87 @@ fn rep_insb_and_rep_outsb_move_every_byte() {
     out.expect_code(0);
     assert_eq!(out.stdout, "abcd\n", "{out:?}");
 }
+
+/// Waits until the pipe behind `fd` is full: it holds at least `bytes` bytes and took no
+/// more for 300 ms (or `timeout` passes). Small writes leave a few bytes of the pipe's pages
+/// unused, so a full 64 KiB pipe holds a little less than 64 KiB.
+fn wait_pipe_full(fd: i32, bytes: usize, timeout: Duration) -> bool {
+    let start = std::time::Instant::now();
+    let mut last = (0, start);
+    while start.elapsed() < timeout {
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one int through a valid pointer.
+        if unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n) } != 0 {
+            return false;
+        }
+        let n = usize::try_from(n).unwrap_or(0);
+        if n != last.0 {
+            last = (n, std::time::Instant::now());
+        } else if n >= bytes && last.1.elapsed() >= Duration::from_millis(300) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}
+
+#[test]
+fn console_flood_to_an_unread_stdout_does_not_block_stdin_or_sigterm() {
+    use std::io::{Read, Write};
+    use std::os::fd::AsRawFd;
+    use std::process::Stdio;
+    if !kvm_available("console_flood") {
+        return;
+    }
+    // Print forever.
+    let mut a = Asm::new();
+    let top = a.here();
+    a.print("all work and no play makes jack a dull boy\n")
+        .jmp(top);
+    let dir = temp_dir("console_flood");
+    let elf = write_tiny_guest(&dir, "guest.elf", &a.code, &[]);
+    let mut child = ember_command(&tiny_args(elf.to_str().unwrap(), &[]))
+        .stdin(Stdio::piped())
+        .spawn()
+        .expect("cannot start ember");
+    // Nobody reads ember's stdout: wait until its pipe is full, so that the next write to
+    // it blocks.
+    let stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let err_t = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let full = wait_pipe_full(stdout.as_raw_fd(), 60 * 1024, T);
+    // Input for the guest (the event loop hands it to the UART), then a stop request.
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"x").unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: kill with the pid of our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break Some(st);
+        }
+        if start.elapsed() > T {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(stdout);
+    drop(stdin);
+    let stderr = err_t.join().unwrap();
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(full, "the guest did not fill stdout; stderr: {stderr}");
+    let status = status.unwrap_or_else(|| panic!("ember hung after SIGTERM; stderr: {stderr}"));
+    // The tiny guest has no ACPI power button: SIGTERM stops it at once.
+    assert_eq!(status.code(), Some(7), "{stderr}");
+    assert!(
+        stderr.contains("bytes of guest console output dropped: stdout was not being read"),
+        "{stderr}"
+    );
+}
