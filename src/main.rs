@@ -74,6 +74,11 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         // A stop signal ends the VM at once: there is nothing in a throwaway guest to shut
         // down gracefully, so the power button is never pressed.
         shutdown: Some(Box::new(|| false)),
+        // The status the watchdog ends the process with when the event loop is stuck.
+        status_of: Some(Box::new({
+            let timeout = args.timeout;
+            move |outcome| exit_status(outcome, timeout).code
+        })),
         ..Default::default()
     };
     match ember::run_vm(&config, start, Default::default(), opts) {
