@@ -172,11 +172,18 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
         || HostInfo::detect().default_shutdown_timeout(),
         Duration::from_secs,
     );
+    // --timeout (public) and --stop-after-ms (ember bench's) both stop the VM with 124.
+    let deadline = [
+        args.timeout.map(|t| start + Duration::from_secs_f64(t)),
+        args.stop_after_ms
+            .map(|ms| start + Duration::from_millis(ms)),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     let opts = RunOptions {
         shutdown_timeout,
-        deadline: args
-            .stop_after_ms
-            .map(|ms| start + Duration::from_millis(ms)),
+        deadline,
         ..Default::default()
     };
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {

@@ -167,3 +167,16 @@ fn unknown_flag_and_bad_number() {
     let out = run_ember(&["run", "--frobnicate"], None, T);
     assert_eq!(out.code, Some(2));
 }
+
+#[test]
+fn bad_run_timeouts() {
+    let dir = temp_dir("cli-timeout");
+    let k = tiny_kernel(&dir);
+    for bad in ["0", "-1", "nan", "inf", "1e20", "soon"] {
+        let flag = format!("--timeout={bad}");
+        expect_error(
+            &["run", "--kernel", &k, &flag],
+            &["--timeout", "not a number of seconds above 0"],
+        );
+    }
+}

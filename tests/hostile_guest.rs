@@ -148,3 +148,26 @@ fn console_flood_to_an_unread_stdout_does_not_block_stdin_or_sigterm() {
         "{stderr}"
     );
 }
+
+#[test]
+fn run_timeout_stops_a_guest_that_loops_forever() {
+    if !kvm_available("run_timeout") {
+        return;
+    }
+    let mut a = Asm::new();
+    a.print("looping\n");
+    let top = a.here();
+    a.jmp(top);
+    let dir = temp_dir("run_timeout");
+    let elf = write_tiny_guest(&dir, "guest.elf", &a.code, &[]);
+    let out = run_ember(
+        &tiny_args(elf.to_str().unwrap(), &["--timeout", "2"]),
+        None,
+        T,
+    );
+    let _ = std::fs::remove_dir_all(dir);
+    assert!(!out.timed_out, "ember did not end: {out:?}");
+    out.expect_code(124);
+    assert_eq!(out.stdout, "looping\n");
+    assert!(out.stderr.contains("timeout elapsed"), "{out:?}");
+}
