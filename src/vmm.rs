@@ -227,7 +227,7 @@ impl Vmm {
             if let Some(asked) = stop_asked_at {
                 let d = asked + opts.shutdown_timeout;
                 if now >= d {
-                    log::warn!(
+                    crate::guest_warn!(
                         "the guest did not shut down within {:?}; stopping it",
                         opts.shutdown_timeout
                     );
