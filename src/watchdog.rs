@@ -211,7 +211,6 @@ fn run(cfg: &WatchdogConfig, stop: &EventFd) {
 
 /// Ends the process the way the run would have ended, without the run loop.
 fn end_process(cfg: &WatchdogConfig, reason: ExitReason, stop_signal: Option<libc::c_int>) -> ! {
-    log::error!("the event loop is stuck in a device handler; exiting without a graceful shutdown");
     let mut exits = ExitCounts::default();
     for s in &cfg.vcpu_stats {
         exits.io += s.io.load(Ordering::Relaxed);
@@ -230,7 +229,23 @@ fn end_process(cfg: &WatchdogConfig, reason: ExitReason, stop_signal: Option<lib
         stop_signal,
     };
     let code = (cfg.status_of)(&outcome);
-    log::error!("{}", outcome.reason.describe());
+    // The stuck handler may be what holds stderr (a write to a full pipe): say it from
+    // another thread, and end the process whether or not the message got out.
+    let describe = outcome.reason.describe();
+    let (said, heard) = std::sync::mpsc::channel();
+    let speaker = std::thread::Builder::new()
+        .name("ember-watchdog-log".into())
+        .spawn(move || {
+            log::error!(
+                "the event loop is stuck in a device handler; exiting without a graceful \
+                 shutdown"
+            );
+            log::error!("{describe}");
+            let _ = said.send(());
+        });
+    if speaker.is_ok() {
+        let _ = heard.recv_timeout(Duration::from_secs(2));
+    }
     crate::terminal::restore();
     for console in &cfg.consoles {
         console.finish(FLUSH_STALL);
