@@ -19,6 +19,7 @@ use crate::arch::x86_64::{acpi, mptable, write_pvh_start_info, write_zero_page, 
 use crate::config::{ConfigError, ConsoleSink, VmConfig};
 use crate::devices::acpi::{AcpiPlatform, PowerButton};
 use crate::devices::legacy::boot_timer::BootTimer;
+use crate::devices::legacy::console::ConsoleHandle;
 use crate::devices::legacy::exit_device::ExitDevice;
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
@@ -154,7 +155,7 @@ pub fn build_vm(
 
     // 5. Legacy devices.
     let mut devices = DeviceManager::new();
-    attach_legacy_devices(
+    let consoles = attach_legacy_devices(
         config,
         &vm,
         &mut devices,
@@ -266,6 +267,9 @@ pub fn build_vm(
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
     vmm.set_mapped_images(mapped_images);
+    for console in consoles {
+        vmm.add_console(console);
+    }
     if let Some(button) = power_button {
         vmm.set_shutdown_requester(button.requester(), Some(GED_IRQ));
     }
@@ -330,6 +334,15 @@ fn serial_ports(config: &VmConfig) -> Vec<acpi::SerialPort> {
 /// What ember adds to the guest command line with `--no-acpi`, unless `acpi=` is there.
 pub const NO_ACPI_SWITCH: &str = "acpi=off";
 
+/// What a console sink is called in messages.
+fn sink_name(sink: ConsoleSink) -> &'static str {
+    match sink {
+        ConsoleSink::Stdout => "stdout",
+        ConsoleSink::Stderr => "stderr",
+        ConsoleSink::Null => "/dev/null",
+    }
+}
+
 fn sink_writer(sink: ConsoleSink) -> Box<dyn std::io::Write + Send> {
     match sink {
         ConsoleSink::Stdout => raw_fd_writer(libc::STDOUT_FILENO),
@@ -380,14 +393,17 @@ fn attach_legacy_devices(
     event_manager: &mut EventManager,
     exit: &Arc<VmExit>,
     timeline: &Arc<Timeline>,
-) -> Result<(), BuildError> {
+) -> Result<Vec<ConsoleHandle>, BuildError> {
     // COM1: the console.
     let irq = devices.irqfd(vm.fd(), COM1_IRQ)?;
     let out = ConsoleOutput::new(
         sink_writer(config.console),
+        sink_name(config.console),
         Some(timeline.clone()),
         Some(exit.clone()),
-    );
+    )
+    .map_err(BuildError::EventLoop)?;
+    let mut consoles = vec![out.handle()];
     let com1 = Arc::new(Mutex::new(
         SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
     ));
@@ -407,7 +423,9 @@ fn attach_legacy_devices(
     // COM2, when asked for.
     if let Some(sink) = config.com2 {
         let irq = devices.irqfd(vm.fd(), COM2_IRQ)?;
-        let out = ConsoleOutput::new(sink_writer(sink), None, None);
+        let out = ConsoleOutput::new(sink_writer(sink), sink_name(sink), None, None)
+            .map_err(BuildError::EventLoop)?;
+        consoles.push(out.handle());
         let com2 = Arc::new(Mutex::new(
             SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
         ));
@@ -421,7 +439,7 @@ fn attach_legacy_devices(
         I8042_DATA_PORT,
         I8042_COMMAND_PORT - I8042_DATA_PORT + 1,
     )?;
-    Ok(())
+    Ok(consoles)
 }
 
 fn attach_pseudo_devices(

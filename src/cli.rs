@@ -20,12 +20,14 @@ Exit status:
   1    ember failed while the VM ran (a KVM or host error)
   2    bad command line or configuration; nothing was started
   3    the guest triple-faulted (CPU shutdown)
-  4    the guest kernel panicked (its panic message was seen on the console)
+  4    the guest reported a kernel panic: Linux's panic line appeared on its console (the
+       guest's own claim, not verified by ember: any guest can print that line)
   5    KVM could not emulate a guest instruction (RIP, bytes and symbol are printed)
   6    stopped by SIGTERM/SIGINT; the guest shut down cleanly within --shutdown-timeout
        (ember pressed its ACPI power button)
   7    stopped by a signal; the guest was stopped hard (it did not shut down in time, it
-       has no ACPI power button, or a second signal came)";
+       has no ACPI power button, or a second signal came)
+  124  --timeout elapsed: the VM was stopped (as timeout(1))";
 
 /// ember: a fast, small microVM monitor on Linux KVM.
 #[derive(Debug, Parser)]
@@ -293,6 +295,10 @@ pub struct RunArgs {
     /// code is emulated there), 5 otherwise.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
     pub shutdown_timeout: Option<u64>,
+    /// Stop the VM and exit with 124 after this many seconds (decimals allowed), counted from
+    /// ember's start: the guest's boot counts too.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
     /// Sample each vCPU's guest RIP and stack at --profile-rate and write a flat profile of
     /// guest kernel functions to FILE (folded stacks to FILE.folded), symbolized with the
     /// kernel's ELF symbol table.

@@ -44,6 +44,22 @@ impl MutEventSubscriber for ExitWatcher {
     }
 }
 
+/// Wakes the loop for work another thread left it (an eventfd that it only drains).
+#[derive(Debug)]
+pub struct Wakeup(pub vmm_sys_util::eventfd::EventFd);
+
+impl MutEventSubscriber for Wakeup {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.0.read();
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.0, EventSet::IN)) {
+            log::error!("cannot watch the wake-up event: {e:?}");
+        }
+    }
+}
+
 /// The process signals ember handles itself (through a signalfd on the main thread).
 pub const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 

@@ -17,8 +17,11 @@ pub enum ExitReason {
     Reset,
     /// The guest powered off through ACPI S5.
     PowerOff,
-    /// The guest kernel panicked (its panic message was seen on the console before it reset
-    /// or stopped).
+    /// The guest claims its kernel panicked: it printed Linux's panic line ("Kernel panic -
+    /// not syncing") on its console before it reset or stopped, or it raised a KVM crash
+    /// event. This is the guest's own word, which ember cannot verify: any guest can print
+    /// that line. (A pvpanic device would give a separate signal, but needs guest kernel
+    /// support.)
     Panic,
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     TripleFault,
@@ -47,7 +50,8 @@ pub mod code {
     pub const USAGE: u8 = 2;
     /// The guest triple-faulted (the CPU shut down).
     pub const TRIPLE_FAULT: u8 = 3;
-    /// The guest kernel panicked.
+    /// The guest reported a kernel panic (its console printed Linux's panic line): the
+    /// guest's own claim, not something ember verified. See [`super::ExitReason::Panic`].
     pub const PANIC: u8 = 4;
     /// KVM could not emulate a guest instruction (internal error).
     pub const EMULATION_FAILURE: u8 = 5;
@@ -89,7 +93,9 @@ impl ExitReason {
         match self {
             ExitReason::Reset => "guest rebooted".into(),
             ExitReason::PowerOff => "guest powered off".into(),
-            ExitReason::Panic => "guest kernel panicked".into(),
+            ExitReason::Panic => "the guest reported a kernel panic on its console (its own \
+                 claim, which ember cannot verify)"
+                .into(),
             ExitReason::TripleFault => {
                 "guest triple-faulted (CPU shutdown): the guest kernel crashed or reset by fault"
                     .into()

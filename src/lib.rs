@@ -12,7 +12,7 @@
 //!    memory from ember's image cache) → [`arch::x86_64`] (zero page or PVH start info, e820,
 //!    MP table, registers, CPUID) → [`vcpu`] (one thread each);
 //! 4. [`vmm::Vmm::run`] — the [`event_loop`] on the main thread until the guest ends, with
-//!    [`exit`] saying how.
+//!    [`exit`] saying how (and a [`watchdog`] for when a device handler never returns).
 //!
 //! [`host`] knows what a PVM host (KVM without hardware virtualization) needs. [`exec`] (with
 //! [`cpio`]) runs one command in a throwaway VM (`ember exec`).
@@ -44,6 +44,7 @@ pub mod user_file;
 pub mod vcpu;
 pub mod vm;
 pub mod vmm;
+pub mod watchdog;
 
 use std::time::Instant;
 

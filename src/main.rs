@@ -77,6 +77,11 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         // A stop signal ends the VM at once: there is nothing in a throwaway guest to shut
         // down gracefully, so the power button is never pressed.
         shutdown: Some(Box::new(|| false)),
+        // The status the watchdog ends the process with when the event loop is stuck.
+        status_of: Some(Box::new({
+            let timeout = args.timeout;
+            move |outcome| exit_status(outcome, timeout).code
+        })),
         ..Default::default()
     };
     match ember::run_vm(&config, start, Default::default(), opts) {
@@ -170,11 +175,19 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
         || HostInfo::detect().default_shutdown_timeout(),
         Duration::from_secs,
     );
+    // --timeout (public) and --stop-after-ms (ember bench's) both stop the VM with 124.
+    let deadline = [
+        args.timeout
+            .and_then(|t| start.checked_add(Duration::from_secs_f64(t))),
+        args.stop_after_ms
+            .and_then(|ms| start.checked_add(Duration::from_millis(ms))),
+    ]
+    .into_iter()
+    .flatten()
+    .min();
     let opts = RunOptions {
         shutdown_timeout,
-        deadline: args
-            .stop_after_ms
-            .and_then(|ms| start.checked_add(Duration::from_millis(ms))),
+        deadline,
         ..Default::default()
     };
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {

@@ -264,19 +264,28 @@ impl Vcpu {
                 self.timeline.mark(Phase::FirstKvmRun);
                 first = false;
             }
-            let outcome = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, exit, &self.buses, &self.stats),
+            // Port I/O needs the access size, which `VcpuExit` leaves out: a string
+            // instruction (`rep insb`, `rep outsb`) exits once for many accesses. The size is
+            // read from the kvm_run header once the exit's borrow of the fd has ended.
+            let step = match self.fd.run() {
+                Ok(VcpuExit::IoIn(port, data)) => Step::Pio(port, PioPtr::In(data)),
+                Ok(VcpuExit::IoOut(port, data)) => Step::Pio(port, PioPtr::Out(data)),
+                Ok(exit) => Step::Done(handle_exit(self.index, exit, &self.buses, &self.stats)),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     self.stats.intr.fetch_add(1, Ordering::Relaxed);
                     if let Some(h) = &self.hook {
                         h.on_kick(self.index, &self.fd);
                     }
-                    Outcome::Continue
+                    Step::Done(Outcome::Continue)
                 }
-                Err(e) => Outcome::Exit(ExitReason::VcpuError(format!(
+                Err(e) => Step::Done(Outcome::Exit(ExitReason::VcpuError(format!(
                     "vCPU {}: KVM_RUN failed: {e}",
                     self.index
-                ))),
+                )))),
+            };
+            let outcome = match step {
+                Step::Done(outcome) => outcome,
+                Step::Pio(port, data) => self.handle_pio(port, data),
             };
             match outcome {
                 // Once the VM's end is decided (a status written to the exit device, a reset
@@ -295,6 +304,31 @@ impl Vcpu {
                 }
             }
         }
+    }
+
+    /// Handles a `KVM_EXIT_IO` whose data area kvm-ioctls handed out as `data`.
+    fn handle_pio(&mut self, port: u16, data: PioPtr) -> Outcome {
+        // SAFETY: the last KVM_RUN returned KVM_EXIT_IO (kvm-ioctls made `data` from it), so
+        // `io` is the active member of the exit union.
+        let size = unsafe { self.fd.get_kvm_run().__bindgen_anon_1.io.size };
+        // `data` is the slice kvm-ioctls made for this exit: the PIO data area of this
+        // vCPU's kvm_run mapping at `io.data_offset`, a page past the kvm_run header read
+        // above, so the two do not overlap. The mapping lives as long as `self.fd`, and
+        // nothing else touches the area until the next KVM_RUN.
+        let data = match data {
+            // SAFETY: see above; the area is the guest's read result, ours to fill.
+            PioPtr::In(p) => PioData::In(unsafe { &mut *p }),
+            // SAFETY: see above; kvm-ioctls handed this area out shared, and it is only read.
+            PioPtr::Out(p) => PioData::Out(unsafe { &*p }),
+        };
+        handle_io(
+            self.index,
+            port,
+            usize::from(size),
+            data,
+            &self.buses,
+            &self.stats,
+        )
     }
 
     /// Where the vCPU stopped, for a KVM internal error: RIP, symbol, instruction bytes.
@@ -350,35 +384,93 @@ enum Outcome {
     Exit(ExitReason),
 }
 
+/// The data of a port-I/O exit.
+enum PioData<'a> {
+    /// The guest reads: fill this.
+    In(&'a mut [u8]),
+    /// The guest writes this.
+    Out(&'a [u8]),
+}
+
+/// The data area of a port-I/O exit, kept as a pointer while the exit's borrow of the
+/// vCPU fd ends (see [`Vcpu::handle_pio`]).
+#[derive(Clone, Copy)]
+enum PioPtr {
+    In(*mut [u8]),
+    Out(*const [u8]),
+}
+
+/// What one KVM_RUN led to.
+enum Step {
+    /// Handled.
+    Done(Outcome),
+    /// A port-I/O exit, handled once the exit's borrow of the vCPU fd has ended.
+    Pio(u16, PioPtr),
+}
+
+/// Handles a port-I/O exit: the data holds `len / size` accesses of `size` bytes each, one
+/// for `in`/`out` and up to a page's worth for a string instruction (`rep insb`, `rep outsw`,
+/// ...), which go to the device one by one and in order, as on hardware. A size that does
+/// not divide the data (KVM never reports one) is taken as one access of all of it.
+fn handle_io(
+    index: u32,
+    port: u16,
+    size: usize,
+    data: PioData<'_>,
+    buses: &IoBuses,
+    stats: &VcpuStats,
+) -> Outcome {
+    stats.io.fetch_add(1, Ordering::Relaxed);
+    let access_size = |len: usize| {
+        if size == 0 || len % size != 0 {
+            len.max(1)
+        } else {
+            size
+        }
+    };
+    match data {
+        PioData::In(data) => {
+            for access in data.chunks_mut(access_size(data.len())) {
+                if !buses.pio.read(u64::from(port), access) {
+                    stats.unhandled.fetch_add(1, Ordering::Relaxed);
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "vCPU {index}: read of {} bytes from unhandled port {port:#x}",
+                        access.len()
+                    );
+                    access.fill(0xff);
+                }
+            }
+        }
+        PioData::Out(data) => {
+            for access in data.chunks(access_size(data.len())) {
+                if !buses.pio.write(u64::from(port), access) {
+                    stats.unhandled.fetch_add(1, Ordering::Relaxed);
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "vCPU {index}: write {access:02x?} to unhandled port {port:#x}"
+                    );
+                }
+            }
+        }
+    }
+    Outcome::Continue
+}
+
 /// Handles one exit. Accesses to nothing are answered like absent hardware (reads return all
 /// ones) and logged at debug level.
 fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &IoBuses, stats: &VcpuStats) -> Outcome {
     match exit {
-        VcpuExit::IoIn(port, data) => {
-            stats.io.fetch_add(1, Ordering::Relaxed);
-            if !buses.pio.read(u64::from(port), data) {
-                stats.unhandled.fetch_add(1, Ordering::Relaxed);
-                log::debug!(
-                    "vCPU {index}: read of {} bytes from unhandled port {port:#x}",
-                    data.len()
-                );
-                data.fill(0xff);
-            }
-            Outcome::Continue
-        }
-        VcpuExit::IoOut(port, data) => {
-            stats.io.fetch_add(1, Ordering::Relaxed);
-            if !buses.pio.write(u64::from(port), data) {
-                stats.unhandled.fetch_add(1, Ordering::Relaxed);
-                log::debug!("vCPU {index}: write {data:02x?} to unhandled port {port:#x}");
-            }
-            Outcome::Continue
-        }
+        // Without the access size (see `Vcpu::handle_pio`, which the run loop uses), one
+        // access of the whole data.
+        VcpuExit::IoIn(port, data) => handle_io(index, port, 0, PioData::In(data), buses, stats),
+        VcpuExit::IoOut(port, data) => handle_io(index, port, 0, PioData::Out(data), buses, stats),
         VcpuExit::MmioRead(addr, data) => {
             stats.mmio.fetch_add(1, Ordering::Relaxed);
             if !buses.mmio.read(addr, data) {
                 stats.unhandled.fetch_add(1, Ordering::Relaxed);
-                log::debug!(
+                crate::guest_log!(
+                    log::Level::Debug,
                     "vCPU {index}: read of {} bytes from unhandled MMIO {addr:#x}",
                     data.len()
                 );
@@ -390,7 +482,10 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &IoBuses, stats: &VcpuStat
             stats.mmio.fetch_add(1, Ordering::Relaxed);
             if !buses.mmio.write(addr, data) {
                 stats.unhandled.fetch_add(1, Ordering::Relaxed);
-                log::debug!("vCPU {index}: write {data:02x?} to unhandled MMIO {addr:#x}");
+                crate::guest_log!(
+                    log::Level::Debug,
+                    "vCPU {index}: write {data:02x?} to unhandled MMIO {addr:#x}"
+                );
             }
             Outcome::Continue
         }
@@ -406,7 +501,10 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &IoBuses, stats: &VcpuStat
                 KVM_SYSTEM_EVENT_RESET => Outcome::Exit(ExitReason::Reset),
                 KVM_SYSTEM_EVENT_CRASH => Outcome::Exit(ExitReason::Panic),
                 other => {
-                    log::debug!("vCPU {index}: ignoring system event {other}");
+                    crate::guest_log!(
+                        log::Level::Debug,
+                        "vCPU {index}: ignoring system event {other}"
+                    );
                     Outcome::Continue
                 }
             }
@@ -610,6 +708,55 @@ mod tests {
         handle_exit(0, VcpuExit::IoOut(0x80, &[1]), &buses, &stats);
         assert_eq!(stats.unhandled.load(Ordering::Relaxed), 3);
         assert_eq!(stats.io.load(Ordering::Relaxed), 2);
+    }
+
+    /// A device that answers each read with the next byte of a counter and records writes.
+    struct Counter {
+        next: u8,
+        writes: Vec<Vec<u8>>,
+    }
+    impl crate::devices::bus::BusDevice for Counter {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+            self.next += 1;
+            data[0] = self.next;
+        }
+        fn write(&mut self, _offset: u64, data: &[u8]) {
+            self.writes.push(data.to_vec());
+        }
+    }
+
+    #[test]
+    fn string_io_is_one_device_access_per_item() {
+        let dev = Arc::new(std::sync::Mutex::new(Counter {
+            next: 0,
+            writes: vec![],
+        }));
+        let mut buses = IoBuses::default();
+        buses.pio.insert(dev.clone(), 0x3f8, 8).unwrap();
+        let stats = VcpuStats::default();
+        // rep insb, rcx = 4: four byte reads, in order.
+        let mut data = [0u8; 4];
+        handle_io(0, 0x3f8, 1, PioData::In(&mut data), &buses, &stats);
+        assert_eq!(data, [1, 2, 3, 4]);
+        // rep insw, rcx = 2: two word reads.
+        let mut data = [0u8; 4];
+        handle_io(0, 0x3f8, 2, PioData::In(&mut data), &buses, &stats);
+        assert_eq!(data, [5, 0, 6, 0]);
+        // rep outsb of "abc": three byte writes.
+        handle_io(0, 0x3f8, 1, PioData::Out(b"abc"), &buses, &stats);
+        // A plain 32-bit out: one access.
+        handle_io(0, 0x3f8, 4, PioData::Out(&[1, 2, 3, 4]), &buses, &stats);
+        assert_eq!(
+            dev.lock().unwrap().writes,
+            [vec![b'a'], vec![b'b'], vec![b'c'], vec![1, 2, 3, 4]]
+        );
+        // Unhandled string reads read all ones, each access counted.
+        let mut data = [0u8; 3];
+        handle_io(0, 0x80, 1, PioData::In(&mut data), &buses, &stats);
+        assert_eq!(data, [0xff; 3]);
+        assert_eq!(stats.unhandled.load(Ordering::Relaxed), 3);
+        assert_eq!(stats.io.load(Ordering::Relaxed), 5);
     }
 
     #[test]

@@ -5,13 +5,16 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::event_loop::{EventManager, SignalWatcher};
+use crate::devices::legacy::console::{ConsoleHandle, FLUSH_STALL};
+use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::VcpuHandle;
 use crate::vm::Vm;
+use crate::watchdog::{LoopWatch, Watchdog, WatchdogConfig};
 use event_manager::SubscriberOps;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Exit counts of all vCPUs together.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,6 +50,9 @@ pub struct RunOutcome {
 /// be asked, in which case a stop request stops it at once.
 pub type ShutdownRequester = Box<dyn FnMut() -> bool + Send>;
 
+/// The process exit status for how a run ended.
+pub type StatusOf = Box<dyn Fn(&RunOutcome) -> u8 + Send>;
+
 /// How the run loop reacts to stop requests and deadlines.
 #[derive(Default)]
 pub struct RunOptions {
@@ -60,6 +66,10 @@ pub struct RunOptions {
     /// [`block_signals_to_fd`](crate::event_loop::block_signals_to_fd) called before the VM
     /// was built (so no vCPU thread takes those signals).
     pub signal_fd: Option<std::os::fd::OwnedFd>,
+    /// The process exit status for an outcome, for the [`watchdog`](crate::watchdog) that
+    /// ends the process itself when the event loop is stuck. Default: `ember run`'s
+    /// ([`ExitReason::exit_code`]).
+    pub status_of: Option<StatusOf>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -84,6 +94,8 @@ pub struct Vmm {
     shutdown_irq: Option<u32>,
     /// Image cache entries mapped into `mem` (released before `mem` is unmapped).
     mapped_images: Option<crate::image_file::MappedImages>,
+    /// Guest console outputs, flushed (and their dropped bytes reported) when the run ends.
+    consoles: Vec<ConsoleHandle>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -116,6 +128,7 @@ impl Vmm {
             shutdown: None,
             shutdown_irq: None,
             mapped_images: None,
+            consoles: Vec::new(),
             vm,
             mem,
         }
@@ -135,6 +148,12 @@ impl Vmm {
     /// handler, so that it lasts as long as the memory and is reported on at the end.
     pub fn set_mapped_images(&mut self, images: crate::image_file::MappedImages) {
         self.mapped_images = Some(images);
+    }
+
+    /// Adds a console output to flush when the run ends (its writer thread may still hold
+    /// bytes then), reporting the bytes it had to drop.
+    pub fn add_console(&mut self, console: ConsoleHandle) {
+        self.consoles.push(console);
     }
 
     /// Whether the guest listens for a shutdown request on `irq` (it unmasked that pin).
@@ -189,6 +208,8 @@ impl Vmm {
             listener_irq = self.shutdown_irq;
         }
         let pending = Arc::new(Mutex::new(Vec::new()));
+        let watch = Arc::new(LoopWatch::default());
+        let watchdog = self.start_watchdog(&mut opts, &pending, &watch);
         if let Some(fd) = opts.signal_fd.take() {
             self.event_manager
                 .add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
@@ -199,6 +220,7 @@ impl Vmm {
         let mut stop_asked_at: Option<Instant> = None;
         let mut stop_signal = None;
         loop {
+            watch.leave_turn();
             if self.exit.is_set() {
                 break;
             }
@@ -214,7 +236,7 @@ impl Vmm {
             // checked: a shutdown timeout past the clock's end means waiting for ever.
             if let Some(d) = stop_asked_at.and_then(|a| a.checked_add(opts.shutdown_timeout)) {
                 if now >= d {
-                    log::warn!(
+                    crate::guest_warn!(
                         "the guest did not shut down within {:?}; stopping it",
                         opts.shutdown_timeout
                     );
@@ -224,6 +246,8 @@ impl Vmm {
                 wait = wait.min(d - now);
             }
             let ms = i32::try_from(wait.as_millis()).unwrap_or(500).max(1);
+            // From here to the end of the turn the watchdog expects the loop back in time.
+            watch.enter_turn(wait);
             if let Err(e) = self.event_manager.run_with_timeout(ms) {
                 log::error!("event loop failed: {e:?}");
                 self.exit
@@ -233,6 +257,7 @@ impl Vmm {
             let signals: Vec<_> = std::mem::take(&mut *crate::devices::bus::lock(&pending));
             for sig in signals {
                 stop_signal = stop_signal.or(Some(sig));
+                watch.note_signal(sig);
                 if stop_asked_at.is_some() {
                     log::warn!("second stop signal: stopping the guest now");
                     self.exit.request(ExitReason::Stopped { graceful: false });
@@ -249,6 +274,7 @@ impl Vmm {
                 }
                 let asked = opts.shutdown.as_mut().is_some_and(|f| f());
                 if asked {
+                    watch.note_stop_asked();
                     log::info!(
                         "signal {sig}: asked the guest to shut down (waiting up to {:?}; \
                          send it again to stop at once)",
@@ -261,6 +287,7 @@ impl Vmm {
                 }
             }
         }
+        watch.leave_turn();
         self.timeline.mark(Phase::GuestEnd);
         let mut reason = self
             .exit
@@ -270,11 +297,21 @@ impl Vmm {
             reason = ExitReason::Stopped { graceful: true };
         }
         self.stop_vcpus();
+        // Let pending device work finish (watched: a handler may stick here too).
+        watch.enter_turn(Duration::ZERO);
+        let _ = self.event_manager.run_with_timeout(0);
+        watch.leave_turn();
+        if let Some(w) = watchdog {
+            w.disarm();
+        }
+        // Everything the guest printed is out before ember says how the run ended (unless
+        // nobody reads the output: then the count of what was lost).
+        for console in &self.consoles {
+            console.finish(FLUSH_STALL);
+        }
         if let Some(msg) = self.mapped_images.as_ref().and_then(|m| m.report()) {
             log::error!("{msg}");
         }
-        // Let pending device work (e.g. console output already queued) finish.
-        let _ = self.event_manager.run_with_timeout(0);
         let exits = self.exit_counts();
         let guest_status = *crate::devices::bus::lock(&self.guest_status);
         RunOutcome {
@@ -282,6 +319,53 @@ impl Vmm {
             guest_status,
             exits,
             stop_signal,
+        }
+    }
+
+    /// Starts the watchdog that ends the run when the loop is stuck in a device handler
+    /// (see [`crate::watchdog`]); `None` (and a warning) when it cannot run.
+    fn start_watchdog(
+        &mut self,
+        opts: &mut RunOptions,
+        pending: &Arc<Mutex<Vec<libc::c_int>>>,
+        watch: &Arc<LoopWatch>,
+    ) -> Option<Watchdog> {
+        let wake = EventFd::new(EFD_NONBLOCK)
+            .and_then(|e| Ok((e.try_clone()?, e)))
+            .map_err(|e| log::warn!("no event-loop watchdog: {e}"))
+            .ok()?;
+        let signal_fd = match opts.signal_fd.as_ref().map(|fd| fd.try_clone()).transpose() {
+            Ok(fd) => fd,
+            Err(e) => {
+                log::warn!("no event-loop watchdog: {e}");
+                return None;
+            }
+        };
+        let cfg = WatchdogConfig {
+            signal_fd,
+            pending: pending.clone(),
+            wake: wake.0,
+            deadline: opts.deadline,
+            exit: self.exit.clone(),
+            watch: watch.clone(),
+            consoles: self.consoles.clone(),
+            guest_status: self.guest_status.clone(),
+            vcpu_stats: self.vcpus.iter().map(|v| v.stats().clone()).collect(),
+            status_of: opts
+                .status_of
+                .take()
+                .unwrap_or_else(|| Box::new(|o: &RunOutcome| o.reason.exit_code())),
+        };
+        match Watchdog::spawn(cfg) {
+            Ok(w) => {
+                self.event_manager
+                    .add_subscriber(Arc::new(Mutex::new(Wakeup(wake.1))));
+                Some(w)
+            }
+            Err(e) => {
+                log::warn!("no event-loop watchdog: cannot start its thread: {e}");
+                None
+            }
         }
     }
 
@@ -311,5 +395,202 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.stop_vcpus();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A device handler that never returns must not stop the run from ending on a stop
+    //! signal, its deadline or the guest's own exit. The watchdog ends such a run by ending
+    //! the process, so each case runs in a child process: this test binary again, running
+    //! only [`stuck_loop_child`].
+    use super::*;
+    use crate::event_loop::{new_event_manager, ExitWatcher};
+    use event_manager::{EventOps, Events, MutEventSubscriber};
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::process::{Command, Stdio};
+    use vmm_sys_util::epoll::EventSet;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+    const CHILD_ENV: &str = "EMBER_TEST_STUCK_LOOP";
+
+    /// A device whose event handler never returns (a bug, or a blocking call).
+    struct Stuck(EventFd);
+    impl MutEventSubscriber for Stuck {
+        fn process(&mut self, _: Events, _: &mut EventOps) {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        fn init(&mut self, ops: &mut EventOps) {
+            ops.add(Events::new(&self.0, EventSet::IN)).unwrap();
+        }
+    }
+
+    /// Writes what a signalfd would deliver for `sig` into `fd`.
+    fn fake_signal(fd: &OwnedFd, sig: i32) {
+        // SAFETY: signalfd_siginfo is plain data.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        info.ssi_signo = sig as u32;
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: writes `size` bytes from a live signalfd_siginfo.
+        let n = unsafe {
+            libc::write(
+                fd.as_raw_fd(),
+                std::ptr::addr_of!(info).cast::<libc::c_void>(),
+                size,
+            )
+        };
+        assert_eq!(n, size as isize);
+    }
+
+    /// Not a test on its own: the child process of the tests below (see the module doc).
+    /// Runs a VM without vCPUs whose event loop sticks in its first turn, then (by the mode
+    /// in the environment) gets SIGTERM, reaches its deadline, or sees the guest reset.
+    #[test]
+    #[ignore = "run by the stuck_event_loop_* tests in a child process"]
+    fn stuck_loop_child() {
+        let Ok(mode) = std::env::var(CHILD_ENV) else {
+            eprintln!("stuck_loop_child only runs as the child of the stuck_event_loop_* tests");
+            return;
+        };
+        crate::logger::init(log::LevelFilter::Info);
+        let timeline = Arc::new(Timeline::new(Instant::now()));
+        let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
+        let kvm = crate::vm::open_kvm().unwrap();
+        let vm = Vm::new(&kvm, &mem, &timeline).unwrap();
+        let exit = Arc::new(VmExit::new().unwrap());
+        let mut em = new_event_manager().unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(ExitWatcher::new(exit.clone()))));
+        let stuck = EventFd::new(EFD_NONBLOCK).unwrap();
+        stuck.write(1).unwrap();
+        em.add_subscriber(Arc::new(Mutex::new(Stuck(stuck.try_clone().unwrap()))));
+        // A pipe standing in for the signalfd: the test writes signalfd records into it.
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 fills two fds into a valid array.
+        let rc = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) };
+        assert_eq!(rc, 0);
+        // SAFETY: pipe2 returned two fresh fds that nothing else owns.
+        let (sig_r, sig_w) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let vmm = Vmm::new(
+            vm,
+            mem,
+            exit.clone(),
+            em,
+            Vec::new(),
+            timeline,
+            Arc::new(Mutex::new(None)),
+        );
+        let mut opts = RunOptions {
+            shutdown_timeout: Duration::from_secs(60),
+            signal_fd: Some(sig_r),
+            ..Default::default()
+        };
+        match mode.as_str() {
+            "signal" => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(500));
+                    fake_signal(&sig_w, libc::SIGTERM);
+                    std::thread::sleep(Duration::from_secs(3600));
+                });
+            }
+            "deadline" => opts.deadline = Some(Instant::now() + Duration::from_secs(1)),
+            "reset" => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(500));
+                    exit.request(crate::exit::ExitReason::Reset);
+                });
+            }
+            other => panic!("unknown mode {other}"),
+        }
+        let outcome = vmm.run(opts);
+        eprintln!("the run returned: {outcome:?}");
+        std::process::exit(99);
+    }
+
+    /// Runs [`stuck_loop_child`] in `mode`; its exit status and stderr (None: no KVM here).
+    fn run_child(mode: &str) -> Option<(Option<i32>, String)> {
+        if std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/kvm")
+            .is_err()
+        {
+            eprintln!("SKIP: /dev/kvm is not usable here");
+            return None;
+        }
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .args([
+                "vmm::tests::stuck_loop_child",
+                "--exact",
+                "--ignored",
+                "--nocapture",
+            ])
+            .env(CHILD_ENV, mode)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut stderr = child.stderr.take().unwrap();
+        let err_t = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = std::io::Read::read_to_string(&mut stderr, &mut s);
+            s
+        });
+        // Hang detection only.
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break st;
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                let st = child.wait().unwrap();
+                let err = err_t.join().unwrap();
+                panic!("the run did not end ({mode}): {st:?}\n{err}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Some((status.code(), err_t.join().unwrap()))
+    }
+
+    const STUCK_MESSAGE: &str =
+        "the event loop is stuck in a device handler; exiting without a graceful shutdown";
+
+    #[test]
+    fn stuck_event_loop_still_ends_on_a_stop_signal() {
+        let Some((code, stderr)) = run_child("signal") else {
+            return;
+        };
+        assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
+        assert_eq!(
+            code,
+            Some(i32::from(crate::exit::code::STOPPED_HARD)),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn stuck_event_loop_still_ends_at_the_deadline() {
+        let Some((code, stderr)) = run_child("deadline") else {
+            return;
+        };
+        assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
+        assert_eq!(
+            code,
+            Some(i32::from(crate::exit::code::EXEC_TIMEOUT)),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn stuck_event_loop_still_ends_when_the_guest_resets() {
+        let Some((code, stderr)) = run_child("reset") else {
+            return;
+        };
+        assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
+        assert_eq!(code, Some(i32::from(crate::exit::code::OK)), "{stderr}");
     }
 }

@@ -290,3 +290,16 @@ fn bench_kernel_and_initrd_that_are_fifos() {
     args.extend(["--kernel", &k, "--initrd", &f]);
     expect_error(&args, &["is a FIFO, not a regular file", "--initrd"]);
 }
+
+#[test]
+fn bad_run_timeouts() {
+    let dir = temp_dir("cli-timeout");
+    let k = tiny_kernel(&dir);
+    for bad in ["0", "-1", "nan", "inf", "1e20", "soon"] {
+        let flag = format!("--timeout={bad}");
+        expect_error(
+            &["run", "--kernel", &k, &flag],
+            &["--timeout", "not a number of seconds above 0"],
+        );
+    }
+}

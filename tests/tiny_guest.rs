@@ -132,7 +132,11 @@ fn kernel_panic_message_gives_panic_status() {
         return;
     };
     out.expect_code(4);
-    assert!(out.stderr.contains("panicked"), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("the guest reported a kernel panic on its console"),
+        "{out:?}"
+    );
 }
 
 #[test]

@@ -47,7 +47,10 @@ impl BusDevice for BootTimer {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset != 0 || data != [MAGIC] {
-            log::debug!("boot timer: ignoring write {data:02x?} at offset {offset:#x}");
+            crate::guest_log!(
+                log::Level::Debug,
+                "boot timer: ignoring write {data:02x?} at offset {offset:#x}"
+            );
             return;
         }
         if let Some(t) = self.timeline.mark(Phase::BootTimer) {

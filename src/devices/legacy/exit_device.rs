@@ -42,14 +42,21 @@ impl BusDevice for ExitDevice {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::debug!("exit device: ignoring {}-byte write", data.len());
+            crate::guest_log!(
+                log::Level::Debug,
+                "exit device: ignoring {}-byte write",
+                data.len()
+            );
             return;
         };
         if offset != 0 {
             return;
         }
         let status = u32::from_le_bytes(bytes);
-        log::debug!("exit device: guest reported status {status}");
+        crate::guest_log!(
+            log::Level::Debug,
+            "exit device: guest reported status {status}"
+        );
         *lock(&self.status) = Some(status);
         if self.ends_vm {
             self.exit.request(ExitReason::GuestStatus(status));

@@ -34,7 +34,7 @@ impl BusDevice for I8042 {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if offset == COMMAND_OFFSET && data.first() == Some(&CMD_RESET_CPU) {
-            log::debug!("i8042: guest pulsed the reset line");
+            crate::guest_log!(log::Level::Debug, "i8042: guest pulsed the reset line");
             self.exit.request(ExitReason::Reset);
         }
     }

@@ -3,6 +3,7 @@
 //! pseudo devices (boot timer, exit device).
 
 pub mod boot_timer;
+pub mod console;
 pub mod exit_device;
 pub mod i8042;
 pub mod serial;

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 //! 16550A serial ports (vm-superio's model) on the port-I/O bus. COM1 is the guest console:
-//! its output goes to ember's stdout (or wherever the caller says) byte by byte, and host
-//! input is fed into its receive FIFO from the event loop, never more than the FIFO holds.
+//! its output goes to ember's stdout (or wherever the caller says) through a bounded queue
+//! and a writer thread ([`super::console`]), so a stdout nobody reads never blocks a vCPU
+//! while it holds the device's lock; host input is fed into its receive FIFO from the event
+//! loop, never more than the FIFO holds.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
@@ -12,20 +14,24 @@ use vm_superio::Serial;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::console::{ConsoleHandle, ConsoleWriter};
 use super::EventFdTrigger;
 use crate::devices::bus::{lock, BusDevice};
 use crate::exit::VmExit;
 use crate::timeline::{Phase, Timeline};
 
-/// The message Linux prints when it panics.
+/// The message Linux prints when it panics. Seeing it makes the run end with
+/// [`ExitReason::Panic`](crate::exit::ExitReason::Panic): the guest's claim, printed by the
+/// guest, which ember takes at its word (any guest can print it).
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
 /// Longest line prefix kept for spotting the panic message.
 const LINE_KEEP: usize = 160;
 
-/// Where guest output goes: a writer plus the bookkeeping ember does on console output
-/// (first-byte timestamp, panic message detection). Holds at most one line prefix.
+/// Where guest output goes: a [`ConsoleWriter`] plus the bookkeeping ember does on console
+/// output (first-byte timestamp, panic message detection). Holds at most one line prefix.
+/// Writing to it never waits for the output.
 pub struct ConsoleOutput {
-    out: Box<dyn Write + Send>,
+    out: ConsoleWriter,
     timeline: Option<Arc<Timeline>>,
     exit: Option<Arc<VmExit>>,
     line: Vec<u8>,
@@ -38,19 +44,26 @@ impl std::fmt::Debug for ConsoleOutput {
 }
 
 impl ConsoleOutput {
-    /// Output to `out`. With `timeline`, the first byte is recorded; with `exit`, a kernel
-    /// panic message is noted so that the following reset reports a panic.
+    /// Output to `out` (through a writer thread), named `name` ("stdout") in messages. With
+    /// `timeline`, the first byte is recorded; with `exit`, a kernel panic message is noted
+    /// so that the following reset reports a panic.
     pub fn new(
         out: Box<dyn Write + Send>,
+        name: &'static str,
         timeline: Option<Arc<Timeline>>,
         exit: Option<Arc<VmExit>>,
-    ) -> Self {
-        Self {
-            out,
+    ) -> std::io::Result<Self> {
+        Ok(Self {
+            out: ConsoleWriter::spawn(out, name)?,
             timeline,
             exit,
             line: Vec::with_capacity(LINE_KEEP),
-        }
+        })
+    }
+
+    /// A handle for flushing the output and reporting dropped bytes at the end of a run.
+    pub fn handle(&self) -> ConsoleHandle {
+        self.out.handle()
     }
 }
 
@@ -75,17 +88,15 @@ impl Write for ConsoleOutput {
                 }
             }
         }
-        // A console that went away (closed pipe) must not stop the guest: drop the bytes.
-        match self.out.write_all(buf) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
-            Err(e) => return Err(e),
-        }
+        // Queued for the writer thread; what does not fit is dropped and counted.
+        self.out.push(buf);
         Ok(buf.len())
     }
 
+    /// Nothing to do: the UART model flushes after every byte, and the vCPU must not wait
+    /// for the output. [`ConsoleHandle::flush`] waits for the writer.
     fn flush(&mut self) -> std::io::Result<()> {
-        self.out.flush()
+        Ok(())
     }
 }
 
@@ -134,7 +145,7 @@ impl SerialDevice {
         match self.model.enqueue_raw_bytes(&bytes[..room]) {
             Ok(n) => n,
             Err(e) => {
-                log::debug!("serial: input dropped: {e}");
+                crate::guest_log!(log::Level::Debug, "serial: input dropped: {e}");
                 0
             }
         }
@@ -145,9 +156,9 @@ impl SerialDevice {
         &self.model.events().0
     }
 
-    /// Flushes the output writer.
-    pub fn flush(&mut self) {
-        let _ = self.model.writer_mut().flush();
+    /// A handle on the output, for flushing it at the end of a run.
+    pub fn console(&self) -> ConsoleHandle {
+        self.model.writer().handle()
     }
 }
 
@@ -167,7 +178,7 @@ impl BusDevice for SerialDevice {
             return;
         };
         if let Err(e) = self.model.write(o, v) {
-            log::debug!("serial: write at offset {o} failed: {e}");
+            crate::guest_log!(log::Level::Debug, "serial: write at offset {o} failed: {e}");
         }
     }
 }
@@ -288,6 +299,7 @@ impl MutEventSubscriber for SerialInput {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[derive(Clone, Default)]
     struct Sink(Arc<Mutex<Vec<u8>>>);
@@ -305,11 +317,13 @@ mod tests {
     fn output_reaches_the_writer_and_panics_are_noted() {
         let sink = Sink::default();
         let exit = Arc::new(VmExit::new().unwrap());
-        let out = ConsoleOutput::new(Box::new(sink.clone()), None, Some(exit.clone()));
+        let out =
+            ConsoleOutput::new(Box::new(sink.clone()), "test", None, Some(exit.clone())).unwrap();
         let mut dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), out).unwrap();
         for b in b"hi\n" {
             dev.write(0, &[*b]);
         }
+        assert!(dev.console().flush(Duration::from_secs(10)));
         assert_eq!(&*sink.0.lock().unwrap(), b"hi\n");
         for b in b"[ 1.0] Kernel panic - not syncing: oops\n" {
             dev.write(0, &[*b]);
@@ -320,7 +334,7 @@ mod tests {
 
     #[test]
     fn input_never_overfills_the_fifo() {
-        let out = ConsoleOutput::new(Box::new(Sink::default()), None, None);
+        let out = ConsoleOutput::new(Box::new(Sink::default()), "test", None, None).unwrap();
         let mut dev = SerialDevice::new(EventFd::new(EFD_NONBLOCK).unwrap(), out).unwrap();
         let room = dev.input_room();
         assert!(room > 0);
