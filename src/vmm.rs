@@ -346,6 +346,7 @@ impl Vmm {
             pending: pending.clone(),
             wake: wake.0,
             deadline: opts.deadline,
+            shutdown_timeout: opts.shutdown_timeout,
             exit: self.exit.clone(),
             watch: watch.clone(),
             consoles: self.consoles.clone(),
@@ -483,15 +484,27 @@ mod tests {
             Arc::new(Mutex::new(None)),
         );
         let mut opts = RunOptions {
-            shutdown_timeout: Duration::from_secs(60),
+            shutdown_timeout: Duration::from_secs(3600),
             signal_fd: Some(sig_r),
             ..Default::default()
         };
         match mode.as_str() {
+            // One stop signal: the stuck loop gets the shutdown timeout to come back first.
             "signal" => {
+                opts.shutdown_timeout = Duration::from_secs(2);
                 std::thread::spawn(move || {
                     std::thread::sleep(Duration::from_millis(500));
                     fake_signal(&sig_w, libc::SIGTERM);
+                    std::thread::sleep(Duration::from_secs(3600));
+                });
+            }
+            // A second stop signal ends it at once, however long the shutdown timeout.
+            "two-signals" => {
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(500));
+                    fake_signal(&sig_w, libc::SIGTERM);
+                    std::thread::sleep(Duration::from_millis(500));
+                    fake_signal(&sig_w, libc::SIGINT);
                     std::thread::sleep(Duration::from_secs(3600));
                 });
             }
@@ -562,6 +575,19 @@ mod tests {
     #[test]
     fn stuck_event_loop_still_ends_on_a_stop_signal() {
         let Some((code, stderr)) = run_child("signal") else {
+            return;
+        };
+        assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
+        assert_eq!(
+            code,
+            Some(i32::from(crate::exit::code::STOPPED_HARD)),
+            "{stderr}"
+        );
+    }
+
+    #[test]
+    fn stuck_event_loop_ends_at_once_on_a_second_stop_signal() {
+        let Some((code, stderr)) = run_child("two-signals") else {
             return;
         };
         assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");

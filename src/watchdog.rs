@@ -7,6 +7,14 @@
 //! the loop is inside a turn for longer than that turn may take. When a stop is due and the
 //! loop is stuck, it says so, restores the terminal, flushes the console and ends the
 //! process with the status the run would have ended with.
+//!
+//! When a stop is due:
+//! - the deadline passed, or the guest reset or powered off: at once (once the loop counts as
+//!   stuck);
+//! - a stop signal: a loop that is merely slow (a long flush) may still come back and ask the
+//!   guest to shut down, so the watchdog gives it the shutdown timeout first, as the loop
+//!   gives the guest; a second stop signal ends the process at once, as it would stop the
+//!   guest at once.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
@@ -102,6 +110,10 @@ pub struct WatchdogConfig {
     pub wake: EventFd,
     /// The run's deadline.
     pub deadline: Option<Instant>,
+    /// How long the guest gets to shut down after a stop signal (the run's
+    /// `--shutdown-timeout`): a stuck loop gets as long to come back before one stop signal
+    /// ends the process; a second signal ends it at once.
+    pub shutdown_timeout: Duration,
     /// The VM exit latch.
     pub exit: Arc<VmExit>,
     /// The loop's turns.
@@ -156,6 +168,9 @@ impl Watchdog {
 
 fn run(cfg: &WatchdogConfig, stop: &EventFd) {
     let mut first_signal: Option<libc::c_int> = None;
+    // Stop signals read here, and when the first one was known while the loop was stuck.
+    let mut signals_read = 0usize;
+    let mut signal_known_at: Option<Instant> = None;
     loop {
         let mut fds = vec![libc::pollfd {
             fd: stop.as_raw_fd(),
@@ -178,6 +193,7 @@ fn run(cfg: &WatchdogConfig, stop: &EventFd) {
         if let Some(fd) = &cfg.signal_fd {
             if n > 0 && fds[1].revents != 0 {
                 let sigs = crate::event_loop::read_signals(fd);
+                signals_read += sigs.len();
                 if let Some(&s) = sigs.first() {
                     first_signal.get_or_insert(s);
                     lock(&cfg.pending).extend(sigs);
@@ -202,7 +218,17 @@ fn run(cfg: &WatchdogConfig, stop: &EventFd) {
             }
             Some(r) => r,
             None if cfg.deadline.is_some_and(|d| now >= d) => ExitReason::Timeout,
-            None if stop_signal.is_some() => ExitReason::Stopped { graceful: false },
+            None if stop_signal.is_some() => {
+                let took_one = usize::from(cfg.watch.signal().is_some());
+                let since = *signal_known_at.get_or_insert(now);
+                let waited_enough = since
+                    .checked_add(cfg.shutdown_timeout)
+                    .is_some_and(|d| now >= d);
+                if took_one + signals_read < 2 && !waited_enough {
+                    continue;
+                }
+                ExitReason::Stopped { graceful: false }
+            }
             None => continue,
         };
         end_process(cfg, reason, stop_signal);
