@@ -572,51 +572,33 @@ mod tests {
     const STUCK_MESSAGE: &str =
         "the event loop is stuck in a device handler; exiting without a graceful shutdown";
 
-    #[test]
-    fn stuck_event_loop_still_ends_on_a_stop_signal() {
-        let Some((code, stderr)) = run_child("signal") else {
+    /// Runs the stuck-loop child in `mode` and checks that the watchdog ended it with
+    /// `status`, saying why.
+    fn expect_watchdog_end(mode: &str, status: u8) {
+        let Some((code, stderr)) = run_child(mode) else {
             return;
         };
         assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
-        assert_eq!(
-            code,
-            Some(i32::from(crate::exit::code::STOPPED_HARD)),
-            "{stderr}"
-        );
+        assert_eq!(code, Some(i32::from(status)), "{stderr}");
+    }
+
+    #[test]
+    fn stuck_event_loop_still_ends_on_a_stop_signal() {
+        expect_watchdog_end("signal", crate::exit::code::STOPPED_HARD);
     }
 
     #[test]
     fn stuck_event_loop_ends_at_once_on_a_second_stop_signal() {
-        let Some((code, stderr)) = run_child("two-signals") else {
-            return;
-        };
-        assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
-        assert_eq!(
-            code,
-            Some(i32::from(crate::exit::code::STOPPED_HARD)),
-            "{stderr}"
-        );
+        expect_watchdog_end("two-signals", crate::exit::code::STOPPED_HARD);
     }
 
     #[test]
     fn stuck_event_loop_still_ends_at_the_deadline() {
-        let Some((code, stderr)) = run_child("deadline") else {
-            return;
-        };
-        assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
-        assert_eq!(
-            code,
-            Some(i32::from(crate::exit::code::EXEC_TIMEOUT)),
-            "{stderr}"
-        );
+        expect_watchdog_end("deadline", crate::exit::code::EXEC_TIMEOUT);
     }
 
     #[test]
     fn stuck_event_loop_still_ends_when_the_guest_resets() {
-        let Some((code, stderr)) = run_child("reset") else {
-            return;
-        };
-        assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
-        assert_eq!(code, Some(i32::from(crate::exit::code::OK)), "{stderr}");
+        expect_watchdog_end("reset", crate::exit::code::OK);
     }
 }

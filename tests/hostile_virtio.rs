@@ -81,16 +81,20 @@ fn avail_index_beyond_queue_size_neither_hangs_nor_floods() {
     }
     let dir = temp_dir(name);
     let elf = write_tiny_guest(&dir, "guest.elf", &avail_index_flood_guest(), &[]);
+    let elf = elf.to_str().unwrap();
+    // Stopped by SIGTERM while the device is broken (the tiny guest has no power button:
+    // the signal stops it at once)...
+    let child = spawn_ember(&["run", "--kernel", elf, "--mem", "16"], None);
+    std::thread::sleep(Duration::from_secs(2));
+    // SAFETY: kill with the pid of our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let out = wait_ember(child, Duration::from_secs(60));
+    assert!(!out.timed_out, "ember did not stop on SIGTERM");
+    assert!(out.stderr.len() < 64 * 1024, "{} bytes", out.stderr.len());
+    out.expect_code(7);
+    // ...and by --timeout.
     let out = run_ember(
-        &[
-            "run",
-            "--kernel",
-            elf.to_str().unwrap(),
-            "--mem",
-            "16",
-            "--stop-after-ms",
-            "3000",
-        ],
+        &["run", "--kernel", elf, "--mem", "16", "--timeout", "3"],
         None,
         Duration::from_secs(60),
     );

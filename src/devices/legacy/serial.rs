@@ -301,17 +301,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    #[derive(Clone, Default)]
-    struct Sink(Arc<Mutex<Vec<u8>>>);
-    impl Write for Sink {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::devices::legacy::console::tests::Sink;
 
     #[test]
     fn output_reaches_the_writer_and_panics_are_noted() {
