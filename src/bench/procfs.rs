@@ -224,8 +224,11 @@ pub fn monotonic_ns() -> u64 {
 /// The `CLOCK_MONOTONIC` time of an earlier `Instant` (Rust's `Instant` is that clock on
 /// Linux, but opaque).
 pub fn monotonic_ns_of(instant: Instant) -> u64 {
-    let now = monotonic_ns();
+    // Elapsed first, then the clock: the result can only err late (by the gap between the two
+    // reads), never before `instant` (reading the clock first made it up to that gap early,
+    // which a preempted thread saw as time going backwards).
     let ago = u64::try_from(instant.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let now = monotonic_ns();
     now.saturating_sub(ago)
 }
 
