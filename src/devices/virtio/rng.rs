@@ -30,7 +30,7 @@ pub const DEFAULT_RATE: u64 = 1 << 20;
 pub const DEFAULT_BURST: u64 = 64 << 10;
 
 /// `--rng`: the entropy device and its rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RngConfig {
     /// Sustained bytes per second.
     pub rate: u64,
