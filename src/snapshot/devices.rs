@@ -693,6 +693,46 @@ mod tests {
     }
 
     #[test]
+    fn fuzzed_device_states_never_panic_on_decode_or_restore() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
+        let _ring = TestRing::new(&mem, 0, 16);
+        let mut a = rng_rig(&mem);
+        bring_up(&mut a.t, VERSION_1 | EVENT_IDX);
+        let mut com = serial();
+        com.enqueue_input(b"abc");
+        let good = postcard::to_stdvec(&(a.t.save_state(), com.save_state())).unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut decoded = 0;
+        for _ in 0..2000 {
+            let mut b = good.clone();
+            for _ in 0..1 + next() % 3 {
+                let i = (next() % b.len() as u64) as usize;
+                b[i] = next() as u8;
+            }
+            let Ok(((t, ser), _)) = postcard::take_from_bytes::<(VirtioState, SerialState)>(&b)
+            else {
+                continue;
+            };
+            decoded += 1;
+            let mut fresh = rng_rig(&mem);
+            let _ = fresh.t.restore_state(&t);
+            let _ = transport_view(&mut fresh.t);
+            if let Ok(mut d) =
+                SerialDevice::from_state(EventFd::new(EFD_NONBLOCK).unwrap(), console(), &ser)
+            {
+                let _ = serial_view(&mut d);
+            }
+        }
+        assert!(decoded > 100, "only {decoded} mutated states decoded");
+    }
+
+    #[test]
     fn device_states_of_a_whole_vm_go_through_the_state_file() {
         let s = DeviceStates {
             com1: serial().save_state(),
