@@ -693,6 +693,36 @@ mod tests {
     }
 
     #[test]
+    fn vsock_restore_checks_the_cid_and_carries_no_connections() {
+        use crate::devices::virtio::vsock::device::Vsock;
+        use crate::devices::virtio::vsock::VsockConfig;
+        let dir = std::env::temp_dir().join(format!("ember-snapvsock-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = |cid| VsockConfig {
+            cid,
+            uds: dir.join("v.sock"),
+        };
+        let saved = {
+            let dev = Vsock::new(&cfg(3)).unwrap();
+            assert!(
+                dev.saved_queues().is_empty(),
+                "inactive: no queues of its own"
+            );
+            through_file(&dev.save_state())
+        };
+        assert_eq!(saved, VirtioDeviceState::Vsock(VsockState { cid: 3 }));
+        Vsock::new(&cfg(3)).unwrap().restore_state(&saved).unwrap();
+        let e = Vsock::new(&cfg(4))
+            .unwrap()
+            .restore_state(&saved)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CID is 4, 3 in the snapshot"), "{e}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
     fn fuzzed_device_states_never_panic_on_decode_or_restore() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x40_0000)]).unwrap();
         let _ring = TestRing::new(&mem, 0, 16);
