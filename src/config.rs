@@ -84,7 +84,7 @@ pub enum ConfigError {
 }
 
 /// How a disk's writes reach the host file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum CacheMode {
     /// Through the host page cache; a guest FLUSH calls fdatasync (default).
     #[default]
@@ -95,7 +95,7 @@ pub enum CacheMode {
 }
 
 /// One `--disk`: a raw image file given to the guest as a virtio-blk device.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DiskConfig {
     /// The image file.
     pub path: PathBuf,
@@ -198,7 +198,7 @@ impl std::str::FromStr for DiskConfig {
 }
 
 /// Where a serial port's output goes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
 pub enum ConsoleSink {
     /// ember's stdout.
     #[default]
@@ -210,7 +210,7 @@ pub enum ConsoleSink {
 }
 
 /// Everything needed to build and run one VM.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
     /// Kernel image (ELF vmlinux or bzImage).
     pub kernel: PathBuf,

@@ -52,7 +52,7 @@ pub const CACHE_ENV: &str = "EMBER_IMAGE_CACHE";
 pub const MIN_CACHED_SIZE: u64 = 1 << 20;
 
 /// The directory of ember's image cache.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ImageCache {
     dir: PathBuf,
     min_size: u64,

@@ -14,6 +14,10 @@
 //! 4. [`vmm::Vmm::run`] — the [`event_loop`] on the main thread until the guest ends, with
 //!    [`exit`] saying how (and a [`watchdog`] for when a device handler never returns).
 //!
+//! [`snapshot`] saves a stopped VM (its [`config::VmConfig`], every device's state and the
+//! KVM state, in one versioned, checksummed file, with guest RAM beside it) and checks a
+//! snapshot against the VM it is restored into.
+//!
 //! [`host`] knows what a PVM host (KVM without hardware virtualization) needs. [`exec`] (with
 //! [`cpio`]) runs one command in a throwaway VM (`ember exec`).
 //!
@@ -37,6 +41,7 @@ pub mod kernel;
 pub mod logger;
 pub mod memory;
 pub mod profiler;
+pub mod snapshot;
 pub mod symbols;
 pub mod terminal;
 pub mod timeline;

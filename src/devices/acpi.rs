@@ -31,6 +31,7 @@ use crate::arch::x86_64::layout::{
 };
 use crate::devices::bus::BusDevice;
 use crate::exit::{ExitReason, VmExit};
+use crate::snapshot::devices::AcpiState;
 
 /// `SLP_TYP` value of S5 (soft off), the one sleep state ember offers (`\_S5_` in the DSDT).
 pub const S5_SLEEP_TYPE: u8 = 5;
@@ -76,6 +77,21 @@ impl AcpiPlatform {
             events,
         };
         (dev, button)
+    }
+
+    /// The registers, for a snapshot.
+    pub fn save_state(&self) -> AcpiState {
+        AcpiState {
+            sleep_status: self.sleep_status,
+            ged_events: self.events.load(Ordering::Acquire),
+        }
+    }
+
+    /// Restores saved registers into a freshly built platform. Pending GED events stay
+    /// pending: the guest reads them when its GED interrupt (restored with the irqchip) runs.
+    pub fn restore_state(&mut self, state: &AcpiState) {
+        self.sleep_status = state.sleep_status & WAK_STS;
+        self.events.store(state.ged_events, Ordering::Release);
     }
 
     fn write_sleep_control(&mut self, value: u8) {

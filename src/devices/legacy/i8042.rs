@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use crate::devices::bus::BusDevice;
 use crate::exit::{ExitReason, VmExit};
+use crate::snapshot::devices::I8042State;
 
 /// Command that pulses the CPU reset line.
 const CMD_RESET_CPU: u8 = 0xfe;
@@ -24,6 +25,14 @@ impl I8042 {
     pub fn new(exit: Arc<VmExit>) -> Self {
         Self { exit }
     }
+
+    /// The controller's state for a snapshot: it has none.
+    pub fn save_state(&self) -> I8042State {
+        I8042State {}
+    }
+
+    /// Restores a saved state: nothing to restore.
+    pub fn restore_state(&mut self, _state: &I8042State) {}
 }
 
 impl BusDevice for I8042 {

@@ -18,6 +18,8 @@ use super::console::{ConsoleHandle, ConsoleWriter};
 use super::EventFdTrigger;
 use crate::devices::bus::{lock, BusDevice};
 use crate::exit::VmExit;
+use crate::snapshot::devices::SerialState;
+use crate::snapshot::format::SnapshotError;
 use crate::timeline::{Phase, Timeline};
 
 /// The message Linux prints when it panics. Seeing it makes the run end with
@@ -129,6 +131,34 @@ impl SerialDevice {
         Ok(Self {
             model: Serial::with_events(EventFdTrigger(irq), InputReady(ready), out),
         })
+    }
+
+    /// A serial port as `state` saved it (registers and receive FIFO), raising its interrupt
+    /// through `irq` and writing to `out`. An interrupt the saved registers show pending is
+    /// raised again.
+    pub fn from_state(
+        irq: EventFd,
+        out: ConsoleOutput,
+        state: &SerialState,
+    ) -> Result<Self, SnapshotError> {
+        let err = |why: String| SnapshotError::Device {
+            device: "serial port".into(),
+            why,
+        };
+        let ready = EventFd::new(EFD_NONBLOCK).map_err(|e| err(e.to_string()))?;
+        let model = Model::from_state(&state.into(), EventFdTrigger(irq), InputReady(ready), out)
+            .map_err(|e| {
+            err(format!(
+                "{e} (receive FIFO of {} bytes)",
+                state.in_buffer.len()
+            ))
+        })?;
+        Ok(Self { model })
+    }
+
+    /// The registers and receive FIFO, for a snapshot.
+    pub fn save_state(&self) -> SerialState {
+        self.model.state().into()
     }
 
     /// Room left in the receive FIFO.

@@ -12,6 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use virtio_bindings::virtio_mmio::{VIRTIO_MMIO_INT_CONFIG, VIRTIO_MMIO_INT_VRING};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::snapshot::devices::InterruptState;
+
 /// A virtio device's interrupt state.
 #[derive(Debug)]
 pub struct Interrupt {
@@ -84,6 +86,28 @@ impl Interrupt {
     /// The eventfd that raises the line (tests read it to see interrupts).
     pub fn irq_evt(&self) -> &EventFd {
         &self.irq_evt
+    }
+
+    /// The status bits, configuration generation and NEEDS_RESET flag, for a snapshot.
+    pub fn save_state(&self) -> InterruptState {
+        InterruptState {
+            status: self.status(),
+            config_generation: self.config_generation(),
+            needs_reset: self.needs_reset(),
+        }
+    }
+
+    /// Restores saved state. When status bits are pending, the line is pulsed again: a
+    /// spurious virtio interrupt is harmless (the driver reads the status), a lost one is not.
+    pub fn restore_state(&self, state: &InterruptState) {
+        let bits = state.status & (VIRTIO_MMIO_INT_VRING | VIRTIO_MMIO_INT_CONFIG);
+        self.config_generation
+            .store(state.config_generation, Ordering::SeqCst);
+        self.needs_reset.store(state.needs_reset, Ordering::SeqCst);
+        self.status.store(0, Ordering::SeqCst);
+        if bits != 0 {
+            self.raise(bits);
+        }
     }
 
     fn raise(&self, bit: u32) {

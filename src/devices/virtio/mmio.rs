@@ -28,7 +28,7 @@ use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_FAILED, VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
 };
 use virtio_bindings::virtio_mmio::*;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
@@ -36,6 +36,8 @@ use super::{
 };
 use crate::devices::bus::{lock, BusDevice};
 use crate::memory::GuestMemory;
+use crate::snapshot::devices::{MmioTransportState, QueueSnapshot, VirtioState};
+use crate::snapshot::format::SnapshotError;
 
 /// The MagicValue register: "virt" in little-endian.
 pub const MMIO_MAGIC_VALUE: u32 = u32::from_le_bytes(*b"virt");
@@ -174,6 +176,139 @@ impl MmioTransport {
     /// Features the driver acked.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
+    }
+
+    /// The register file, the interrupt and every queue (the device's copies while it is
+    /// active), with the device's own state, for a snapshot. Call it with the vCPUs stopped
+    /// and the event loop between iterations.
+    pub fn save_state(&self) -> VirtioState {
+        let device = lock(&self.device);
+        let mut queues: Vec<QueueSnapshot> = self.queues.iter().map(|q| q.state().into()).collect();
+        if self.activated {
+            for (i, q) in device.saved_queues() {
+                if let Some(slot) = queues.get_mut(i) {
+                    *slot = q.into();
+                }
+            }
+        }
+        VirtioState {
+            transport: MmioTransportState {
+                device_type: self.device_type,
+                device_features: self.device_features,
+                device_features_sel: self.device_features_sel,
+                driver_features_sel: self.driver_features_sel,
+                acked_features: self.acked_features,
+                queue_sel: self.queue_sel,
+                status: self.status,
+                activated: self.activated,
+                interrupt: self.interrupt.save_state(),
+                queues,
+            },
+            device: device.save_state(),
+        }
+    }
+
+    /// Restores `state` into this freshly built transport (its device built from the same
+    /// configuration) once guest memory holds the snapshot's RAM: checks that the device is
+    /// the one saved, restores the device's state, the registers and the queues, and
+    /// activates the device again with the saved queues if it was active. The saved state is
+    /// checked before the device is touched, and the registers change only once everything
+    /// succeeded; on an error the VM being restored is to be thrown away, never run.
+    ///
+    /// A device that had given up on its queues (NEEDS_RESET) stays inactive, ignoring its
+    /// queues until the driver resets it.
+    pub fn restore_state(&mut self, state: &VirtioState) -> Result<(), SnapshotError> {
+        let t = &state.transport;
+        let err = |why: String| SnapshotError::Device {
+            device: format!("virtio device type {}", self.device_type),
+            why,
+        };
+        if self.status != 0 || self.activated {
+            return Err(err(
+                "the transport is in use: restore into a fresh VM".into()
+            ));
+        }
+        if t.device_type != self.device_type {
+            return Err(err(format!(
+                "the snapshot has device type {} in its place: restore with the same devices \
+                 in the same order",
+                t.device_type
+            )));
+        }
+        if t.device_features != self.device_features {
+            return Err(err(format!(
+                "it offers features {:#x}, {:#x} in the snapshot (another disk mode or ember \
+                 version?)",
+                self.device_features, t.device_features
+            )));
+        }
+        if t.acked_features & !t.device_features != 0 {
+            return Err(err(format!(
+                "acked features {:#x} were never offered",
+                t.acked_features
+            )));
+        }
+        if t.queues.len() != self.queues.len() {
+            return Err(err(format!(
+                "it has {} queues, {} in the snapshot",
+                self.queues.len(),
+                t.queues.len()
+            )));
+        }
+        let known = STATUS_STEPS.iter().sum::<u32>() | VIRTIO_CONFIG_S_FAILED;
+        if t.status & !known != 0 || (t.activated && t.status & VIRTIO_CONFIG_S_DRIVER_OK == 0) {
+            return Err(err(format!("status {:#x} is not a valid state", t.status)));
+        }
+        let mut queues = Vec::with_capacity(t.queues.len());
+        for (i, (saved, mine)) in t.queues.iter().zip(&self.queues).enumerate() {
+            if saved.max_size != mine.max_size() {
+                return Err(err(format!(
+                    "queue {i} has maximum size {}, {} in the snapshot",
+                    mine.max_size(),
+                    saved.max_size
+                )));
+            }
+            let q = Queue::try_from(QueueState::from(*saved))
+                .map_err(|e| err(format!("queue {i}: {e}")))?;
+            queues.push(q);
+        }
+        let activate = t.activated && !t.interrupt.needs_reset;
+        if activate {
+            for (i, q) in queues.iter().enumerate() {
+                if q.ready() && !q.is_valid(&self.mem) {
+                    return Err(err(format!("queue {i} does not lie in guest memory")));
+                }
+            }
+        }
+        lock(&self.device).restore_state(&state.device)?;
+        if activate {
+            let ctx_queues = queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    Queue::try_from(q.state()).map_err(|e| err(format!("queue {i}: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            let ctx = ActivateContext {
+                mem: self.mem.clone(),
+                queues: ctx_queues,
+                queue_evts: self.queue_evts.clone(),
+                interrupt: self.interrupt.clone(),
+                acked_features: t.acked_features,
+            };
+            lock(&self.device)
+                .activate(ctx)
+                .map_err(|e| err(format!("activation: {}", crate::error_chain_line(&e))))?;
+        }
+        self.activated = activate;
+        self.device_features_sel = t.device_features_sel;
+        self.driver_features_sel = t.driver_features_sel;
+        self.acked_features = t.acked_features;
+        self.queue_sel = t.queue_sel;
+        self.status = t.status;
+        self.queues = queues;
+        self.interrupt.restore_state(&t.interrupt);
+        Ok(())
     }
 
     fn has_status(&self, set: u32, clear: u32) -> bool {
@@ -535,6 +670,18 @@ mod tests {
         }
         fn reset(&mut self) {
             self.resets += 1;
+        }
+        fn saved_queues(&self) -> Vec<(usize, QueueState)> {
+            Vec::new()
+        }
+        fn save_state(&self) -> crate::snapshot::devices::VirtioDeviceState {
+            crate::snapshot::devices::VirtioDeviceState::Rng(Default::default())
+        }
+        fn restore_state(
+            &mut self,
+            _: &crate::snapshot::devices::VirtioDeviceState,
+        ) -> Result<(), SnapshotError> {
+            Ok(())
         }
     }
 

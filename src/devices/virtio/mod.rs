@@ -75,11 +75,13 @@ pub mod vsock;
 use std::sync::Arc;
 
 use event_manager::{EventOps, Events};
-use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::memory::GuestMemory;
+use crate::snapshot::devices::VirtioDeviceState;
+use crate::snapshot::format::SnapshotError;
 pub use interrupt::Interrupt;
 
 /// Vendor ID reported in the VendorID register ("EMBR", little-endian).
@@ -177,6 +179,32 @@ pub trait VirtioDevice: Send {
     /// Stops the device after the driver wrote 0 to the status register: drop the queues,
     /// guest memory and interrupt handles, and go back to the state before `activate`.
     fn reset(&mut self);
+
+    /// For a snapshot: the queues the device holds while it is active, each with its index
+    /// (the device's copies carry the next available and next used indices); empty when it
+    /// is not active. A queue the device does not keep (vsock's event queue) is left out:
+    /// the transport's copy stands for it.
+    fn saved_queues(&self) -> Vec<(usize, QueueState)>;
+
+    /// For a snapshot: the device's own state.
+    fn save_state(&self) -> VirtioDeviceState;
+
+    /// Restores `state` into a freshly built, inactive device (or checks that the device
+    /// built from the restore's configuration is the one saved), before the transport
+    /// activates it again with the saved queues.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError>;
+}
+
+/// The error a device gives when handed another kind of device's state.
+pub(crate) fn wrong_state_kind(expected: &str, state: &VirtioDeviceState) -> SnapshotError {
+    SnapshotError::Device {
+        device: expected.to_string(),
+        why: format!(
+            "the snapshot has a {} device in its place: restore with the same devices in the \
+             same order",
+            state.kind()
+        ),
+    }
 }
 
 /// Copies `config[offset..offset + data.len()]` into `data`; bytes past the end of `config`

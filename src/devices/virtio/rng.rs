@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
@@ -23,6 +23,8 @@ use super::{
 };
 use crate::config::{parse_options, ConfigError};
 use crate::memory::GuestMemory;
+use crate::snapshot::devices::{RngState, VirtioDeviceState};
+use crate::snapshot::format::SnapshotError;
 
 /// Default sustained rate: 1 MiB/s.
 pub const DEFAULT_RATE: u64 = 1 << 20;
@@ -30,7 +32,7 @@ pub const DEFAULT_RATE: u64 = 1 << 20;
 pub const DEFAULT_BURST: u64 = 64 << 10;
 
 /// `--rng`: the entropy device and its rate limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RngConfig {
     /// Sustained bytes per second.
     pub rate: u64,
@@ -134,6 +136,17 @@ impl TokenBucket {
                 self.last = now;
             }
         }
+    }
+
+    /// Tokens left (for a snapshot).
+    pub fn tokens(&self) -> u64 {
+        self.tokens
+    }
+
+    /// Sets the tokens left (at most the burst), refilling from `now` on (a restore).
+    pub fn set_tokens(&mut self, tokens: u64, now: Instant) {
+        self.tokens = tokens.min(self.burst);
+        self.last = now;
     }
 
     /// Takes up to `want` bytes' worth; returns how many were granted (maybe 0).
@@ -335,6 +348,26 @@ impl VirtioDevice for Rng {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn saved_queues(&self) -> Vec<(usize, QueueState)> {
+        self.active.iter().map(|a| (0, a.queue.state())).collect()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Rng(RngState {
+            tokens: self.bucket.tokens(),
+            bytes_served: self.bytes_served,
+        })
+    }
+
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        let VirtioDeviceState::Rng(s) = state else {
+            return Err(super::wrong_state_kind("virtio-rng", state));
+        };
+        self.bucket.set_tokens(s.tokens, Instant::now());
+        self.bytes_served = s.bytes_served;
+        Ok(())
     }
 }
 

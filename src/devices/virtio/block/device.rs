@@ -11,7 +11,7 @@ use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_SEG_MAX,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::request::{self, BounceBuffer, Completion, RequestContext, RequestType};
@@ -21,6 +21,8 @@ use crate::devices::virtio::{
     Broken, Interrupt, VirtioDevice, EVENT_IDX,
 };
 use crate::memory::GuestMemory;
+use crate::snapshot::devices::{BlockState, VirtioDeviceState};
+use crate::snapshot::format::SnapshotError;
 
 /// Counters of one block device (shared, so tests and reports can read them while it runs).
 #[derive(Debug, Default)]
@@ -276,6 +278,71 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         self.active = None;
+    }
+
+    fn saved_queues(&self) -> Vec<(usize, QueueState)> {
+        self.active.iter().map(|a| (0, a.queue.state())).collect()
+    }
+
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Block(BlockState {
+            path: self.disk.path().to_path_buf(),
+            sectors: self.disk.sectors(),
+            read_only: self.disk.read_only(),
+            id: self.id.to_vec(),
+        })
+    }
+
+    /// Nothing to restore: checks that the disk is the one the guest had, the same file with
+    /// the same size and mode (the guest's page cache and file systems expect it).
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        let VirtioDeviceState::Block(s) = state else {
+            return Err(crate::devices::virtio::wrong_state_kind(
+                "virtio-blk",
+                state,
+            ));
+        };
+        let err = |why: String| SnapshotError::Device {
+            device: format!("disk {} ({})", self.name, self.disk.path().display()),
+            why,
+        };
+        if s.path != self.disk.path() {
+            return Err(err(format!(
+                "the snapshot's disk {} is {}: give the same disks in the same order",
+                self.name,
+                s.path.display()
+            )));
+        }
+        if s.sectors != self.disk.sectors() {
+            return Err(err(format!(
+                "it has {} sectors, {} when the snapshot was taken: the image changed size",
+                self.disk.sectors(),
+                s.sectors
+            )));
+        }
+        if s.read_only != self.disk.read_only() {
+            return Err(err(format!(
+                "it is {} now and was {} in the snapshot",
+                mode(self.disk.read_only()),
+                mode(s.read_only)
+            )));
+        }
+        if s.id[..] != self.id[..] {
+            return Err(err(format!(
+                "its id is {:?}, {:?} in the snapshot",
+                String::from_utf8_lossy(&self.id).trim_end_matches('\0'),
+                String::from_utf8_lossy(&s.id).trim_end_matches('\0')
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn mode(read_only: bool) -> &'static str {
+    if read_only {
+        "read-only"
+    } else {
+        "read-write"
     }
 }
 

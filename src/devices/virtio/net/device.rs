@@ -15,7 +15,7 @@ use std::sync::Arc;
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
 use virtio_bindings::virtio_net::VIRTIO_NET_S_LINK_UP;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -30,6 +30,8 @@ use crate::devices::virtio::{
     Broken, Interrupt, VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX,
 };
 use crate::memory::GuestMemory;
+use crate::snapshot::devices::{NetState, VirtioDeviceState};
+use crate::snapshot::format::SnapshotError;
 
 /// Size of the rx and tx queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -408,6 +410,50 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.rx_len = None;
+    }
+
+    fn saved_queues(&self) -> Vec<(usize, QueueState)> {
+        match &self.active {
+            Some(a) => vec![(0, a.rxq.state()), (1, a.txq.state())],
+            None => Vec::new(),
+        }
+    }
+
+    /// A frame read from the TAP and not yet given to the guest is not saved: it is lost,
+    /// as a network may lose any frame.
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Net(NetState {
+            tap: self.tap.name().to_string(),
+            mac: self.mac,
+        })
+    }
+
+    /// Nothing to restore: checks that the NIC has the TAP and MAC the guest had.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        let VirtioDeviceState::Net(s) = state else {
+            return Err(crate::devices::virtio::wrong_state_kind(
+                "virtio-net",
+                state,
+            ));
+        };
+        let err = |why: String| SnapshotError::Device {
+            device: format!("virtio-net on TAP {}", self.tap.name()),
+            why,
+        };
+        if s.tap != self.tap.name() {
+            return Err(err(format!(
+                "the snapshot's NIC in this place was on TAP {}: give the same --net devices in \
+                 the same order",
+                s.tap
+            )));
+        }
+        if s.mac != self.mac {
+            return Err(err(format!(
+                "its MAC is {:02x?}, {:02x?} in the snapshot",
+                self.mac.0, s.mac.0
+            )));
+        }
+        Ok(())
     }
 }
 

@@ -63,7 +63,7 @@ pub enum NetError {
 }
 
 /// An Ethernet MAC address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct MacAddr(pub [u8; 6]);
 
 impl MacAddr {
@@ -126,7 +126,7 @@ impl FromStr for MacAddr {
 }
 
 /// `--net`: one virtio-net device on a TAP.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NetConfig {
     /// The TAP interface name.
     pub tap: String,

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
-use virtio_queue::{DescriptorChain, Queue, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vm_memory::ByteValued;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -25,6 +25,8 @@ use crate::devices::virtio::{
     Broken, Interrupt, VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX,
 };
 use crate::memory::GuestMemory;
+use crate::snapshot::devices::{VirtioDeviceState, VsockState};
+use crate::snapshot::format::SnapshotError;
 
 /// Size of each of the three queues.
 pub const QUEUE_SIZE: u16 = 256;
@@ -276,6 +278,41 @@ impl VirtioDevice for Vsock {
         // The driver is gone: so are its connections.
         self.active = None;
         self.muxer.reset();
+    }
+
+    /// The rx and tx queues; the event queue is never used by the device (the transport's
+    /// copy stands for it).
+    fn saved_queues(&self) -> Vec<(usize, QueueState)> {
+        match &self.active {
+            Some(a) => vec![(0, a.rxq.state()), (1, a.txq.state())],
+            None => Vec::new(),
+        }
+    }
+
+    /// Only the CID: connections (host sockets, buffered data, credit) are not carried over.
+    fn save_state(&self) -> VirtioDeviceState {
+        VirtioDeviceState::Vsock(VsockState { cid: self.cid })
+    }
+
+    /// Checks the CID. The restored device has no connections: the guest's sockets from
+    /// before the snapshot get a reset when they are next used.
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        let VirtioDeviceState::Vsock(s) = state else {
+            return Err(crate::devices::virtio::wrong_state_kind(
+                "virtio-vsock",
+                state,
+            ));
+        };
+        if s.cid != self.cid {
+            return Err(SnapshotError::Device {
+                device: "virtio-vsock".into(),
+                why: format!(
+                    "its guest CID is {}, {} in the snapshot: restore with the same --vsock cid",
+                    self.cid, s.cid
+                ),
+            });
+        }
+        Ok(())
     }
 }
 

@@ -40,7 +40,7 @@ pub enum VsockError {
 pub const MIN_GUEST_CID: u64 = 3;
 
 /// `--vsock`: the guest's CID and the host Unix socket.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     /// The guest's context ID.
     pub cid: u64,
