@@ -17,7 +17,9 @@
 //!
 //! Power button: [`PowerButton::press`] sets bit 0 of the GED event register and raises
 //! [`GED_IRQ`]; the guest's GED driver runs `\_SB.GED._EVT`, which reads (and so clears) the
-//! event register and notifies `\_SB.PWRB` (PNP0C0C) with 0x80.
+//! event register and notifies `\_SB.PWRB` (PNP0C0C) with 0x80. The VM generation ID
+//! ([`crate::devices::vmgenid`]) uses bit 1 ([`GED_EVENT_VMGENID`]) the same way, notifying
+//! `\_SB.VGEN`. Each user raises its bit through a [`GedEvents`] handle.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
@@ -39,6 +41,8 @@ pub const S5_SLEEP_TYPE: u8 = 5;
 pub const RESET_VALUE: u8 = 1;
 /// GED event bit: the power button was pressed.
 pub const GED_EVENT_POWER_BUTTON: u32 = 1;
+/// GED event bit: the VM generation ID changed (after a snapshot restore).
+pub const GED_EVENT_VMGENID: u32 = 1 << 1;
 
 /// Sleep control: sleep enable.
 pub const SLP_EN: u8 = 1 << 5;
@@ -59,31 +63,37 @@ const GED_EVENT: u64 = ACPI_GED_EVENT - ACPI_MMIO_START;
 pub struct AcpiPlatform {
     exit: Arc<VmExit>,
     sleep_status: u8,
-    events: Arc<AtomicU32>,
+    ged: GedEvents,
 }
 
 impl AcpiPlatform {
     /// A platform whose power-off and reset requests go to `exit`, and whose power button
     /// raises the GED interrupt through `ged_irq` (an irqfd).
     pub fn new(exit: Arc<VmExit>, ged_irq: EventFd) -> (Self, PowerButton) {
-        let events = Arc::new(AtomicU32::new(0));
-        let button = PowerButton {
-            events: events.clone(),
+        let ged = GedEvents {
+            events: Arc::new(AtomicU32::new(0)),
             irq: Arc::new(ged_irq),
         };
+        let button = PowerButton { ged: ged.clone() };
         let dev = Self {
             exit,
             sleep_status: 0,
-            events,
+            ged,
         };
         (dev, button)
+    }
+
+    /// A handle that raises events of this platform's GED (for devices other than the
+    /// power button: the VM generation ID).
+    pub fn ged_events(&self) -> GedEvents {
+        self.ged.clone()
     }
 
     /// The registers, for a snapshot.
     pub fn save_state(&self) -> AcpiState {
         AcpiState {
             sleep_status: self.sleep_status,
-            ged_events: self.events.load(Ordering::Acquire),
+            ged_events: self.ged.events.load(Ordering::Acquire),
         }
     }
 
@@ -91,7 +101,7 @@ impl AcpiPlatform {
     /// pending: the guest reads them when its GED interrupt (restored with the irqchip) runs.
     pub fn restore_state(&mut self, state: &AcpiState) {
         self.sleep_status = state.sleep_status & WAK_STS;
-        self.events.store(state.ged_events, Ordering::Release);
+        self.ged.events.store(state.ged_events, Ordering::Release);
     }
 
     fn write_sleep_control(&mut self, value: u8) {
@@ -118,7 +128,7 @@ impl BusDevice for AcpiPlatform {
         match (offset, data.len()) {
             (SLEEP_STATUS, 1) => data[0] = self.sleep_status,
             (GED_EVENT, 4) => {
-                let pending = self.events.swap(0, Ordering::AcqRel);
+                let pending = self.ged.events.swap(0, Ordering::AcqRel);
                 data.copy_from_slice(&pending.to_le_bytes());
             }
             _ => {}
@@ -145,20 +155,39 @@ impl BusDevice for AcpiPlatform {
     }
 }
 
+/// Raises events of the generic event device: sets bits of the GED event register and
+/// raises [`GED_IRQ`]; the guest's `\_SB.GED._EVT` reads (and clears) the register and
+/// notifies the device of each bit. Cheap to clone; used from any thread.
+#[derive(Debug, Clone)]
+pub struct GedEvents {
+    events: Arc<AtomicU32>,
+    irq: Arc<EventFd>,
+}
+
+impl GedEvents {
+    /// Records `bits` in the event register, then raises the GED interrupt.
+    pub fn raise(&self, bits: u32) -> std::io::Result<()> {
+        self.events.fetch_or(bits, Ordering::AcqRel);
+        self.irq.write(1)
+    }
+
+    /// The events raised and not yet read by the guest (tests, diagnostics).
+    pub fn pending(&self) -> u32 {
+        self.events.load(Ordering::Acquire)
+    }
+}
+
 /// The power button of the VM: asks the guest to shut down. Cheap to clone; used from the
 /// main thread while the vCPUs run.
 #[derive(Debug, Clone)]
 pub struct PowerButton {
-    events: Arc<AtomicU32>,
-    irq: Arc<EventFd>,
+    ged: GedEvents,
 }
 
 impl PowerButton {
     /// Presses the button: records the GED event and raises the GED interrupt.
     pub fn press(&self) -> std::io::Result<()> {
-        self.events
-            .fetch_or(GED_EVENT_POWER_BUTTON, Ordering::AcqRel);
-        self.irq.write(1)
+        self.ged.raise(GED_EVENT_POWER_BUTTON)
     }
 
     /// The button as a [`ShutdownRequester`](crate::vmm::ShutdownRequester) for the run loop.
@@ -248,7 +277,11 @@ mod tests {
         assert_eq!(u32::from_le_bytes(ev), 0);
         let mut ask = button.clone().requester();
         assert!(ask());
-        assert_eq!(button.irq.read().unwrap(), 1, "the irqfd was written once");
+        assert_eq!(
+            button.ged.irq.read().unwrap(),
+            1,
+            "the irqfd was written once"
+        );
         // A 1-byte read is not the register's width: it neither reports nor clears.
         assert_eq!(read8(&mut d, GED_EVENT), 0);
         d.read(GED_EVENT, &mut ev);
