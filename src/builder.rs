@@ -17,7 +17,7 @@ use crate::arch::x86_64::layout::{
 use crate::arch::x86_64::regs::EntryProtocol;
 use crate::arch::x86_64::{acpi, mptable, write_pvh_start_info, write_zero_page, BootError};
 use crate::config::{ConfigError, ConsoleSink, VmConfig};
-use crate::devices::acpi::{AcpiPlatform, PowerButton};
+use crate::devices::acpi::{AcpiPlatform, GedEvents, PowerButton};
 use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::console::ConsoleHandle;
 use crate::devices::legacy::exit_device::ExitDevice;
@@ -32,6 +32,7 @@ use crate::devices::virtio::rng::{Rng, RngError};
 use crate::devices::virtio::vsock::device::Vsock;
 use crate::devices::virtio::vsock::VsockError;
 use crate::devices::virtio::{Interrupt, VirtioDevice};
+use crate::devices::vmgenid::{VmGenId, VmGenIdError};
 use crate::devices::{DeviceError, DeviceManager, MmioSlot};
 use crate::event_loop::{new_event_manager, EventManager, ExitWatcher};
 use crate::exit::VmExit;
@@ -87,6 +88,9 @@ pub enum BuildError {
     /// The rng device could not be created.
     #[error("cannot set up the rng device")]
     Rng(#[from] RngError),
+    /// The VM generation ID could not be set up.
+    #[error("cannot set up the VM generation ID")]
+    VmGenId(#[from] VmGenIdError),
 }
 
 /// Extra pieces a caller can plug into the build (the profiler's kick hook, devices added
@@ -197,10 +201,14 @@ pub fn build_vm(
             Arc::new(Mutex::new(rng)),
         )?;
     }
-    let power_button = if config.acpi {
-        Some(attach_acpi_platform(&vm, &mut devices, &exit)?)
+    // With ACPI: the platform registers, its power button, and the VM generation ID (its
+    // random ID written into guest memory now, its GED event raised after a restore).
+    let (power_button, vmgenid) = if config.acpi {
+        let (button, ged) = attach_acpi_platform(&vm, &mut devices, &exit)?;
+        let vmgenid = VmGenId::new(&mem, ged)?;
+        (Some(button), Some(vmgenid))
     } else {
-        None
+        (None, None)
     };
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
@@ -215,6 +223,7 @@ pub fn build_vm(
         let acpi_devices = acpi::AcpiDevices {
             serial: &serial_ports(config),
             virtio: devices.mmio_slots(),
+            vmgenid: vmgenid.as_ref().map(VmGenId::addr),
         };
         let tables =
             acpi::create_acpi_tables(&mem, config.vcpus, &acpi_devices).map_err(BootError::from)?;
@@ -272,6 +281,9 @@ pub fn build_vm(
     }
     if let Some(button) = power_button {
         vmm.set_shutdown_requester(button.requester(), Some(GED_IRQ));
+    }
+    if let Some(vmgenid) = vmgenid {
+        vmm.set_vm_generation_id(vmgenid);
     }
     Ok(vmm)
 }
@@ -578,20 +590,22 @@ pub fn virtio_mmio_cmdline(slot: &MmioSlot) -> String {
 }
 
 /// The ACPI register window (sleep, reset, GED events) with the GED's interrupt line. The
-/// returned power button asks the guest to shut down.
+/// returned power button asks the guest to shut down; the [`GedEvents`] handle raises the
+/// GED's other events (the VM generation ID's).
 fn attach_acpi_platform(
     vm: &Vm,
     devices: &mut DeviceManager,
     exit: &Arc<VmExit>,
-) -> Result<PowerButton, BuildError> {
+) -> Result<(PowerButton, GedEvents), BuildError> {
     let irq = devices.irqfd(vm.fd(), GED_IRQ)?;
     let (platform, button) = AcpiPlatform::new(exit.clone(), irq);
+    let ged = platform.ged_events();
     devices.add_mmio(
         Arc::new(Mutex::new(platform)),
         ACPI_MMIO_START,
         ACPI_MMIO_SIZE,
     )?;
-    Ok(button)
+    Ok((button, ged))
 }
 
 #[cfg(test)]

@@ -82,7 +82,7 @@ pub struct E820Entry {
 }
 
 /// The memory map the guest is told about: low RAM up to the EBDA, the BIOS area reserved
-/// (it holds the MP and ACPI tables), RAM from 1 MiB to the MMIO gap, and RAM above 4 GiB.
+/// (it holds the MP and ACPI tables and the VM generation ID page), RAM from 1 MiB to the MMIO gap, and RAM above 4 GiB.
 pub fn e820_map(mem_size: u64) -> Vec<E820Entry> {
     let mut map = vec![
         E820Entry {
@@ -152,6 +152,23 @@ mod tests {
         // Entries never overlap and are sorted.
         for w in map.windows(2) {
             assert!(w[0].addr + w[0].size <= w[1].addr);
+        }
+    }
+
+    #[test]
+    fn vm_generation_id_page_is_reserved_not_ram() {
+        use crate::arch::x86_64::layout::{VMGENID_SIZE, VMGENID_START};
+        for mem_size in [16 << 20, 64 << 20, 4 << 30] {
+            let map = e820_map(mem_size);
+            let (start, end) = (VMGENID_START, VMGENID_START + VMGENID_SIZE);
+            let overlaps = |e: &&E820Entry| e.addr < end && start < e.addr + e.size;
+            let hits: Vec<_> = map.iter().filter(overlaps).collect();
+            assert_eq!(hits.len(), 1, "{mem_size:#x}: {hits:?}");
+            assert_eq!(hits[0].kind, E820Kind::Reserved);
+            assert!(hits[0].addr <= start && end <= hits[0].addr + hits[0].size);
+            // ... and it is backed by guest memory, so ember can write the ID there.
+            let mem = create_guest_memory(mem_size.min(64 << 20)).unwrap();
+            assert!(mem.address_in_range(GuestAddress(end - 1)));
         }
     }
 

@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::devices::legacy::console::{ConsoleHandle, FLUSH_STALL};
+use crate::devices::vmgenid::{GenerationId, VmGenId, VmGenIdError};
 use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
@@ -96,6 +97,8 @@ pub struct Vmm {
     mapped_images: Option<crate::image_file::MappedImages>,
     /// Guest console outputs, flushed (and their dropped bytes reported) when the run ends.
     consoles: Vec<ConsoleHandle>,
+    /// The VM generation ID (with ACPI).
+    vmgenid: Option<VmGenId>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -129,6 +132,7 @@ impl Vmm {
             shutdown_irq: None,
             mapped_images: None,
             consoles: Vec::new(),
+            vmgenid: None,
             vm,
             mem,
         }
@@ -148,6 +152,31 @@ impl Vmm {
     /// handler, so that it lasts as long as the memory and is reported on at the end.
     pub fn set_mapped_images(&mut self, images: crate::image_file::MappedImages) {
         self.mapped_images = Some(images);
+    }
+
+    /// Sets the VM generation ID device (the builder does, with ACPI).
+    pub fn set_vm_generation_id(&mut self, vmgenid: VmGenId) {
+        self.vmgenid = Some(vmgenid);
+    }
+
+    /// The VM generation ID device, if the VM has one (with ACPI).
+    pub fn vm_generation_id(&self) -> Option<&VmGenId> {
+        self.vmgenid.as_ref()
+    }
+
+    /// Gives the VM a new generation: writes a fresh VM generation ID into guest memory and
+    /// notifies the guest (GED event, then ACPI Notify 0x80 on `\_SB.VGEN`; Linux reseeds
+    /// its RNG). **A snapshot restore must call this** after guest RAM, the irqchip and the
+    /// ACPI platform registers are restored and before any vCPU runs, so that two VMs
+    /// restored from one snapshot never share random streams (see
+    /// [`devices::vmgenid`](crate::devices::vmgenid)). Returns the new ID, or `None` when
+    /// the VM has no generation ID (`--no-acpi`): the guest cannot be told, and the caller
+    /// should say so.
+    pub fn new_vm_generation(&mut self) -> Result<Option<GenerationId>, VmGenIdError> {
+        match &mut self.vmgenid {
+            Some(g) => g.regenerate(&self.mem).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// Adds a console output to flush when the run ends (its writer thread may still hold

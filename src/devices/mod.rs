@@ -7,6 +7,7 @@ pub mod acpi;
 pub mod bus;
 pub mod legacy;
 pub mod virtio;
+pub mod vmgenid;
 
 use std::sync::{Arc, Mutex};
 

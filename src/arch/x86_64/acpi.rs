@@ -6,8 +6,10 @@
 //!
 //! ```text
 //!   RSDP ─► XSDT ─┬─► FADT  hardware-reduced; sleep control/status and reset registers
-//!                 │     └─► DSDT  \_SB.GED  (ACPI0013, GED_IRQ, _EVT: power button)
+//!                 │     └─► DSDT  \_SB.GED  (ACPI0013, GED_IRQ, _EVT: power button,
+//!                 │                             VM generation ID)
 //!                 │               \_SB.PWRB (PNP0C0C, the power button)
+//!                 │               \_SB.VGEN (VMGENCTR, the VM generation ID's address)
 //!                 │               \_SB.COMn (PNP0501, each serial port: I/O ports + IRQ)
 //!                 │               \_SB.VRnn (LNRO0005, each virtio-mmio window + IRQ)
 //!                 │               \_S5_     (the one sleep state: soft off)
@@ -43,7 +45,7 @@ use super::layout::{
     ACPI_GED_EVENT, ACPI_GED_EVENT_SIZE, ACPI_RESET_REGISTER, ACPI_SIZE, ACPI_SLEEP_CONTROL,
     ACPI_SLEEP_STATUS, ACPI_START, APIC_START, GED_IRQ, IOAPIC_START,
 };
-use crate::devices::acpi::{GED_EVENT_POWER_BUTTON, RESET_VALUE, S5_SLEEP_TYPE};
+use crate::devices::acpi::{GED_EVENT_POWER_BUTTON, GED_EVENT_VMGENID, RESET_VALUE, S5_SLEEP_TYPE};
 use crate::devices::MmioSlot;
 use crate::memory::GuestMemory;
 
@@ -96,6 +98,8 @@ const DSDT_REVISION: u8 = 6;
 
 /// ACPI notification "device-specific event 0x80": for a power button, "pressed".
 const NOTIFY_POWER_BUTTON_PRESSED: u8 = 0x80;
+/// The same notification value on the VM generation ID device: "the ID changed".
+const NOTIFY_VMGENID_CHANGED: u8 = 0x80;
 
 /// A 16550 UART on the port-I/O bus, as the DSDT describes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +117,9 @@ pub struct AcpiDevices<'a> {
     pub serial: &'a [SerialPort],
     /// virtio-mmio windows.
     pub virtio: &'a [MmioSlot],
+    /// Guest-physical address of the VM generation ID, when the VM has one
+    /// ([`devices::vmgenid`](crate::devices::vmgenid)).
+    pub vmgenid: Option<u64>,
 }
 
 /// Number of I/O ports of a 16550.
@@ -295,9 +302,14 @@ fn madt(vcpus: u32) -> Result<Vec<u8>, AcpiError> {
 ///         Method (_EVT, 1, Serialized) {
 ///             Local0 = GDAT                     // reading clears the events
 ///             If (And (Local0, 1, Local1)) { Notify (\_SB.PWRB, 0x80) }
+///             If (And (Local0, 2, Local1)) { Notify (\_SB.VGEN, 0x80) }   // with VGEN
 ///         }
 ///     }
 ///     Device (PWRB) { Name (_HID, EisaId ("PNP0C0C"))  Name (_UID, 0) }
+///     Device (VGEN) {                           // with a VM generation ID
+///         Name (_HID, "VMGENCTR")  Name (_CID, "VM_Gen_Counter")  Name (_DDN, "VM_Gen_Counter")
+///         Name (ADDR, Package () { addr & 0xffffffff, addr >> 32 })
+///     }
 ///     Device (COM1) {                           // one per serial port
 ///         Name (_HID, EisaId ("PNP0501"))  Name (_UID, 1)
 ///         Name (_CRS, ResourceTemplate () {
@@ -341,7 +353,15 @@ fn dsdt_aml(devices: &AcpiDevices<'_>) -> Result<Vec<u8>, AcpiError> {
     let pwrb = Path::new("\\_SB_.PWRB");
     let notify = Notify::new(&pwrb, &NOTIFY_POWER_BUTTON_PRESSED);
     let on_press = If::new(&pressed, vec![&notify]);
-    let evt = Method::new("_EVT".into(), 1, true, vec![&read_events, &on_press]);
+    let new_generation = And::new(&Local(1), &Local(0), &GED_EVENT_VMGENID);
+    let vgen = Path::new("\\_SB_.VGEN");
+    let notify_vgen = Notify::new(&vgen, &NOTIFY_VMGENID_CHANGED);
+    let on_new_generation = If::new(&new_generation, vec![&notify_vgen]);
+    let mut evt_body: Vec<&dyn Aml> = vec![&read_events, &on_press];
+    if devices.vmgenid.is_some() {
+        evt_body.push(&on_new_generation);
+    }
+    let evt = Method::new("_EVT".into(), 1, true, evt_body);
     Device::new(
         "GED_".into(),
         vec![&ged_hid, &uid0, &ged_crs, &region, &field, &evt],
@@ -351,6 +371,19 @@ fn dsdt_aml(devices: &AcpiDevices<'_>) -> Result<Vec<u8>, AcpiError> {
     // The power button it notifies.
     let pwrb_hid = Name::new("_HID".into(), &EISAName::new("PNP0C0C"));
     Device::new("PWRB".into(), vec![&pwrb_hid, &uid0]).to_aml_bytes(&mut sb);
+
+    // The VM generation ID. Linux's driver matches _HID "VMGENCTR" (or the _CID, which ACPICA
+    // upper-cases to "VM_GEN_COUNTER"); Windows looks for the _CID "VM_Gen_Counter". ADDR
+    // is the ID's 64-bit address split in two 32-bit integers, low first.
+    if let Some(addr) = devices.vmgenid {
+        let hid = Name::new("_HID".into(), &"VMGENCTR");
+        let cid = Name::new("_CID".into(), &"VM_Gen_Counter");
+        let ddn = Name::new("_DDN".into(), &"VM_Gen_Counter");
+        let (low, high) = (addr & 0xffff_ffff, addr >> 32);
+        let addr_pkg = Package::new(vec![&low, &high]);
+        let addr_name = Name::new("ADDR".into(), &addr_pkg);
+        Device::new("VGEN".into(), vec![&hid, &cid, &ddn, &addr_name]).to_aml_bytes(&mut sb);
+    }
 
     // Serial ports.
     if devices.serial.len() > 9 {
@@ -441,7 +474,11 @@ mod tests {
     };
 
     fn devices<'a>(serial: &'a [SerialPort], virtio: &'a [MmioSlot]) -> AcpiDevices<'a> {
-        AcpiDevices { serial, virtio }
+        AcpiDevices {
+            serial,
+            virtio,
+            vmgenid: None,
+        }
     }
 
     /// Reads every table back from guest memory the way the kernel finds them.
@@ -674,10 +711,93 @@ mod tests {
         assert_eq!(err, Err(AcpiError::TooManySerialPorts(10)));
     }
 
+    /// Decodes the AML PkgLength at `b[o..]`: (value, bytes it takes).
+    fn pkg_length(b: &[u8], o: usize) -> (usize, usize) {
+        let lead = b[o];
+        let follow = usize::from(lead >> 6);
+        if follow == 0 {
+            return (usize::from(lead & 0x3f), 1);
+        }
+        let mut v = usize::from(lead & 0x0f);
+        for i in 0..follow {
+            v |= usize::from(b[o + 1 + i]) << (4 + 8 * i);
+        }
+        (v, follow + 1)
+    }
+
+    /// The bytes of the method `name` (MethodOp, PkgLength, name, flags, body).
+    fn method<'a>(b: &'a [u8], name: &[u8; 4]) -> &'a [u8] {
+        for o in 0..b.len() - 6 {
+            if b[o] != 0x14 {
+                continue;
+            }
+            let (len, n) = pkg_length(b, o + 1);
+            if &b[o + 1 + n..o + 5 + n] == name {
+                return &b[o..o + 1 + len];
+            }
+        }
+        panic!("no method {}", String::from_utf8_lossy(name));
+    }
+
+    fn position(hay: &[u8], needle: &[u8]) -> Option<usize> {
+        hay.windows(needle.len()).position(|w| w == needle)
+    }
+
+    #[test]
+    fn dsdt_has_the_vm_generation_id_device_and_the_ged_notifies_it() {
+        use crate::arch::x86_64::layout::VMGENID_START;
+        let with = AcpiDevices {
+            vmgenid: Some(VMGENID_START),
+            ..devices(&[COM1], &[])
+        };
+        let b = dsdt(&with).unwrap();
+        assert_eq!(sum(&b), 0);
+        // Device (VGEN) with _HID "VMGENCTR" (what Linux's vmgenid driver matches), the
+        // _CID and _DDN of the specification.
+        assert!(contains(&b, b"VGEN"));
+        assert!(contains(&b, b"_HID\x0dVMGENCTR\x00"));
+        assert!(contains(&b, b"_CID\x0dVM_Gen_Counter\x00"));
+        assert!(contains(&b, b"_DDN\x0dVM_Gen_Counter\x00"));
+        // ADDR = Package (2) { DWord VMGENID_START, Zero }: the reserved page.
+        let mut addr = b"ADDR\x12\x08\x02\x0c".to_vec();
+        addr.extend_from_slice(&u32::try_from(VMGENID_START).unwrap().to_le_bytes());
+        addr.push(0x00);
+        assert!(contains(&b, &addr), "ADDR points at VMGENID_START");
+        // _EVT: If (And (Local0, 2, Local1)) { Notify (\_SB.VGEN, 0x80) }, inside the method,
+        // after the power button's bit.
+        let evt = method(&b, b"_EVT");
+        let notify_vgen = b"\xa0\x13\x7b\x60\x0a\x02\x61\x86\\\x2e_SB_VGEN\x0a\x80";
+        assert_eq!(GED_EVENT_VMGENID, 2);
+        assert!(contains(evt, notify_vgen), "{evt:x?}");
+        let button = position(evt, b"\x86\\\x2e_SB_PWRB\x0a\x80").unwrap();
+        assert!(button < position(evt, notify_vgen).unwrap());
+        // The device sits in \_SB (the Notify's path names it there).
+        let sb = position(&b, b"_SB_").unwrap();
+        assert!(sb < position(&b, b"VMGENCTR").unwrap());
+
+        // A 64-bit address is split low, high.
+        let high = AcpiDevices {
+            vmgenid: Some(0x1_2345_6000),
+            ..devices(&[], &[])
+        };
+        let b = dsdt(&high).unwrap();
+        assert!(contains(&b, b"ADDR\x12\x08\x02\x0c\x00\x60\x45\x23\x01"));
+
+        // Without it: no device, and _EVT does not name it.
+        let b = dsdt(&devices(&[COM1], &[])).unwrap();
+        assert!(!contains(&b, b"VGEN") && !contains(&b, b"VMGENCTR"));
+        assert!(contains(method(&b, b"_EVT"), b"_SB_PWRB"));
+    }
+
     #[test]
     fn tables_fit_with_many_vcpus_and_devices() {
         let serial = [COM1, COM2];
-        let (_, blobs) = build(254, &devices(&serial, &slots(18))).unwrap();
+        let virtio = slots(18);
+        let many = AcpiDevices {
+            vmgenid: Some(crate::arch::x86_64::layout::VMGENID_START),
+            ..devices(&serial, &virtio)
+        };
+        let (_, blobs) = build(254, &many).unwrap();
         let end = blobs.iter().map(|(a, b)| a + b.len() as u64).max().unwrap();
         assert!(end <= ACPI_START + ACPI_SIZE);
     }

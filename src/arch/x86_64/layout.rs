@@ -10,6 +10,7 @@
 //!  0x0000_9000  PML4 / PDPT / 4 page directories (identity map of the first 4 GiB)
 //!  0x0002_0000  kernel command line
 //!  0x0009_fc00  start of the reserved EBDA/BIOS area (not RAM)
+//!  0x000d_f000  VM generation ID (16 bytes; the page is reserved, see devices::vmgenid)
 //!  0x000e_0000  ACPI tables (RSDP is searched for in 0xe0000..0xfffff)
 //!  0x000f_0000  MP table (floating pointer + configuration table)
 //!  0x0010_0000  kernel (high memory starts here)
@@ -48,6 +49,12 @@ pub const CMDLINE_START: u64 = 0x20000;
 pub const CMDLINE_MAX_SIZE: usize = 0x10000;
 /// Start of the EBDA/BIOS hole: RAM below this address is usable, above it reserved.
 pub const EBDA_START: u64 = 0x9fc00;
+/// The VM generation ID: a page in the reserved BIOS area (e820 "reserved", so the guest never
+/// uses it as RAM) whose first 16 bytes hold the ID the DSDT's `\_SB.VGEN.ADDR` points at
+/// (see [`devices::vmgenid`](crate::devices::vmgenid)). Just below the ACPI tables.
+pub const VMGENID_START: u64 = ACPI_START - VMGENID_SIZE;
+/// Size of the page reserved for the VM generation ID.
+pub const VMGENID_SIZE: u64 = 0x1000;
 /// ACPI tables live here (within the BIOS area the kernel scans for the RSDP).
 pub const ACPI_START: u64 = 0xe0000;
 /// Size reserved for ACPI tables.
@@ -58,6 +65,14 @@ pub const MPTABLE_START: u64 = 0xf0000;
 pub const MPTABLE_SIZE: u64 = 0x10000;
 /// Where the kernel is loaded and where high memory starts.
 pub const HIMEM_START: u64 = 0x10_0000;
+
+// The generation ID page lies in the reserved EBDA..HIMEM hole, page-aligned, before the
+// ACPI tables.
+const _: () = assert!(
+    VMGENID_START >= EBDA_START
+        && VMGENID_START % 0x1000 == 0
+        && VMGENID_START + VMGENID_SIZE <= ACPI_START
+);
 
 /// Start of the 32-bit MMIO gap (no RAM between this and 4 GiB).
 pub const MMIO_GAP_START: u64 = 0xc000_0000;
