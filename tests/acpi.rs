@@ -2,7 +2,8 @@
 //! The ACPI platform end to end with tiny guests (milliseconds each): the tables are where the
 //! guest looks for them, S5 and the reset register end the VM, and a stop signal presses the
 //! power button — a guest that answers shuts down cleanly (exit 6), one that does not is
-//! stopped hard after --shutdown-timeout or at a second signal (exit 7).
+//! stopped hard after --shutdown-timeout or at a second signal (exit 7). The VM generation
+//! ID is in guest memory where the DSDT says, fresh for every VM.
 
 mod common;
 mod common_acpi;
@@ -13,10 +14,12 @@ use common::*;
 use common_acpi::Running;
 use ember::arch::x86_64::layout::{
     ACPI_GED_EVENT, ACPI_RESET_REGISTER, ACPI_SLEEP_CONTROL, ACPI_START, GED_IRQ, IOAPIC_START,
+    VMGENID_START,
 };
 use ember::devices::acpi::{
     GED_EVENT_POWER_BUTTON, RESET_VALUE, S5_SLEEP_TYPE, SLP_EN, SLP_TYP_SHIFT,
 };
+use ember::devices::vmgenid::VMGENID_LEN;
 
 const T: Duration = Duration::from_secs(30);
 
@@ -100,6 +103,57 @@ fn guest_finds_the_rsdp_in_the_bios_area() {
     let off = g.run(&["--no-acpi"]);
     off.expect_code(0);
     assert_eq!(off.stdout.as_bytes(), &[0u8; 8], "{off:?}");
+}
+
+/// A guest that prints the VM generation ID (the 16 bytes at VMGENID_START) on COM1, two
+/// letters per byte ('a' + high nibble, 'a' + low nibble), then resets.
+fn vmgenid_printing_guest() -> Asm {
+    let mut a = Asm::new();
+    for i in 0..VMGENID_LEN as u64 {
+        mmio_read8(&mut a, VMGENID_START + i);
+        a.bytes(&[0xc0, 0xe8, 0x04, 0x04, b'a']); // shr al, 4; add al, 'a'
+        print_al(&mut a);
+        a.bytes(&[0x8a, 0x07]); // mov al, [rdi]
+        a.bytes(&[0x24, 0x0f, 0x04, b'a']); // and al, 0xf; add al, 'a'
+        print_al(&mut a);
+    }
+    a.reset();
+    a
+}
+
+/// The ID a [`vmgenid_printing_guest`] printed.
+fn printed_id(out: &Finished) -> Vec<u8> {
+    let s = out.stdout.as_bytes();
+    assert_eq!(s.len(), 2 * VMGENID_LEN, "{out:?}");
+    s.chunks(2)
+        .map(|p| {
+            assert!(p.iter().all(|c| (b'a'..=b'p').contains(c)), "{out:?}");
+            ((p[0] - b'a') << 4) | (p[1] - b'a')
+        })
+        .collect()
+}
+
+#[test]
+fn guest_reads_a_fresh_nonzero_vm_generation_id_every_run() {
+    let Some(g) = Tiny::new("acpi-vmgenid", &vmgenid_printing_guest()) else {
+        return;
+    };
+    let first = g.run(&[]);
+    first.expect_code(0);
+    let second = g.run(&[]);
+    second.expect_code(0);
+    let (a, b) = (printed_id(&first), printed_id(&second));
+    assert_ne!(
+        a,
+        vec![0; VMGENID_LEN],
+        "the ID is written before the guest runs"
+    );
+    assert_ne!(b, vec![0; VMGENID_LEN]);
+    assert_ne!(a, b, "two VMs never share a generation ID");
+    // Without ACPI there is no generation ID: the page stays zero.
+    let off = g.run(&["--no-acpi"]);
+    off.expect_code(0);
+    assert_eq!(printed_id(&off), vec![0; VMGENID_LEN]);
 }
 
 #[test]
