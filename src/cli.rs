@@ -286,8 +286,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub no_rng: bool,
     /// Give the guest no ACPI tables (and `acpi=off` on its command line): it then finds its
-    /// CPUs through the MP table, cannot power off (only reboot), and has no power button for
-    /// a graceful stop.
+    /// CPUs through the MP table, cannot power off (only reboot), has no power button for
+    /// a graceful stop, and no VM generation ID.
     #[arg(long)]
     pub no_acpi: bool,
     /// After SIGTERM (or SIGINT), how long the guest gets to shut down after ember pressed
