@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: Apache-2.0
 //! The ACPI platform with the real default guest (two Linux boots, run in parallel; tens of
-//! seconds each on a PVM host): `poweroff -f` ends ember with status 0 through S5 and the
-//! kernel reports no ACPI table or AML problem; SIGTERM to ember presses the power button and
+//! seconds each on a PVM host): `poweroff -f` ends ember with status 0 through S5, the
+//! kernel reports no ACPI table or AML problem and its vmgenid driver bound to ember's VM
+//! generation ID device; SIGTERM to ember presses the power button and
 //! the guest's init shuts it down cleanly (status 6). The hard-stop paths (timeout, second
 //! signal, no ACPI) are covered by tiny guests in tests/acpi.rs.
 
@@ -71,7 +72,7 @@ fn poweroff_in_the_guest_ends_ember_with_status_0() {
     let args = guest_args(
         kernel.to_str().unwrap(),
         initrd.to_str().unwrap(),
-        "ls /sys/firmware/acpi/tables; poweroff -f",
+        "ls /sys/firmware/acpi/tables; ls /sys/bus/acpi/drivers/vmgenid; poweroff -f",
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_ember(&args, None, BOOT_TIMEOUT);
@@ -83,6 +84,12 @@ fn poweroff_in_the_guest_ends_ember_with_status_0() {
         assert!(out.stdout.contains(table), "no {table} in sysfs: {out:?}");
     }
     assert_eq!(acpi_complaints(&out.stdout), Vec::<&str>::new(), "{out:?}");
+    // Linux's vmgenid driver (CONFIG_VMGENID) bound to \_SB.VGEN: its probe evaluated ADDR
+    // and mapped the ID (a failed probe leaves no link in the driver's directory).
+    assert!(
+        out.stdout.contains("VMGENCTR:00"),
+        "vmgenid not bound: {out:?}"
+    );
     // The command itself powered the guest off: init never reported its status.
     assert!(!out.stdout.contains("ember-init: exit status"), "{out:?}");
 }
