@@ -7,7 +7,8 @@
 //! 2. [`config::VmConfig`], validated before anything is created;
 //! 3. [`builder::build_vm`] — the boot recipe, one step per line:
 //!    [`vm`] (KVM, irqchip, PIT) → [`memory`] (guest RAM around the MMIO gap) →
-//!    [`devices`] (serial, i8042, boot timer, exit device; virtio-mmio) →
+//!    [`devices`] (serial, i8042, boot timer, exit device; virtio-mmio; ACPI platform and VM
+//!    generation ID) →
 //!    [`kernel`] (ELF/bzImage, initrd, command line; [`image_file`] maps them into guest
 //!    memory from ember's image cache) → [`arch::x86_64`] (zero page or PVH start info, e820,
 //!    MP table, registers, CPUID) → [`vcpu`] (one thread each);
@@ -16,7 +17,8 @@
 //!
 //! [`snapshot`] saves a stopped VM (its [`config::VmConfig`], every device's state and the
 //! KVM state, in one versioned, checksummed file, with guest RAM beside it) and checks a
-//! snapshot against the VM it is restored into.
+//! snapshot against the VM it is restored into. A restored VM must get a new VM generation
+//! ID ([`vmm::Vmm::new_vm_generation`]) before its vCPUs run, so that its guest reseeds its RNG.
 //!
 //! [`host`] knows what a PVM host (KVM without hardware virtualization) needs. [`exec`] (with
 //! [`cpio`]) runs one command in a throwaway VM (`ember exec`).
