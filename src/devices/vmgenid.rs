@@ -18,12 +18,12 @@
 //! and on notification 0x80 compares them with the copy it holds: when they differ it
 //! reseeds. The ID is written at build time; [`VmGenId::regenerate`] is for a restore.
 //!
-//! **Restore:** a snapshot holds guest RAM, and so the old ID. After guest RAM, the irqchip
-//! and the ACPI platform's registers are restored (in that order or any, but all of them:
-//! restoring the ACPI registers or the irqchip afterwards would drop the event), and before
-//! any vCPU runs, call [`VmGenId::regenerate`] (through
-//! [`Vmm::new_vm_generation`](crate::vmm::Vmm::new_vm_generation)). Without ACPI
-//! (`--no-acpi`) there is no such device.
+//! **Restore:** a snapshot holds guest RAM, and so the old ID. Call [`VmGenId::regenerate`]
+//! (through [`Vmm::new_vm_generation`](crate::vmm::Vmm::new_vm_generation)) after guest
+//! RAM, the irqchip and the ACPI platform's registers are all restored, and before any vCPU
+//! runs: restoring RAM afterwards would bring the old ID back, and restoring the irqchip or
+//! the ACPI registers afterwards would drop the event. Without ACPI (`--no-acpi`) there is
+//! no such device.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -188,7 +188,7 @@ mod tests {
     }
 
     #[test]
-    fn a_regenerated_id_survives_a_restore_of_the_acpi_registers_only_if_it_comes_after() {
+    fn regenerate_must_come_after_the_acpi_registers_are_restored() {
         // The order a restore must follow: restore_state overwrites pending events.
         let mem = create_guest_memory(16 << 20).unwrap();
         let exit = Arc::new(VmExit::new().unwrap());
