@@ -115,8 +115,9 @@ pub struct ExecArgs {
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<f64>,
     /// Copy a host file or directory into the guest (repeatable). GUEST_PATH default:
-    /// /root/<name>; a relative GUEST_PATH is under /root; one ending in / gets <name>
-    /// appended. Not under /tmp, /proc, /sys, /dev (mounted over) or /ember (ember's).
+    /// /root/NAME (NAME: the host file's name); a relative GUEST_PATH is under /root; one
+    /// ending in / gets NAME appended. Not under /tmp, /proc, /sys, /dev (mounted over) or
+    /// /ember (ember's).
     #[arg(long, value_name = FileSpec::SYNTAX, value_parser = parse_file)]
     pub file: Vec<FileSpec>,
     /// Set an environment variable for the command (repeatable); NAME alone passes ember's

@@ -24,7 +24,7 @@
 //! [`cpio`]) runs one command in a throwaway VM (`ember exec`).
 //!
 //!
-//! Measuring: [`timeline`] records boot phases; [`bench`] (`ember bench`) boots a guest
+//! Measuring: [`timeline`] records boot phases; [`bench`](mod@bench) (`ember bench`) boots a guest
 //! many times and compares with peer VMMs; [`profiler`] samples guest stacks.
 
 pub mod arch;

@@ -86,7 +86,7 @@ pub fn init(level: LevelFilter) {
 /// How often one kind of guest-triggered message may be logged.
 pub const GUEST_LOG_INTERVAL: Duration = Duration::from_secs(5);
 
-/// A rate limit for one kind of log line (one call site of [`guest_log!`]): the first line
+/// A rate limit for one kind of log line (one call site of [`guest_log!`](crate::guest_log!)): the first line
 /// is logged, then at most one per [`GUEST_LOG_INTERVAL`]; the lines dropped in between are
 /// counted and the count is printed with the next line that gets through. Lock-free, so a
 /// vCPU thread and the event loop can share it.
@@ -174,13 +174,13 @@ macro_rules! guest_log {
     }};
 }
 
-/// [`guest_log!`] at warning level.
+/// [`guest_log!`](crate::guest_log!) at warning level.
 #[macro_export]
 macro_rules! guest_warn {
     ($($arg:tt)+) => { $crate::guest_log!(::log::Level::Warn, $($arg)+) };
 }
 
-/// [`guest_log!`] at error level.
+/// [`guest_log!`](crate::guest_log!) at error level.
 #[macro_export]
 macro_rules! guest_error {
     ($($arg:tt)+) => { $crate::guest_log!(::log::Level::Error, $($arg)+) };
