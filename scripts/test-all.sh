@@ -38,6 +38,8 @@ log "cargo fmt --check"
 cargo fmt --check
 log "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets -- -D warnings
+log "cargo doc (intra-doc links and HTML checked)"
+RUSTDOCFLAGS="-D warnings" cargo doc --no-deps --lib --quiet
 log "building tests"
 cargo test --no-run --all-targets
 
