@@ -260,6 +260,11 @@ pub fn build_vm(
     let vcpus = (0..config.vcpus)
         .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
         .collect::<Result<Vec<_>, _>>()?;
+    let restore_parts = crate::snapshot::RestoreParts {
+        shared: shared.clone(),
+        irqfds: devices.take_irqfds(),
+        virtio_devices: devices.mmio_slots().len(),
+    };
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)
@@ -267,6 +272,7 @@ pub fn build_vm(
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
     vmm.set_mapped_images(mapped_images);
+    vmm.set_restore_parts(restore_parts);
     for console in consoles {
         vmm.add_console(console);
     }

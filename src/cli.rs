@@ -316,6 +316,37 @@ pub struct RunArgs {
     /// `ember bench --setup-only`).
     #[arg(long, value_name = "MS", hide = true, value_parser = parse_millis)]
     pub stop_after_ms: Option<u64>,
+    /// Experimental (issue 13, docs/snapshot-pvm.md): this many seconds (decimals allowed)
+    /// after the guest's init started (its boot-timer write), pause the guest, save its KVM
+    /// state, copy its memory and move it into a new KVM VM in this process. Needs --no-rng
+    /// and no other virtio device.
+    #[arg(long, value_name = "SECS", hide = true, value_parser = parse_timeout)]
+    pub snapshot_restore_after: Option<f64>,
+    /// Experimental switches of that restore, comma-separated: no-clock (no KVM_SET_CLOCK),
+    /// keep-clock-flags, tsc-khz (KVM_SET_TSC_KHZ), skip-msr=0xN (repeatable).
+    #[arg(long, value_name = "LIST", hide = true, value_parser = parse_restore_opts)]
+    pub snapshot_restore_opts: Option<crate::snapshot::kvm_state::RestoreOptions>,
+}
+
+/// `--snapshot-restore-opts`: see [`RunArgs::snapshot_restore_opts`].
+fn parse_restore_opts(s: &str) -> Result<crate::snapshot::kvm_state::RestoreOptions, String> {
+    let mut o = crate::snapshot::kvm_state::RestoreOptions::standard();
+    for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        match word {
+            "no-clock" => o.set_clock = false,
+            "keep-clock-flags" => o.keep_clock_flags = true,
+            "tsc-khz" => o.set_tsc_khz = true,
+            w => {
+                let msr = w
+                    .strip_prefix("skip-msr=")
+                    .map(|v| v.trim_start_matches("0x"))
+                    .and_then(|v| u32::from_str_radix(v, 16).ok())
+                    .ok_or_else(|| format!("unknown restore switch {w:?}"))?;
+                o.skip_msrs.push(msr);
+            }
+        }
+    }
+    Ok(o)
 }
 
 /// `ember bench` flags.

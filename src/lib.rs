@@ -37,6 +37,7 @@ pub mod kernel;
 pub mod logger;
 pub mod memory;
 pub mod profiler;
+pub mod snapshot;
 pub mod symbols;
 pub mod terminal;
 pub mod timeline;

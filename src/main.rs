@@ -185,9 +185,19 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
     .into_iter()
     .flatten()
     .min();
+    let snapshot_restore =
+        args.snapshot_restore_after
+            .map(|after| ember::snapshot::SnapshotTrigger {
+                after: Duration::from_secs_f64(after),
+                opts: args
+                    .snapshot_restore_opts
+                    .clone()
+                    .unwrap_or_else(ember::snapshot::kvm_state::RestoreOptions::standard),
+            });
     let opts = RunOptions {
         shutdown_timeout,
         deadline,
+        snapshot_restore,
         ..Default::default()
     };
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {

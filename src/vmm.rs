@@ -9,9 +9,11 @@ use crate::devices::legacy::console::{ConsoleHandle, FLUSH_STALL};
 use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
+use crate::snapshot::kvm_state::{KvmCaps, RestoreOptions, VmState};
+use crate::snapshot::{copy_memory, RestoreParts, SnapshotError, SnapshotReport};
 use crate::timeline::{Phase, Timeline};
-use crate::vcpu::VcpuHandle;
-use crate::vm::Vm;
+use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
+use crate::vm::{open_kvm, Vm};
 use crate::watchdog::{LoopWatch, Watchdog, WatchdogConfig};
 use event_manager::SubscriberOps;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -66,6 +68,9 @@ pub struct RunOptions {
     /// [`block_signals_to_fd`](crate::event_loop::block_signals_to_fd) called before the VM
     /// was built (so no vCPU thread takes those signals).
     pub signal_fd: Option<std::os::fd::OwnedFd>,
+    /// Move the running guest into a new KVM VM once, this long after its init started
+    /// (the snapshot/restore experiment of issue 13, docs/snapshot-pvm.md).
+    pub snapshot_restore: Option<crate::snapshot::SnapshotTrigger>,
     /// The process exit status for an outcome, for the [`watchdog`](crate::watchdog) that
     /// ends the process itself when the event loop is stuck. Default: `ember run`'s
     /// ([`ExitReason::exit_code`]).
@@ -96,6 +101,8 @@ pub struct Vmm {
     mapped_images: Option<crate::image_file::MappedImages>,
     /// Guest console outputs, flushed (and their dropped bytes reported) when the run ends.
     consoles: Vec<ConsoleHandle>,
+    /// What moving the guest into a new KVM VM needs (see [`Self::snapshot_restore`]).
+    restore_parts: Option<RestoreParts>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -129,9 +136,129 @@ impl Vmm {
             shutdown_irq: None,
             mapped_images: None,
             consoles: Vec::new(),
+            restore_parts: None,
             vm,
             mem,
         }
+    }
+
+    /// Keeps what [`snapshot_restore`](Self::snapshot_restore) needs.
+    pub fn set_restore_parts(&mut self, parts: RestoreParts) {
+        self.restore_parts = Some(parts);
+    }
+
+    /// Moves the running guest into a new KVM VM in this process: pauses every vCPU and
+    /// saves its KVM state on its own thread, saves the VM's KVM state, copies guest memory
+    /// into a fresh mapping, ends the old vCPU threads, creates a new VM (irqchip, PIT) on the
+    /// new memory, registers the device irqfds with it, restores the VM state and then every
+    /// vCPU into new vCPU fds, and starts them. Devices are the same objects. On an error
+    /// before the old vCPUs are stopped the guest runs on in the old VM.
+    pub fn snapshot_restore(
+        &mut self,
+        opts: &RestoreOptions,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let Some(parts) = &self.restore_parts else {
+            return Err(SnapshotError::NotRestorable(
+                "it was not built with its restore parts",
+            ));
+        };
+        if parts.virtio_devices > 0 {
+            return Err(SnapshotError::NotRestorable(
+                "it has virtio devices (they would keep the old memory); use --no-rng and no \
+                 --disk/--net/--vsock",
+            ));
+        }
+        let kvm = open_kvm()?;
+        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let t0 = Instant::now();
+        let resume_all = |vcpus: &[VcpuHandle]| vcpus.iter().for_each(VcpuHandle::resume);
+        let mut states = Vec::new();
+        let mut kvmclock_ctrl = Vec::new();
+        for v in &self.vcpus {
+            let paused = match v.pause(caps.clone(), Duration::from_secs(5)) {
+                Ok(p) => p,
+                Err(e) => {
+                    resume_all(&self.vcpus);
+                    return Err(e.into());
+                }
+            };
+            match paused.state {
+                Ok(s) => states.push(s),
+                Err(e) => {
+                    resume_all(&self.vcpus);
+                    return Err(VcpuError::Save(v.index(), e).into());
+                }
+            }
+            kvmclock_ctrl.push(paused.kvmclock_ctrl);
+        }
+        let vm_state = match VmState::save(self.vm.fd()) {
+            Ok(s) => s,
+            Err(e) => {
+                resume_all(&self.vcpus);
+                return Err(SnapshotError::SaveVm(e));
+            }
+        };
+        let pause_save = t0.elapsed();
+        let t1 = Instant::now();
+        let mem = match copy_memory(&self.mem) {
+            Ok(m) => m,
+            Err(e) => {
+                resume_all(&self.vcpus);
+                return Err(e);
+            }
+        };
+        let copy = t1.elapsed();
+
+        // From here on there is no way back: the old vCPU threads end (closing their fds).
+        let t2 = Instant::now();
+        for v in &mut self.vcpus {
+            v.stop_and_join(Duration::from_secs(5));
+        }
+        // An eventfd is the irqfd of one VM at a time (EBUSY otherwise, on this project's
+        // 6.18 hosts): unbind it from the old VM first.
+        for (fd, irq) in &parts.irqfds {
+            self.vm
+                .fd()
+                .unregister_irqfd(fd, *irq)
+                .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
+        }
+        let vm = Vm::new(&kvm, &mem, &self.timeline)?;
+        for (fd, irq) in &parts.irqfds {
+            vm.fd()
+                .register_irqfd(fd, *irq)
+                .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
+        }
+        vm_state
+            .restore(vm.fd(), opts)
+            .map_err(SnapshotError::RestoreVm)?;
+        let new_clock = vm.fd().get_clock().ok();
+        let shared = crate::vcpu::VcpuShared {
+            mem: mem.clone(),
+            ..parts.shared.clone()
+        };
+        let vcpus = states
+            .iter()
+            .zip(0u32..)
+            .map(|(s, i)| Vcpu::restored(vm.fd(), i, s, opts, &shared))
+            .collect::<Result<Vec<_>, _>>()?;
+        let handles = vcpus
+            .into_iter()
+            .map(Vcpu::start)
+            .collect::<Result<Vec<_>, _>>()?;
+        // The old vCPUs are joined: the old VM and then its memory can go.
+        self.vcpus = handles;
+        self.vm = vm;
+        self.mem = mem;
+        Ok(SnapshotReport {
+            caps: (*caps).clone(),
+            vcpus: states,
+            kvmclock_ctrl,
+            vm: vm_state,
+            new_clock,
+            pause_save,
+            copy,
+            restore: t2.elapsed(),
+        })
     }
 
     /// Sets how this VM's guest is asked to shut down (the ACPI power button), used by
@@ -219,13 +346,25 @@ impl Vmm {
         }
         let mut stop_asked_at: Option<Instant> = None;
         let mut stop_signal = None;
+        let mut snapshot = opts.snapshot_restore.take();
         loop {
             watch.leave_turn();
             if self.exit.is_set() {
                 break;
             }
-            let now = Instant::now();
             let mut wait = Duration::from_millis(500);
+            if let Some(trigger) = &snapshot {
+                match self.snapshot_due(trigger) {
+                    Some(left) if left.is_zero() => {
+                        self.snapshot_now(&trigger.opts);
+                        snapshot = None;
+                        continue;
+                    }
+                    Some(left) => wait = wait.min(left),
+                    None => {}
+                }
+            }
+            let now = Instant::now();
             if let Some(d) = opts.deadline {
                 if now >= d {
                     self.exit.request(ExitReason::Timeout);
@@ -319,6 +458,27 @@ impl Vmm {
             guest_status,
             exits,
             stop_signal,
+        }
+    }
+
+    /// How long until `trigger` is due (zero: now); `None` while the guest's init has not
+    /// started.
+    fn snapshot_due(&self, trigger: &crate::snapshot::SnapshotTrigger) -> Option<Duration> {
+        let init = self.timeline.get(Phase::BootTimer)?;
+        Some((init + trigger.after).saturating_sub(self.timeline.elapsed()))
+    }
+
+    /// Runs [`snapshot_restore`](Self::snapshot_restore) for the run loop and logs what it
+    /// did; a failure ends the run (even one that left the old VM running: this is an
+    /// experiment, whose failures must be seen).
+    fn snapshot_now(&mut self, opts: &RestoreOptions) {
+        log::info!("snapshot-restore: pausing the guest ({opts:?})");
+        match self.snapshot_restore(opts) {
+            Ok(report) => log::info!("snapshot-restore: restored into a new KVM VM: {report}"),
+            Err(e) => {
+                let msg = format!("snapshot-restore failed: {}", crate::error_chain_line(&e));
+                self.exit.request(ExitReason::VcpuError(msg));
+            }
         }
     }
 
