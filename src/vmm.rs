@@ -208,6 +208,7 @@ impl Vmm {
             }
         };
         let copy = t1.elapsed();
+        std::thread::sleep(opts.delay);
 
         // From here on there is no way back: the old vCPU threads end (closing their fds).
         let t2 = Instant::now();

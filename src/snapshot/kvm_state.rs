@@ -3,8 +3,8 @@
 //! what this host's KVM supports ([`KvmCaps`]) read once.
 //!
 //! Every ioctl is checked; a failure names the ioctl. MSRs are every index of
-//! KVM_GET_MSR_INDEX_LIST (the MSRs KVM saves plus those it emulates) and of
-//! KVM_GET_MSR_FEATURE_INDEX_LIST, read in batches; the ones KVM_GET_MSRS refuses on this
+//! KVM_GET_MSR_INDEX_LIST (the MSRs KVM saves plus those it emulates), of
+//! KVM_GET_MSR_FEATURE_INDEX_LIST and of [`EXTRA_MSRS`], read in batches; the ones KVM_GET_MSRS refuses on this
 //! vCPU are left out of the state and listed in [`VcpuState::msrs_failed`].
 //!
 //! Restore order (the one Firecracker documents for x86_64): CPUID, MP state, registers,
@@ -51,6 +51,42 @@ pub enum StateError {
 fn ioctl(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> StateError {
     move |e| StateError::Ioctl(what, e)
 }
+
+/// MSRs a guest uses that KVM_GET_MSR_INDEX_LIST leaves out on this project's hosts but
+/// KVM_GET_MSRS reads (QEMU saves them too): MSR_TSC_AUX (RDTSCP/RDPID's CPU number), the
+/// MTRR default type, the fixed-range MTRRs and eight variable-range MTRR pairs. One that a
+/// vCPU refuses is listed in [`VcpuState::msrs_failed`] like any other.
+pub const EXTRA_MSRS: [u32; 29] = [
+    0xc000_0103,
+    0x2ff,
+    0x250,
+    0x258,
+    0x259,
+    0x268,
+    0x269,
+    0x26a,
+    0x26b,
+    0x26c,
+    0x26d,
+    0x26e,
+    0x26f,
+    0x200,
+    0x201,
+    0x202,
+    0x203,
+    0x204,
+    0x205,
+    0x206,
+    0x207,
+    0x208,
+    0x209,
+    0x20a,
+    0x20b,
+    0x20c,
+    0x20d,
+    0x20e,
+    0x20f,
+];
 
 /// What this host's KVM can save and restore, read from /dev/kvm once.
 #[derive(Debug, Clone)]
@@ -120,10 +156,15 @@ impl KvmCaps {
         })
     }
 
-    /// Every MSR index to try, without duplicates, in list order.
+    /// Every MSR index to try, without duplicates: KVM's two lists, then [`EXTRA_MSRS`].
     pub fn msrs_to_try(&self) -> Vec<u32> {
         let mut all = Vec::new();
-        for &i in self.msr_index_list.iter().chain(&self.msr_feature_list) {
+        for &i in self
+            .msr_index_list
+            .iter()
+            .chain(&self.msr_feature_list)
+            .chain(&EXTRA_MSRS)
+        {
             if !all.contains(&i) {
                 all.push(i);
             }
@@ -333,6 +374,8 @@ pub struct RestoreOptions {
     pub set_tsc_khz: bool,
     /// MSR indices not to write back.
     pub skip_msrs: Vec<u32>,
+    /// Wait this long between the save and the restore (a snapshot restored later).
+    pub delay: std::time::Duration,
 }
 
 impl RestoreOptions {
@@ -409,5 +452,105 @@ impl VmState {
         fd.set_irqchip(&self.ioapic)
             .map_err(ioctl("KVM_SET_IRQCHIP (IOAPIC)"))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vm::open_kvm;
+
+    /// Prints what this host's KVM supports for snapshots (docs/snapshot-pvm.md quotes it):
+    /// `cargo test --lib kvm_state::tests::probe -- --nocapture`.
+    #[test]
+    fn probe() {
+        let Ok(kvm) = open_kvm() else {
+            eprintln!("SKIP probe: /dev/kvm is not usable here");
+            return;
+        };
+        let caps = KvmCaps::probe(&kvm).unwrap();
+        eprintln!("{caps:#x?}");
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let (ok, failed) = read_msrs(&vcpu, &caps.msrs_to_try()).unwrap();
+        eprintln!(
+            "{} MSRs to try, {} read: {:x?}; refused: {failed:x?}",
+            caps.msrs_to_try().len(),
+            ok.len(),
+            ok.iter().map(|e| e.index).collect::<Vec<_>>()
+        );
+        assert_eq!(ok.len() + failed.len(), caps.msrs_to_try().len());
+        // MSRs outside the lists: TSC_AUX, SPEC_CTRL, MTRRs, EFER, APIC base, FS/GS base,
+        // and PVM's own range (0x4b564df0..).
+        let mut extra = vec![
+            0xc000_0103,
+            0x48,
+            0x2ff,
+            0x200,
+            0x250,
+            0xc000_0080,
+            0x1b,
+            0xc000_0100,
+            0xc000_0101,
+        ];
+        extra.extend(0x4b56_4df0..=0x4b56_4dff);
+        let (ok, failed) = read_msrs(&vcpu, &extra).unwrap();
+        eprintln!(
+            "outside the lists: read {:x?}; refused: {failed:x?}",
+            ok.iter().map(|e| (e.index, e.data)).collect::<Vec<_>>()
+        );
+    }
+
+    /// A vCPU's state saved, restored into a vCPU of another VM and saved again reads the
+    /// same (the TSC excepted: it runs on).
+    #[test]
+    fn vcpu_state_round_trip() {
+        let Ok(kvm) = open_kvm() else {
+            eprintln!("SKIP vcpu_state_round_trip: /dev/kvm is not usable here");
+            return;
+        };
+        let caps = KvmCaps::probe(&kvm).unwrap();
+        let make = || {
+            let vm = kvm.create_vm().unwrap();
+            vm.create_irq_chip().unwrap();
+            vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+                .unwrap();
+            let vcpu = vm.create_vcpu(0).unwrap();
+            (vm, vcpu)
+        };
+        let (vm1, vcpu1) = make();
+        let cpuid = kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES).unwrap();
+        vcpu1.set_cpuid2(&cpuid).unwrap();
+        let mut regs = vcpu1.get_regs().unwrap();
+        regs.rax = 0x1234_5678;
+        regs.rip = 0xfff0;
+        vcpu1.set_regs(&regs).unwrap();
+        let saved = VcpuState::save(&vcpu1, &caps).unwrap();
+        let vm_saved = VmState::save(&vm1).unwrap();
+
+        let (vm2, vcpu2) = make();
+        vm_saved.restore(&vm2, &RestoreOptions::standard()).unwrap();
+        saved.restore(&vcpu2, &RestoreOptions::standard()).unwrap();
+        let again = VcpuState::save(&vcpu2, &caps).unwrap();
+        assert_eq!(again.regs.rax, 0x1234_5678);
+        assert_eq!(again.regs.rip, 0xfff0);
+        assert_eq!(again.sregs.cr0, saved.sregs.cr0);
+        assert_eq!(again.lapic.regs[..], saved.lapic.regs[..]);
+        for e in &saved.msrs {
+            if e.index == 0x10 {
+                continue;
+            }
+            assert_eq!(
+                msr_value(&again.msrs, e.index),
+                Some(e.data),
+                "MSR {:#x}",
+                e.index
+            );
+        }
+        let tsc = |s: &VcpuState| msr_value(&s.msrs, 0x10).unwrap();
+        assert!(tsc(&again) >= tsc(&saved));
+        let clock2 = vm2.get_clock().unwrap();
+        assert!(clock2.clock >= vm_saved.clock.clock);
     }
 }
