@@ -324,7 +324,8 @@ pub struct RunArgs {
     pub snapshot_restore_after: Option<f64>,
     /// Experimental switches of that restore, comma-separated: no-clock (no KVM_SET_CLOCK),
     /// keep-clock-flags, tsc-khz (KVM_SET_TSC_KHZ), skip-msr=0xN (repeatable), delay-ms=N
-    /// (wait between save and restore).
+    /// (wait between save and restore), memory-file (new memory mapped MAP_PRIVATE from a
+    /// file, as Firecracker does).
     #[arg(long, value_name = "LIST", hide = true, value_parser = parse_restore_opts)]
     pub snapshot_restore_opts: Option<crate::snapshot::kvm_state::RestoreOptions>,
 }
@@ -337,6 +338,7 @@ fn parse_restore_opts(s: &str) -> Result<crate::snapshot::kvm_state::RestoreOpti
             "no-clock" => o.set_clock = false,
             "keep-clock-flags" => o.keep_clock_flags = true,
             "tsc-khz" => o.set_tsc_khz = true,
+            "memory-file" => o.memory_file = true,
             w if w.starts_with("delay-ms=") => {
                 let ms = w["delay-ms=".len()..]
                     .parse()

@@ -10,7 +10,7 @@ use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
 use crate::snapshot::kvm_state::{KvmCaps, RestoreOptions, VmState};
-use crate::snapshot::{copy_memory, RestoreParts, SnapshotError, SnapshotReport};
+use crate::snapshot::{copy_memory, file_memory, RestoreParts, SnapshotError, SnapshotReport};
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm};
@@ -200,7 +200,12 @@ impl Vmm {
         };
         let pause_save = t0.elapsed();
         let t1 = Instant::now();
-        let mem = match copy_memory(&self.mem) {
+        let copied = if opts.memory_file {
+            file_memory(&self.mem)
+        } else {
+            copy_memory(&self.mem)
+        };
+        let mem = match copied {
             Ok(m) => m,
             Err(e) => {
                 resume_all(&self.vcpus);
@@ -212,9 +217,16 @@ impl Vmm {
 
         // From here on there is no way back: the old vCPU threads end (closing their fds).
         let t2 = Instant::now();
+        let mut steps = Vec::new();
+        let mut step = |name: &'static str, since: &mut Instant| {
+            steps.push((name, since.elapsed()));
+            *since = Instant::now();
+        };
+        let mut t = Instant::now();
         for v in &mut self.vcpus {
             v.stop_and_join(Duration::from_secs(5));
         }
+        step("stop old vCPUs", &mut t);
         // An eventfd is the irqfd of one VM at a time (EBUSY otherwise, on this project's
         // 6.18 hosts): unbind it from the old VM first.
         for (fd, irq) in &parts.irqfds {
@@ -223,15 +235,19 @@ impl Vmm {
                 .unregister_irqfd(fd, *irq)
                 .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
         }
+        step("unbind irqfds", &mut t);
         let vm = Vm::new(&kvm, &mem, &self.timeline)?;
+        step("new VM", &mut t);
         for (fd, irq) in &parts.irqfds {
             vm.fd()
                 .register_irqfd(fd, *irq)
                 .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
         }
+        step("bind irqfds", &mut t);
         vm_state
             .restore(vm.fd(), opts)
             .map_err(SnapshotError::RestoreVm)?;
+        step("VM state", &mut t);
         let new_clock = vm.fd().get_clock().ok();
         let shared = crate::vcpu::VcpuShared {
             mem: mem.clone(),
@@ -242,14 +258,22 @@ impl Vmm {
             .zip(0u32..)
             .map(|(s, i)| Vcpu::restored(vm.fd(), i, s, opts, &shared))
             .collect::<Result<Vec<_>, _>>()?;
+        step("vCPUs restored", &mut t);
         let handles = vcpus
             .into_iter()
             .map(Vcpu::start)
             .collect::<Result<Vec<_>, _>>()?;
-        // The old vCPUs are joined: the old VM and then its memory can go.
+        step("vCPUs started", &mut t);
+
+        // The guest runs in the new VM. The old vCPUs are joined: the old VM and then its
+        // memory can go (destroying a VM takes a while here; the guest does not wait for it).
         self.vcpus = handles;
-        self.vm = vm;
-        self.mem = mem;
+        let restore = t2.elapsed();
+        let old_vm = std::mem::replace(&mut self.vm, vm);
+        let old_mem = std::mem::replace(&mut self.mem, mem);
+        drop(old_vm);
+        drop(old_mem);
+        step("old VM and memory freed (guest already running)", &mut t);
         Ok(SnapshotReport {
             caps: (*caps).clone(),
             vcpus: states,
@@ -258,7 +282,8 @@ impl Vmm {
             new_clock,
             pause_save,
             copy,
-            restore: t2.elapsed(),
+            restore,
+            restore_steps: steps,
         })
     }
 

@@ -374,6 +374,9 @@ pub struct RestoreOptions {
     pub set_tsc_khz: bool,
     /// MSR indices not to write back.
     pub skip_msrs: Vec<u32>,
+    /// Put the new guest memory in a file mapped MAP_PRIVATE (as Firecracker does) instead
+    /// of fresh anonymous memory.
+    pub memory_file: bool,
     /// Wait this long between the save and the restore (a snapshot restored later).
     pub delay: std::time::Duration,
 }
@@ -500,6 +503,22 @@ mod tests {
             "outside the lists: read {:x?}; refused: {failed:x?}",
             ok.iter().map(|e| (e.index, e.data)).collect::<Vec<_>>()
         );
+        // Does a TSC write stick (KVM offsets the guest TSC), or does the guest see the host's?
+        let tsc = |fd: &VcpuFd| msr_value(&read_msrs(fd, &[0x10]).unwrap().0, 0x10).unwrap();
+        let before = tsc(&vcpu);
+        write_msrs(
+            &vcpu,
+            &[kvm_msr_entry {
+                index: 0x10,
+                data: 1_000_000,
+                ..Default::default()
+            }],
+        )
+        .unwrap();
+        let after = tsc(&vcpu);
+        // SAFETY: rdtsc has no preconditions.
+        let host = unsafe { std::arch::x86_64::_rdtsc() };
+        eprintln!("guest TSC {before} before writing 1000000, {after} after; host TSC {host}");
     }
 
     /// A vCPU's state saved, restored into a vCPU of another VM and saved again reads the

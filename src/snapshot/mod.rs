@@ -44,6 +44,9 @@ pub enum SnapshotError {
     /// Copying guest memory failed.
     #[error("cannot copy guest memory at {0:#x}")]
     Copy(u64),
+    /// The memory file could not be written or mapped.
+    #[error("cannot make the guest memory file")]
+    MemoryFile(#[source] std::io::Error),
     /// An irqfd could not be registered with the new VM.
     #[error("cannot register the irqfd of IRQ {0} with the new VM")]
     Irqfd(u32, #[source] kvm_ioctls::Error),
@@ -89,6 +92,8 @@ pub struct SnapshotReport {
     pub copy: Duration,
     /// Time to create the new VM and restore everything into it.
     pub restore: Duration,
+    /// The steps of `restore` and their times.
+    pub restore_steps: Vec<(&'static str, Duration)>,
 }
 
 /// Copies `old` into fresh guest memory of the same layout.
@@ -112,6 +117,56 @@ pub fn copy_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
     Ok(new)
 }
 
+/// Writes `old` to a file in the temporary directory and maps the file MAP_PRIVATE as the
+/// new guest memory (as Firecracker loads a snapshot's memory file); the file is unlinked at
+/// once, the mappings keep it.
+pub fn file_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
+    use std::io::Write as _;
+    use vm_memory::mmap::MmapRegionBuilder;
+    use vm_memory::{FileOffset, GuestRegionMmap};
+
+    let io = SnapshotError::MemoryFile;
+    let path = std::env::temp_dir().join(format!("ember-snapshot-mem-{}", std::process::id()));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&path)
+        .map_err(io)?;
+    let _ = std::fs::remove_file(&path);
+    let mut buf = vec![0u8; 1 << 20];
+    let mut layout = Vec::new();
+    let mut file_off = 0u64;
+    for region in old.iter() {
+        let start = region.start_addr();
+        let mut off = 0u64;
+        while off < region.len() {
+            let n = usize::try_from((region.len() - off).min(buf.len() as u64)).unwrap_or(0);
+            let addr = vm_memory::GuestAddress(start.0 + off);
+            old.read_slice(&mut buf[..n], addr)
+                .map_err(|_| SnapshotError::Copy(addr.0))?;
+            file.write_all(&buf[..n]).map_err(io)?;
+            off += n as u64;
+        }
+        layout.push((start, region.len(), file_off));
+        file_off += region.len();
+    }
+    let file = std::sync::Arc::new(file);
+    let mut regions = Vec::new();
+    for (start, len, off) in layout {
+        let len = usize::try_from(len).unwrap_or(usize::MAX);
+        let mapping = MmapRegionBuilder::new_with_bitmap(len, ())
+            .with_file_offset(FileOffset::from_arc(file.clone(), off))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| SnapshotError::MemoryFile(std::io::Error::other(e.to_string())))?;
+        regions.push(GuestRegionMmap::new(mapping, start).ok_or(SnapshotError::Copy(start.0))?);
+    }
+    GuestMemory::from_regions(regions)
+        .map_err(|e| SnapshotError::MemoryFile(std::io::Error::other(e.to_string())))
+}
+
 /// MSR_IA32_TSC.
 pub const MSR_IA32_TSC: u32 = 0x10;
 /// MSR_KVM_SYSTEM_TIME_NEW (kvm-clock's per-vCPU time page).
@@ -123,6 +178,11 @@ impl std::fmt::Display for SnapshotReport {
             "pause+save {:?}, memory copy {:?}, new VM + restore {:?}; clock {} ns (flags {:#x})",
             self.pause_save, self.copy, self.restore, self.vm.clock.clock, self.vm.clock.flags
         );
+        let _ = write!(s, " (");
+        for (i, (name, d)) in self.restore_steps.iter().enumerate() {
+            let _ = write!(s, "{}{name} {d:?}", if i > 0 { ", " } else { "" });
+        }
+        let _ = write!(s, ")");
         if let Some(c) = &self.new_clock {
             let _ = write!(s, ", new VM clock {} ns (flags {:#x})", c.clock, c.flags);
         }
