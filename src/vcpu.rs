@@ -751,6 +751,9 @@ impl VcpuHandle {
     /// Returns false when it did not stop within `timeout`.
     pub fn stop_and_join(&mut self, timeout: Duration) -> bool {
         self.stop.store(true, Ordering::Release);
+        // A paused thread waits on the pause condition: wake it to see the stop.
+        drop(lock(&self.pause.inner));
+        self.pause.cv.notify_all();
         let Some(t) = self.thread.take() else {
             return true;
         };
