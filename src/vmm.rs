@@ -9,8 +9,10 @@ use crate::devices::legacy::console::{ConsoleHandle, FLUSH_STALL};
 use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
-use crate::snapshot::kvm_state::{KvmCaps, RestoreOptions, VmState};
-use crate::snapshot::{copy_memory, file_memory, RestoreParts, SnapshotError, SnapshotReport};
+use crate::snapshot::kvm_state::{self, KvmCaps, RestoreOptions, VmState};
+use crate::snapshot::{
+    copy_memory, file_memory, read_pvclock, RestoreParts, SnapshotError, SnapshotReport,
+};
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
 use crate::vm::{open_kvm, Vm};
@@ -213,6 +215,12 @@ impl Vmm {
             }
         };
         let copy = t1.elapsed();
+        let pvclock_msr = states
+            .first()
+            .and_then(|s| kvm_state::msr_value(&s.msrs, crate::snapshot::MSR_KVM_SYSTEM_TIME_NEW))
+            .unwrap_or(0);
+        let mut pvclock: Vec<(&'static str, crate::snapshot::Pvclock)> = Vec::new();
+        pvclock.extend(read_pvclock(&mem, pvclock_msr).map(|p| ("saved", p)));
         std::thread::sleep(opts.delay);
 
         // From here on there is no way back: the old vCPU threads end (closing their fds).
@@ -274,6 +282,11 @@ impl Vmm {
         drop(old_vm);
         drop(old_mem);
         step("old VM and memory freed (guest already running)", &mut t);
+        pvclock.extend(read_pvclock(&self.mem, pvclock_msr).map(|p| ("after restore", p)));
+        if opts.probe_pvclock {
+            std::thread::sleep(Duration::from_millis(200));
+            pvclock.extend(read_pvclock(&self.mem, pvclock_msr).map(|p| ("200 ms later", p)));
+        }
         Ok(SnapshotReport {
             caps: (*caps).clone(),
             vcpus: states,
@@ -283,6 +296,7 @@ impl Vmm {
             pause_save,
             copy,
             restore,
+            pvclock,
             restore_steps: steps,
         })
     }

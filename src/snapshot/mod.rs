@@ -92,6 +92,9 @@ pub struct SnapshotReport {
     pub copy: Duration,
     /// Time to create the new VM and restore everything into it.
     pub restore: Duration,
+    /// vCPU 0's kvm-clock page: as saved, right after the restore, and (with
+    /// `probe-pvclock`) 200 ms later.
+    pub pvclock: Vec<(&'static str, Pvclock)>,
     /// The steps of `restore` and their times.
     pub restore_steps: Vec<(&'static str, Duration)>,
 }
@@ -167,6 +170,36 @@ pub fn file_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
         .map_err(|e| SnapshotError::MemoryFile(std::io::Error::other(e.to_string())))
 }
 
+/// The kvm-clock page (struct pvclock_vcpu_time_info) of a vCPU as it is in guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct Pvclock {
+    /// Update counter (odd while KVM writes it).
+    pub version: u32,
+    /// TSC when KVM last wrote it.
+    pub tsc_timestamp: u64,
+    /// Guest time in ns at `tsc_timestamp`.
+    pub system_time: u64,
+    /// PVCLOCK_* flags.
+    pub flags: u8,
+}
+
+/// Reads the kvm-clock page at the address in MSR_KVM_SYSTEM_TIME_NEW `msr` (enabled: bit 0).
+pub fn read_pvclock(mem: &GuestMemory, msr: u64) -> Option<Pvclock> {
+    if msr & 1 == 0 {
+        return None;
+    }
+    let mut b = [0u8; 32];
+    mem.read_slice(&mut b, vm_memory::GuestAddress(msr & !1))
+        .ok()?;
+    let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap_or_default());
+    Some(Pvclock {
+        version: u32::from_le_bytes(b[0..4].try_into().unwrap_or_default()),
+        tsc_timestamp: u64_at(8),
+        system_time: u64_at(16),
+        flags: b[29],
+    })
+}
+
 /// MSR_IA32_TSC.
 pub const MSR_IA32_TSC: u32 = 0x10;
 /// MSR_KVM_SYSTEM_TIME_NEW (kvm-clock's per-vCPU time page).
@@ -183,6 +216,13 @@ impl std::fmt::Display for SnapshotReport {
             let _ = write!(s, "{}{name} {d:?}", if i > 0 { ", " } else { "" });
         }
         let _ = write!(s, ")");
+        for (when, p) in &self.pvclock {
+            let _ = write!(
+                s,
+                ", kvm-clock page {when}: system_time {} ns at TSC {} (version {}, flags {:#x})",
+                p.system_time, p.tsc_timestamp, p.version, p.flags
+            );
+        }
         if let Some(c) = &self.new_clock {
             let _ = write!(s, ", new VM clock {} ns (flags {:#x})", c.clock, c.flags);
         }
