@@ -326,7 +326,7 @@ pub struct RunArgs {
     /// keep-clock-flags, tsc-khz (KVM_SET_TSC_KHZ), skip-msr=0xN (repeatable), delay-ms=N
     /// (wait between save and restore), memory-file (new memory mapped MAP_PRIVATE from a
     /// file, as Firecracker does), probe-pvclock (read the guest's kvm-clock page 200 ms after
-    /// the restore).
+    /// the restore), pause-only (save, then resume the same VM).
     #[arg(long, value_name = "LIST", hide = true, value_parser = parse_restore_opts)]
     pub snapshot_restore_opts: Option<crate::snapshot::kvm_state::RestoreOptions>,
 }
@@ -341,6 +341,7 @@ fn parse_restore_opts(s: &str) -> Result<crate::snapshot::kvm_state::RestoreOpti
             "tsc-khz" => o.set_tsc_khz = true,
             "memory-file" => o.memory_file = true,
             "probe-pvclock" => o.probe_pvclock = true,
+            "pause-only" => o.pause_only = true,
             w if w.starts_with("delay-ms=") => {
                 let ms = w["delay-ms=".len()..]
                     .parse()

@@ -221,6 +221,23 @@ impl Vmm {
             .unwrap_or(0);
         let mut pvclock: Vec<(&'static str, crate::snapshot::Pvclock)> = Vec::new();
         pvclock.extend(read_pvclock(&mem, pvclock_msr).map(|p| ("saved", p)));
+        if opts.pause_only {
+            // A snapshot taken while the guest goes on: the same vCPUs resume.
+            drop(mem);
+            resume_all(&self.vcpus);
+            return Ok(SnapshotReport {
+                caps: (*caps).clone(),
+                vcpus: states,
+                kvmclock_ctrl,
+                vm: vm_state,
+                new_clock: None,
+                pause_save,
+                copy,
+                restore: Duration::ZERO,
+                pvclock,
+                restore_steps: Vec::new(),
+            });
+        }
         std::thread::sleep(opts.delay);
 
         // From here on there is no way back: the old vCPU threads end (closing their fds).
@@ -514,6 +531,9 @@ impl Vmm {
     fn snapshot_now(&mut self, opts: &RestoreOptions) {
         log::info!("snapshot-restore: pausing the guest ({opts:?})");
         match self.snapshot_restore(opts) {
+            Ok(report) if opts.pause_only => {
+                log::info!("snapshot-restore: saved, and resumed in the same VM: {report}");
+            }
             Ok(report) => log::info!("snapshot-restore: restored into a new KVM VM: {report}"),
             Err(e) => {
                 let msg = format!("snapshot-restore failed: {}", crate::error_chain_line(&e));

@@ -56,6 +56,12 @@ fn counting_guest_continues_from_a_memory_file() {
     counting_guest_continues("counting_guest_continues_from_a_memory_file", "memory-file");
 }
 
+/// Paused, saved and resumed in the same VM (a snapshot taken while the guest goes on).
+#[test]
+fn counting_guest_continues_after_a_pause() {
+    counting_guest_continues("counting_guest_continues_after_a_pause", "pause-only");
+}
+
 fn counting_guest_continues(name: &str, opts: &str) {
     if !kvm_available(name) {
         return;
@@ -81,9 +87,13 @@ fn counting_guest_continues(name: &str, opts: &str) {
     let _ = std::fs::remove_dir_all(dir);
     assert!(!out.timed_out, "ember did not end: {out:?}");
     out.expect_code(0);
+    let done = if opts == "pause-only" {
+        "snapshot-restore: saved, and resumed in the same VM"
+    } else {
+        "snapshot-restore: restored into a new KVM VM"
+    };
     assert!(
-        out.stderr
-            .contains("snapshot-restore: restored into a new KVM VM"),
+        out.stderr.contains(done),
         "no restore happened (did the guest finish before it?): {}",
         out.stderr
     );

@@ -377,6 +377,8 @@ pub struct RestoreOptions {
     /// Put the new guest memory in a file mapped MAP_PRIVATE (as Firecracker does) instead
     /// of fresh anonymous memory.
     pub memory_file: bool,
+    /// Save (state and memory copy), then resume the same VM: no new VM.
+    pub pause_only: bool,
     /// Read vCPU 0's kvm-clock page again 200 ms after the restore (the run loop waits).
     pub probe_pvclock: bool,
     /// Wait this long between the save and the restore (a snapshot restored later).
