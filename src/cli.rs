@@ -570,6 +570,30 @@ mod tests {
     }
 
     #[test]
+    fn restore_switches_parse() {
+        let o = parse_restore_opts("no-clock, tsc-khz,skip-msr=0x10,skip-msr=4b564d01,delay-ms=5")
+            .unwrap();
+        assert!(!o.set_clock && o.set_tsc_khz && !o.keep_clock_flags);
+        assert_eq!(o.skip_msrs, [0x10, 0x4b56_4d01]);
+        assert_eq!(o.delay, std::time::Duration::from_millis(5));
+        let o = parse_restore_opts("").unwrap();
+        assert!(o.set_clock && !o.pause_only && !o.memory_file);
+        assert!(
+            parse_restore_opts("memory-file,pause-only,probe-pvclock,keep-clock-flags").is_ok_and(
+                |o| o.memory_file && o.pause_only && o.probe_pvclock && o.keep_clock_flags
+            )
+        );
+        assert!(parse_restore_opts("skip-msr=zz").is_err());
+        assert!(parse_restore_opts("delay-ms=x").is_err());
+        assert!(parse_restore_opts("bogus").is_err());
+        let cli = parse(&["run", "--snapshot-restore-after", "2.5"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.snapshot_restore_after, Some(2.5));
+    }
+
+    #[test]
     fn duration_flags_stop_at_ten_years() {
         assert_eq!(MAX_DURATION_TEXT, format!("{MAX_DURATION_SECS} (10 years)"));
         let max = MAX_DURATION_SECS.to_string();
