@@ -84,6 +84,12 @@ pub enum BuildError {
     /// The vsock Unix socket could not be set up.
     #[error("cannot set up the vsock device")]
     Vsock(#[from] VsockError),
+    /// A snapshot to restore could not be read.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] crate::snapshot::file::FileError),
+    /// A snapshot's VM state could not be restored.
+    #[error("cannot restore the snapshot's VM state")]
+    SnapshotState(#[source] crate::snapshot::kvm_state::StateError),
     /// The rng device could not be created.
     #[error("cannot set up the rng device")]
     Rng(#[from] RngError),
@@ -97,6 +103,9 @@ pub struct BuildHooks {
     pub kick_hook: Option<Arc<dyn crate::vcpu::KickHook>>,
     /// Signalled when the guest writes the boot timer (`ember bench` samples memory then).
     pub boot_timer_notify: Option<vmm_sys_util::eventfd::EventFd>,
+    /// Start from the snapshot in this directory instead of booting (experimental, issue
+    /// 13: `ember run --restore-from`; the VM flags must be those of the saved run).
+    pub restore_from: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for BuildHooks {
@@ -128,6 +137,13 @@ pub fn build_vm(
     let taps = open_taps(config)?;
     let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
+    // A snapshot to start from is read now, so that a bad one stops here.
+    let restore = hooks
+        .restore_from
+        .as_deref()
+        .map(|dir| crate::snapshot::file::read_state(dir).map(|s| (dir.to_path_buf(), s)))
+        .transpose()?;
+
     // 2. Guest memory, and the kernel and initrd loaded into it on a helper thread while
     //    the VM is set up (mapped from the image cache, or copied: CPU work that needs no
     //    KVM).
@@ -155,13 +171,14 @@ pub fn build_vm(
 
     // 5. Legacy devices.
     let mut devices = DeviceManager::new();
-    let consoles = attach_legacy_devices(
+    let (consoles, com1) = attach_legacy_devices(
         config,
         &vm,
         &mut devices,
         &mut event_manager,
         &exit,
         &timeline,
+        restore.as_ref().and_then(|(_, s)| s.serial.as_ref()),
     )?;
     let exit_status = attach_pseudo_devices(
         config,
@@ -257,13 +274,44 @@ pub fn build_vm(
         hook: hooks.kick_hook,
         timeline: timeline.clone(),
     };
-    let vcpus = (0..config.vcpus)
-        .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = match &restore {
+        None => (0..config.vcpus)
+            .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
+            .collect::<Result<Vec<_>, _>>()?,
+        // A snapshot: its memory over what was loaded, its VM state, its vCPUs.
+        Some((dir, saved)) => {
+            if !devices.mmio_slots().is_empty() {
+                return Err(BuildError::Snapshot(
+                    crate::snapshot::file::FileError::Format(
+                        "virtio devices cannot be restored yet: use --no-rng and no \
+                         --disk/--net/--vsock",
+                    ),
+                ));
+            }
+            if saved.vcpus.len() != config.vcpus as usize {
+                return Err(BuildError::Snapshot(
+                    crate::snapshot::file::FileError::Format("vCPU count differs from --vcpus"),
+                ));
+            }
+            crate::snapshot::file::read_memory(dir, &mem)?;
+            let opts = crate::snapshot::kvm_state::RestoreOptions::standard();
+            saved
+                .vm
+                .restore(vm.fd(), &opts)
+                .map_err(BuildError::SnapshotState)?;
+            saved
+                .vcpus
+                .iter()
+                .zip(0u32..)
+                .map(|(s, i)| Vcpu::restored(vm.fd(), i, s, &opts, &shared))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+    };
     let restore_parts = crate::snapshot::RestoreParts {
         shared: shared.clone(),
         irqfds: devices.take_irqfds(),
         virtio_devices: devices.mmio_slots().len(),
+        com1: Some(com1),
     };
     let handles = vcpus
         .into_iter()
@@ -399,7 +447,8 @@ fn attach_legacy_devices(
     event_manager: &mut EventManager,
     exit: &Arc<VmExit>,
     timeline: &Arc<Timeline>,
-) -> Result<Vec<ConsoleHandle>, BuildError> {
+    serial_state: Option<&vm_superio::serial::SerialState>,
+) -> Result<(Vec<ConsoleHandle>, Arc<Mutex<SerialDevice>>), BuildError> {
     // COM1: the console.
     let irq = devices.irqfd(vm.fd(), COM1_IRQ)?;
     let out = ConsoleOutput::new(
@@ -410,9 +459,11 @@ fn attach_legacy_devices(
     )
     .map_err(BuildError::EventLoop)?;
     let mut consoles = vec![out.handle()];
-    let com1 = Arc::new(Mutex::new(
-        SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
-    ));
+    let com1 = match serial_state {
+        Some(state) => SerialDevice::from_state(irq, out, state),
+        None => SerialDevice::new(irq, out),
+    };
+    let com1 = Arc::new(Mutex::new(com1.map_err(BuildError::EventLoop)?));
     devices.add_pio(com1.clone(), COM1_PORT, SERIAL_PORT_SIZE)?;
     if config.stdin {
         // SAFETY: close-on-exec dup of stdin; the new fd, when not -1, is owned by the File.
@@ -422,7 +473,7 @@ fn attach_legacy_devices(
         }
         // SAFETY: `fd` is a fresh fd nothing else owns.
         let input = unsafe { std::fs::File::from_raw_fd(fd) };
-        let sub = SerialInput::new(com1, input).map_err(BuildError::EventLoop)?;
+        let sub = SerialInput::new(com1.clone(), input).map_err(BuildError::EventLoop)?;
         event_manager.add_subscriber(Arc::new(Mutex::new(sub)));
     }
 
@@ -445,7 +496,7 @@ fn attach_legacy_devices(
         I8042_DATA_PORT,
         I8042_COMMAND_PORT - I8042_DATA_PORT + 1,
     )?;
-    Ok(consoles)
+    Ok((consoles, com1))
 }
 
 fn attach_pseudo_devices(

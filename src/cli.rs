@@ -329,6 +329,19 @@ pub struct RunArgs {
     /// the restore), pause-only (save, then resume the same VM).
     #[arg(long, value_name = "LIST", hide = true, value_parser = parse_restore_opts)]
     pub snapshot_restore_opts: Option<crate::snapshot::kvm_state::RestoreOptions>,
+    /// Experimental: with --snapshot-restore-after, write a snapshot (state.bin, memory.bin)
+    /// into DIR at that point and end the run instead of moving the guest.
+    #[arg(
+        long,
+        value_name = "DIR",
+        hide = true,
+        requires = "snapshot_restore_after"
+    )]
+    pub snapshot_to: Option<PathBuf>,
+    /// Experimental: start the guest from the snapshot in DIR instead of booting it. The
+    /// other flags must be those of the run that wrote it (--no-rng, --mem, --vcpus...).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub restore_from: Option<PathBuf>,
 }
 
 /// `--snapshot-restore-opts`: see [`RunArgs::snapshot_restore_opts`].

@@ -413,7 +413,10 @@ impl Vmm {
             if let Some(trigger) = &snapshot {
                 match self.snapshot_due(trigger) {
                     Some(left) if left.is_zero() => {
-                        self.snapshot_now(&trigger.opts);
+                        match &trigger.to {
+                            Some(dir) => self.snapshot_to_file(dir),
+                            None => self.snapshot_now(&trigger.opts),
+                        }
                         snapshot = None;
                         continue;
                     }
@@ -516,6 +519,61 @@ impl Vmm {
             exits,
             stop_signal,
         }
+    }
+
+    /// Pauses the guest, writes a snapshot into `dir` and ends the run (`ember run
+    /// --snapshot-to`).
+    fn snapshot_to_file(&mut self, dir: &std::path::Path) {
+        let t0 = Instant::now();
+        let result = self.save_snapshot(dir);
+        let reason = match result {
+            Ok(()) => {
+                log::info!(
+                    "snapshot-restore: snapshot written to {} in {:?}; stopping",
+                    dir.display(),
+                    t0.elapsed()
+                );
+                ExitReason::Stopped { graceful: true }
+            }
+            Err(e) => {
+                let msg = format!("snapshot failed: {}", crate::error_chain_line(&e));
+                log::error!("{msg}");
+                ExitReason::VcpuError(msg)
+            }
+        };
+        self.exit.request(reason);
+    }
+
+    /// Pauses every vCPU (they stay paused) and writes the snapshot files into `dir`.
+    pub fn save_snapshot(&mut self, dir: &std::path::Path) -> Result<(), SnapshotError> {
+        let Some(parts) = &self.restore_parts else {
+            return Err(SnapshotError::NotRestorable(
+                "it was not built with its restore parts",
+            ));
+        };
+        if parts.virtio_devices > 0 {
+            return Err(SnapshotError::NotRestorable(
+                "it has virtio devices; use --no-rng and no --disk/--net/--vsock",
+            ));
+        }
+        let kvm = open_kvm()?;
+        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let mut vcpus = Vec::new();
+        for v in &self.vcpus {
+            let paused = v.pause(caps.clone(), Duration::from_secs(5))?;
+            if let Err(e) = &paused.kvmclock_ctrl {
+                log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", v.index());
+            }
+            vcpus.push(paused.state.map_err(|e| VcpuError::Save(v.index(), e))?);
+        }
+        let vm = VmState::save(self.vm.fd()).map_err(SnapshotError::SaveVm)?;
+        let serial = parts
+            .com1
+            .as_ref()
+            .map(|c| crate::devices::bus::lock(c).state());
+        let saved = crate::snapshot::file::SavedState { vm, vcpus, serial };
+        crate::snapshot::file::write(dir, &saved, &self.mem)?;
+        Ok(())
     }
 
     /// How long until `trigger` is due (zero: now); `None` while the guest's init has not

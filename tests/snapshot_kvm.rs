@@ -192,3 +192,58 @@ fn linux_guest_keeps_ticking_in_a_new_vm() {
     );
     assert!(out.stdout.contains("ember-init: exit status 0"), "{out:?}");
 }
+
+/// Snapshot to files in one ember process, restore in a second one: the counter goes on
+/// from where the first process stopped.
+#[test]
+fn counting_guest_continues_in_a_new_process() {
+    let name = "counting_guest_continues_in_a_new_process";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let elf = write_tiny_guest(&dir, "guest.elf", &counting_guest(), &[]);
+    let snap = dir.join("snap");
+    let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16", "--no-rng"];
+    let mut first = vec!["run"];
+    first.extend(common);
+    first.extend([
+        "--snapshot-restore-after",
+        "0.3",
+        "--snapshot-to",
+        snap.to_str().unwrap(),
+    ]);
+    let out1 = run_ember(&first, None, Duration::from_secs(120));
+    assert!(!out1.timed_out, "first ember did not end: {out1:?}");
+    assert!(
+        out1.stderr.contains("snapshot written to"),
+        "no snapshot: {}",
+        out1.stderr
+    );
+    let mut second = vec!["run"];
+    second.extend(common);
+    second.extend(["--restore-from", snap.to_str().unwrap()]);
+    let out2 = run_ember(&second, None, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out2.timed_out, "second ember did not end: {out2:?}");
+    out2.expect_code(0);
+    let parse = |s: &str| -> Vec<u32> {
+        s.lines()
+            .map(|l| u32::from_str_radix(l, 16).unwrap_or_else(|_| panic!("bad line {l:?}")))
+            .collect()
+    };
+    let (a, b) = (parse(&out1.stdout), parse(&out2.stdout));
+    eprintln!(
+        "first process printed 0..{}, second {:?}..{:?}",
+        a.len(),
+        b.first(),
+        b.last()
+    );
+    let all: Vec<u32> = a.iter().chain(&b).copied().collect();
+    assert!(
+        all == (0..COUNT).collect::<Vec<_>>(),
+        "counter went wrong: first {} lines, second starts at {:?}",
+        a.len(),
+        b.first()
+    );
+}

@@ -4,6 +4,7 @@
 //! in-process experiment that moves a running guest into a new KVM VM. docs/snapshot-pvm.md
 //! says what this host's KVM (PVM) needs for that.
 
+pub mod file;
 pub mod kvm_state;
 
 use std::fmt::Write as _;
@@ -44,6 +45,9 @@ pub enum SnapshotError {
     /// Copying guest memory failed.
     #[error("cannot copy guest memory at {0:#x}")]
     Copy(u64),
+    /// The snapshot files could not be written.
+    #[error(transparent)]
+    File(#[from] file::FileError),
     /// The memory file could not be written or mapped.
     #[error("cannot make the guest memory file")]
     MemoryFile(#[source] std::io::Error),
@@ -61,6 +65,9 @@ pub struct RestoreParts {
     pub irqfds: Vec<(EventFd, u32)>,
     /// How many virtio devices the VM has (they hold the old memory: not movable yet).
     pub virtio_devices: usize,
+    /// COM1, whose registers a snapshot file carries.
+    pub com1:
+        Option<std::sync::Arc<std::sync::Mutex<crate::devices::legacy::serial::SerialDevice>>>,
 }
 
 /// When the run loop moves the guest into a new KVM VM (`ember run
@@ -71,6 +78,9 @@ pub struct SnapshotTrigger {
     pub after: Duration,
     /// How to restore.
     pub opts: RestoreOptions,
+    /// Instead of moving the guest, write a snapshot into this directory and end the run
+    /// (`ember run --snapshot-to`; `--restore-from` starts it again in a new process).
+    pub to: Option<std::path::PathBuf>,
 }
 
 /// What one snapshot-and-restore did and saw.

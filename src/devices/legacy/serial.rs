@@ -131,6 +131,23 @@ impl SerialDevice {
         })
     }
 
+    /// A serial port with the registers and receive FIFO of `state` (a restored snapshot).
+    pub fn from_state(
+        irq: EventFd,
+        out: ConsoleOutput,
+        state: &vm_superio::serial::SerialState,
+    ) -> std::io::Result<Self> {
+        let ready = EventFd::new(EFD_NONBLOCK)?;
+        let model = Serial::from_state(state, EventFdTrigger(irq), InputReady(ready), out)
+            .map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+        Ok(Self { model })
+    }
+
+    /// The registers and receive FIFO (for a snapshot).
+    pub fn state(&self) -> vm_superio::serial::SerialState {
+        self.model.state()
+    }
+
     /// Room left in the receive FIFO.
     pub fn input_room(&self) -> usize {
         self.model.fifo_capacity()
