@@ -247,3 +247,67 @@ fn counting_guest_continues_in_a_new_process() {
         b.first()
     );
 }
+
+/// The default Linux guest, snapshotted to files 3 s after its init started (in its loop of
+/// `sleep 1`), restored by a second ember process: the ticks go on there and the guest ends
+/// cleanly. Ignored: it boots Linux (about 40 s on a PVM host). Run it with `cargo test
+/// --test snapshot_kvm -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn linux_guest_continues_in_a_new_process() {
+    let name = "linux_guest_continues_in_a_new_process";
+    if !kvm_available(name) {
+        return;
+    }
+    let Some((kernel, initrd)) = default_guest(name) else {
+        return;
+    };
+    let dir = temp_dir(name);
+    let snap = dir.join("snap");
+    let cmd = "ember.cmd=\"i=0; while [ $i -lt 8 ]; do read -r u x </proc/uptime; echo tick \
+               $i $u; i=$((i+1)); sleep 1; done\"";
+    let common = [
+        "run",
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--initrd",
+        initrd.to_str().unwrap(),
+        "--no-rng",
+        "--timeout",
+        "300",
+    ];
+    let mut first = common.to_vec();
+    first.extend([
+        "--snapshot-restore-after",
+        "3",
+        "--snapshot-to",
+        snap.to_str().unwrap(),
+        "--append",
+        cmd,
+    ]);
+    let out1 = run_ember(&first, None, Duration::from_secs(330));
+    assert!(
+        out1.stderr.contains("snapshot written to"),
+        "no snapshot: {out1:?}"
+    );
+    let mut second = common.to_vec();
+    second.extend(["--restore-from", snap.to_str().unwrap()]);
+    let out2 = run_ember(&second, None, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&dir);
+    let ticks = |s: &str| -> Vec<u32> {
+        s.lines()
+            .filter_map(|l| l.strip_prefix("tick "))
+            .map(|l| l.split(' ').next().unwrap().parse().unwrap())
+            .collect()
+    };
+    let (a, b) = (ticks(&out1.stdout), ticks(&out2.stdout));
+    eprintln!("first process: ticks {a:?}; second process: ticks {b:?}");
+    let all: Vec<u32> = a.iter().chain(&b).copied().collect();
+    assert_eq!(all, (0..8).collect::<Vec<_>>(), "{out1:?}\n{out2:?}");
+    assert!(!b.is_empty(), "nothing ran in the second process: {out2:?}");
+    assert!(
+        out2.stdout.contains("ember-init: exit status 0"),
+        "{out2:?}"
+    );
+    out2.expect_code(0);
+}

@@ -1,8 +1,10 @@
 // SPDX-License-Identifier: Apache-2.0
 //! Snapshot and restore (issue 13). So far: [`kvm_state`], the KVM state of vCPUs and of the
-//! VM that a restore must carry over, and [`Vmm::snapshot_restore`](crate::vmm::Vmm), the
-//! in-process experiment that moves a running guest into a new KVM VM. docs/snapshot-pvm.md
-//! says what this host's KVM (PVM) needs for that.
+//! VM that a restore must carry over; [`Vmm::snapshot_restore`](crate::vmm::Vmm), the
+//! in-process experiment that moves a running guest into a new KVM VM; and [`file`], an
+//! experimental snapshot on disk that a second ember process restores
+//! (`ember run --snapshot-to` / `--restore-from`). docs/snapshot-pvm.md says what this host's
+//! KVM (PVM) needs for that.
 
 pub mod file;
 pub mod kvm_state;
