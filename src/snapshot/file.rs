@@ -326,3 +326,56 @@ pub fn read_memory(dir: &Path, mem: &GuestMemory) -> Result<(), FileError> {
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::snapshot::kvm_state::KvmCaps;
+    use crate::vm::open_kvm;
+
+    #[test]
+    fn state_file_round_trip() {
+        let Ok(kvm) = open_kvm() else {
+            eprintln!("SKIP state_file_round_trip: /dev/kvm is not usable here");
+            return;
+        };
+        let caps = KvmCaps::probe(&kvm).unwrap();
+        let vm = kvm.create_vm().unwrap();
+        vm.create_irq_chip().unwrap();
+        vm.create_pit2(kvm_bindings::kvm_pit_config::default())
+            .unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let mut regs = vcpu.get_regs().unwrap();
+        regs.rbx = 0xdead_beef;
+        vcpu.set_regs(&regs).unwrap();
+        let mut fpu = vcpu.get_fpu().unwrap();
+        fpu.xmm[3][5] = 42;
+        vcpu.set_fpu(&fpu).unwrap();
+        let saved = SavedState {
+            vm: VmState::save(&vm).unwrap(),
+            vcpus: vec![VcpuState::save(&vcpu, &caps).unwrap()],
+            serial: Some(SerialState {
+                interrupt_enable: 3,
+                in_buffer: b"ab".to_vec(),
+                ..SerialState::default()
+            }),
+        };
+        let bytes = encode(&saved);
+        let back = decode(&bytes).unwrap();
+        assert_eq!(encode(&back), bytes);
+        let (v, w) = (&saved.vcpus[0], &back.vcpus[0]);
+        assert_eq!(w.regs.rbx, 0xdead_beef);
+        assert_eq!(w.fpu.xmm[3][5], 42);
+        assert_eq!(w.msrs.len(), v.msrs.len());
+        assert_eq!(w.cpuid.as_slice().len(), v.cpuid.as_slice().len());
+        assert_eq!(back.vm.clock.clock, saved.vm.clock.clock);
+        assert_eq!(back.serial.as_ref().unwrap().in_buffer, b"ab");
+        assert_eq!(back.serial.unwrap().interrupt_enable, 3);
+        // Damage is reported, not trusted.
+        assert!(decode(&bytes[..bytes.len() - 1]).is_err());
+        assert!(decode(b"EMBSNAP0").is_err());
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(decode(&longer).is_err());
+    }
+}
