@@ -293,7 +293,13 @@ pub fn build_vm(
                     crate::snapshot::file::FileError::Format("vCPU count differs from --vcpus"),
                 ));
             }
+            let t = Instant::now();
             crate::snapshot::file::read_memory(dir, &mem)?;
+            log::info!(
+                "restoring the snapshot in {}: guest memory read in {:?}",
+                dir.display(),
+                t.elapsed()
+            );
             let opts = crate::snapshot::kvm_state::RestoreOptions::standard();
             saved
                 .vm
