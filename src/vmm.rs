@@ -9,7 +9,7 @@ use crate::devices::legacy::console::{ConsoleHandle, FLUSH_STALL};
 use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
-use crate::snapshot::kvm_state::{self, KvmCaps, RestoreOptions, VmState};
+use crate::snapshot::kvm_state::{self, KvmCaps, RestoreOptions, VcpuState, VmState};
 use crate::snapshot::{
     copy_memory, file_memory, read_pvclock, RestoreParts, SnapshotError, SnapshotReport,
 };
@@ -88,6 +88,9 @@ impl std::fmt::Debug for RunOptions {
     }
 }
 
+/// What KVM_KVMCLOCK_CTRL said on one vCPU at a pause.
+type KvmclockCtrl = Result<(), kvm_ioctls::Error>;
+
 /// A VM with running vCPUs.
 pub struct Vmm {
     // Field order matters for drop: vCPU handles, then the VM fd, then memory.
@@ -144,6 +147,30 @@ impl Vmm {
         }
     }
 
+    /// Pauses every vCPU and collects its saved state and KVM_KVMCLOCK_CTRL's answer; on a
+    /// failure the vCPUs paused so far run on.
+    fn pause_all(
+        &self,
+        caps: &Arc<KvmCaps>,
+    ) -> Result<(Vec<VcpuState>, Vec<KvmclockCtrl>), SnapshotError> {
+        let mut states = Vec::new();
+        let mut kvmclock_ctrl = Vec::new();
+        for v in &self.vcpus {
+            let saved = v.pause(caps.clone(), Duration::from_secs(5)).and_then(|p| {
+                kvmclock_ctrl.push(p.kvmclock_ctrl);
+                p.state.map_err(|e| VcpuError::Save(v.index(), e))
+            });
+            match saved {
+                Ok(s) => states.push(s),
+                Err(e) => {
+                    self.vcpus.iter().for_each(VcpuHandle::resume);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok((states, kvmclock_ctrl))
+    }
+
     /// Keeps what [`snapshot_restore`](Self::snapshot_restore) needs.
     pub fn set_restore_parts(&mut self, parts: RestoreParts) {
         self.restore_parts = Some(parts);
@@ -174,25 +201,7 @@ impl Vmm {
         let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
         let t0 = Instant::now();
         let resume_all = |vcpus: &[VcpuHandle]| vcpus.iter().for_each(VcpuHandle::resume);
-        let mut states = Vec::new();
-        let mut kvmclock_ctrl = Vec::new();
-        for v in &self.vcpus {
-            let paused = match v.pause(caps.clone(), Duration::from_secs(5)) {
-                Ok(p) => p,
-                Err(e) => {
-                    resume_all(&self.vcpus);
-                    return Err(e.into());
-                }
-            };
-            match paused.state {
-                Ok(s) => states.push(s),
-                Err(e) => {
-                    resume_all(&self.vcpus);
-                    return Err(VcpuError::Save(v.index(), e).into());
-                }
-            }
-            kvmclock_ctrl.push(paused.kvmclock_ctrl);
-        }
+        let (states, kvmclock_ctrl) = self.pause_all(&caps)?;
         let vm_state = match VmState::save(self.vm.fd()) {
             Ok(s) => s,
             Err(e) => {
@@ -558,13 +567,11 @@ impl Vmm {
         }
         let kvm = open_kvm()?;
         let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
-        let mut vcpus = Vec::new();
-        for v in &self.vcpus {
-            let paused = v.pause(caps.clone(), Duration::from_secs(5))?;
-            if let Err(e) = &paused.kvmclock_ctrl {
-                log::debug!("vCPU {}: KVM_KVMCLOCK_CTRL: {e}", v.index());
+        let (vcpus, kvmclock_ctrl) = self.pause_all(&caps)?;
+        for (i, r) in kvmclock_ctrl.iter().enumerate() {
+            if let Err(e) = r {
+                log::debug!("vCPU {i}: KVM_KVMCLOCK_CTRL: {e}");
             }
-            vcpus.push(paused.state.map_err(|e| VcpuError::Save(v.index(), e))?);
         }
         let vm = VmState::save(self.vm.fd()).map_err(SnapshotError::SaveVm)?;
         let serial = parts
