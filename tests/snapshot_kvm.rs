@@ -123,7 +123,8 @@ fn counting_guest_continues(name: &str, opts: &str) {
 /// The default Linux guest, moved into a new KVM VM 3 s after its init started (while it
 /// runs a loop of `sleep 1`), goes on: every tick is printed, its uptime keeps growing, and it
 /// ends with its command's status. Ignored: it boots Linux (about 40 s on a PVM host). Run it
-/// with `cargo test --test snapshot_kvm -- --ignored --nocapture`; set EMBER_SNAPSHOT_APPEND
+/// with `cargo test --test snapshot_kvm -- --ignored --test-threads=1 --nocapture` (one Linux
+/// boot at a time); set EMBER_SNAPSHOT_APPEND
 /// to add kernel command-line words (e.g. `clocksource=kvm-clock`) and
 /// EMBER_SNAPSHOT_OPTS for --snapshot-restore-opts.
 #[test]
@@ -251,7 +252,7 @@ fn counting_guest_continues_in_a_new_process() {
 /// The default Linux guest, snapshotted to files 3 s after its init started (in its loop of
 /// `sleep 1`), restored by a second ember process: the ticks go on there and the guest ends
 /// cleanly. Ignored: it boots Linux (about 40 s on a PVM host). Run it with `cargo test
-/// --test snapshot_kvm -- --ignored --nocapture`.
+/// --test snapshot_kvm -- --ignored --test-threads=1 --nocapture`.
 #[test]
 #[ignore]
 fn linux_guest_continues_in_a_new_process() {
