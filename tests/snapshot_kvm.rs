@@ -124,9 +124,8 @@ fn counting_guest_continues(name: &str, opts: &str) {
 /// runs a loop of `sleep 1`), goes on: every tick is printed, its uptime keeps growing, and it
 /// ends with its command's status. Ignored: it boots Linux (about 40 s on a PVM host). Run it
 /// with `cargo test --test snapshot_kvm -- --ignored --test-threads=1 --nocapture` (one Linux
-/// boot at a time); set EMBER_SNAPSHOT_APPEND
-/// to add kernel command-line words (e.g. `clocksource=kvm-clock`) and
-/// EMBER_SNAPSHOT_OPTS for --snapshot-restore-opts.
+/// boot at a time); set EMBER_SNAPSHOT_APPEND to add kernel command-line words (e.g.
+/// `clocksource=kvm-clock`) and EMBER_SNAPSHOT_OPTS for --snapshot-restore-opts.
 #[test]
 #[ignore]
 fn linux_guest_keeps_ticking_in_a_new_vm() {
