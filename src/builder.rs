@@ -39,6 +39,9 @@ use crate::exit::VmExit;
 use crate::host::{append_switches, HostInfo};
 use crate::kernel::{self, ImageLoader, KernelError, KernelFormat};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
+use crate::snapshot::devices::DeviceStates;
+use crate::snapshot::file::FileState;
+use crate::snapshot::format::SnapshotError;
 use crate::symbols::LazySymbols;
 use crate::timeline::{Phase, Timeline};
 use crate::vcpu::{Vcpu, VcpuBootParams, VcpuError, VcpuShared};
@@ -85,6 +88,9 @@ pub enum BuildError {
     /// The vsock Unix socket could not be set up.
     #[error("cannot set up the vsock device")]
     Vsock(#[from] VsockError),
+    /// A snapshot to restore could not be read or restored.
+    #[error("cannot restore the snapshot")]
+    Snapshot(#[from] SnapshotError),
     /// The rng device could not be created.
     #[error("cannot set up the rng device")]
     Rng(#[from] RngError),
@@ -101,6 +107,9 @@ pub struct BuildHooks {
     pub kick_hook: Option<Arc<dyn crate::vcpu::KickHook>>,
     /// Signalled when the guest writes the boot timer (`ember bench` samples memory then).
     pub boot_timer_notify: Option<vmm_sys_util::eventfd::EventFd>,
+    /// Start from the snapshot in this directory instead of booting (experimental, issue
+    /// 13: `ember run --restore-from`; the VM flags must be those of the saved run).
+    pub restore_from: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for BuildHooks {
@@ -132,6 +141,14 @@ pub fn build_vm(
     let taps = open_taps(config)?;
     let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
+    // A snapshot to start from is read and checked against `config` now, so that a bad one
+    // stops here.
+    let restore = hooks
+        .restore_from
+        .as_deref()
+        .map(|dir| read_snapshot(config, dir).map(|s| (dir.to_path_buf(), s)))
+        .transpose()?;
+
     // 2. Guest memory, and the kernel and initrd loaded into it on a helper thread while
     //    the VM is set up (mapped from the image cache, or copied: CPU work that needs no
     //    KVM).
@@ -159,13 +176,14 @@ pub fn build_vm(
 
     // 5. Legacy devices.
     let mut devices = DeviceManager::new();
-    let consoles = attach_legacy_devices(
+    let legacy = attach_legacy_devices(
         config,
         &vm,
         &mut devices,
         &mut event_manager,
         &exit,
         &timeline,
+        restore.as_ref().map(|(_, s)| &s.devices),
     )?;
     let exit_status = attach_pseudo_devices(
         config,
@@ -203,12 +221,12 @@ pub fn build_vm(
     }
     // With ACPI: the platform registers, its power button, and the VM generation ID (its
     // random ID written into guest memory now, its GED event raised after a restore).
-    let (power_button, vmgenid) = if config.acpi {
-        let (button, ged) = attach_acpi_platform(&vm, &mut devices, &exit)?;
+    let (power_button, mut vmgenid, acpi_platform) = if config.acpi {
+        let (button, ged, platform) = attach_acpi_platform(&vm, &mut devices, &exit)?;
         let vmgenid = VmGenId::new(&mem, ged)?;
-        (Some(button), Some(vmgenid))
+        (Some(button), Some(vmgenid), Some(platform))
     } else {
-        (None, None)
+        (None, None, None)
     };
 
     // 6. The command line: the user's, then the host's needs, then the devices'.
@@ -266,9 +284,62 @@ pub fn build_vm(
         hook: hooks.kick_hook,
         timeline: timeline.clone(),
     };
-    let vcpus = (0..config.vcpus)
-        .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
-        .collect::<Result<Vec<_>, _>>()?;
+    let vcpus = match &restore {
+        None => (0..config.vcpus)
+            .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
+            .collect::<Result<Vec<_>, _>>()?,
+        // A snapshot: its memory over what was loaded, the ACPI registers (the serial
+        // ports were built from their state), its VM state, its vCPUs.
+        Some((dir, saved)) => {
+            let t = Instant::now();
+            crate::snapshot::file::read_memory(dir, &mem)?;
+            log::info!(
+                "restoring the snapshot in {}: guest memory read in {:?}",
+                dir.display(),
+                t.elapsed()
+            );
+            if let (Some(platform), Some(state)) = (&acpi_platform, &saved.devices.acpi) {
+                crate::devices::bus::lock(platform).restore_state(state);
+            }
+            let opts = crate::snapshot::kvm_state::RestoreOptions::standard();
+            saved
+                .vm
+                .vm
+                .restore(vm.fd(), &opts)
+                .map_err(|e| BuildError::Snapshot(SnapshotError::RestoreVm(e)))?;
+            let vcpus = saved
+                .vm
+                .vcpus
+                .iter()
+                .zip(0u32..)
+                .map(|(s, i)| Vcpu::restored(vm.fd(), i, s, &opts, &shared))
+                .collect::<Result<Vec<_>, _>>()?;
+            // Last, with RAM, the ACPI registers, the irqchip and every vCPU's LAPIC restored
+            // and before any vCPU runs (see devices::vmgenid): a new VM generation, so that
+            // two VMs restored from one snapshot do not share random streams. (This is
+            // Vmm::new_vm_generation, called before the Vmm exists: its vCPUs start with
+            // it.)
+            match vmgenid.as_mut() {
+                Some(g) => {
+                    g.regenerate(&mem).map_err(SnapshotError::from)?;
+                }
+                None => log::warn!(
+                    "restore: the VM has no VM generation ID (--no-acpi): the guest cannot be \
+                     told it was restored from a snapshot"
+                ),
+            }
+            vcpus
+        }
+    };
+    let restore_parts = crate::snapshot::RestoreParts {
+        config: config.clone(),
+        shared: shared.clone(),
+        irqfds: devices.take_irqfds(),
+        virtio_devices: devices.mmio_slots().len(),
+        com1: legacy.com1,
+        com2: legacy.com2,
+        acpi: acpi_platform,
+    };
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)
@@ -276,7 +347,8 @@ pub fn build_vm(
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
     vmm.set_mapped_images(mapped_images);
-    for console in consoles {
+    vmm.set_restore_parts(restore_parts);
+    for console in legacy.consoles {
         vmm.add_console(console);
     }
     if let Some(button) = power_button {
@@ -398,6 +470,42 @@ impl std::io::Write for StdFdWriter {
     }
 }
 
+/// Reads the snapshot in `dir` (`--restore-from`) and checks that a VM built from `config`
+/// can take it. VMs with virtio devices are refused: their state is not restored yet.
+fn read_snapshot(config: &VmConfig, dir: &std::path::Path) -> Result<FileState, SnapshotError> {
+    if !config.disks.is_empty()
+        || !config.net.is_empty()
+        || config.vsock.is_some()
+        || config.rng.is_some()
+    {
+        return Err(SnapshotError::NotRestorable(
+            crate::snapshot::file::NO_VIRTIO,
+        ));
+    }
+    let saved = crate::snapshot::file::read_state(dir)?;
+    saved.meta.check(config)?;
+    if saved.vm.vcpus.len() != config.vcpus as usize {
+        return Err(SnapshotError::Mismatch {
+            what: "vCPU state count".into(),
+            snapshot: saved.vm.vcpus.len().to_string(),
+            now: config.vcpus.to_string(),
+        });
+    }
+    Ok(saved)
+}
+
+/// The legacy devices a snapshot saves.
+struct LegacyDevices {
+    /// The console outputs to flush at the end of the run.
+    consoles: Vec<ConsoleHandle>,
+    /// COM1.
+    com1: Arc<Mutex<SerialDevice>>,
+    /// COM2, when the VM has one.
+    com2: Option<Arc<Mutex<SerialDevice>>>,
+}
+
+/// COM1, COM2 (when asked for) and the i8042; the serial ports with the registers of
+/// `saved` when a snapshot is restored.
 fn attach_legacy_devices(
     config: &VmConfig,
     vm: &Vm,
@@ -405,7 +513,8 @@ fn attach_legacy_devices(
     event_manager: &mut EventManager,
     exit: &Arc<VmExit>,
     timeline: &Arc<Timeline>,
-) -> Result<Vec<ConsoleHandle>, BuildError> {
+    saved: Option<&DeviceStates>,
+) -> Result<LegacyDevices, BuildError> {
     // COM1: the console.
     let irq = devices.irqfd(vm.fd(), COM1_IRQ)?;
     let out = ConsoleOutput::new(
@@ -416,9 +525,11 @@ fn attach_legacy_devices(
     )
     .map_err(BuildError::EventLoop)?;
     let mut consoles = vec![out.handle()];
-    let com1 = Arc::new(Mutex::new(
-        SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
-    ));
+    let com1 = match saved {
+        Some(s) => SerialDevice::from_state(irq, out, &s.com1)?,
+        None => SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
+    };
+    let com1 = Arc::new(Mutex::new(com1));
     devices.add_pio(com1.clone(), COM1_PORT, SERIAL_PORT_SIZE)?;
     if config.stdin {
         // SAFETY: close-on-exec dup of stdin; the new fd, when not -1, is owned by the File.
@@ -428,20 +539,24 @@ fn attach_legacy_devices(
         }
         // SAFETY: `fd` is a fresh fd nothing else owns.
         let input = unsafe { std::fs::File::from_raw_fd(fd) };
-        let sub = SerialInput::new(com1, input).map_err(BuildError::EventLoop)?;
+        let sub = SerialInput::new(com1.clone(), input).map_err(BuildError::EventLoop)?;
         event_manager.add_subscriber(Arc::new(Mutex::new(sub)));
     }
 
     // COM2, when asked for.
+    let mut com2 = None;
     if let Some(sink) = config.com2 {
         let irq = devices.irqfd(vm.fd(), COM2_IRQ)?;
         let out = ConsoleOutput::new(sink_writer(sink), sink_name(sink), None, None)
             .map_err(BuildError::EventLoop)?;
         consoles.push(out.handle());
-        let com2 = Arc::new(Mutex::new(
-            SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
-        ));
-        devices.add_pio(com2, COM2_PORT, SERIAL_PORT_SIZE)?;
+        let port = match saved.and_then(|s| s.com2.as_ref()) {
+            Some(state) => SerialDevice::from_state(irq, out, state)?,
+            None => SerialDevice::new(irq, out).map_err(BuildError::EventLoop)?,
+        };
+        let port = Arc::new(Mutex::new(port));
+        devices.add_pio(port.clone(), COM2_PORT, SERIAL_PORT_SIZE)?;
+        com2 = Some(port);
     }
 
     // i8042: data port 0x60 through command port 0x64, one device.
@@ -451,7 +566,11 @@ fn attach_legacy_devices(
         I8042_DATA_PORT,
         I8042_COMMAND_PORT - I8042_DATA_PORT + 1,
     )?;
-    Ok(consoles)
+    Ok(LegacyDevices {
+        consoles,
+        com1,
+        com2,
+    })
 }
 
 fn attach_pseudo_devices(
@@ -591,21 +710,18 @@ pub fn virtio_mmio_cmdline(slot: &MmioSlot) -> String {
 
 /// The ACPI register window (sleep, reset, GED events) with the GED's interrupt line. The
 /// returned power button asks the guest to shut down; the [`GedEvents`] handle raises the
-/// GED's other events (the VM generation ID's).
+/// GED's other events (the VM generation ID's); the platform itself is kept for snapshots.
 fn attach_acpi_platform(
     vm: &Vm,
     devices: &mut DeviceManager,
     exit: &Arc<VmExit>,
-) -> Result<(PowerButton, GedEvents), BuildError> {
+) -> Result<(PowerButton, GedEvents, Arc<Mutex<AcpiPlatform>>), BuildError> {
     let irq = devices.irqfd(vm.fd(), GED_IRQ)?;
     let (platform, button) = AcpiPlatform::new(exit.clone(), irq);
     let ged = platform.ged_events();
-    devices.add_mmio(
-        Arc::new(Mutex::new(platform)),
-        ACPI_MMIO_START,
-        ACPI_MMIO_SIZE,
-    )?;
-    Ok((button, ged))
+    let platform = Arc::new(Mutex::new(platform));
+    devices.add_mmio(platform.clone(), ACPI_MMIO_START, ACPI_MMIO_SIZE)?;
+    Ok((button, ged, platform))
 }
 
 #[cfg(test)]

@@ -317,6 +317,62 @@ pub struct RunArgs {
     /// `ember bench --setup-only`).
     #[arg(long, value_name = "MS", hide = true, value_parser = parse_millis)]
     pub stop_after_ms: Option<u64>,
+    /// Experimental (issue 13, docs/snapshot-pvm.md): this many seconds (decimals allowed)
+    /// after the guest's init started (its boot-timer write), pause the guest, save its KVM
+    /// state, copy its memory and move it into a new KVM VM in this process. Needs --no-rng
+    /// and no other virtio device.
+    #[arg(long, value_name = "SECS", hide = true, value_parser = parse_timeout)]
+    pub snapshot_restore_after: Option<f64>,
+    /// Experimental switches of that restore, comma-separated: no-clock (no KVM_SET_CLOCK),
+    /// keep-clock-flags, tsc-khz (KVM_SET_TSC_KHZ), skip-msr=0xN (repeatable), delay-ms=N
+    /// (wait between save and restore), memory-file (new memory mapped MAP_PRIVATE from a
+    /// file, as Firecracker does), probe-pvclock (read the guest's kvm-clock page 200 ms after
+    /// the restore), pause-only (save, then resume the same VM).
+    #[arg(long, value_name = "LIST", hide = true, value_parser = parse_restore_opts)]
+    pub snapshot_restore_opts: Option<crate::snapshot::kvm_state::RestoreOptions>,
+    /// Experimental: with --snapshot-restore-after, write a snapshot (files state, memory)
+    /// into DIR at that point and end the run instead of moving the guest.
+    #[arg(
+        long,
+        value_name = "DIR",
+        hide = true,
+        requires = "snapshot_restore_after"
+    )]
+    pub snapshot_to: Option<PathBuf>,
+    /// Experimental: start the guest from the snapshot in DIR instead of booting it. The
+    /// other flags must be those of the run that wrote it (--no-rng, --mem, --vcpus...).
+    #[arg(long, value_name = "DIR", hide = true)]
+    pub restore_from: Option<PathBuf>,
+}
+
+/// `--snapshot-restore-opts`: see [`RunArgs::snapshot_restore_opts`].
+fn parse_restore_opts(s: &str) -> Result<crate::snapshot::kvm_state::RestoreOptions, String> {
+    let mut o = crate::snapshot::kvm_state::RestoreOptions::standard();
+    for word in s.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        match word {
+            "no-clock" => o.set_clock = false,
+            "keep-clock-flags" => o.keep_clock_flags = true,
+            "tsc-khz" => o.set_tsc_khz = true,
+            "memory-file" => o.memory_file = true,
+            "probe-pvclock" => o.probe_pvclock = true,
+            "pause-only" => o.pause_only = true,
+            w if w.starts_with("delay-ms=") => {
+                let ms = w["delay-ms=".len()..]
+                    .parse()
+                    .map_err(|_| format!("bad delay in {w:?}"))?;
+                o.delay = std::time::Duration::from_millis(ms);
+            }
+            w => {
+                let msr = w
+                    .strip_prefix("skip-msr=")
+                    .map(|v| v.trim_start_matches("0x"))
+                    .and_then(|v| u32::from_str_radix(v, 16).ok())
+                    .ok_or_else(|| format!("unknown restore switch {w:?}"))?;
+                o.skip_msrs.push(msr);
+            }
+        }
+    }
+    Ok(o)
 }
 
 /// `ember bench` flags.
@@ -525,6 +581,30 @@ mod tests {
 
     fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
         Cli::try_parse_from(std::iter::once("ember").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn restore_switches_parse() {
+        let o = parse_restore_opts("no-clock, tsc-khz,skip-msr=0x10,skip-msr=4b564d01,delay-ms=5")
+            .unwrap();
+        assert!(!o.set_clock && o.set_tsc_khz && !o.keep_clock_flags);
+        assert_eq!(o.skip_msrs, [0x10, 0x4b56_4d01]);
+        assert_eq!(o.delay, std::time::Duration::from_millis(5));
+        let o = parse_restore_opts("").unwrap();
+        assert!(o.set_clock && !o.pause_only && !o.memory_file);
+        assert!(
+            parse_restore_opts("memory-file,pause-only,probe-pvclock,keep-clock-flags").is_ok_and(
+                |o| o.memory_file && o.pause_only && o.probe_pvclock && o.keep_clock_flags
+            )
+        );
+        assert!(parse_restore_opts("skip-msr=zz").is_err());
+        assert!(parse_restore_opts("delay-ms=x").is_err());
+        assert!(parse_restore_opts("bogus").is_err());
+        let cli = parse(&["run", "--snapshot-restore-after", "2.5"]).unwrap();
+        let Command::Run(a) = cli.command else {
+            panic!("not run")
+        };
+        assert_eq!(a.snapshot_restore_after, Some(2.5));
     }
 
     #[test]

@@ -185,9 +185,20 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
     .into_iter()
     .flatten()
     .min();
+    let snapshot_restore =
+        args.snapshot_restore_after
+            .map(|after| ember::snapshot::SnapshotTrigger {
+                after: Duration::from_secs_f64(after),
+                opts: args
+                    .snapshot_restore_opts
+                    .clone()
+                    .unwrap_or_else(ember::snapshot::kvm_state::RestoreOptions::standard),
+                to: args.snapshot_to.clone(),
+            });
     let opts = RunOptions {
         shutdown_timeout,
         deadline,
+        snapshot_restore,
         ..Default::default()
     };
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {
@@ -199,7 +210,11 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
         ember::bench::probe::run_instrumented(&config, start, &inst, opts)
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
     } else {
-        ember::run_vm(&config, start, Default::default(), opts)
+        let hooks = ember::builder::BuildHooks {
+            restore_from: args.restore_from.clone(),
+            ..Default::default()
+        };
+        ember::run_vm(&config, start, hooks, opts)
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
     };
     match result {

@@ -1,11 +1,12 @@
 // SPDX-License-Identifier: Apache-2.0
 //! vCPUs: per-vCPU register and CPUID set-up, one thread per vCPU running `KVM_RUN`, exits
 //! dispatched to the port-I/O and MMIO buses, and the kick that gets a thread out of
-//! `KVM_RUN` to stop it (or to sample it for the profiler).
+//! `KVM_RUN` to stop it (or to sample it for the profiler, or to pause it and hand out its
+//! KVM state for a snapshot: [`VcpuHandle::pause`]).
 
 use std::os::unix::thread::JoinHandleExt;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
-use std::sync::{Arc, Once};
+use std::sync::{Arc, Condvar, Mutex, Once};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -21,6 +22,7 @@ use crate::arch::x86_64::regs::{boot_fpu, boot_regs, boot_sregs, set_lint, Entry
 use crate::devices::bus::Bus;
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
+use crate::snapshot::kvm_state::{KvmCaps, RestoreOptions, StateError, VcpuState};
 use crate::symbols::LazySymbols;
 use crate::timeline::{Phase, Timeline};
 
@@ -47,6 +49,15 @@ pub enum VcpuError {
     /// The kick signal handler could not be installed.
     #[error("cannot install the vCPU kick signal handler")]
     Signal(#[source] vmm_sys_util::errno::Error),
+    /// Restoring a saved state into the vCPU failed.
+    #[error("vCPU {0}: cannot restore its saved KVM state")]
+    Restore(u32, #[source] StateError),
+    /// Pausing the vCPU failed.
+    #[error("vCPU {0}: {1}")]
+    Pause(u32, &'static str),
+    /// Saving the state of the paused vCPU failed.
+    #[error("vCPU {0}: cannot save its KVM state")]
+    Save(u32, #[source] StateError),
     /// A periodic kick timer could not be created.
     #[error("cannot create the periodic kick timer of vCPU thread {0}")]
     Timer(i32, #[source] std::io::Error),
@@ -99,6 +110,7 @@ pub struct Vcpu {
     buses: Arc<IoBuses>,
     exit: Arc<VmExit>,
     stop: Arc<AtomicBool>,
+    pause: Arc<PauseCtl>,
     stats: Arc<VcpuStats>,
     mem: GuestMemory,
     symbols: Arc<LazySymbols>,
@@ -215,6 +227,41 @@ impl Vcpu {
             buses: shared.buses.clone(),
             exit: shared.exit.clone(),
             stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(PauseCtl::default()),
+            stats: Arc::new(VcpuStats::default()),
+            mem: shared.mem.clone(),
+            symbols: shared.symbols.clone(),
+            hook: shared.hook.clone(),
+            timeline: shared.timeline.clone(),
+        })
+    }
+
+    /// Creates vCPU `index` of a new VM from a saved `state` (instead of the boot set-up of
+    /// [`new`](Self::new)).
+    pub fn restored(
+        vm: &VmFd,
+        index: u32,
+        state: &VcpuState,
+        opts: &RestoreOptions,
+        shared: &VcpuShared,
+    ) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|source| VcpuError::Kvm {
+                index,
+                what: "vCPU creation",
+                source,
+            })?;
+        state
+            .restore(&fd, opts)
+            .map_err(|e| VcpuError::Restore(index, e))?;
+        Ok(Self {
+            index,
+            fd,
+            buses: shared.buses.clone(),
+            exit: shared.exit.clone(),
+            stop: Arc::new(AtomicBool::new(false)),
+            pause: Arc::new(PauseCtl::default()),
             stats: Arc::new(VcpuStats::default()),
             mem: shared.mem.clone(),
             symbols: shared.symbols.clone(),
@@ -228,6 +275,7 @@ impl Vcpu {
         install_kick_handler()?;
         let index = self.index;
         let stop = self.stop.clone();
+        let pause = self.pause.clone();
         let stats = self.stats.clone();
         let thread = std::thread::Builder::new()
             .name(format!("ember-vcpu{index}"))
@@ -237,6 +285,7 @@ impl Vcpu {
             index,
             thread: Some(thread),
             stop,
+            pause,
             stats,
         })
     }
@@ -259,6 +308,10 @@ impl Vcpu {
         loop {
             if self.stop.load(Ordering::Acquire) {
                 break;
+            }
+            if self.pause.requested.load(Ordering::Acquire) {
+                self.park();
+                continue;
             }
             if first {
                 self.timeline.mark(Phase::FirstKvmRun);
@@ -303,6 +356,49 @@ impl Vcpu {
                     break;
                 }
             }
+        }
+    }
+
+    /// Pauses this vCPU for [`VcpuHandle::pause`]: completes the exit being handled, saves the
+    /// KVM state on this thread, hands it out and waits until resumed or stopped.
+    fn park(&mut self) {
+        // An I/O exit is only complete once KVM_RUN is entered again (an `in` lands in RAX
+        // then): with immediate_exit set, KVM finishes it and returns EINTR without running
+        // the guest.
+        self.fd.set_kvm_immediate_exit(1);
+        let completed = match self.fd.run() {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(e),
+            Ok(exit) => {
+                log::warn!(
+                    "vCPU {}: KVM_RUN with immediate_exit returned {exit:?}",
+                    self.index
+                );
+                Ok(())
+            }
+        };
+        self.fd.set_kvm_immediate_exit(0);
+        let paused = {
+            let caps = lock(&self.pause.inner).caps.clone();
+            let state = match (completed, caps) {
+                (Err(e), _) => Err(StateError::Ioctl("KVM_RUN (immediate_exit)", e)),
+                (Ok(()), Some(caps)) => VcpuState::save(&self.fd, &caps),
+                (Ok(()), None) => Err(StateError::NoCaps),
+            };
+            PausedVcpu {
+                state,
+                kvmclock_ctrl: self.fd.kvmclock_ctrl(),
+            }
+        };
+        let mut inner = lock(&self.pause.inner);
+        inner.paused = Some(paused);
+        self.pause.cv.notify_all();
+        while self.pause.requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            inner = self
+                .pause
+                .cv
+                .wait_timeout(inner, Duration::from_millis(20))
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
     }
 
@@ -527,12 +623,43 @@ fn handle_exit(index: u32, exit: VcpuExit<'_>, buses: &IoBuses, stats: &VcpuStat
     }
 }
 
+/// A pause request to a vCPU thread ([`VcpuHandle::pause`]), and what the thread hands back.
+#[derive(Debug, Default)]
+struct PauseCtl {
+    /// Set to pause, cleared to resume.
+    requested: AtomicBool,
+    inner: Mutex<PauseInner>,
+    cv: Condvar,
+}
+
+#[derive(Debug, Default)]
+struct PauseInner {
+    /// What the state is read with.
+    caps: Option<Arc<KvmCaps>>,
+    /// Set by the vCPU thread once it is parked.
+    paused: Option<PausedVcpu>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a paused vCPU thread hands out.
+#[derive(Debug)]
+pub struct PausedVcpu {
+    /// Its KVM state, or the ioctl that failed.
+    pub state: Result<VcpuState, StateError>,
+    /// What KVM_KVMCLOCK_CTRL (tell the guest it was paused) said.
+    pub kvmclock_ctrl: Result<(), kvm_ioctls::Error>,
+}
+
 /// A running vCPU thread.
 #[derive(Debug)]
 pub struct VcpuHandle {
     index: u32,
     thread: Option<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    pause: Arc<PauseCtl>,
     stats: Arc<VcpuStats>,
 }
 
@@ -546,6 +673,52 @@ impl VcpuHandle {
                 libc::pthread_kill(t.as_pthread_t(), kick_signal());
             }
         }
+    }
+
+    /// Pauses the vCPU between two KVM_RUNs (kicking it out of the guest) and returns its
+    /// KVM state, read with `caps` on the vCPU's own thread. The thread stays parked until
+    /// [`resume`](Self::resume) or [`stop_and_join`](Self::stop_and_join).
+    pub fn pause(&self, caps: Arc<KvmCaps>, timeout: Duration) -> Result<PausedVcpu, VcpuError> {
+        let Some(t) = &self.thread else {
+            return Err(VcpuError::Pause(self.index, "the thread has ended"));
+        };
+        {
+            let mut inner = lock(&self.pause.inner);
+            inner.caps = Some(caps);
+            inner.paused = None;
+        }
+        self.pause.requested.store(true, Ordering::Release);
+        let deadline = Instant::now() + timeout;
+        let mut inner = lock(&self.pause.inner);
+        loop {
+            if let Some(p) = inner.paused.take() {
+                return Ok(p);
+            }
+            if t.is_finished() {
+                self.pause.requested.store(false, Ordering::Release);
+                return Err(VcpuError::Pause(
+                    self.index,
+                    "the thread ended instead of pausing",
+                ));
+            }
+            if Instant::now() > deadline {
+                self.pause.requested.store(false, Ordering::Release);
+                return Err(VcpuError::Pause(self.index, "it did not pause in time"));
+            }
+            self.kick();
+            inner = self
+                .pause
+                .cv
+                .wait_timeout(inner, Duration::from_millis(2))
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
+        }
+    }
+
+    /// Lets a paused vCPU run on.
+    pub fn resume(&self) {
+        self.pause.requested.store(false, Ordering::Release);
+        let _guard = lock(&self.pause.inner);
+        self.pause.cv.notify_all();
     }
 
     /// The exit counters.
@@ -578,6 +751,9 @@ impl VcpuHandle {
     /// Returns false when it did not stop within `timeout`.
     pub fn stop_and_join(&mut self, timeout: Duration) -> bool {
         self.stop.store(true, Ordering::Release);
+        // A paused thread waits on the pause condition: wake it to see the stop.
+        drop(lock(&self.pause.inner));
+        self.pause.cv.notify_all();
         let Some(t) = self.thread.take() else {
             return true;
         };

@@ -10,9 +10,15 @@ use crate::devices::vmgenid::{GenerationId, VmGenId, VmGenIdError};
 use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
 use crate::memory::GuestMemory;
+use crate::snapshot::devices::{DeviceStates, I8042State};
+use crate::snapshot::format::SnapshotError;
+use crate::snapshot::kvm_state::{self, KvmCaps, KvmState, RestoreOptions, VcpuState, VmState};
+use crate::snapshot::{
+    copy_memory, file_memory, read_pvclock, RestoreParts, SnapshotMeta, SnapshotReport,
+};
 use crate::timeline::{Phase, Timeline};
-use crate::vcpu::VcpuHandle;
-use crate::vm::Vm;
+use crate::vcpu::{Vcpu, VcpuError, VcpuHandle};
+use crate::vm::{open_kvm, Vm};
 use crate::watchdog::{LoopWatch, Watchdog, WatchdogConfig};
 use event_manager::SubscriberOps;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -67,6 +73,9 @@ pub struct RunOptions {
     /// [`block_signals_to_fd`](crate::event_loop::block_signals_to_fd) called before the VM
     /// was built (so no vCPU thread takes those signals).
     pub signal_fd: Option<std::os::fd::OwnedFd>,
+    /// Move the running guest into a new KVM VM once, this long after its init started
+    /// (the snapshot/restore experiment of issue 13, docs/snapshot-pvm.md).
+    pub snapshot_restore: Option<crate::snapshot::SnapshotTrigger>,
     /// The process exit status for an outcome, for the [`watchdog`](crate::watchdog) that
     /// ends the process itself when the event loop is stuck. Default: `ember run`'s
     /// ([`ExitReason::exit_code`]).
@@ -81,6 +90,9 @@ impl std::fmt::Debug for RunOptions {
             .finish_non_exhaustive()
     }
 }
+
+/// What KVM_KVMCLOCK_CTRL said on one vCPU at a pause.
+type KvmclockCtrl = Result<(), kvm_ioctls::Error>;
 
 /// A VM with running vCPUs.
 pub struct Vmm {
@@ -99,6 +111,8 @@ pub struct Vmm {
     consoles: Vec<ConsoleHandle>,
     /// The VM generation ID (with ACPI).
     vmgenid: Option<VmGenId>,
+    /// What moving the guest into a new KVM VM needs (see [`Self::snapshot_restore`]).
+    restore_parts: Option<RestoreParts>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -133,9 +147,189 @@ impl Vmm {
             mapped_images: None,
             consoles: Vec::new(),
             vmgenid: None,
+            restore_parts: None,
             vm,
             mem,
         }
+    }
+
+    /// Pauses every vCPU and collects its saved state and KVM_KVMCLOCK_CTRL's answer; on a
+    /// failure the vCPUs paused so far run on.
+    fn pause_all(
+        &self,
+        caps: &Arc<KvmCaps>,
+    ) -> Result<(Vec<VcpuState>, Vec<KvmclockCtrl>), SnapshotError> {
+        let mut states = Vec::new();
+        let mut kvmclock_ctrl = Vec::new();
+        for v in &self.vcpus {
+            let saved = v.pause(caps.clone(), Duration::from_secs(5)).and_then(|p| {
+                kvmclock_ctrl.push(p.kvmclock_ctrl);
+                p.state.map_err(|e| VcpuError::Save(v.index(), e))
+            });
+            match saved {
+                Ok(s) => states.push(s),
+                Err(e) => {
+                    self.vcpus.iter().for_each(VcpuHandle::resume);
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok((states, kvmclock_ctrl))
+    }
+
+    /// Keeps what [`snapshot_restore`](Self::snapshot_restore) needs.
+    pub fn set_restore_parts(&mut self, parts: RestoreParts) {
+        self.restore_parts = Some(parts);
+    }
+
+    /// Moves the running guest into a new KVM VM in this process: pauses every vCPU and
+    /// saves its KVM state on its own thread, saves the VM's KVM state, copies guest memory
+    /// into a fresh mapping, ends the old vCPU threads, creates a new VM (irqchip, PIT) on the
+    /// new memory, registers the device irqfds with it, restores the VM state and then every
+    /// vCPU into new vCPU fds, and starts them. Devices are the same objects. On an error
+    /// before the old vCPUs are stopped the guest runs on in the old VM.
+    pub fn snapshot_restore(
+        &mut self,
+        opts: &RestoreOptions,
+    ) -> Result<SnapshotReport, SnapshotError> {
+        let Some(parts) = &self.restore_parts else {
+            return Err(SnapshotError::NotRestorable(
+                "it was not built with its restore parts",
+            ));
+        };
+        if parts.virtio_devices > 0 {
+            return Err(SnapshotError::NotRestorable(
+                crate::snapshot::file::NO_VIRTIO,
+            ));
+        }
+        let kvm = open_kvm()?;
+        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let t0 = Instant::now();
+        let resume_all = |vcpus: &[VcpuHandle]| vcpus.iter().for_each(VcpuHandle::resume);
+        let (states, kvmclock_ctrl) = self.pause_all(&caps)?;
+        let vm_state = match VmState::save(self.vm.fd()) {
+            Ok(s) => s,
+            Err(e) => {
+                resume_all(&self.vcpus);
+                return Err(SnapshotError::SaveVm(e));
+            }
+        };
+        let pause_save = t0.elapsed();
+        let t1 = Instant::now();
+        let copied = if opts.memory_file {
+            file_memory(&self.mem)
+        } else {
+            copy_memory(&self.mem)
+        };
+        let mem = match copied {
+            Ok(m) => m,
+            Err(e) => {
+                resume_all(&self.vcpus);
+                return Err(e);
+            }
+        };
+        let copy = t1.elapsed();
+        let pvclock_msr = states
+            .first()
+            .and_then(|s| kvm_state::msr_value(&s.msrs, crate::snapshot::MSR_KVM_SYSTEM_TIME_NEW))
+            .unwrap_or(0);
+        let mut pvclock: Vec<(&'static str, crate::snapshot::Pvclock)> = Vec::new();
+        pvclock.extend(read_pvclock(&mem, pvclock_msr).map(|p| ("saved", p)));
+        if opts.pause_only {
+            // A snapshot taken while the guest goes on: the same vCPUs resume.
+            drop(mem);
+            resume_all(&self.vcpus);
+            return Ok(SnapshotReport {
+                caps: (*caps).clone(),
+                vcpus: states,
+                kvmclock_ctrl,
+                vm: vm_state,
+                new_clock: None,
+                pause_save,
+                copy,
+                restore: Duration::ZERO,
+                pvclock,
+                restore_steps: Vec::new(),
+            });
+        }
+        std::thread::sleep(opts.delay);
+
+        // From here on there is no way back: the old vCPU threads end (closing their fds).
+        let t2 = Instant::now();
+        let mut steps = Vec::new();
+        let mut step = |name: &'static str, since: &mut Instant| {
+            steps.push((name, since.elapsed()));
+            *since = Instant::now();
+        };
+        let mut t = Instant::now();
+        for v in &mut self.vcpus {
+            v.stop_and_join(Duration::from_secs(5));
+        }
+        step("stop old vCPUs", &mut t);
+        // An eventfd is the irqfd of one VM at a time (EBUSY otherwise, on this project's
+        // 6.18 hosts): unbind it from the old VM first.
+        for (fd, irq) in &parts.irqfds {
+            self.vm
+                .fd()
+                .unregister_irqfd(fd, *irq)
+                .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
+        }
+        step("unbind irqfds", &mut t);
+        let vm = Vm::new(&kvm, &mem, &self.timeline)?;
+        step("new VM", &mut t);
+        for (fd, irq) in &parts.irqfds {
+            vm.fd()
+                .register_irqfd(fd, *irq)
+                .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
+        }
+        step("bind irqfds", &mut t);
+        vm_state
+            .restore(vm.fd(), opts)
+            .map_err(SnapshotError::RestoreVm)?;
+        step("VM state", &mut t);
+        let new_clock = vm.fd().get_clock().ok();
+        let shared = crate::vcpu::VcpuShared {
+            mem: mem.clone(),
+            ..parts.shared.clone()
+        };
+        let vcpus = states
+            .iter()
+            .zip(0u32..)
+            .map(|(s, i)| Vcpu::restored(vm.fd(), i, s, opts, &shared))
+            .collect::<Result<Vec<_>, _>>()?;
+        step("vCPUs restored", &mut t);
+        let handles = vcpus
+            .into_iter()
+            .map(Vcpu::start)
+            .collect::<Result<Vec<_>, _>>()?;
+        step("vCPUs started", &mut t);
+
+        // The guest runs in the new VM. The old vCPUs are joined: the old VM and then its
+        // memory can go (destroying a VM takes a while here; the guest does not wait for it).
+        self.vcpus = handles;
+        let restore = t2.elapsed();
+        let old_vm = std::mem::replace(&mut self.vm, vm);
+        let old_mem = std::mem::replace(&mut self.mem, mem);
+        drop(old_vm);
+        drop(old_mem);
+        step("old VM and memory freed (guest already running)", &mut t);
+        pvclock.extend(read_pvclock(&self.mem, pvclock_msr).map(|p| ("after restore", p)));
+        if opts.probe_pvclock {
+            std::thread::sleep(Duration::from_millis(200));
+            pvclock.extend(read_pvclock(&self.mem, pvclock_msr).map(|p| ("200 ms later", p)));
+        }
+        Ok(SnapshotReport {
+            caps: (*caps).clone(),
+            vcpus: states,
+            kvmclock_ctrl,
+            vm: vm_state,
+            new_clock,
+            pause_save,
+            copy,
+            restore,
+            pvclock,
+            restore_steps: steps,
+        })
     }
 
     /// Sets how this VM's guest is asked to shut down (the ACPI power button), used by
@@ -248,13 +442,28 @@ impl Vmm {
         }
         let mut stop_asked_at: Option<Instant> = None;
         let mut stop_signal = None;
+        let mut snapshot = opts.snapshot_restore.take();
         loop {
             watch.leave_turn();
             if self.exit.is_set() {
                 break;
             }
-            let now = Instant::now();
             let mut wait = Duration::from_millis(500);
+            if let Some(trigger) = &snapshot {
+                match self.snapshot_due(trigger) {
+                    Some(left) if left.is_zero() => {
+                        match &trigger.to {
+                            Some(dir) => self.snapshot_to_file(dir),
+                            None => self.snapshot_now(&trigger.opts),
+                        }
+                        snapshot = None;
+                        continue;
+                    }
+                    Some(left) => wait = wait.min(left),
+                    None => {}
+                }
+            }
+            let now = Instant::now();
             if let Some(d) = opts.deadline {
                 if now >= d {
                     self.exit.request(ExitReason::Timeout);
@@ -348,6 +557,92 @@ impl Vmm {
             guest_status,
             exits,
             stop_signal,
+        }
+    }
+
+    /// Pauses the guest, writes a snapshot into `dir` and ends the run (`ember run
+    /// --snapshot-to`).
+    fn snapshot_to_file(&mut self, dir: &std::path::Path) {
+        let t0 = Instant::now();
+        let result = self.save_snapshot(dir);
+        let reason = match result {
+            Ok(()) => {
+                log::info!(
+                    "snapshot-restore: snapshot written to {} in {:?}; stopping",
+                    dir.display(),
+                    t0.elapsed()
+                );
+                ExitReason::Stopped { graceful: true }
+            }
+            Err(e) => {
+                let msg = format!("snapshot failed: {}", crate::error_chain_line(&e));
+                log::error!("{msg}");
+                ExitReason::VcpuError(msg)
+            }
+        };
+        self.exit.request(reason);
+    }
+
+    /// Pauses every vCPU (they stay paused) and writes the snapshot into `dir`: the state
+    /// file (configuration, serial ports, ACPI registers, KVM state) and guest memory.
+    pub fn save_snapshot(&mut self, dir: &std::path::Path) -> Result<(), SnapshotError> {
+        let Some(parts) = &self.restore_parts else {
+            return Err(SnapshotError::NotRestorable(
+                "it was not built with its restore parts",
+            ));
+        };
+        if parts.virtio_devices > 0 {
+            return Err(SnapshotError::NotRestorable(
+                crate::snapshot::file::NO_VIRTIO,
+            ));
+        }
+        let meta = SnapshotMeta::new(&parts.config)?;
+        let kvm = open_kvm()?;
+        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let (vcpus, kvmclock_ctrl) = self.pause_all(&caps)?;
+        for (i, r) in kvmclock_ctrl.iter().enumerate() {
+            if let Err(e) = r {
+                log::debug!("vCPU {i}: KVM_KVMCLOCK_CTRL: {e}");
+            }
+        }
+        let vm = VmState::save(self.vm.fd()).map_err(SnapshotError::SaveVm)?;
+        use crate::devices::bus::lock;
+        let devices = DeviceStates {
+            com1: lock(&parts.com1).save_state(),
+            com2: parts.com2.as_ref().map(|c| lock(c).save_state()),
+            i8042: I8042State {},
+            acpi: parts.acpi.as_ref().map(|a| lock(a).save_state()),
+            virtio: Vec::new(),
+        };
+        let state = crate::snapshot::file::FileState {
+            meta,
+            devices,
+            vm: KvmState { vm, vcpus },
+        };
+        crate::snapshot::file::write(dir, &state, &self.mem)
+    }
+
+    /// How long until `trigger` is due (zero: now); `None` while the guest's init has not
+    /// started.
+    fn snapshot_due(&self, trigger: &crate::snapshot::SnapshotTrigger) -> Option<Duration> {
+        let init = self.timeline.get(Phase::BootTimer)?;
+        Some((init + trigger.after).saturating_sub(self.timeline.elapsed()))
+    }
+
+    /// Runs [`snapshot_restore`](Self::snapshot_restore) for the run loop and logs what it
+    /// did; a failure ends the run (even one that left the old VM running: this is an
+    /// experiment, whose failures must be seen).
+    fn snapshot_now(&mut self, opts: &RestoreOptions) {
+        log::info!("snapshot-restore: pausing the guest ({opts:?})");
+        match self.snapshot_restore(opts) {
+            Ok(report) if opts.pause_only => {
+                log::info!("snapshot-restore: saved, and resumed in the same VM: {report}");
+            }
+            Ok(report) => log::info!("snapshot-restore: restored into a new KVM VM: {report}"),
+            Err(e) => {
+                let msg = format!("snapshot-restore failed: {}", crate::error_chain_line(&e));
+                self.exit.request(ExitReason::VcpuError(msg));
+            }
         }
     }
 

@@ -102,6 +102,7 @@ pub fn run_instrumented(
             .map(EventFd::try_clone)
             .transpose()
             .map_err(BenchError::EventFd)?,
+        restore_from: None,
     };
     let mut vmm = crate::builder::build_vm(config, start, hooks)?;
 

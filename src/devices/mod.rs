@@ -65,6 +65,8 @@ pub struct DeviceManager {
     next_irq: u32,
     cmdline: Vec<String>,
     mmio_slots: Vec<MmioSlot>,
+    /// Every irqfd handed out, with its line (a restore registers them with a new VM).
+    irqfds: Vec<(EventFd, u32)>,
 }
 
 impl Default for DeviceManager {
@@ -82,6 +84,7 @@ impl DeviceManager {
             next_irq: VIRTIO_IRQ_FIRST,
             cmdline: Vec::new(),
             mmio_slots: Vec::new(),
+            irqfds: Vec::new(),
         }
     }
 
@@ -137,11 +140,18 @@ impl DeviceManager {
     }
 
     /// An eventfd registered as the irqfd of `irq`: writing it raises the line.
-    pub fn irqfd(&self, vm: &VmFd, irq: u32) -> Result<EventFd, DeviceError> {
+    pub fn irqfd(&mut self, vm: &VmFd, irq: u32) -> Result<EventFd, DeviceError> {
         let fd = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
         vm.register_irqfd(&fd, irq)
             .map_err(|e| DeviceError::Irqfd(irq, e))?;
+        self.irqfds
+            .push((fd.try_clone().map_err(DeviceError::EventFd)?, irq));
         Ok(fd)
+    }
+
+    /// Every irqfd handed out so far, with its interrupt line.
+    pub fn take_irqfds(&mut self) -> Vec<(EventFd, u32)> {
+        std::mem::take(&mut self.irqfds)
     }
 
     /// Adds a guest command-line entry (e.g. `virtio_mmio.device=...`).

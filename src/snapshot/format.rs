@@ -36,6 +36,8 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use super::kvm_state::StateError;
+
 /// Name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
 /// Name of the guest memory file inside a snapshot directory.
@@ -57,11 +59,12 @@ const FIXED_HEAD: usize = 8 + 4 + 2;
 /// Size of the checksum at the end.
 const CRC_LEN: usize = 4;
 
-/// Why a snapshot cannot be written, read or restored.
+/// Why a snapshot cannot be written, read or restored (the state file's refusals, and those
+/// of taking and restoring the KVM state, guest memory and devices).
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
     /// The file could not be read or written.
-    #[error("snapshot state {path}: {source}")]
+    #[error("snapshot file {path}: {source}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -168,6 +171,52 @@ pub enum SnapshotError {
         /// Why.
         why: String,
     },
+    /// This VM cannot be snapshotted or restored (yet).
+    #[error("this VM cannot be snapshotted or restored: {0}")]
+    NotRestorable(&'static str),
+    /// Opening /dev/kvm or creating the new VM failed.
+    #[error(transparent)]
+    Vm(#[from] crate::vm::VmError),
+    /// Reading what KVM supports failed.
+    #[error("cannot probe KVM's capabilities")]
+    Caps(#[source] StateError),
+    /// Pausing, saving or restoring a vCPU failed.
+    #[error(transparent)]
+    Vcpu(#[from] crate::vcpu::VcpuError),
+    /// Saving the VM state failed.
+    #[error("cannot save the VM's KVM state")]
+    SaveVm(#[source] StateError),
+    /// Restoring the VM state failed.
+    #[error("cannot restore the VM's KVM state into the new VM")]
+    RestoreVm(#[source] StateError),
+    /// The new guest memory could not be made.
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
+    /// Guest memory could not be read or written.
+    #[error("guest memory at {0:#x} cannot be accessed")]
+    GuestMemory(u64),
+    /// The memory file is not as large as the guest memory.
+    #[error(
+        "{path}: the memory file is {found} bytes, but the guest memory is {expected}: \
+         restore with the same --mem"
+    )]
+    MemorySize {
+        /// The memory file.
+        path: PathBuf,
+        /// Its size.
+        found: u64,
+        /// The guest memory's size.
+        expected: u64,
+    },
+    /// The memory file could not be written or mapped.
+    #[error("cannot make the guest memory file")]
+    MemoryFile(#[source] std::io::Error),
+    /// An irqfd could not be registered with the new VM.
+    #[error("cannot register the irqfd of IRQ {0} with the new VM")]
+    Irqfd(u32, #[source] kvm_ioctls::Error),
+    /// The VM generation ID could not be renewed after a restore.
+    #[error(transparent)]
+    VmGenId(#[from] crate::devices::vmgenid::VmGenIdError),
 }
 
 /// Encodes `state` as a complete state file (header, payload, checksum) in memory.
