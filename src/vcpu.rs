@@ -221,7 +221,12 @@ impl Vcpu {
             fd.set_regs(&boot_regs(boot.protocol, boot.entry))
                 .map_err(err("SET_REGS"))?;
         }
-        Ok(Self {
+        Ok(Self::with_fd(index, fd, shared))
+    }
+
+    /// vCPU `index` on its set-up `fd`, not started.
+    fn with_fd(index: u32, fd: VcpuFd, shared: &VcpuShared) -> Self {
+        Self {
             index,
             fd,
             buses: shared.buses.clone(),
@@ -233,7 +238,7 @@ impl Vcpu {
             symbols: shared.symbols.clone(),
             hook: shared.hook.clone(),
             timeline: shared.timeline.clone(),
-        })
+        }
     }
 
     /// Creates vCPU `index` of a new VM from a saved `state` (instead of the boot set-up of
@@ -255,19 +260,7 @@ impl Vcpu {
         state
             .restore(&fd, opts)
             .map_err(|e| VcpuError::Restore(index, e))?;
-        Ok(Self {
-            index,
-            fd,
-            buses: shared.buses.clone(),
-            exit: shared.exit.clone(),
-            stop: Arc::new(AtomicBool::new(false)),
-            pause: Arc::new(PauseCtl::default()),
-            stats: Arc::new(VcpuStats::default()),
-            mem: shared.mem.clone(),
-            symbols: shared.symbols.clone(),
-            hook: shared.hook.clone(),
-            timeline: shared.timeline.clone(),
-        })
+        Ok(Self::with_fd(index, fd, shared))
     }
 
     /// Starts the vCPU on its own thread `ember-vcpuN`.

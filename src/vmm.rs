@@ -192,16 +192,7 @@ impl Vmm {
         &mut self,
         opts: &RestoreOptions,
     ) -> Result<SnapshotReport, SnapshotError> {
-        let Some(parts) = &self.restore_parts else {
-            return Err(SnapshotError::NotRestorable(
-                "it was not built with its restore parts",
-            ));
-        };
-        if parts.virtio_devices > 0 {
-            return Err(SnapshotError::NotRestorable(
-                crate::snapshot::file::NO_VIRTIO,
-            ));
-        }
+        let parts = snapshottable(self.restore_parts.as_ref())?;
         let kvm = open_kvm()?;
         let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
         let t0 = Instant::now();
@@ -586,16 +577,7 @@ impl Vmm {
     /// Pauses every vCPU (they stay paused) and writes the snapshot into `dir`: the state
     /// file (configuration, serial ports, ACPI registers, KVM state) and guest memory.
     pub fn save_snapshot(&mut self, dir: &std::path::Path) -> Result<(), SnapshotError> {
-        let Some(parts) = &self.restore_parts else {
-            return Err(SnapshotError::NotRestorable(
-                "it was not built with its restore parts",
-            ));
-        };
-        if parts.virtio_devices > 0 {
-            return Err(SnapshotError::NotRestorable(
-                crate::snapshot::file::NO_VIRTIO,
-            ));
-        }
+        let parts = snapshottable(self.restore_parts.as_ref())?;
         let meta = SnapshotMeta::new(&parts.config)?;
         let kvm = open_kvm()?;
         let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
@@ -715,6 +697,21 @@ impl Vmm {
         }
         c
     }
+}
+
+/// The parts a snapshot is taken from, or why a VM with `parts` cannot be snapshotted.
+fn snapshottable(parts: Option<&RestoreParts>) -> Result<&RestoreParts, SnapshotError> {
+    let Some(parts) = parts else {
+        return Err(SnapshotError::NotRestorable(
+            "it was not built with its restore parts",
+        ));
+    };
+    if parts.virtio_devices > 0 {
+        return Err(SnapshotError::NotRestorable(
+            crate::snapshot::file::NO_VIRTIO,
+        ));
+    }
+    Ok(parts)
 }
 
 impl Drop for Vmm {

@@ -195,6 +195,42 @@ fn linux_guest_keeps_ticking_in_a_new_vm() {
     assert!(out.stdout.contains("ember-init: exit status 0"), "{out:?}");
 }
 
+/// Runs the counting guest in one ember process that snapshots it into `dir/snap` `after`
+/// seconds (a decimal string) and ends: the guest's ELF, the snapshot directory and that
+/// run's output.
+fn snapshot_counting_guest(
+    dir: &std::path::Path,
+    after: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, Finished) {
+    let elf = write_tiny_guest(dir, "guest.elf", &counting_guest(), &[]);
+    let snap = dir.join("snap");
+    let out = run_ember(
+        &[
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "16",
+            "--no-rng",
+            "--snapshot-restore-after",
+            after,
+            "--snapshot-to",
+            snap.to_str().unwrap(),
+        ],
+        None,
+        Duration::from_secs(120),
+    );
+    assert!(
+        !out.timed_out,
+        "the snapshotting ember did not end: {out:?}"
+    );
+    assert!(
+        out.stderr.contains("snapshot written to"),
+        "no snapshot: {out:?}"
+    );
+    (elf, snap, out)
+}
+
 /// Snapshot to files in one ember process, restore in a second one: the counter goes on
 /// from where the first process stopped.
 #[test]
@@ -204,24 +240,8 @@ fn counting_guest_continues_in_a_new_process() {
         return;
     }
     let dir = temp_dir(name);
-    let elf = write_tiny_guest(&dir, "guest.elf", &counting_guest(), &[]);
-    let snap = dir.join("snap");
+    let (elf, snap, out1) = snapshot_counting_guest(&dir, "0.3");
     let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16", "--no-rng"];
-    let mut first = vec!["run"];
-    first.extend(common);
-    first.extend([
-        "--snapshot-restore-after",
-        "0.3",
-        "--snapshot-to",
-        snap.to_str().unwrap(),
-    ]);
-    let out1 = run_ember(&first, None, Duration::from_secs(120));
-    assert!(!out1.timed_out, "first ember did not end: {out1:?}");
-    assert!(
-        out1.stderr.contains("snapshot written to"),
-        "no snapshot: {}",
-        out1.stderr
-    );
     let mut second = vec!["run"];
     second.extend(common);
     second.extend(["--restore-from", snap.to_str().unwrap()]);
@@ -258,22 +278,8 @@ fn damaged_or_mismatched_snapshot_is_refused() {
         return;
     }
     let dir = temp_dir(name);
-    let elf = write_tiny_guest(&dir, "guest.elf", &counting_guest(), &[]);
-    let snap = dir.join("snap");
+    let (elf, snap, _) = snapshot_counting_guest(&dir, "0.1");
     let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16", "--no-rng"];
-    let mut first = vec!["run"];
-    first.extend(common);
-    first.extend([
-        "--snapshot-restore-after",
-        "0.1",
-        "--snapshot-to",
-        snap.to_str().unwrap(),
-    ]);
-    let out1 = run_ember(&first, None, Duration::from_secs(120));
-    assert!(
-        out1.stderr.contains("snapshot written to"),
-        "no snapshot: {out1:?}"
-    );
 
     // Another memory size: refused before anything is restored.
     let mut other = vec!["run", "--kernel", elf.to_str().unwrap(), "--mem", "32"];

@@ -44,18 +44,7 @@ pub fn write(dir: &Path, state: &FileState, mem: &GuestMemory) -> Result<(), Sna
     format::write_state(&dir.join(STATE_FILE), state)?;
     let p = dir.join(MEMORY_FILE);
     let mut f = std::io::BufWriter::new(std::fs::File::create(&p).map_err(io(&p))?);
-    let mut buf = vec![0u8; 1 << 20];
-    for region in mem.iter() {
-        let mut off = 0u64;
-        while off < region.len() {
-            let n = usize::try_from((region.len() - off).min(buf.len() as u64)).unwrap_or(0);
-            let addr = vm_memory::GuestAddress(region.start_addr().0 + off);
-            mem.read_slice(&mut buf[..n], addr)
-                .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
-            f.write_all(&buf[..n]).map_err(io(&p))?;
-            off += n as u64;
-        }
-    }
+    super::write_memory(mem, &mut f, |e| io(&p)(e))?;
     f.flush().map_err(io(&p))
 }
 
@@ -78,17 +67,11 @@ pub fn read_memory(dir: &Path, mem: &GuestMemory) -> Result<(), SnapshotError> {
         });
     }
     let mut f = std::io::BufReader::new(file);
-    let mut buf = vec![0u8; 1 << 20];
-    for region in mem.iter() {
-        let mut off = 0u64;
-        while off < region.len() {
-            let n = usize::try_from((region.len() - off).min(buf.len() as u64)).unwrap_or(0);
-            f.read_exact(&mut buf[..n]).map_err(io(&p))?;
-            let addr = vm_memory::GuestAddress(region.start_addr().0 + off);
-            mem.write_slice(&buf[..n], addr)
-                .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
-            off += n as u64;
-        }
+    let mut buf = vec![0u8; super::MEMORY_CHUNK];
+    for (addr, n) in super::memory_chunks(mem) {
+        f.read_exact(&mut buf[..n]).map_err(io(&p))?;
+        mem.write_slice(&buf[..n], addr)
+            .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
     }
     Ok(())
 }

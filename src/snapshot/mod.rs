@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::VmConfig;
@@ -250,28 +250,53 @@ pub struct SnapshotReport {
 pub fn copy_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
     let size: u64 = old.iter().map(|r| r.len()).sum();
     let new = create_guest_memory(size)?;
-    let mut buf = vec![0u8; 1 << 20];
-    for region in old.iter() {
-        let start = region.start_addr();
-        let mut off = 0u64;
-        while off < region.len() {
-            let n = usize::try_from((region.len() - off).min(buf.len() as u64)).unwrap_or(0);
-            let addr = vm_memory::GuestAddress(start.0 + off);
-            old.read_slice(&mut buf[..n], addr)
-                .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
-            new.write_slice(&buf[..n], addr)
-                .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
-            off += n as u64;
-        }
+    let mut buf = vec![0u8; MEMORY_CHUNK];
+    for (addr, n) in memory_chunks(old) {
+        old.read_slice(&mut buf[..n], addr)
+            .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
+        new.write_slice(&buf[..n], addr)
+            .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
     }
     Ok(new)
+}
+
+/// Writes guest memory to `out` in the memory file's layout ([`memory_chunks`]); `io` turns
+/// a write error into the caller's error.
+pub fn write_memory<W: std::io::Write>(
+    mem: &GuestMemory,
+    out: &mut W,
+    io: impl Fn(std::io::Error) -> SnapshotError,
+) -> Result<(), SnapshotError> {
+    let mut buf = vec![0u8; MEMORY_CHUNK];
+    for (addr, n) in memory_chunks(mem) {
+        mem.read_slice(&mut buf[..n], addr)
+            .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
+        out.write_all(&buf[..n]).map_err(&io)?;
+    }
+    Ok(())
+}
+
+/// Size of the pieces [`memory_chunks`] cuts guest memory into.
+pub const MEMORY_CHUNK: usize = 1 << 20;
+
+/// Guest memory as (guest address, length) pieces of at most [`MEMORY_CHUNK`] bytes, region
+/// by region in address order: the layout of a snapshot's memory file.
+pub fn memory_chunks(mem: &GuestMemory) -> impl Iterator<Item = (GuestAddress, usize)> + '_ {
+    const CHUNK: u64 = MEMORY_CHUNK as u64;
+    mem.iter().flat_map(|region| {
+        let (start, len) = (region.start_addr().0, region.len());
+        (0..len.div_ceil(CHUNK)).map(move |i| {
+            let off = i * CHUNK;
+            // At most CHUNK, so it fits.
+            (GuestAddress(start + off), (len - off).min(CHUNK) as usize)
+        })
+    })
 }
 
 /// Writes `old` to a file in the temporary directory and maps the file MAP_PRIVATE as the
 /// new guest memory (as Firecracker loads a snapshot's memory file); the file is unlinked at
 /// once, the mappings keep it.
 pub fn file_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
-    use std::io::Write as _;
     use vm_memory::mmap::MmapRegionBuilder;
     use vm_memory::{FileOffset, GuestRegionMmap};
 
@@ -284,21 +309,11 @@ pub fn file_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
         .open(&path)
         .map_err(io)?;
     let _ = std::fs::remove_file(&path);
-    let mut buf = vec![0u8; 1 << 20];
+    write_memory(old, &mut file, io)?;
     let mut layout = Vec::new();
     let mut file_off = 0u64;
     for region in old.iter() {
-        let start = region.start_addr();
-        let mut off = 0u64;
-        while off < region.len() {
-            let n = usize::try_from((region.len() - off).min(buf.len() as u64)).unwrap_or(0);
-            let addr = vm_memory::GuestAddress(start.0 + off);
-            old.read_slice(&mut buf[..n], addr)
-                .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
-            file.write_all(&buf[..n]).map_err(io)?;
-            off += n as u64;
-        }
-        layout.push((start, region.len(), file_off));
+        layout.push((region.start_addr(), region.len(), file_off));
         file_off += region.len();
     }
     let file = std::sync::Arc::new(file);
