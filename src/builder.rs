@@ -319,6 +319,21 @@ pub fn build_vm(
             // two VMs restored from one snapshot do not share random streams. (This is
             // Vmm::new_vm_generation, called before the Vmm exists: its vCPUs start with
             // it.)
+            // The virtio transports and devices, with the irqchip restored (a pending
+            // interrupt is signalled again through its irqfd) and before any vCPU runs:
+            // their queues are in this VM's memory, which holds the snapshot's RAM now.
+            let transports = devices.virtio_transports();
+            if transports.len() != saved.devices.virtio.len() {
+                return Err(SnapshotError::Mismatch {
+                    what: "virtio device count".into(),
+                    snapshot: saved.devices.virtio.len().to_string(),
+                    now: transports.len().to_string(),
+                }
+                .into());
+            }
+            for (t, state) in transports.iter().zip(&saved.devices.virtio) {
+                crate::devices::bus::lock(t).restore_state(state)?;
+            }
             match vmgenid.as_mut() {
                 Some(g) => {
                     g.regenerate(&mem).map_err(SnapshotError::from)?;
@@ -335,7 +350,7 @@ pub fn build_vm(
         config: config.clone(),
         shared: shared.clone(),
         irqfds: devices.take_irqfds(),
-        virtio_devices: devices.mmio_slots().len(),
+        virtio: devices.virtio_transports().to_vec(),
         com1: legacy.com1,
         com2: legacy.com2,
         acpi: acpi_platform,
@@ -471,15 +486,12 @@ impl std::io::Write for StdFdWriter {
 }
 
 /// Reads the snapshot in `dir` (`--restore-from`) and checks that a VM built from `config`
-/// can take it. VMs with virtio devices are refused: their state is not restored yet.
+/// can take it. VMs with virtio-net or virtio-vsock are refused: their TAPs and connections
+/// are not carried over yet.
 fn read_snapshot(config: &VmConfig, dir: &std::path::Path) -> Result<FileState, SnapshotError> {
-    if !config.disks.is_empty()
-        || !config.net.is_empty()
-        || config.vsock.is_some()
-        || config.rng.is_some()
-    {
+    if !config.net.is_empty() || config.vsock.is_some() {
         return Err(SnapshotError::NotRestorable(
-            crate::snapshot::file::NO_VIRTIO,
+            crate::snapshot::file::NO_NET_VSOCK,
         ));
     }
     let saved = crate::snapshot::file::read_state(dir)?;
@@ -693,7 +705,9 @@ where
         queue_evts.push(Arc::new(evt));
     }
     let transport = MmioTransport::new(mem.clone(), device.clone(), interrupt, queue_evts)?;
-    devices.add_mmio(Arc::new(Mutex::new(transport)), slot.addr, slot.size)?;
+    let transport = Arc::new(Mutex::new(transport));
+    devices.add_mmio(transport.clone(), slot.addr, slot.size)?;
+    devices.push_virtio_transport(transport);
     event_manager.add_subscriber(device);
     devices.push_cmdline(virtio_mmio_cmdline(&slot));
     Ok(slot)

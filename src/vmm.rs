@@ -192,7 +192,7 @@ impl Vmm {
         &mut self,
         opts: &RestoreOptions,
     ) -> Result<SnapshotReport, SnapshotError> {
-        let parts = snapshottable(self.restore_parts.as_ref())?;
+        let parts = snapshottable(self.restore_parts.as_ref(), false)?;
         let kvm = open_kvm()?;
         let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
         let t0 = Instant::now();
@@ -575,9 +575,10 @@ impl Vmm {
     }
 
     /// Pauses every vCPU (they stay paused) and writes the snapshot into `dir`: the state
-    /// file (configuration, serial ports, ACPI registers, KVM state) and guest memory.
+    /// file (configuration, serial ports, ACPI registers, virtio transports with their
+    /// devices, KVM state) and guest memory.
     pub fn save_snapshot(&mut self, dir: &std::path::Path) -> Result<(), SnapshotError> {
-        let parts = snapshottable(self.restore_parts.as_ref())?;
+        let parts = snapshottable(self.restore_parts.as_ref(), true)?;
         let meta = SnapshotMeta::new(&parts.config)?;
         let kvm = open_kvm()?;
         let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
@@ -594,7 +595,9 @@ impl Vmm {
             com2: parts.com2.as_ref().map(|c| lock(c).save_state()),
             i8042: I8042State {},
             acpi: parts.acpi.as_ref().map(|a| lock(a).save_state()),
-            virtio: Vec::new(),
+            // The vCPUs are paused and the event loop is between turns (this runs at the top
+            // of the run loop): every chain a device took has been returned to its used ring.
+            virtio: parts.virtio.iter().map(|t| lock(t).save_state()).collect(),
         };
         let state = crate::snapshot::file::FileState {
             meta,
@@ -699,14 +702,26 @@ impl Vmm {
     }
 }
 
-/// The parts a snapshot is taken from, or why a VM with `parts` cannot be snapshotted.
-fn snapshottable(parts: Option<&RestoreParts>) -> Result<&RestoreParts, SnapshotError> {
+/// The parts a snapshot is taken from, or why a VM with `parts` cannot be snapshotted: into
+/// a snapshot directory (`to_file`), which carries virtio-rng and virtio-blk but not
+/// virtio-net or virtio-vsock, or into a new KVM VM in this process, which carries no virtio
+/// device (they hold the old memory).
+fn snapshottable(
+    parts: Option<&RestoreParts>,
+    to_file: bool,
+) -> Result<&RestoreParts, SnapshotError> {
     let Some(parts) = parts else {
         return Err(SnapshotError::NotRestorable(
             "it was not built with its restore parts",
         ));
     };
-    if parts.virtio_devices > 0 {
+    if to_file {
+        if !parts.config.net.is_empty() || parts.config.vsock.is_some() {
+            return Err(SnapshotError::NotRestorable(
+                crate::snapshot::file::NO_NET_VSOCK,
+            ));
+        }
+    } else if !parts.virtio.is_empty() {
         return Err(SnapshotError::NotRestorable(
             crate::snapshot::file::NO_VIRTIO,
         ));

@@ -211,7 +211,6 @@ fn snapshot_counting_guest(
             elf.to_str().unwrap(),
             "--mem",
             "16",
-            "--no-rng",
             "--snapshot-restore-after",
             after,
             "--snapshot-to",
@@ -232,7 +231,8 @@ fn snapshot_counting_guest(
 }
 
 /// Snapshot to files in one ember process, restore in a second one: the counter goes on
-/// from where the first process stopped.
+/// from where the first process stopped. The VM has its default virtio-rng, which this guest
+/// never activates: its transport is saved and restored as it was.
 #[test]
 fn counting_guest_continues_in_a_new_process() {
     let name = "counting_guest_continues_in_a_new_process";
@@ -241,7 +241,7 @@ fn counting_guest_continues_in_a_new_process() {
     }
     let dir = temp_dir(name);
     let (elf, snap, out1) = snapshot_counting_guest(&dir, "0.3");
-    let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16", "--no-rng"];
+    let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16"];
     let mut second = vec!["run"];
     second.extend(common);
     second.extend(["--restore-from", snap.to_str().unwrap()]);
@@ -279,11 +279,11 @@ fn damaged_or_mismatched_snapshot_is_refused() {
     }
     let dir = temp_dir(name);
     let (elf, snap, _) = snapshot_counting_guest(&dir, "0.1");
-    let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16", "--no-rng"];
+    let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16"];
 
     // Another memory size: refused before anything is restored.
     let mut other = vec!["run", "--kernel", elf.to_str().unwrap(), "--mem", "32"];
-    other.extend(["--no-rng", "--restore-from", snap.to_str().unwrap()]);
+    other.extend(["--restore-from", snap.to_str().unwrap()]);
     let out = run_ember(&other, None, Duration::from_secs(60));
     out.expect_code(2);
     assert!(
@@ -312,8 +312,9 @@ fn damaged_or_mismatched_snapshot_is_refused() {
     assert!(out2.stdout.is_empty(), "the guest ran: {out2:?}");
 }
 
-/// A VM with virtio devices cannot be restored yet: refused with status 2, saying that
-/// `--no-rng` is needed.
+/// A VM with virtio-vsock (or virtio-net) cannot be snapshotted or restored yet: a restore is
+/// refused with status 2, saying why, and so is a move into a new KVM VM with any virtio
+/// device (the default virtio-rng here).
 #[test]
 fn restore_with_virtio_devices_is_refused() {
     let name = "restore_with_virtio_devices_is_refused";
@@ -323,18 +324,64 @@ fn restore_with_virtio_devices_is_refused() {
     let dir = temp_dir(name);
     let elf = write_tiny_guest(&dir, "guest.elf", &counting_guest(), &[]);
     let snap = dir.join("snap");
+    let vsock = format!("cid=3,uds={}", dir.join("v.sock").display());
     let args = [
         "run",
         "--kernel",
         elf.to_str().unwrap(),
         "--mem",
         "16",
+        "--vsock",
+        &vsock,
         "--restore-from",
         snap.to_str().unwrap(),
     ];
     let out = run_ember(&args, None, Duration::from_secs(60));
-    let _ = std::fs::remove_dir_all(&dir);
     out.expect_code(2);
+    assert!(
+        out.stderr.contains("virtio-net or virtio-vsock")
+            && out.stderr.contains("no --net/--vsock"),
+        "no net/vsock message: {}",
+        out.stderr
+    );
+    assert!(out.stdout.is_empty(), "the guest ran: {out:?}");
+
+    // Snapshotting such a VM fails and says why.
+    let args = [
+        "run",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--mem",
+        "16",
+        "--vsock",
+        &vsock,
+        "--snapshot-restore-after",
+        "0.1",
+        "--snapshot-to",
+        snap.to_str().unwrap(),
+    ];
+    let out = run_ember(&args, None, Duration::from_secs(60));
+    assert!(!out.timed_out, "{out:?}");
+    assert!(
+        out.stderr.contains("snapshot failed") && out.stderr.contains("virtio-vsock"),
+        "no snapshot refusal: {}",
+        out.stderr
+    );
+    assert!(!snap.join("state").exists());
+
+    // A move into a new KVM VM in this process refuses the default virtio-rng.
+    let args = [
+        "run",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--mem",
+        "16",
+        "--snapshot-restore-after",
+        "0.1",
+    ];
+    let out = run_ember(&args, None, Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.timed_out, "{out:?}");
     assert!(
         out.stderr.contains("virtio devices") && out.stderr.contains("--no-rng"),
         "no --no-rng hint: {}",
@@ -342,9 +389,156 @@ fn restore_with_virtio_devices_is_refused() {
     );
 }
 
-/// The default Linux guest, snapshotted to files 3 s after its init started (in its loop of
-/// `sleep 1`), restored by a second ember process: the ticks go on there and the guest ends
-/// cleanly. Ignored: it boots Linux (about 40 s on a PVM host). Run it with `cargo test
+/// The first virtio-mmio window: with no disk, NIC or vsock, the default virtio-rng.
+const RNG_MMIO: u64 = 0xd000_0000;
+/// The rng queue's rings and buffers in the guest's RAM (identity-mapped, zero at boot).
+const DESC: u32 = 0x20_0000;
+const AVAIL: u32 = 0x20_1000;
+const USED: u32 = 0x20_2000;
+const BUF: u32 = 0x20_3000;
+/// TSC ticks for which the rng guest prints dots between its two requests (the snapshot is
+/// taken meanwhile): about half a second.
+const DOT_TICKS: u64 = 1_500_000_000;
+
+/// Makes the guest wait until the rng's used ring index is `n`, then print it as a digit and
+/// a newline.
+fn wait_used_and_print(a: &mut Asm, n: u8) {
+    a.bytes(&[0x48, 0xbf]).bytes(&u64::from(USED).to_le_bytes()); // mov rdi, USED
+    let top = a.here();
+    a.bytes(&[0x0f, 0xb7, 0x47, 0x02]); // movzx eax, word [rdi + 2] (used->idx)
+    a.bytes(&[0x83, 0xf8, n]); // cmp eax, n
+    a.jcc(0x75, top); // jnz top
+    a.bytes(&[0x04, b'0']); // add al, '0'
+    a.mov_dx(0x3f8).out_dx_al();
+    a.mov_al(b'\n').out_dx_al();
+}
+
+/// A guest that drives virtio-rng as a driver would: status ACK, DRIVER, VERSION_1,
+/// FEATURES_OK, queue 0 (size 4) set up and ready, DRIVER_OK; it posts one 16-byte request,
+/// waits for the device to fill it and prints the used index ('1'), prints dots for
+/// DOT_TICKS of the TSC (the snapshot is taken meanwhile), posts a second request, waits and
+/// prints '2', and resets.
+fn rng_guest() -> Vec<u8> {
+    let reg = |r: u64| RNG_MMIO + r;
+    let mut a = Asm::new();
+    a.mov_al(123).mmio_write8(0xc000_0000); // boot timer: "init started"
+    for (r, v) in [
+        (0x70, 0),    // status: reset
+        (0x70, 1),    // ACK
+        (0x70, 3),    // DRIVER
+        (0x24, 1),    // DriverFeaturesSel 1
+        (0x20, 1),    // VERSION_1 (feature bit 32)
+        (0x70, 11),   // FEATURES_OK
+        (0x30, 0),    // QueueSel 0
+        (0x38, 4),    // QueueNum
+        (0x80, DESC), // QueueDesc
+        (0x84, 0),
+        (0x90, AVAIL), // QueueAvail
+        (0x94, 0),
+        (0xa0, USED), // QueueUsed
+        (0xa4, 0),
+        (0x44, 1),  // QueueReady
+        (0x70, 15), // DRIVER_OK
+    ] {
+        a.mov_eax(v).mmio_write32(reg(r));
+    }
+    // Descriptors 0 and 1: 16 device-writable bytes each.
+    for i in 0..2u32 {
+        let d = u64::from(DESC + 16 * i);
+        a.mov_eax(BUF + 0x100 * i).mmio_write32(d);
+        a.mov_eax(0).mmio_write32(d + 4);
+        a.mov_eax(16).mmio_write32(d + 8);
+        a.mov_eax(2).mmio_write32(d + 12); // VIRTQ_DESC_F_WRITE, next 0
+    }
+    a.mov_eax(1 << 16).mmio_write32(u64::from(AVAIL + 4)); // ring[0] = 0, ring[1] = 1
+                                                           // Request 1: avail idx 1, notify.
+    a.mov_eax(1 << 16).mmio_write32(u64::from(AVAIL));
+    a.mov_eax(0).mmio_write32(reg(0x50));
+    wait_used_and_print(&mut a, 1);
+    // Dots, each after a short busy wait, for DOT_TICKS of the TSC.
+    let rdtsc = [0x0f, 0x31, 0x48, 0xc1, 0xe2, 0x20, 0x48, 0x09, 0xd0]; // rax = TSC
+    a.bytes(&rdtsc).bytes(&[0x48, 0x89, 0xc6]); // mov rsi, rax
+    let top = a.here();
+    a.mov_dx(0x3f8).mov_al(b'.').out_dx_al();
+    a.bytes(&[0xb9, 0x00, 0x04, 0, 0]); // mov ecx, 1024
+    let wait = a.here();
+    a.bytes(&[0xff, 0xc9]); // dec ecx
+    a.jcc(0x75, wait);
+    a.bytes(&rdtsc).bytes(&[0x48, 0x29, 0xf0]); // sub rax, rsi
+    a.bytes(&[0x48, 0xbf]).bytes(&DOT_TICKS.to_le_bytes()); // mov rdi, DOT_TICKS
+    a.bytes(&[0x48, 0x39, 0xf8]); // cmp rax, rdi
+    a.jcc(0x72, top); // jb top
+    a.mov_dx(0x3f8).mov_al(b'\n').out_dx_al();
+    // Request 2: avail idx 2, notify.
+    a.mov_eax(2 << 16).mmio_write32(u64::from(AVAIL));
+    a.mov_eax(0).mmio_write32(reg(0x50));
+    wait_used_and_print(&mut a, 2);
+    a.reset();
+    a.code
+}
+
+/// A guest that activated virtio-rng and had one request filled is snapshotted to files;
+/// restored in a second process, its second request is filled by the restored device (its
+/// queue, in the new process's guest memory, goes on at used index 2).
+#[test]
+fn activated_rng_serves_requests_after_a_restore() {
+    let name = "activated_rng_serves_requests_after_a_restore";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let elf = write_tiny_guest(&dir, "guest.elf", &rng_guest(), &[]);
+    let snap = dir.join("snap");
+    let common = ["run", "--kernel", elf.to_str().unwrap(), "--mem", "16"];
+    let mut first = common.to_vec();
+    first.extend([
+        "--snapshot-restore-after",
+        "0.2",
+        "--snapshot-to",
+        snap.to_str().unwrap(),
+    ]);
+    let out1 = run_ember(&first, None, Duration::from_secs(60));
+    assert!(
+        !out1.timed_out,
+        "the snapshotting ember did not end: {out1:?}"
+    );
+    assert!(
+        out1.stderr.contains("snapshot written to"),
+        "no snapshot: {out1:?}"
+    );
+    assert!(
+        out1.stdout.starts_with("1\n") && !out1.stdout.contains('2'),
+        "the first request was not filled, or the snapshot came after the second: {:?}",
+        &out1.stdout[..out1.stdout.len().min(200)]
+    );
+    let mut second = common.to_vec();
+    second.extend(["--restore-from", snap.to_str().unwrap()]);
+    let out2 = run_ember(&second, None, Duration::from_secs(60));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out2.timed_out, "the restored guest hung: {out2:?}");
+    out2.expect_code(0);
+    let both = format!("{}{}", out1.stdout, out2.stdout);
+    eprintln!(
+        "first process printed {} dots, second {}",
+        out1.stdout.matches('.').count(),
+        out2.stdout.matches('.').count()
+    );
+    let dots = both.len() - "1\n\n2\n".len();
+    assert!(
+        both.starts_with("1\n") && both[2..2 + dots].bytes().all(|b| b == b'.'),
+        "the guest restarted or printed something else: {:?}",
+        &both[..both.len().min(200)]
+    );
+    assert!(
+        both.ends_with(".\n2\n"),
+        "no second request filled: {:?}",
+        &both[both.len().saturating_sub(200)..]
+    );
+}
+
+/// The default Linux guest with its virtio-rng, snapshotted to files 3 s after its init
+/// started (in its loop of `sleep 1`), restored by a second ember process: the ticks go on
+/// there, the guest reads 16 bytes from /dev/hwrng (the restored device) and ends cleanly. Ignored: it boots Linux (about 40 s on a PVM host). Run it with `cargo test
 /// --test snapshot_kvm -- --ignored --test-threads=1 --nocapture`.
 #[test]
 #[ignore]
@@ -358,15 +552,17 @@ fn linux_guest_continues_in_a_new_process() {
     };
     let dir = temp_dir(name);
     let snap = dir.join("snap");
+    // After the ticks, 16 bytes read from /dev/hwrng: the restored virtio-rng serves them.
     let cmd = "ember.cmd=\"i=0; while [ $i -lt 8 ]; do read -r u x </proc/uptime; echo tick \
-               $i $u; i=$((i+1)); sleep 1; done\"";
+               $i $u; i=$((i+1)); sleep 1; done; read -r cur </sys/class/misc/hw_random/\
+               rng_current; echo hwrng $cur $(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | \
+               base64)\"";
     let common = [
         "run",
         "--kernel",
         kernel.to_str().unwrap(),
         "--initrd",
         initrd.to_str().unwrap(),
-        "--no-rng",
         "--timeout",
         "300",
     ];
@@ -401,6 +597,13 @@ fn linux_guest_continues_in_a_new_process() {
     let all: Vec<u32> = a.iter().chain(&b).copied().collect();
     assert_eq!(all, (0..8).collect::<Vec<_>>(), "{out1:?}\n{out2:?}");
     assert!(!b.is_empty(), "nothing ran in the second process: {out2:?}");
+    let hwrng = out2.stdout.lines().find(|l| l.starts_with("hwrng "));
+    eprintln!("second process: {hwrng:?}");
+    let words: Vec<&str> = hwrng.unwrap_or_default().split_whitespace().collect();
+    assert!(
+        words.len() == 3 && words[1].starts_with("virtio_rng") && words[2].len() == 24,
+        "the restored guest read nothing from its virtio-rng: {out2:?}"
+    );
     assert!(
         out2.stdout.contains("ember-init: exit status 0"),
         "{out2:?}"

@@ -67,6 +67,8 @@ pub struct DeviceManager {
     mmio_slots: Vec<MmioSlot>,
     /// Every irqfd handed out, with its line (a restore registers them with a new VM).
     irqfds: Vec<(EventFd, u32)>,
+    /// Every virtio-mmio transport, in the order of its MMIO slot (a snapshot saves them).
+    virtio: Vec<Arc<Mutex<virtio::mmio::MmioTransport>>>,
 }
 
 impl Default for DeviceManager {
@@ -85,6 +87,7 @@ impl DeviceManager {
             cmdline: Vec::new(),
             mmio_slots: Vec::new(),
             irqfds: Vec::new(),
+            virtio: Vec::new(),
         }
     }
 
@@ -167,6 +170,16 @@ impl DeviceManager {
     /// The virtio-mmio windows handed out so far.
     pub fn mmio_slots(&self) -> &[MmioSlot] {
         &self.mmio_slots
+    }
+
+    /// Keeps a virtio-mmio transport for snapshots (see [`Self::virtio_transports`]).
+    pub fn push_virtio_transport(&mut self, t: Arc<Mutex<virtio::mmio::MmioTransport>>) {
+        self.virtio.push(t);
+    }
+
+    /// Every virtio-mmio transport, in the order of its MMIO slot.
+    pub fn virtio_transports(&self) -> &[Arc<Mutex<virtio::mmio::MmioTransport>>] {
+        &self.virtio
     }
 }
 

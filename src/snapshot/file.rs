@@ -8,10 +8,14 @@
 //!   checksummed state file of [`write_state`](super::format::write_state);
 //! - `memory` ([`MEMORY_FILE`]): guest RAM as raw bytes, region after region.
 //!
-//! A VM with virtio devices cannot be saved yet (their queues would have to move with guest
-//! memory): `--no-rng` and no `--disk`/`--net`/`--vsock`. The restoring run must be given
-//! the same VM flags; [`SnapshotMeta::check`](super::SnapshotMeta::check) refuses another
-//! configuration.
+//! virtio-rng and virtio-blk are carried over: each transport's registers and queues with
+//! its device's state (see [`devices`](super::devices)); the restoring run builds its devices
+//! from the configuration as usual (disks reopened by path, with the same locks) and
+//! restores each transport once guest memory holds the snapshot's RAM. A VM with
+//! virtio-net or virtio-vsock is refused ([`NO_NET_VSOCK`]): TAPs and connections are not
+//! carried over yet. The restoring run must be given the same VM flags;
+//! [`SnapshotMeta::check`](super::SnapshotMeta::check) refuses another configuration (a
+//! disk whose size changed included).
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -26,9 +30,16 @@ use crate::memory::GuestMemory;
 /// What the `state` file of a `--snapshot-to` directory holds.
 pub type FileState = SnapshotState<KvmState>;
 
-/// Why a VM with virtio devices is refused.
-pub const NO_VIRTIO: &str = "it has virtio devices, which cannot be snapshotted yet: use \
-                             --no-rng and no --disk/--net/--vsock";
+/// Why a VM with virtio devices is refused by a move into a new KVM VM in the same process
+/// (`--snapshot-restore-after` without `--snapshot-to`).
+pub const NO_VIRTIO: &str = "it has virtio devices, which cannot be moved into a new KVM VM \
+                             in this process yet: use --no-rng and no --disk/--net/--vsock \
+                             (--snapshot-to/--restore-from carry virtio-rng and virtio-blk)";
+
+/// Why a VM with virtio-net or virtio-vsock is refused by `--snapshot-to`/`--restore-from`.
+pub const NO_NET_VSOCK: &str = "it has virtio-net or virtio-vsock devices, which cannot be \
+                                snapshotted yet (TAPs and vsock connections are not carried \
+                                over): use no --net/--vsock";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {

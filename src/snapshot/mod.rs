@@ -34,6 +34,7 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::config::VmConfig;
 use crate::devices::acpi::AcpiPlatform;
 use crate::devices::legacy::serial::SerialDevice;
+use crate::devices::virtio::mmio::MmioTransport;
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::vcpu::VcpuShared;
 use devices::DeviceStates;
@@ -197,8 +198,10 @@ pub struct RestoreParts {
     pub shared: VcpuShared,
     /// Every device irqfd, with its line.
     pub irqfds: Vec<(EventFd, u32)>,
-    /// How many virtio devices the VM has (they hold the old memory: not movable yet).
-    pub virtio_devices: usize,
+    /// Every virtio-mmio transport with its device, in slot order (a snapshot file carries
+    /// virtio-rng and virtio-blk; they hold the VM's memory, so a move into a new KVM VM in
+    /// this process refuses them).
+    pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
     /// COM1, whose registers a snapshot carries.
     pub com1: Arc<Mutex<SerialDevice>>,
     /// COM2, when the VM has one.
