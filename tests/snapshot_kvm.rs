@@ -269,6 +269,80 @@ fn counting_guest_continues_in_a_new_process() {
     );
 }
 
+/// The joined output of a counting guest's two processes is every value once, in order.
+fn assert_counted_on(out1: &Finished, out2: &Finished) {
+    let both = format!("{}{}", out1.stdout, out2.stdout);
+    let all: Vec<u32> = both
+        .lines()
+        .map(|l| u32::from_str_radix(l, 16).unwrap_or_else(|_| panic!("bad line {l:?}")))
+        .collect();
+    assert!(
+        all == (0..COUNT).collect::<Vec<_>>(),
+        "counter went wrong: first {} lines, second starts with {:?}",
+        out1.stdout.lines().count(),
+        out2.stdout.lines().next()
+    );
+}
+
+/// A VM with a virtio-blk disk (and its virtio-rng) is snapshotted to files and restored with
+/// the disk reopened by path: the counter goes on. A disk whose size changed since the
+/// snapshot is refused (status 2, both sizes named) before the guest runs.
+#[test]
+fn restore_with_a_disk_reopens_it_and_refuses_another_size() {
+    let name = "restore_with_a_disk_reopens_it_and_refuses_another_size";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let elf = write_tiny_guest(&dir, "guest.elf", &counting_guest(), &[]);
+    let disk = dir.join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let snap = dir.join("snap");
+    let common = [
+        "run",
+        "--kernel",
+        elf.to_str().unwrap(),
+        "--mem",
+        "16",
+        "--disk",
+        disk.to_str().unwrap(),
+    ];
+    let mut first = common.to_vec();
+    first.extend([
+        "--snapshot-restore-after",
+        "0.3",
+        "--snapshot-to",
+        snap.to_str().unwrap(),
+    ]);
+    let out1 = run_ember(&first, None, Duration::from_secs(120));
+    assert!(!out1.timed_out, "{out1:?}");
+    assert!(
+        out1.stderr.contains("snapshot written to"),
+        "no snapshot: {out1:?}"
+    );
+    let mut second = common.to_vec();
+    second.extend(["--restore-from", snap.to_str().unwrap()]);
+
+    // The disk grew.
+    std::fs::write(&disk, vec![0u8; 2 << 20]).unwrap();
+    let grown = run_ember(&second, None, Duration::from_secs(60));
+    grown.expect_code(2);
+    assert!(
+        grown.stderr.contains("1048576 bytes") && grown.stderr.contains("2097152 bytes"),
+        "no size message: {}",
+        grown.stderr
+    );
+    assert!(grown.stdout.is_empty(), "the guest ran: {grown:?}");
+
+    // The same size again: restored.
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let out2 = run_ember(&second, None, Duration::from_secs(120));
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out2.timed_out, "second ember did not end: {out2:?}");
+    out2.expect_code(0);
+    assert_counted_on(&out1, &out2);
+}
+
 /// A snapshot whose state file lost one bit is refused (status 2, the checksum named), as is
 /// one restored with another configuration.
 #[test]
