@@ -610,9 +610,13 @@ fn activated_rng_serves_requests_after_a_restore() {
     );
 }
 
-/// The default Linux guest with its virtio-rng, snapshotted to files 3 s after its init
+/// What `linux_guest_continues_in_a_new_process` puts on its disk for the guest to read.
+const DISK_MARK: &str = "ember-snapshot-disk!";
+
+/// The default Linux guest with its virtio-rng and a virtio-blk disk, snapshotted to files 3 s after its init
 /// started (in its loop of `sleep 1`), restored by a second ember process: the ticks go on
-/// there, the guest reads 16 bytes from /dev/hwrng (the restored device) and ends cleanly. Ignored: it boots Linux (about 40 s on a PVM host). Run it with `cargo test
+/// there, the guest reads 16 bytes from /dev/hwrng and reads and writes its disk (the restored
+/// devices), and ends cleanly. Ignored: it boots Linux (about 40 s on a PVM host). Run it with `cargo test
 /// --test snapshot_kvm -- --ignored --test-threads=1 --nocapture`.
 #[test]
 #[ignore]
@@ -626,17 +630,28 @@ fn linux_guest_continues_in_a_new_process() {
     };
     let dir = temp_dir(name);
     let snap = dir.join("snap");
-    // After the ticks, 16 bytes read from /dev/hwrng: the restored virtio-rng serves them.
+    // A 1 MiB disk with a mark in sector 1024 (far from what the kernel reads when it probes
+    // the disk, so not in its page cache).
+    let disk = dir.join("disk.img");
+    let mut image = vec![0u8; 1 << 20];
+    image[1024 * 512..][..DISK_MARK.len()].copy_from_slice(DISK_MARK.as_bytes());
+    std::fs::write(&disk, &image).unwrap();
+    // After the ticks, 16 bytes read from /dev/hwrng and the disk's mark read, then a line
+    // written to sector 1536 (synced): the restored virtio-rng and virtio-blk serve them.
     let cmd = "ember.cmd=\"i=0; while [ $i -lt 8 ]; do read -r u x </proc/uptime; echo tick \
                $i $u; i=$((i+1)); sleep 1; done; read -r cur </sys/class/misc/hw_random/\
                rng_current; echo hwrng $cur $(dd if=/dev/hwrng bs=16 count=1 2>/dev/null | \
-               base64)\"";
+               base64); echo disk $(dd if=/dev/vda bs=512 skip=1024 count=1 2>/dev/null | \
+               head -c 20); echo written-after-restore | dd of=/dev/vda bs=512 seek=1536 \
+               conv=fsync 2>/dev/null; echo wrote $?\"";
     let common = [
         "run",
         "--kernel",
         kernel.to_str().unwrap(),
         "--initrd",
         initrd.to_str().unwrap(),
+        "--disk",
+        disk.to_str().unwrap(),
         "--timeout",
         "300",
     ];
@@ -659,6 +674,7 @@ fn linux_guest_continues_in_a_new_process() {
     let mut second = common.to_vec();
     second.extend(["--restore-from", snap.to_str().unwrap(), "--append", cmd]);
     let out2 = run_ember(&second, None, Duration::from_secs(120));
+    let written = std::fs::read(&disk).unwrap();
     let _ = std::fs::remove_dir_all(&dir);
     let ticks = |s: &str| -> Vec<u32> {
         s.lines()
@@ -677,6 +693,14 @@ fn linux_guest_continues_in_a_new_process() {
     assert!(
         words.len() == 3 && words[1].starts_with("virtio_rng") && words[2].len() == 24,
         "the restored guest read nothing from its virtio-rng: {out2:?}"
+    );
+    let mark = out2.stdout.lines().find(|l| l.starts_with("disk "));
+    eprintln!("second process: {mark:?}");
+    assert_eq!(mark, Some(format!("disk {DISK_MARK}").as_str()), "{out2:?}");
+    assert!(out2.stdout.contains("wrote 0"), "{out2:?}");
+    assert!(
+        written[1536 * 512..].starts_with(b"written-after-restore\n"),
+        "the restored guest's write did not reach the disk image"
     );
     assert!(
         out2.stdout.contains("ember-init: exit status 0"),
