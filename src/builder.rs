@@ -288,63 +288,17 @@ pub fn build_vm(
         None => (0..config.vcpus)
             .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
             .collect::<Result<Vec<_>, _>>()?,
-        // A snapshot: its memory over what was loaded, the ACPI registers (the serial
-        // ports were built from their state), its VM state, its vCPUs.
-        Some((dir, saved)) => {
-            let t = Instant::now();
-            crate::snapshot::file::read_memory(dir, &mem)?;
-            log::info!(
-                "restoring the snapshot in {}: guest memory read in {:?}",
-                dir.display(),
-                t.elapsed()
-            );
-            if let (Some(platform), Some(state)) = (&acpi_platform, &saved.devices.acpi) {
-                crate::devices::bus::lock(platform).restore_state(state);
-            }
-            let opts = crate::snapshot::kvm_state::RestoreOptions::standard();
-            saved
-                .vm
-                .vm
-                .restore(vm.fd(), &opts)
-                .map_err(|e| BuildError::Snapshot(SnapshotError::RestoreVm(e)))?;
-            let vcpus = saved
-                .vm
-                .vcpus
-                .iter()
-                .zip(0u32..)
-                .map(|(s, i)| Vcpu::restored(vm.fd(), i, s, &opts, &shared))
-                .collect::<Result<Vec<_>, _>>()?;
-            // Last, with RAM, the ACPI registers, the irqchip and every vCPU's LAPIC restored
-            // and before any vCPU runs (see devices::vmgenid): a new VM generation, so that
-            // two VMs restored from one snapshot do not share random streams. (This is
-            // Vmm::new_vm_generation, called before the Vmm exists: its vCPUs start with
-            // it.)
-            // The virtio transports and devices, with the irqchip restored (a pending
-            // interrupt is signalled again through its irqfd) and before any vCPU runs:
-            // their queues are in this VM's memory, which holds the snapshot's RAM now.
-            let transports = devices.virtio_transports();
-            if transports.len() != saved.devices.virtio.len() {
-                return Err(SnapshotError::Mismatch {
-                    what: "virtio device count".into(),
-                    snapshot: saved.devices.virtio.len().to_string(),
-                    now: transports.len().to_string(),
-                }
-                .into());
-            }
-            for (t, state) in transports.iter().zip(&saved.devices.virtio) {
-                crate::devices::bus::lock(t).restore_state(state)?;
-            }
-            match vmgenid.as_mut() {
-                Some(g) => {
-                    g.regenerate(&mem).map_err(SnapshotError::from)?;
-                }
-                None => log::warn!(
-                    "restore: the VM has no VM generation ID (--no-acpi): the guest cannot be \
-                     told it was restored from a snapshot"
-                ),
-            }
-            vcpus
-        }
+        // A snapshot: its memory over what was loaded, then its devices and KVM state.
+        Some((dir, saved)) => restore_snapshot(
+            dir,
+            saved,
+            &mem,
+            &vm,
+            &devices,
+            acpi_platform.as_ref(),
+            vmgenid.as_mut(),
+            &shared,
+        )?,
     };
     let restore_parts = crate::snapshot::RestoreParts {
         config: config.clone(),
@@ -483,6 +437,75 @@ impl std::io::Write for StdFdWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// Puts the snapshot `saved` (read from `dir`) into a VM built from its configuration: guest
+/// memory over what was loaded, the ACPI registers (the serial ports were built from their
+/// state), the VM's KVM state, its vCPUs, the virtio transports and devices, and last a new
+/// VM generation. Returns the vCPUs, not started.
+#[allow(clippy::too_many_arguments)]
+fn restore_snapshot(
+    dir: &std::path::Path,
+    saved: &FileState,
+    mem: &GuestMemory,
+    vm: &Vm,
+    devices: &DeviceManager,
+    acpi_platform: Option<&Arc<Mutex<AcpiPlatform>>>,
+    vmgenid: Option<&mut VmGenId>,
+    shared: &VcpuShared,
+) -> Result<Vec<Vcpu>, BuildError> {
+    let t = Instant::now();
+    crate::snapshot::file::read_memory(dir, mem)?;
+    log::info!(
+        "restoring the snapshot in {}: guest memory read in {:?}",
+        dir.display(),
+        t.elapsed()
+    );
+    if let (Some(platform), Some(state)) = (acpi_platform, &saved.devices.acpi) {
+        crate::devices::bus::lock(platform).restore_state(state);
+    }
+    let opts = crate::snapshot::kvm_state::RestoreOptions::standard();
+    saved
+        .vm
+        .vm
+        .restore(vm.fd(), &opts)
+        .map_err(|e| BuildError::Snapshot(SnapshotError::RestoreVm(e)))?;
+    let vcpus = saved
+        .vm
+        .vcpus
+        .iter()
+        .zip(0u32..)
+        .map(|(s, i)| Vcpu::restored(vm.fd(), i, s, &opts, shared))
+        .collect::<Result<Vec<_>, _>>()?;
+    // The virtio transports and devices, with the irqchip restored (a pending interrupt is
+    // signalled again through its irqfd) and before any vCPU runs: their queues are in this
+    // VM's memory, which holds the snapshot's RAM now.
+    let transports = devices.virtio_transports();
+    if transports.len() != saved.devices.virtio.len() {
+        return Err(SnapshotError::Mismatch {
+            what: "virtio device count".into(),
+            snapshot: saved.devices.virtio.len().to_string(),
+            now: transports.len().to_string(),
+        }
+        .into());
+    }
+    for (t, state) in transports.iter().zip(&saved.devices.virtio) {
+        crate::devices::bus::lock(t).restore_state(state)?;
+    }
+    // Last, with RAM, the ACPI registers, the irqchip and every vCPU's LAPIC restored and
+    // before any vCPU runs (see devices::vmgenid): a new VM generation, so that two VMs
+    // restored from one snapshot do not share random streams. (This is
+    // Vmm::new_vm_generation, called before the Vmm exists: its vCPUs start with it.)
+    match vmgenid {
+        Some(g) => {
+            g.regenerate(mem).map_err(SnapshotError::from)?;
+        }
+        None => log::warn!(
+            "restore: the VM has no VM generation ID (--no-acpi): the guest cannot be told it \
+             was restored from a snapshot"
+        ),
+    }
+    Ok(vcpus)
 }
 
 /// Reads the snapshot in `dir` (`--restore-from`) and checks that a VM built from `config`

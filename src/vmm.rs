@@ -40,6 +40,23 @@ pub struct ExitCounts {
     pub unhandled: u64,
 }
 
+impl ExitCounts {
+    /// The counters of `vcpus`, added up.
+    pub fn sum<'a>(vcpus: impl IntoIterator<Item = &'a crate::vcpu::VcpuStats>) -> Self {
+        use std::sync::atomic::Ordering::Relaxed;
+        let mut c = Self::default();
+        for s in vcpus {
+            c.io += s.io.load(Relaxed);
+            c.mmio += s.mmio.load(Relaxed);
+            c.hlt += s.hlt.load(Relaxed);
+            c.intr += s.intr.load(Relaxed);
+            c.other += s.other.load(Relaxed);
+            c.unhandled += s.unhandled.load(Relaxed);
+        }
+        c
+    }
+}
+
 /// How a run ended.
 #[derive(Debug, Clone)]
 pub struct RunOutcome {
@@ -687,18 +704,7 @@ impl Vmm {
 
     /// Sums the exit counters of every vCPU.
     pub fn exit_counts(&self) -> ExitCounts {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut c = ExitCounts::default();
-        for v in &self.vcpus {
-            let s = v.stats();
-            c.io += s.io.load(Relaxed);
-            c.mmio += s.mmio.load(Relaxed);
-            c.hlt += s.hlt.load(Relaxed);
-            c.intr += s.intr.load(Relaxed);
-            c.other += s.other.load(Relaxed);
-            c.unhandled += s.unhandled.load(Relaxed);
-        }
-        c
+        ExitCounts::sum(self.vcpus.iter().map(|v| v.stats().as_ref()))
     }
 }
 

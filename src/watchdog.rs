@@ -237,15 +237,7 @@ fn run(cfg: &WatchdogConfig, stop: &EventFd) {
 
 /// Ends the process the way the run would have ended, without the run loop.
 fn end_process(cfg: &WatchdogConfig, reason: ExitReason, stop_signal: Option<libc::c_int>) -> ! {
-    let mut exits = ExitCounts::default();
-    for s in &cfg.vcpu_stats {
-        exits.io += s.io.load(Ordering::Relaxed);
-        exits.mmio += s.mmio.load(Ordering::Relaxed);
-        exits.hlt += s.hlt.load(Ordering::Relaxed);
-        exits.intr += s.intr.load(Ordering::Relaxed);
-        exits.other += s.other.load(Ordering::Relaxed);
-        exits.unhandled += s.unhandled.load(Ordering::Relaxed);
-    }
+    let exits = ExitCounts::sum(cfg.vcpu_stats.iter().map(AsRef::as_ref));
     // The stuck handler might hold this lock: do not wait for it.
     let guest_status = cfg.guest_status.try_lock().ok().and_then(|g| *g);
     let outcome = RunOutcome {
