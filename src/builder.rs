@@ -20,7 +20,7 @@ use crate::config::{ConfigError, ConsoleSink, VmConfig};
 use crate::devices::acpi::{AcpiPlatform, GedEvents, PowerButton};
 use crate::devices::legacy::boot_timer::BootTimer;
 use crate::devices::legacy::console::ConsoleHandle;
-use crate::devices::legacy::exit_device::ExitDevice;
+use crate::devices::legacy::exit_device::{ExitDevice, ReadySignal};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
 use crate::devices::virtio::block::{Block, BlockError, DiskFile};
@@ -185,13 +185,16 @@ pub fn build_vm(
         &timeline,
         restore.as_ref().map(|(_, s)| &s.devices),
     )?;
-    let exit_status = attach_pseudo_devices(
+    let (exit_status, ready) = attach_pseudo_devices(
         config,
         &mut devices,
         &exit,
         &timeline,
         hooks.boot_timer_notify.take(),
     )?;
+    event_manager.add_subscriber(Arc::new(Mutex::new(crate::event_loop::Wakeup(
+        ready.wake_fd().map_err(BuildError::EventLoop)?,
+    ))));
     attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
     attach_net_devices(taps, &vm, &mem, &mut devices, &mut event_manager)?;
     if let Some(vsock) = vsock {
@@ -316,6 +319,7 @@ pub fn build_vm(
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
     vmm.set_mapped_images(mapped_images);
+    vmm.set_ready_signal(ready);
     vmm.set_restore_parts(restore_parts);
     for console in legacy.consoles {
         vmm.add_console(console);
@@ -608,24 +612,28 @@ fn attach_legacy_devices(
     })
 }
 
+/// The exit device's status slot and ready signal.
+type PseudoDevices = (Arc<Mutex<Option<u32>>>, Arc<ReadySignal>);
+
 fn attach_pseudo_devices(
     config: &VmConfig,
     devices: &mut DeviceManager,
     exit: &Arc<VmExit>,
     timeline: &Arc<Timeline>,
     boot_timer_notify: Option<vmm_sys_util::eventfd::EventFd>,
-) -> Result<Arc<Mutex<Option<u32>>>, BuildError> {
+) -> Result<PseudoDevices, BuildError> {
     let timer = BootTimer::new(timeline.clone(), config.boot_timer).with_notify(boot_timer_notify);
     let timer = Arc::new(Mutex::new(timer));
     devices.add_mmio(timer, BOOT_TIMER_START, BOOT_TIMER_SIZE)?;
-    let exit_dev = ExitDevice::new(exit.clone(), config.exit_on_status);
+    let ready = Arc::new(ReadySignal::new().map_err(BuildError::EventLoop)?);
+    let exit_dev = ExitDevice::new(exit.clone(), config.exit_on_status).with_ready(ready.clone());
     let status = exit_dev.status();
     devices.add_mmio(
         Arc::new(Mutex::new(exit_dev)),
         EXIT_DEVICE_START,
         EXIT_DEVICE_SIZE,
     )?;
-    Ok(status)
+    Ok((status, ready))
 }
 
 /// One virtio-blk device per `--disk`, in order (the guest names them vda, vdb, ...).

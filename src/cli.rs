@@ -46,7 +46,7 @@ pub struct Cli {
 pub enum Command {
     /// Boot a Linux kernel in a microVM whose serial console is this terminal.
     #[command(after_help = EXIT_CODES_HELP)]
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Boot the same guest several times (each in a fresh `ember run` process) and report
     /// boot phases, KVM exits, CPU and memory, optionally side by side with QEMU or
     /// Firecracker.
@@ -130,6 +130,10 @@ pub struct ExecArgs {
     /// Extra kernel command-line words (repeatable), after ember's exec command line.
     #[arg(long, value_name = "STRING")]
     pub append: Vec<String>,
+    /// Boot the guest for this command instead of restoring the cached snapshot of a booted
+    /// guest (the warm path; see docs/exec.md), and leave the snapshot cache alone.
+    #[arg(long)]
+    pub cold: bool,
     /// The command and its arguments (after `--`, or after the last ember flag).
     #[arg(
         value_name = "COMMAND",
@@ -330,15 +334,21 @@ pub struct RunArgs {
     /// the restore), pause-only (save, then resume the same VM).
     #[arg(long, value_name = "LIST", hide = true, value_parser = parse_restore_opts)]
     pub snapshot_restore_opts: Option<crate::snapshot::kvm_state::RestoreOptions>,
-    /// Experimental: with --snapshot-restore-after, write a snapshot (files state, memory)
-    /// into DIR at that point and end the run instead of moving the guest.
-    #[arg(
-        long,
-        value_name = "DIR",
-        hide = true,
-        requires = "snapshot_restore_after"
-    )]
+    /// Write a snapshot of the VM (files `state` and `memory`) into DIR when --snapshot-on
+    /// says (or, experimental, at --snapshot-restore-after), then do what --snapshot-then
+    /// says. `ember restore DIR` starts the guest again from it. VMs with --net cannot be
+    /// snapshotted yet.
+    #[arg(long, value_name = "DIR")]
     pub snapshot_to: Option<PathBuf>,
+    /// When to write the --snapshot-to snapshot: `ready` (the guest writes the exit device's
+    /// ready register at 0xC000_1004, as warm `ember exec`'s agent does) or `sigusr2` (on
+    /// `kill -USR2`). SIGUSR1 pauses and resumes the guest at any time.
+    #[arg(long, value_name = "EVENT", value_parser = ["ready", "sigusr2"], requires = "snapshot_to")]
+    pub snapshot_on: Option<String>,
+    /// After the snapshot: `stop` (end the run, status 0; the default) or `continue` (the
+    /// guest runs on).
+    #[arg(long, value_name = "WHAT", value_parser = ["stop", "continue"], default_value = "stop")]
+    pub snapshot_then: String,
     /// Experimental: start the guest from the snapshot in DIR instead of booting it. The
     /// other flags must be those of the run that wrote it (--mem, --vcpus, --disk...).
     #[arg(long, value_name = "DIR", hide = true)]

@@ -63,15 +63,29 @@ impl MutEventSubscriber for Wakeup {
 /// The process signals ember handles itself (through a signalfd on the main thread).
 pub const HANDLED_SIGNALS: [libc::c_int; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 
+/// The control signals of `ember run`: SIGUSR1 pauses or resumes the guest, SIGUSR2 takes
+/// the snapshot of `--snapshot-on sigusr2`.
+pub const CONTROL_SIGNALS: [libc::c_int; 2] = [libc::SIGUSR1, libc::SIGUSR2];
+
 /// Blocks [`HANDLED_SIGNALS`] in the calling thread (and so in every thread it spawns after
 /// this) and returns a signalfd that receives them.
 pub fn block_signals_to_fd() -> std::io::Result<OwnedFd> {
+    block_to_fd(&HANDLED_SIGNALS)
+}
+
+/// Blocks [`CONTROL_SIGNALS`] like [`block_signals_to_fd`], on a signalfd of their own (they
+/// are not stop signals: the watchdog leaves them alone).
+pub fn block_control_signals_to_fd() -> std::io::Result<OwnedFd> {
+    block_to_fd(&CONTROL_SIGNALS)
+}
+
+fn block_to_fd(signals: &[libc::c_int]) -> std::io::Result<OwnedFd> {
     // SAFETY: sigset_t is plain data initialised by sigemptyset below.
     let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
     // SAFETY: `set` is a valid sigset_t; the signal numbers are valid.
     unsafe {
         libc::sigemptyset(&mut set);
-        for s in HANDLED_SIGNALS {
+        for &s in signals {
             libc::sigaddset(&mut set, s);
         }
     }

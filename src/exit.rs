@@ -38,6 +38,8 @@ pub enum ExitReason {
     },
     /// `--timeout` elapsed.
     Timeout,
+    /// The VM was snapshotted and the run ended there (`ember run --snapshot-then stop`).
+    Snapshotted,
 }
 
 /// Process exit codes of `ember run` (documented in `--help` and the README).
@@ -85,6 +87,7 @@ impl ExitReason {
             ExitReason::Stopped { graceful: true } => code::STOPPED,
             ExitReason::Stopped { graceful: false } => code::STOPPED_HARD,
             ExitReason::Timeout => code::EXEC_TIMEOUT,
+            ExitReason::Snapshotted => code::OK,
         }
     }
 
@@ -110,6 +113,7 @@ impl ExitReason {
                 "stopped by signal: the guest was stopped hard".into()
             }
             ExitReason::Timeout => "timeout elapsed: the VM was stopped".into(),
+            ExitReason::Snapshotted => "the VM was snapshotted and stopped".into(),
         }
     }
 }

@@ -83,11 +83,7 @@ impl ImageCache {
                 return None;
             }
         }
-        let root = var("EMBER_CACHE_DIR")
-            .map(PathBuf::from)
-            .or_else(|| var("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ember")))
-            .or_else(|| var("HOME").map(|d| PathBuf::from(d).join(".cache/ember")))?;
-        Some(Self::new(root.join("images")))
+        Some(Self::new(cache_root()?.join("images")))
     }
 
     /// The cache directory.
@@ -178,29 +174,59 @@ impl ImageCache {
     /// files of copies that died more than an hour ago. Errors are ignored: pruning is
     /// housekeeping, and a guest that maps an unlinked entry keeps its pages.
     fn prune(&self, keep: &Path) {
-        let Ok(dir) = std::fs::read_dir(&self.dir) else {
-            return;
+        prune_cache_dir(&self.dir, keep, |name| name.ends_with(".img"), KEEP_ENTRIES);
+    }
+}
+
+/// The root of ember's caches: `$EMBER_CACHE_DIR`, else `$XDG_CACHE_HOME/ember`, else
+/// `$HOME/.cache/ember`; `None` when none of them is set.
+pub fn cache_root() -> Option<PathBuf> {
+    let var = |k| std::env::var_os(k).filter(|v| !v.is_empty());
+    var("EMBER_CACHE_DIR")
+        .map(PathBuf::from)
+        .or_else(|| var("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("ember")))
+        .or_else(|| var("HOME").map(|d| PathBuf::from(d).join(".cache/ember")))
+}
+
+/// Keeps the newest `keep_entries` entries of the cache directory `dir` (by modification
+/// time; `keep`, the entry just added or used, always stays and counts as one): the others
+/// whose names `is_entry` accepts are removed (files, or whole directories), and so are
+/// `.tmp-*` leftovers of ember processes that died over an hour ago. Errors are ignored: a
+/// concurrent ember may be pruning too.
+pub(crate) fn prune_cache_dir(
+    dir: &Path,
+    keep: &Path,
+    is_entry: impl Fn(&str) -> bool,
+    keep_entries: usize,
+) {
+    let Ok(list) = std::fs::read_dir(dir) else {
+        return;
+    };
+    let remove = |path: &Path| {
+        let _ = match std::fs::symlink_metadata(path) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+            _ => std::fs::remove_file(path),
         };
-        let now = SystemTime::now();
-        let mut entries = Vec::new();
-        for e in dir.flatten() {
-            let (path, name) = (e.path(), e.file_name());
-            let Ok(modified) = e.metadata().and_then(|m| m.modified()) else {
-                continue;
-            };
-            let name = name.to_string_lossy();
-            if name.starts_with(".tmp-") {
-                if now.duration_since(modified).unwrap_or_default() > Duration::from_secs(3600) {
-                    let _ = std::fs::remove_file(&path);
-                }
-            } else if name.ends_with(".img") && path != keep {
-                entries.push((modified, path));
+    };
+    let now = SystemTime::now();
+    let mut entries = Vec::new();
+    for e in list.flatten() {
+        let (path, name) = (e.path(), e.file_name());
+        let Ok(modified) = e.metadata().and_then(|m| m.modified()) else {
+            continue;
+        };
+        let name = name.to_string_lossy();
+        if name.starts_with(".tmp-") {
+            if now.duration_since(modified).unwrap_or_default() > Duration::from_secs(3600) {
+                remove(&path);
             }
+        } else if is_entry(&name) && path != keep {
+            entries.push((modified, path));
         }
-        entries.sort_by_key(|e| std::cmp::Reverse(e.0));
-        for (_, path) in entries.into_iter().skip(KEEP_ENTRIES.saturating_sub(1)) {
-            let _ = std::fs::remove_file(path);
-        }
+    }
+    entries.sort_by_key(|e| std::cmp::Reverse(e.0));
+    for (_, path) in entries.into_iter().skip(keep_entries.saturating_sub(1)) {
+        remove(&path);
     }
 }
 

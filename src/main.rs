@@ -66,9 +66,6 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         Ok(c) => c,
         Err(e) => return failed(&e),
     };
-    if let Err(e) = spec.apply(&mut config) {
-        return failed(&e);
-    }
     let opts = RunOptions {
         // checked: a deadline past the clock's end is no deadline (the flag is capped anyway).
         deadline: args
@@ -84,7 +81,19 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         })),
         ..Default::default()
     };
-    match ember::run_vm(&config, start, Default::default(), opts) {
+    let result = match ember::exec::warm::eligible(&config, args.cold) {
+        Ok(cache) => ember::exec::warm::run(&config, &spec, &cache, start, opts)
+            .map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
+        Err(why) => {
+            log::info!("cold exec (booting the guest for this command): {why}");
+            if let Err(e) = spec.apply(&mut config) {
+                return failed(&e);
+            }
+            ember::run_vm(&config, start, Default::default(), opts)
+                .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
+        }
+    };
+    match result {
         Ok(outcome) => {
             let status = exit_status(&outcome, args.timeout);
             if let Some(msg) = &status.message {
@@ -92,7 +101,7 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
             }
             ExitCode::from(status.code)
         }
-        Err(e) => failed(&e),
+        Err(e) => failed(e.as_ref()),
     }
 }
 
@@ -195,12 +204,53 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
                     .unwrap_or_else(ember::snapshot::kvm_state::RestoreOptions::standard),
                 to: args.snapshot_to.clone(),
             });
-    let opts = RunOptions {
+    if args.snapshot_to.is_some()
+        && args.snapshot_on.is_none()
+        && args.snapshot_restore_after.is_none()
+    {
+        eprintln!(
+            "ember: error: --snapshot-to needs --snapshot-on ready|sigusr2 (when to take it)"
+        );
+        return ExitCode::from(code::USAGE);
+    }
+    let mut opts = RunOptions {
         shutdown_timeout,
         deadline,
         snapshot_restore,
         ..Default::default()
     };
+    match ember::event_loop::block_control_signals_to_fd() {
+        Ok(fd) => opts.control_fd = Some(fd),
+        Err(e) => log::warn!("SIGUSR1/SIGUSR2 will not be handled: {e}"),
+    }
+    if let (Some(on), Some(dir)) = (&args.snapshot_on, &args.snapshot_to) {
+        let action = ember::vmm::ReadyAction {
+            snapshot_to: Some(dir.clone()),
+            stop_after: args.snapshot_then == "stop",
+            then: Box::new({
+                let dir = dir.clone();
+                move |ev| match ev.snapshot {
+                    Some(Ok(paused)) => log::info!(
+                        "snapshot written to {} (guest paused {paused:?}); `ember restore {}` \
+                         starts it again",
+                        dir.display(),
+                        dir.display()
+                    ),
+                    Some(Err(e)) => log::error!(
+                        "snapshot into {} failed: {}",
+                        dir.display(),
+                        ember::error_chain_line(&e)
+                    ),
+                    None => {}
+                }
+            }),
+        };
+        if on == "ready" {
+            opts.on_ready = Some(action);
+        } else {
+            opts.snapshot_on_signal = Some(action);
+        }
+    }
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {
         let inst = ember::bench::probe::Instruments {
             report: args.bench_report.clone(),
@@ -224,6 +274,7 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             match reason {
                 ExitReason::Reset
                 | ExitReason::PowerOff
+                | ExitReason::Snapshotted
                 | ExitReason::Stopped { graceful: true } => log::info!("{}", reason.describe()),
                 _ => log::error!("{}", reason.describe()),
             }

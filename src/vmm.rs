@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::devices::legacy::console::{ConsoleHandle, FLUSH_STALL};
+use crate::devices::legacy::exit_device::ReadySignal;
 use crate::devices::vmgenid::{GenerationId, VmGenId, VmGenIdError};
 use crate::event_loop::{EventManager, SignalWatcher, Wakeup};
 use crate::exit::{ExitReason, VmExit};
@@ -93,6 +94,15 @@ pub struct RunOptions {
     /// Move the running guest into a new KVM VM once, this long after its init started
     /// (the snapshot/restore experiment of issue 13, docs/snapshot-pvm.md).
     pub snapshot_restore: Option<crate::snapshot::SnapshotTrigger>,
+    /// What to do when the guest signals it is ready to take a command (warm `ember exec`,
+    /// `ember run --snapshot-on ready`).
+    pub on_ready: Option<ReadyAction>,
+    /// A signalfd for SIGUSR1 (pause/resume) and SIGUSR2 (`snapshot_on_signal`), from
+    /// [`block_control_signals_to_fd`](crate::event_loop::block_control_signals_to_fd)
+    /// called before the VM was built.
+    pub control_fd: Option<std::os::fd::OwnedFd>,
+    /// What SIGUSR2 does (`ember run --snapshot-on sigusr2`).
+    pub snapshot_on_signal: Option<ReadyAction>,
     /// The process exit status for an outcome, for the [`watchdog`](crate::watchdog) that
     /// ends the process itself when the event loop is stuck. Default: `ember run`'s
     /// ([`ExitReason::exit_code`]).
@@ -106,6 +116,37 @@ impl std::fmt::Debug for RunOptions {
             .field("shutdown_timeout", &self.shutdown_timeout)
             .finish_non_exhaustive()
     }
+}
+
+/// What the run loop does, once, when the guest writes the exit device's ready register
+/// (see [`ReadySignal`]) or SIGUSR2 arrives: optionally snapshot the VM into a directory
+/// (pausing the vCPUs, then resuming them), then call `then`, then end the run if asked.
+pub struct ReadyAction {
+    /// Write a snapshot here first (the directory is created).
+    pub snapshot_to: Option<std::path::PathBuf>,
+    /// End the run after a successful snapshot (`ember run --snapshot-then stop`): the
+    /// guest does not run on. A failed snapshot ends the run with the error either way.
+    pub stop_after: bool,
+    /// Called on the event loop's thread after the snapshot (keep it short: spawn a thread
+    /// for slow work).
+    pub then: Box<dyn FnOnce(ReadyEvent) + Send>,
+}
+
+impl std::fmt::Debug for ReadyAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReadyAction")
+            .field("snapshot_to", &self.snapshot_to)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened when the guest said it was ready.
+#[derive(Debug)]
+pub struct ReadyEvent {
+    /// The value the guest wrote (warm `ember exec`: the vsock port it listens on).
+    pub value: u32,
+    /// The snapshot, when one was asked for: how long the vCPUs were paused, or why it failed.
+    pub snapshot: Option<Result<Duration, SnapshotError>>,
 }
 
 /// What KVM_KVMCLOCK_CTRL said on one vCPU at a pause.
@@ -130,6 +171,8 @@ pub struct Vmm {
     vmgenid: Option<VmGenId>,
     /// What moving the guest into a new KVM VM needs (see [`Self::snapshot_restore`]).
     restore_parts: Option<RestoreParts>,
+    /// The guest's "ready to take a command" signal.
+    ready: Option<Arc<ReadySignal>>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -165,9 +208,15 @@ impl Vmm {
             consoles: Vec::new(),
             vmgenid: None,
             restore_parts: None,
+            ready: None,
             vm,
             mem,
         }
+    }
+
+    /// Keeps the signal the guest raises when it is ready to take a command.
+    pub fn set_ready_signal(&mut self, ready: Arc<ReadySignal>) {
+        self.ready = Some(ready);
     }
 
     /// Pauses every vCPU and collects its saved state and KVM_KVMCLOCK_CTRL's answer; on a
@@ -451,10 +500,46 @@ impl Vmm {
         let mut stop_asked_at: Option<Instant> = None;
         let mut stop_signal = None;
         let mut snapshot = opts.snapshot_restore.take();
+        let mut on_ready = opts.on_ready.take();
+        let mut on_sigusr2 = opts.snapshot_on_signal.take();
+        let control = Arc::new(Mutex::new(Vec::new()));
+        if let Some(fd) = opts.control_fd.take() {
+            self.event_manager
+                .add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
+                    fd,
+                    control.clone(),
+                ))));
+        }
+        let mut paused = false;
         loop {
             watch.leave_turn();
             if self.exit.is_set() {
                 break;
+            }
+            if let Some(value) = self.ready.as_ref().and_then(|r| r.take()) {
+                match on_ready.take() {
+                    Some(action) => self.guest_ready(value, action),
+                    None => crate::guest_log!(
+                        log::Level::Debug,
+                        "the guest said it is ready (value {value}); nothing to do"
+                    ),
+                }
+                continue;
+            }
+            let controls: Vec<_> = std::mem::take(&mut *crate::devices::bus::lock(&control));
+            for sig in controls {
+                if sig == libc::SIGUSR1 {
+                    self.toggle_pause(&mut paused);
+                } else if let Some(action) = on_sigusr2.take() {
+                    log::info!("SIGUSR2: taking the snapshot");
+                    if paused {
+                        self.vcpus.iter().for_each(VcpuHandle::resume);
+                        paused = false;
+                    }
+                    self.guest_ready(0, action);
+                } else {
+                    log::info!("SIGUSR2 ignored (no --snapshot-on sigusr2, or taken already)");
+                }
             }
             let mut wait = Duration::from_millis(500);
             if let Some(trigger) = &snapshot {
@@ -565,6 +650,57 @@ impl Vmm {
             guest_status,
             exits,
             stop_signal,
+        }
+    }
+
+    /// Runs `action` for the guest's ready signal: the snapshot (the vCPUs paused while it is
+    /// written, resumed after, whatever happened), then its `then`.
+    fn guest_ready(&mut self, value: u32, action: ReadyAction) {
+        let snapshot = action.snapshot_to.as_deref().map(|dir| {
+            let t0 = Instant::now();
+            let r = self.save_snapshot(dir);
+            self.vcpus.iter().for_each(VcpuHandle::resume);
+            r.map(|()| t0.elapsed())
+        });
+        let end = match &snapshot {
+            Some(Ok(_)) if action.stop_after => Some(ExitReason::Snapshotted),
+            Some(Err(e)) if action.stop_after => Some(ExitReason::VcpuError(format!(
+                "snapshot failed: {}",
+                crate::error_chain_line(e)
+            ))),
+            _ => None,
+        };
+        (action.then)(ReadyEvent { value, snapshot });
+        if let Some(reason) = end {
+            self.exit.request(reason);
+        }
+    }
+
+    /// SIGUSR1: pauses every vCPU, or resumes them when paused.
+    fn toggle_pause(&mut self, paused: &mut bool) {
+        if *paused {
+            self.vcpus.iter().for_each(VcpuHandle::resume);
+            *paused = false;
+            log::info!("SIGUSR1: the guest runs again");
+            return;
+        }
+        let caps = match open_kvm().map(|kvm| KvmCaps::probe(&kvm)) {
+            Ok(Ok(c)) => Arc::new(c),
+            Ok(Err(e)) => {
+                log::error!("SIGUSR1: cannot pause the guest: {e}");
+                return;
+            }
+            Err(e) => {
+                log::error!("SIGUSR1: cannot pause the guest: {e}");
+                return;
+            }
+        };
+        match self.pause_all(&caps) {
+            Ok(_) => {
+                *paused = true;
+                log::info!("SIGUSR1: the guest is paused (SIGUSR1 again resumes it)");
+            }
+            Err(e) => log::error!("SIGUSR1: cannot pause the guest: {e}"),
         }
     }
 

@@ -709,3 +709,104 @@ fn linux_guest_continues_in_a_new_process() {
     );
     out2.expect_code(0);
 }
+
+/// The value of the counter at which [`ready_counting_guest`] writes the ready register.
+const READY_AT: u32 = COUNT / 2;
+
+/// [`counting_guest`], writing 52 to the exit device's ready register (0xC000_1004, what
+/// warm `ember exec`'s agent writes) once the counter reaches [`READY_AT`], before it prints
+/// that value: a deterministic point to snapshot at, whatever the host's speed.
+fn ready_counting_guest() -> Vec<u8> {
+    let mut a = Asm::new();
+    a.mov_al(123).mmio_write8(0xc000_0000);
+    a.bytes(&[0x31, 0xdb]); // xor ebx, ebx
+    let top = a.here();
+    a.bytes(&[0x81, 0xfb]).bytes(&READY_AT.to_le_bytes()); // cmp ebx, READY_AT
+    a.bytes(&[0x75, 17]); // jne over the next 17 bytes
+    a.mov_eax(52).mmio_write32(0xc000_1004); // 5 + 12 bytes
+    a.bytes(&[0x89, 0xde]); // mov esi, ebx
+    a.bytes(&[0xb9, 8, 0, 0, 0]); // mov ecx, 8
+    a.mov_dx(0x3f8);
+    let digit = a.here();
+    a.bytes(&[0xc1, 0xc6, 0x04]); // rol esi, 4
+    a.bytes(&[0x89, 0xf0]); // mov eax, esi
+    a.bytes(&[0x83, 0xe0, 0x0f]); // and eax, 0xf
+    a.bytes(&[0x04, b'0']); // add al, '0'
+    a.bytes(&[0x3c, b'9']); // cmp al, '9'
+    a.bytes(&[0x76, 0x02]); // jbe +2
+    a.bytes(&[0x04, 7]); // add al, 7
+    a.out_dx_al();
+    a.bytes(&[0xff, 0xc9]); // dec ecx
+    a.jcc(0x75, digit);
+    a.mov_al(b'\n').out_dx_al();
+    a.bytes(&[0xff, 0xc3]); // inc ebx
+    a.bytes(&[0x81, 0xfb]).bytes(&COUNT.to_le_bytes()); // cmp ebx, COUNT
+    a.jcc(0x75, top);
+    a.reset();
+    a.code
+}
+
+fn counted(out: &Finished) -> Vec<u32> {
+    out.stdout
+        .lines()
+        .map(|l| u32::from_str_radix(l, 16).unwrap_or_else(|_| panic!("bad line {l:?}")))
+        .collect()
+}
+
+/// `ember run --snapshot-on ready --snapshot-to DIR`: the snapshot is taken when the guest
+/// writes the ready register (the run loop pauses the vCPUs right after; the guest may print
+/// a few more lines before they stop). With `--snapshot-then stop` the run ends there (status
+/// 0); with `continue` the guest counts to the end. A restore of either snapshot goes on
+/// from where the snapshot was taken.
+#[test]
+fn snapshot_on_ready_is_taken_at_the_guests_signal() {
+    let name = "snapshot_on_ready_is_taken_at_the_guests_signal";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let elf = write_tiny_guest(&dir, "guest.elf", &ready_counting_guest(), &[]);
+    let vm = ["--kernel", elf.to_str().unwrap(), "--mem", "16"];
+    for then in ["stop", "continue"] {
+        let snap = dir.join(then);
+        let mut args = vec!["run"];
+        args.extend(vm);
+        args.extend(["--snapshot-on", "ready", "--snapshot-to"]);
+        args.extend([snap.to_str().unwrap(), "--snapshot-then", then]);
+        let out1 = run_ember(&args, None, Duration::from_secs(120));
+        assert!(!out1.timed_out, "{out1:?}");
+        out1.expect_code(0);
+        assert!(out1.stderr.contains("snapshot written to"), "{out1:?}");
+        let mut args = vec!["run"];
+        args.extend(vm);
+        args.extend(["--restore-from", snap.to_str().unwrap()]);
+        let out2 = run_ember(&args, None, Duration::from_secs(120));
+        assert!(!out2.timed_out, "{out2:?}");
+        out2.expect_code(0);
+        let printed = out1.stdout.lines().count() as u32;
+        eprintln!(
+            "--snapshot-then {then}: first run {printed} lines, restore {} lines",
+            out2.stdout.lines().count()
+        );
+        if then == "stop" {
+            assert!(
+                (READY_AT..COUNT).contains(&printed),
+                "stopped after {printed} lines, not at the signal ({READY_AT})"
+            );
+            assert_counted_on(&out1, &out2);
+        } else {
+            assert_eq!(counted(&out1), (0..COUNT).collect::<Vec<_>>());
+            // The restore prints the tail from the snapshot point on (its first line may be
+            // the end of a line the first run had started).
+            let tail = out2.stdout.lines().count() as u32;
+            assert!(tail <= COUNT - READY_AT + 1, "restore printed {tail} lines");
+            assert!(out1.stdout.ends_with(&out2.stdout), "{out2:?}");
+        }
+    }
+    // Without --snapshot-to the flag is refused.
+    let mut args = vec!["run"];
+    args.extend(vm);
+    args.extend(["--snapshot-on", "ready"]);
+    run_ember(&args, None, Duration::from_secs(60)).expect_code(2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

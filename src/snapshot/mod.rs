@@ -18,6 +18,7 @@
 //! configuration is the one [`VmConfig`] the CLI (and a config file or API) produce: it is
 //! serialized as it is, not copied into a snapshot-only type.
 
+pub mod cache;
 pub mod devices;
 pub mod file;
 pub mod format;

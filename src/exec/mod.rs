@@ -29,6 +29,8 @@ use crate::cpio::{CpioError, CpioWriter};
 use crate::exit::{code, ExitReason};
 use crate::vmm::RunOutcome;
 
+pub mod warm;
+
 /// The guest command line of `ember exec` (before `--append` and ember's host switches):
 /// console on COM1, a second UART for stderr, `reboot=k` so the guest's `reboot -f` ends
 /// the VM, `panic=-1` so a panic does too, and the kernel kept quiet (`loglevel=1`: only
@@ -256,12 +258,18 @@ impl ExecSpec {
     /// COM2 on stderr, no stdin, and the exit device ending the VM.
     pub fn apply(&self, base: &mut VmConfig) -> Result<(), ExecError> {
         base.initrd_append = Some(self.archive()?);
-        base.console = ConsoleSink::Stdout;
-        base.com2 = Some(ConsoleSink::Stderr);
-        base.stdin = false;
-        base.exit_on_status = true;
+        exec_devices(base);
         Ok(())
     }
+}
+
+/// The devices of every exec VM: console on stdout, COM2 on stderr, no stdin, and the exit
+/// device ending the VM.
+pub fn exec_devices(c: &mut VmConfig) {
+    c.console = ConsoleSink::Stdout;
+    c.com2 = Some(ConsoleSink::Stderr);
+    c.stdin = false;
+    c.exit_on_status = true;
 }
 
 /// Single-quotes `arg` for `sh`: `'...'`, with each `'` written as `'\''`. Everything else
