@@ -134,6 +134,10 @@ pub struct ExecArgs {
     /// guest (the warm path; see docs/exec.md), and leave the snapshot cache alone.
     #[arg(long)]
     pub cold: bool,
+    /// Write how the warm path went (restored or booted, times) as JSON to FILE (used by
+    /// `ember bench --exec`).
+    #[arg(long, value_name = "FILE", hide = true)]
+    pub bench_report: Option<PathBuf>,
     /// The command and its arguments (after `--`, or after the last ember flag).
     #[arg(
         value_name = "COMMAND",
@@ -452,9 +456,45 @@ pub struct BenchArgs {
     /// through the reset line.
     #[arg(long)]
     pub no_acpi: bool,
+    /// Instead of boots, time `ember exec -- true` end to end, cold (`--cold`, a boot per
+    /// command) against warm (restored from the snapshot cache), alternating, --runs each
+    /// after a first warm run that boots and writes the snapshot (uses --kernel, --initrd,
+    /// --vcpus, --mem, --append, --timeout, --json).
+    #[arg(long)]
+    pub exec: bool,
+    /// The command of --exec (split at spaces).
+    #[arg(long, value_name = "CMD", default_value = "true", requires = "exec")]
+    pub exec_command: String,
 }
 
 impl BenchArgs {
+    /// The `--exec` bench these flags describe.
+    pub fn to_exec_options(&self) -> crate::bench::exec::ExecBenchOptions {
+        let mut exec_flags = Vec::new();
+        if let Some(k) = &self.kernel {
+            exec_flags.extend(["--kernel".to_string(), k.display().to_string()]);
+        }
+        if let Some(i) = &self.initrd {
+            exec_flags.extend(["--initrd".to_string(), i.display().to_string()]);
+        }
+        exec_flags.extend(["--vcpus".to_string(), self.vcpus.to_string()]);
+        exec_flags.extend(["--mem".to_string(), self.mem.to_string()]);
+        for a in &self.append {
+            exec_flags.extend(["--append".to_string(), a.clone()]);
+        }
+        crate::bench::exec::ExecBenchOptions {
+            ember: std::env::current_exe().unwrap_or_else(|_| "ember".into()),
+            runs: self.runs as usize,
+            exec_flags,
+            command: self
+                .exec_command
+                .split_whitespace()
+                .map(str::to_string)
+                .collect(),
+            timeout: std::time::Duration::from_secs(self.timeout.max(1)),
+        }
+    }
+
     /// The bench these flags describe.
     pub fn to_options(&self) -> Result<crate::bench::BenchOptions, ConfigError> {
         let (kernel, initrd) = resolve_guest(

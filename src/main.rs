@@ -83,6 +83,7 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
     };
     let result = match ember::exec::warm::eligible(&config, args.cold) {
         Ok(cache) => ember::exec::warm::run(&config, &spec, &cache, start, opts)
+            .map(|(outcome, report)| (outcome, Some(report)))
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
         Err(why) => {
             log::info!("cold exec (booting the guest for this command): {why}");
@@ -90,9 +91,21 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
                 return failed(&e);
             }
             ember::run_vm(&config, start, Default::default(), opts)
+                .map(|outcome| (outcome, None))
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
         }
     };
+    let result = result.map(|(outcome, report)| {
+        if let Some(path) = &args.bench_report {
+            use ember::bench::json::Json;
+            let warm = report.as_ref().map_or(Json::Null, |r| r.to_json());
+            let text = Json::obj([("warm", warm)]).to_pretty();
+            if let Err(e) = std::fs::write(path, text) {
+                log::error!("cannot write {}: {e}", path.display());
+            }
+        }
+        outcome
+    });
     match result {
         Ok(outcome) => {
             let status = exit_status(&outcome, args.timeout);
@@ -106,6 +119,9 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
 }
 
 fn bench(args: &BenchArgs) -> ExitCode {
+    if args.exec {
+        return bench_exec(args);
+    }
     let opts = match args.to_options() {
         Ok(o) => o,
         Err(e) => {
@@ -166,6 +182,28 @@ fn bench(args: &BenchArgs) -> ExitCode {
         .iter()
         .any(|r| r.vmm == "ember" && r.error.is_none())
     {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(code::VMM_ERROR)
+    }
+}
+
+/// `ember bench --exec`: warm against cold `ember exec`.
+fn bench_exec(args: &BenchArgs) -> ExitCode {
+    let opts = args.to_exec_options();
+    let results = ember::bench::exec::run(&opts, &mut |s| {
+        let status = s.error.as_deref().unwrap_or("ok");
+        eprintln!("{} #{}: {:.0} ms, {status}", s.mode, s.run, s.wall_ms);
+    });
+    println!("{}", results.render());
+    if let Some(path) = &args.json {
+        if let Err(e) = results.write_json(path) {
+            ember::print_error_chain(&e);
+            return ExitCode::from(code::VMM_ERROR);
+        }
+        eprintln!("raw samples and statistics written to {}", path.display());
+    }
+    if results.samples.iter().all(|s| s.error.is_none()) {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(code::VMM_ERROR)

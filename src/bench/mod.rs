@@ -19,6 +19,7 @@
 //! - Runs alternate between VMMs (ember #1, peer #1, ember #2, ...) so that both sides share
 //!   the host's noise; `--parallel` runs that many at once.
 
+pub mod exec;
 pub mod json;
 pub mod peers;
 pub mod probe;

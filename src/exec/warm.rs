@@ -152,6 +152,36 @@ impl Drop for RuntimeDir {
     }
 }
 
+/// How a warm exec went, for `ember bench --exec` (times since ember's start).
+#[derive(Debug, Clone, Default)]
+pub struct WarmReport {
+    /// The guest was restored from the cache (else booted).
+    pub restored: bool,
+    /// The VM was built (restored or ready to boot) and its vCPUs started.
+    pub built: Option<Duration>,
+    /// The first vCPU entered KVM_RUN: for a restore, the first guest instruction.
+    pub first_kvm_run: Option<Duration>,
+    /// A booted guest said it was ready.
+    pub ready: Option<Duration>,
+    /// How long the snapshot of a booted guest kept it paused.
+    pub snapshot_paused: Option<Duration>,
+}
+
+impl WarmReport {
+    /// The report as JSON.
+    pub fn to_json(&self) -> crate::bench::json::Json {
+        use crate::bench::json::Json;
+        let ms = |d: Option<Duration>| d.map_or(Json::Null, |d| Json::Num(d.as_secs_f64() * 1e3));
+        Json::obj([
+            ("restored", Json::Bool(self.restored)),
+            ("built_ms", ms(self.built)),
+            ("first_kvm_run_ms", ms(self.first_kvm_run)),
+            ("ready_ms", ms(self.ready)),
+            ("snapshot_paused_ms", ms(self.snapshot_paused)),
+        ])
+    }
+}
+
 /// Runs `spec` on the warm path: restores the cached snapshot for `base`, or boots and
 /// snapshots the guest when it is ready (see the module documentation). A cached snapshot
 /// that cannot be restored is removed, and the guest booted instead.
@@ -161,7 +191,8 @@ pub fn run(
     cache: &SnapshotCache,
     start: Instant,
     mut opts: RunOptions,
-) -> Result<RunOutcome, WarmError> {
+) -> Result<(RunOutcome, WarmReport), WarmError> {
+    let mut report = WarmReport::default();
     let runtime = RuntimeDir::new()?;
     let config = warm_config(base, &runtime.0);
     let key = CacheKey::new(&config).map_err(WarmError::Key)?;
@@ -181,13 +212,18 @@ pub fn run(
         };
         match build_vm(&config, start, hooks) {
             Ok(vmm) => {
+                report.restored = true;
+                report.built = Some(start.elapsed());
                 log::info!(
                     "warm exec: restored the booted guest of {} in {:?} (--cold boots instead)",
                     entry.display(),
                     start.elapsed()
                 );
                 send_job_in_background(uds, WARM_PORT, payload, vmm.exit_latch().clone());
-                return Ok(vmm.run(opts));
+                let timeline = vmm.timeline().clone();
+                let outcome = vmm.run(opts);
+                report.first_kvm_run = timeline.get(crate::timeline::Phase::FirstKvmRun);
+                return Ok((outcome, report));
             }
             Err(BuildError::Snapshot(e)) => {
                 log::warn!(
@@ -204,6 +240,9 @@ pub fn run(
 
     // No usable snapshot: boot, and snapshot the guest when it is ready for the command.
     let vmm = build_vm(&config, start, BuildHooks::default())?;
+    report.built = Some(start.elapsed());
+    let timeline = vmm.timeline().clone();
+    let ready_at = Arc::new(std::sync::Mutex::new(None));
     let staging = cache
         .staging()
         .map_err(|e| {
@@ -223,22 +262,33 @@ pub fn run(
     opts.on_ready = Some(ReadyAction {
         snapshot_to: staging.clone(),
         stop_after: false,
-        then: Box::new(move |ev: ReadyEvent| {
-            if ev.value != WARM_PORT {
-                crate::guest_warn!(
-                    "warm exec: the guest said it listens on vsock port {}, not {WARM_PORT}",
-                    ev.value
-                );
+        then: Box::new({
+            let ready_at = ready_at.clone();
+            move |ev: ReadyEvent| {
+                if let Some(Ok(paused)) = &ev.snapshot {
+                    *crate::devices::bus::lock(&ready_at) = Some((start.elapsed(), *paused));
+                }
+                if ev.value != WARM_PORT {
+                    crate::guest_warn!(
+                        "warm exec: the guest said it listens on vsock port {}, not {WARM_PORT}",
+                        ev.value
+                    );
+                }
+                if let (Some(staging), Some(result)) = (staging, ev.snapshot) {
+                    keep_snapshot(&cache, &key, &staging, result);
+                }
+                send_job_in_background(uds, WARM_PORT, payload, exit);
             }
-            if let (Some(staging), Some(result)) = (staging, ev.snapshot) {
-                keep_snapshot(&cache, &key, &staging, result);
-            }
-            send_job_in_background(uds, WARM_PORT, payload, exit);
         }),
     });
     let outcome = vmm.run(opts);
     drop(runtime);
-    Ok(outcome)
+    report.first_kvm_run = timeline.get(crate::timeline::Phase::FirstKvmRun);
+    if let Some((at, paused)) = *crate::devices::bus::lock(&ready_at) {
+        report.ready = Some(at.saturating_sub(paused));
+        report.snapshot_paused = Some(paused);
+    }
+    Ok((outcome, report))
 }
 
 /// Installs the snapshot written into `staging` as the cache entry for `key`, or says why
