@@ -137,17 +137,16 @@ pub fn build_vm(
         .iter()
         .map(DiskFile::open)
         .collect::<Result<Vec<_>, _>>()?;
-    // So are TAPs and the vsock socket: a missing TAP or a busy socket path stops here.
-    let taps = open_taps(config)?;
-    let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
-
     // A snapshot to start from is read and checked against `config` now, so that a bad one
-    // stops here.
+    // (or a VM with a NIC, which cannot be restored) stops here, before TAPs are opened.
     let restore = hooks
         .restore_from
         .as_deref()
         .map(|dir| read_snapshot(config, dir).map(|s| (dir.to_path_buf(), s)))
         .transpose()?;
+    // So are TAPs and the vsock socket: a missing TAP or a busy socket path stops here.
+    let taps = open_taps(config)?;
+    let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
     // 2. Guest memory, and the kernel and initrd loaded into it on a helper thread while
     //    the VM is set up (mapped from the image cache, or copied: CPU work that needs no
@@ -513,13 +512,10 @@ fn restore_snapshot(
 }
 
 /// Reads the snapshot in `dir` (`--restore-from`) and checks that a VM built from `config`
-/// can take it. VMs with virtio-net or virtio-vsock are refused: their TAPs and connections
-/// are not carried over yet.
+/// can take it. VMs with virtio-net are refused: their TAPs are not carried over yet.
 fn read_snapshot(config: &VmConfig, dir: &std::path::Path) -> Result<FileState, SnapshotError> {
-    if !config.net.is_empty() || config.vsock.is_some() {
-        return Err(SnapshotError::NotRestorable(
-            crate::snapshot::file::NO_NET_VSOCK,
-        ));
+    if !config.net.is_empty() {
+        return Err(SnapshotError::NotRestorable(crate::snapshot::file::NO_NET));
     }
     let saved = crate::snapshot::file::read_state(dir)?;
     saved.meta.check(config)?;

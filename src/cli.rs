@@ -328,7 +328,7 @@ pub struct RunArgs {
     /// Experimental (issue 13, docs/snapshot-pvm.md): this many seconds (decimals allowed)
     /// after the guest's init started (its boot-timer write), pause the guest, save its KVM
     /// state, copy its memory and move it into a new KVM VM in this process. Needs --no-rng
-    /// and no other virtio device (with --snapshot-to: no --net/--vsock).
+    /// and no other virtio device (with --snapshot-to: no --net).
     #[arg(long, value_name = "SECS", hide = true, value_parser = parse_timeout)]
     pub snapshot_restore_after: Option<f64>,
     /// Experimental switches of that restore, comma-separated: no-clock (no KVM_SET_CLOCK),

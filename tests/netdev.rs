@@ -29,7 +29,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -220,40 +220,6 @@ fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     }
     entry(&mut out, 0, "TRAILER!!!", 0, &[]);
     out
-}
-
-/// Builds resources/guest/vsock-io.c; None (with a message) when no C compiler works.
-fn build_vsock_io(dir: &Path) -> Option<Vec<u8>> {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/vsock-io.c");
-    let bin = dir.join("vsock-io");
-    let out = Command::new("cc")
-        .args([
-            "-static",
-            "-nostdlib",
-            "-ffreestanding",
-            "-Os",
-            "-s",
-            "-fno-stack-protector",
-        ])
-        .args([
-            "-fno-asynchronous-unwind-tables",
-            "-Wl,--build-id=none",
-            "-o",
-        ])
-        .arg(&bin)
-        .arg(&src)
-        .output();
-    match out {
-        Ok(o) if o.status.success() => std::fs::read(&bin).ok(),
-        Ok(o) => panic!(
-            "building vsock-io failed: {}",
-            String::from_utf8_lossy(&o.stderr)
-        ),
-        Err(e) => {
-            eprintln!("SKIP: no C compiler to build resources/guest/vsock-io.c ({e})");
-            None
-        }
-    }
 }
 
 /// sha256 of `data` with coreutils' sha256sum (as the guest's busybox computes it).

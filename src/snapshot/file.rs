@@ -8,12 +8,15 @@
 //!   checksummed state file of [`write_state`](super::format::write_state);
 //! - `memory` ([`MEMORY_FILE`]): guest RAM as raw bytes, region after region.
 //!
-//! virtio-rng and virtio-blk are carried over: each transport's registers and queues with
-//! its device's state (see [`devices`](super::devices)); the restoring run builds its devices
-//! from the configuration as usual (disks reopened by path, with the same locks) and
-//! restores each transport once guest memory holds the snapshot's RAM. A VM with
-//! virtio-net or virtio-vsock is refused ([`NO_NET_VSOCK`]): TAPs and connections are not
-//! carried over yet. The restoring run must be given the same VM flags;
+//! virtio-rng, virtio-blk and virtio-vsock are carried over: each transport's registers and
+//! queues with its device's state (see [`devices`](super::devices)); the restoring run builds
+//! its devices from the configuration as usual (disks reopened by path, with the same locks;
+//! the vsock Unix socket at this run's path) and restores each transport once guest memory
+//! holds the snapshot's RAM. A vsock snapshot is refused while a vsock connection is open;
+//! after a restore the guest gets a vsock TRANSPORT_RESET event (see
+//! [`vsock::device`](crate::devices::virtio::vsock::device)). A VM with virtio-net is
+//! refused ([`NO_NET`]): TAPs are not carried over yet. The restoring run must be given the
+//! same VM flags (the vsock CID and socket path may differ);
 //! [`SnapshotMeta::check`](super::SnapshotMeta::check) refuses another configuration (a
 //! disk whose size changed included).
 
@@ -34,12 +37,13 @@ pub type FileState = SnapshotState<KvmState>;
 /// (`--snapshot-restore-after` without `--snapshot-to`).
 pub const NO_VIRTIO: &str = "it has virtio devices, which cannot be moved into a new KVM VM \
                              in this process yet: use --no-rng and no --disk/--net/--vsock \
-                             (--snapshot-to/--restore-from carry virtio-rng and virtio-blk)";
+                             (--snapshot-to/--restore-from carry virtio-rng, virtio-blk and \
+                             virtio-vsock)";
 
-/// Why a VM with virtio-net or virtio-vsock is refused by `--snapshot-to`/`--restore-from`.
-pub const NO_NET_VSOCK: &str = "it has virtio-net or virtio-vsock devices, which cannot be \
-                                snapshotted yet (TAPs and vsock connections are not carried \
-                                over): use no --net/--vsock";
+/// Why a VM with virtio-net is refused by `--snapshot-to`/`--restore-from`.
+pub const NO_NET: &str = "it has virtio-net devices, which snapshots do not carry yet \
+                          (re-attaching a NIC to its TAP in the restoring run is not done): \
+                          use no --net";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {

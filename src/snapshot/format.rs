@@ -171,6 +171,15 @@ pub enum SnapshotError {
         /// Why.
         why: String,
     },
+    /// A device cannot be saved as it is now: it holds host-side state that a snapshot
+    /// cannot carry (open vsock connections).
+    #[error("cannot snapshot {device} now: {why}")]
+    Busy {
+        /// Which device.
+        device: String,
+        /// Why, and what to do.
+        why: String,
+    },
     /// This VM cannot be snapshotted or restored (yet).
     #[error("this VM cannot be snapshotted or restored: {0}")]
     NotRestorable(&'static str),

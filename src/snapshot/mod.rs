@@ -100,8 +100,9 @@ pub fn device_list(config: &VmConfig) -> Vec<String> {
     for n in &config.net {
         d.push(format!("virtio-net tap={}", n.tap));
     }
-    if let Some(v) = &config.vsock {
-        d.push(format!("virtio-vsock cid={}", v.cid));
+    // Without its CID or socket path: host-side settings a restore may change.
+    if config.vsock.is_some() {
+        d.push("virtio-vsock".into());
     }
     if config.rng.is_some() {
         d.push("virtio-rng".into());
@@ -125,8 +126,9 @@ impl SnapshotMeta {
 
     /// Checks that a VM built from `now` can take this snapshot: the same vCPU count, memory
     /// size, kernel command line, disks (same files, modes and sizes, in the same order) and
-    /// devices. Host-side settings (where the console goes, stdin, the image cache) may
-    /// differ.
+    /// devices (a VM with virtio-vsock only into one with virtio-vsock). Host-side settings
+    /// (where the console goes, stdin, the image cache, the vsock Unix socket path) and the
+    /// vsock CID (the restored guest re-reads it) may differ.
     pub fn check(&self, now: &VmConfig) -> Result<(), SnapshotError> {
         let then = &self.config;
         let mismatch = |what: &str, snapshot: String, now: String| {
@@ -200,8 +202,8 @@ pub struct RestoreParts {
     /// Every device irqfd, with its line.
     pub irqfds: Vec<(EventFd, u32)>,
     /// Every virtio-mmio transport with its device, in slot order (a snapshot file carries
-    /// virtio-rng and virtio-blk; they hold the VM's memory, so a move into a new KVM VM in
-    /// this process refuses them).
+    /// virtio-rng, virtio-blk and virtio-vsock; they hold the VM's memory, so a move into a
+    /// new KVM VM in this process refuses them).
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
     /// COM1, whose registers a snapshot carries.
     pub com1: Arc<Mutex<SerialDevice>>,
@@ -460,7 +462,7 @@ mod tests {
                 "ACPI platform".into(),
                 format!("virtio-blk vda ({})", disk.display()),
                 "virtio-net tap=tap0".into(),
-                "virtio-vsock cid=3".into(),
+                "virtio-vsock".into(),
                 "virtio-rng".into(),
             ]
         );
@@ -474,6 +476,13 @@ mod tests {
         host.stdin = false;
         host.image_cache = None;
         back.check(&host).unwrap();
+        // So may the vsock socket path and CID.
+        let mut vsock = c.clone();
+        vsock.vsock = Some(VsockConfig {
+            cid: 7,
+            uds: "/run/other.sock".into(),
+        });
+        back.check(&vsock).unwrap();
 
         let refused = |edit: &dyn Fn(&mut VmConfig), want: &str| {
             let mut now = c.clone();
@@ -492,6 +501,16 @@ mod tests {
         refused(&|n| n.disks[0].read_only = true, "disk vda");
         refused(&|n| n.rng = None, "devices");
         refused(&|n| n.net[0].tap = "tap1".into(), "devices");
+        // A VM with vsock into one without, and the reverse.
+        refused(
+            &|n| n.vsock = None,
+            "virtio-vsock, virtio-rng, but this VM has",
+        );
+        let mut without = c.clone();
+        without.vsock = None;
+        let meta2 = SnapshotMeta::new(&without).unwrap();
+        let e = meta2.check(&c).unwrap_err();
+        assert!(e.to_string().contains("virtio-vsock"), "{e}");
         // The disk grew since the snapshot.
         std::fs::write(&disk, vec![0u8; 8192]).unwrap();
         let e = back.check(&c).unwrap_err().to_string();

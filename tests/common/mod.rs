@@ -337,3 +337,37 @@ impl Asm {
         self.bytes(&[op, rel as i8 as u8])
     }
 }
+
+/// Builds resources/guest/vsock-io.c; None (with a message) when no C compiler works.
+pub fn build_vsock_io(dir: &Path) -> Option<Vec<u8>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest/vsock-io.c");
+    let bin = dir.join("vsock-io");
+    let out = Command::new("cc")
+        .args([
+            "-static",
+            "-nostdlib",
+            "-ffreestanding",
+            "-Os",
+            "-s",
+            "-fno-stack-protector",
+        ])
+        .args([
+            "-fno-asynchronous-unwind-tables",
+            "-Wl,--build-id=none",
+            "-o",
+        ])
+        .arg(&bin)
+        .arg(&src)
+        .output();
+    match out {
+        Ok(o) if o.status.success() => std::fs::read(&bin).ok(),
+        Ok(o) => panic!(
+            "building vsock-io failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        ),
+        Err(e) => {
+            eprintln!("SKIP: no C compiler to build resources/guest/vsock-io.c ({e})");
+            None
+        }
+    }
+}

@@ -180,9 +180,11 @@ impl MmioTransport {
 
     /// The register file, the interrupt and every queue (the device's copies while it is
     /// active), with the device's own state, for a snapshot. Call it with the vCPUs stopped
-    /// and the event loop between iterations.
-    pub fn save_state(&self) -> VirtioState {
+    /// and the event loop between iterations. Fails when the device refuses to be saved as
+    /// it is ([`VirtioDevice::check_snapshot`]).
+    pub fn save_state(&self) -> Result<VirtioState, SnapshotError> {
         let device = lock(&self.device);
+        device.check_snapshot()?;
         let mut queues: Vec<QueueSnapshot> = self.queues.iter().map(|q| q.state().into()).collect();
         if self.activated {
             for (i, q) in device.saved_queues() {
@@ -191,7 +193,7 @@ impl MmioTransport {
                 }
             }
         }
-        VirtioState {
+        Ok(VirtioState {
             transport: MmioTransportState {
                 device_type: self.device_type,
                 device_features: self.device_features,
@@ -205,7 +207,7 @@ impl MmioTransport {
                 queues,
             },
             device: device.save_state(),
-        }
+        })
     }
 
     /// Restores `state` into this freshly built transport (its device built from the same

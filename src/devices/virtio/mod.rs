@@ -186,6 +186,13 @@ pub trait VirtioDevice: Send {
     /// the transport's copy stands for it.
     fn saved_queues(&self) -> Vec<(usize, QueueState)>;
 
+    /// For a snapshot, asked before [`save_state`](Self::save_state): an error when the
+    /// device holds host-side state that a snapshot cannot carry (virtio-vsock with an open
+    /// connection), so that no snapshot silently loses it. The default: nothing to refuse.
+    fn check_snapshot(&self) -> Result<(), SnapshotError> {
+        Ok(())
+    }
+
     /// For a snapshot: the device's own state.
     fn save_state(&self) -> VirtioDeviceState;
 

@@ -3,6 +3,27 @@
 //! configuration space, and the loop that moves packets between the queues and the
 //! [`Muxer`]. It runs on the event loop; host-side readiness arrives through the muxer's
 //! epoll fd.
+//!
+//! # Snapshots
+//!
+//! A snapshot is refused while the muxer holds any connection or host client
+//! ([`VirtioDevice::check_snapshot`]): host sockets cannot be saved, so snapshots are taken
+//! with no vsock connection open (a guest process blocked in `accept()` is fine: a
+//! listening socket is guest state only). What is saved is the CID and, through the
+//! transport, the three queues, with the receive and event buffers the driver had posted.
+//!
+//! The restoring run builds the device from its own configuration: its Unix socket path
+//! and its CID may differ from the snapshot's. Once restored and active, the device sends
+//! the driver one `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET` (virtio 1.2, 5.10.6.7) in the first
+//! event-queue buffer: Linux then re-reads the guest CID from the configuration space and
+//! resets its connected sockets; listening sockets stay as they are, so a host client can
+//! connect to them through the new socket. The event goes out before any packet of the
+//! rx queue in the same turn, so that the guest takes a new connection's REQUEST with its
+//! new CID and never resets it as an old one. Linux posts its event buffers when the
+//! driver probes the device, so they are in the restored queue and the event goes out on
+//! the device's first turn. When the queue has no buffer yet the event waits for one (the
+//! driver's notify brings it); rx traffic is not held back meanwhile. A driver reset drops
+//! a pending event (the driver starts over and reads the CID anyway).
 
 use std::io::Write;
 use std::num::Wrapping;
@@ -36,6 +57,10 @@ pub const MAX_PKT_PAYLOAD: usize = 64 * 1024;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;
 const EVENT_QUEUE: usize = 2;
+/// `VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`: the ID of the only vsock event.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
+/// Size of `struct virtio_vsock_event` (its little-endian 32-bit ID).
+pub const EVENT_SIZE: usize = 4;
 /// Event-loop token of the muxer's epoll fd.
 const MUXER_TOKEN: u32 = ACTIVATION_TOKEN - 1;
 
@@ -44,6 +69,8 @@ struct Active {
     mem: GuestMemory,
     rxq: Queue,
     txq: Queue,
+    /// The event queue (not ready when the driver did not enable it).
+    evq: Queue,
     interrupt: Arc<Interrupt>,
     broken: Broken,
 }
@@ -57,6 +84,8 @@ pub struct VsockStats {
     pub rx_packets: u64,
     /// Malformed tx chains (dropped).
     pub bad_chains: u64,
+    /// Events put on the event queue.
+    pub events: u64,
 }
 
 /// The virtio-vsock device.
@@ -69,6 +98,9 @@ pub struct Vsock {
     active: Option<Active>,
     buf: Vec<u8>,
     stats: VsockStats,
+    /// The device was restored from a snapshot and the driver has not been sent its
+    /// TRANSPORT_RESET event yet.
+    reset_pending: bool,
 }
 
 impl Vsock {
@@ -84,6 +116,7 @@ impl Vsock {
             active: None,
             buf: vec![0; MAX_PKT_PAYLOAD],
             stats: VsockStats::default(),
+            reset_pending: false,
         })
     }
 
@@ -173,23 +206,78 @@ impl Vsock {
         Ok(used)
     }
 
-    /// Runs the queues and interrupts the guest if it wants to know.
+    /// Sends the TRANSPORT_RESET event a restore left pending, in the first event buffer
+    /// the driver offers; returns whether the event queue was used. A buffer too small for
+    /// the event is given back empty (Linux ignores an event of another length) and the next
+    /// one tried.
+    fn process_events(&mut self) -> Result<bool, virtio_queue::Error> {
+        if !self.reset_pending {
+            return Ok(false);
+        }
+        let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
+            return Ok(false);
+        };
+        if !a.evq.ready() {
+            return Ok(false);
+        }
+        let mut used = false;
+        while self.reset_pending {
+            // None: no buffer yet; notifications are on, the driver's next one wakes us.
+            let Some(chain) = pop_or_enable(&mut a.evq, &a.mem)? else {
+                break;
+            };
+            let head = chain.head_index();
+            let written = chain
+                .writer(&a.mem)
+                .map_err(|e| e.to_string())
+                .and_then(|mut w| {
+                    if w.available_bytes() < EVENT_SIZE {
+                        return Err(format!(
+                            "{} bytes, the event needs {EVENT_SIZE}",
+                            w.available_bytes()
+                        ));
+                    }
+                    w.write_all(&EVENT_TRANSPORT_RESET.to_le_bytes())
+                        .map_err(|e| e.to_string())
+                });
+            let len = match written {
+                Ok(()) => {
+                    self.reset_pending = false;
+                    self.stats.events += 1;
+                    EVENT_SIZE as u32
+                }
+                Err(why) => {
+                    self.stats.bad_chains += 1;
+                    crate::guest_warn!("virtio-vsock: unusable event buffer: {why}");
+                    0
+                }
+            };
+            add_used(&mut a.evq, &a.mem, head, len)?;
+            used = true;
+        }
+        Ok(used)
+    }
+
+    /// Runs the queues and interrupts the guest if it wants to know. A pending event goes
+    /// first, before any packet for the guest (see the module's Snapshots section).
     fn run_queues(&mut self, tx: bool) {
-        let result = (|| -> Result<bool, virtio_queue::Error> {
+        let result = (|| -> Result<(bool, bool), virtio_queue::Error> {
+            let events = self.process_events()?;
             let mut used = false;
             if tx {
                 used |= self.process_tx()?;
             }
             used |= self.process_rx()?;
-            Ok(used)
+            Ok((used, events))
         })();
         let Some(a) = self.active.as_mut() else {
             return;
         };
-        let notify = result.and_then(|used| {
+        let notify = result.and_then(|(used, events)| {
             let rx = used && a.rxq.needs_notification(&a.mem)?;
             let tx = used && a.txq.needs_notification(&a.mem)?;
-            Ok(rx || tx)
+            let ev = events && a.evq.needs_notification(&a.mem)?;
+            Ok(rx || tx || ev)
         });
         match notify {
             Ok(true) => a.interrupt.signal_used_queue(),
@@ -252,7 +340,8 @@ impl VirtioDevice for Vsock {
             });
         }
         let mut queues = ctx.queues.into_iter();
-        let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
+        let (Some(rxq), Some(txq), Some(evq)) = (queues.next(), queues.next(), queues.next())
+        else {
             return Err(ActivateError::QueueCount {
                 expected: 3,
                 got: 0,
@@ -268,6 +357,7 @@ impl VirtioDevice for Vsock {
             mem: ctx.mem,
             rxq,
             txq,
+            evq,
             interrupt: ctx.interrupt,
             broken: Broken::default(),
         });
@@ -275,27 +365,50 @@ impl VirtioDevice for Vsock {
     }
 
     fn reset(&mut self) {
-        // The driver is gone: so are its connections.
+        // The driver is gone: so are its connections, and it reads the CID again.
         self.active = None;
         self.muxer.reset();
+        self.reset_pending = false;
     }
 
-    /// The rx and tx queues; the event queue is never used by the device (the transport's
-    /// copy stands for it).
+    /// All three queues: the device takes event buffers too.
     fn saved_queues(&self) -> Vec<(usize, QueueState)> {
         match &self.active {
-            Some(a) => vec![(0, a.rxq.state()), (1, a.txq.state())],
+            Some(a) => vec![
+                (RX_QUEUE, a.rxq.state()),
+                (TX_QUEUE, a.txq.state()),
+                (EVENT_QUEUE, a.evq.state()),
+            ],
             None => Vec::new(),
         }
     }
 
-    /// Only the CID: connections (host sockets, buffered data, credit) are not carried over.
+    /// Refuses while the muxer holds any connection or host client: host sockets cannot be
+    /// saved, and a snapshot that dropped them would leave both ends waiting.
+    fn check_snapshot(&self) -> Result<(), SnapshotError> {
+        let open = self.muxer.open_connections();
+        if open.is_empty() {
+            return Ok(());
+        }
+        Err(SnapshotError::Busy {
+            device: "virtio-vsock".into(),
+            why: format!(
+                "{open}; snapshots are taken with no vsock connection open (a guest socket \
+                 that listens is fine): close them, on the host and in the guest, and take \
+                 the snapshot again"
+            ),
+        })
+    }
+
+    /// The CID (there are no connections to save: [`Self::check_snapshot`]).
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Vsock(VsockState { cid: self.cid })
     }
 
-    /// Checks the CID. The restored device has no connections: the guest's sockets from
-    /// before the snapshot get a reset when they are next used.
+    /// Accepts the snapshot's state whatever its CID (this run's is the one the guest will
+    /// read) and leaves a TRANSPORT_RESET event pending, sent once the device is active and
+    /// the driver has an event buffer: the driver then re-reads the CID and resets the
+    /// connected sockets it had (there were none at the snapshot; listening sockets stay).
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
         let VirtioDeviceState::Vsock(s) = state else {
             return Err(crate::devices::virtio::wrong_state_kind(
@@ -304,14 +417,14 @@ impl VirtioDevice for Vsock {
             ));
         };
         if s.cid != self.cid {
-            return Err(SnapshotError::Device {
-                device: "virtio-vsock".into(),
-                why: format!(
-                    "its guest CID is {}, {} in the snapshot: restore with the same --vsock cid",
-                    self.cid, s.cid
-                ),
-            });
+            log::info!(
+                "virtio-vsock: the guest CID was {} at the snapshot and is {} now: the guest \
+                 reads it again on the transport reset",
+                s.cid,
+                self.cid
+            );
         }
+        self.reset_pending = true;
         Ok(())
     }
 }
@@ -334,9 +447,9 @@ impl MutEventSubscriber for Vsock {
                     let _ = evt.read();
                 }
                 match i {
-                    RX_QUEUE => self.run_queues(false),
+                    // New event buffers: a pending TRANSPORT_RESET may go out now.
+                    RX_QUEUE | EVENT_QUEUE => self.run_queues(false),
                     TX_QUEUE => self.run_queues(true),
-                    EVENT_QUEUE => {} // ember sends no events (no migration)
                     _ => log::warn!("virtio-vsock: unexpected event token {token}"),
                 }
             }
@@ -382,21 +495,76 @@ mod tests {
             Self { dir, mem }
         }
 
+        /// A device for `cid` on the socket `name` in the fixture's directory.
+        fn new_device(&self, name: &str, cid: u64) -> Vsock {
+            Vsock::new(&VsockConfig {
+                cid,
+                uds: self.dir.join(name),
+            })
+            .unwrap()
+        }
+
         fn device(&self, rx: &TestRing<'_>, tx: &TestRing<'_>) -> Vsock {
-            let cfg = VsockConfig {
-                cid: CID,
-                uds: self.dir.join("v.sock"),
-            };
-            let mut dev = Vsock::new(&cfg).unwrap();
+            let mut dev = self.new_device("v.sock", CID);
             dev.active = Some(Active {
                 mem: self.mem.clone(),
                 rxq: rx.queue(),
                 txq: tx.queue(),
+                evq: Queue::new(QUEUE_SIZE).unwrap(),
                 interrupt: Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap())),
                 broken: Broken::default(),
             });
             dev
         }
+    }
+
+    /// Activates `dev` as the transport does (at DRIVER_OK, or at the end of a restore) with
+    /// `rings` as its rx, tx and event queues; returns its interrupt.
+    fn activate(dev: &mut Vsock, mem: &GuestMemory, rings: [&TestRing<'_>; 3]) -> Arc<Interrupt> {
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            queues: rings.iter().map(|r| r.queue()).collect(),
+            queue_evts: (0..3)
+                .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+                .collect(),
+            interrupt: interrupt.clone(),
+            acked_features: crate::devices::virtio::VERSION_1,
+        })
+        .unwrap();
+        interrupt
+    }
+
+    /// Through the state file format and back, as a restore in a new process sees it.
+    fn through_file(s: &VirtioDeviceState) -> VirtioDeviceState {
+        use crate::snapshot::format::{decode_state, encode_state};
+        let bytes = encode_state(s).unwrap();
+        decode_state(std::path::Path::new("state"), &bytes)
+            .unwrap()
+            .1
+    }
+
+    /// The guest-visible result of an interrupt: the eventfd was written, with the used-ring
+    /// bit in the status register.
+    fn interrupted(irq: &Interrupt) -> bool {
+        irq.irq_evt().read().is_ok()
+            && irq.status() & virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING != 0
+    }
+
+    /// Offers `n` event buffers of `len` bytes at 0x30_0000, 0x30_1000..., filled with 0xff
+    /// so that the event's bytes show.
+    fn post_event_buffers(mem: &GuestMemory, ev: &mut TestRing<'_>, n: u64, len: u32) {
+        for i in 0..n {
+            let at = 0x30_0000 + i * 0x1000;
+            mem.write_slice(&[0xff; 8], GuestAddress(at)).unwrap();
+            ev.add_chain(&[(at, len, true)]);
+        }
+    }
+
+    fn event_at(mem: &GuestMemory, at: u64) -> [u8; 8] {
+        let mut b = [0u8; 8];
+        mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+        b
     }
 
     impl Drop for Fixture {
@@ -632,5 +800,205 @@ mod tests {
             .read_slice(&mut data, GuestAddress(0x10_3100))
             .unwrap();
         assert_eq!(&data, b"host data");
+    }
+
+    #[test]
+    fn state_round_trip_takes_this_runs_cid_and_saves_all_three_queues() {
+        let f = Fixture::new("state");
+        let rx = TestRing::new(&f.mem, 0, 16);
+        let tx = TestRing::new(&f.mem, 0x4000, 16);
+        let mut ev = TestRing::new(&f.mem, 0x8000, 16);
+        post_event_buffers(&f.mem, &mut ev, 2, EVENT_SIZE as u32);
+        let mut a = f.new_device("a.sock", 3);
+        let irq = activate(&mut a, &f.mem, [&rx, &tx, &ev]);
+        a.run_queues(true);
+        // A device that was not restored sends no event.
+        assert_eq!(ev.used_idx(), 0);
+        assert!(!interrupted(&irq));
+        a.check_snapshot().unwrap();
+        let queues = a.saved_queues();
+        assert_eq!(
+            queues.iter().map(|(i, _)| *i).collect::<Vec<_>>(),
+            vec![RX_QUEUE, TX_QUEUE, EVENT_QUEUE],
+            "the event queue is the device's too"
+        );
+        let saved = through_file(&a.save_state());
+        assert_eq!(saved, VirtioDeviceState::Vsock(VsockState { cid: 3 }));
+
+        // Restored in a run with another CID and socket path: accepted, the new CID is the
+        // one saved next and the one the guest reads.
+        let mut b = f.new_device("b.sock", 4);
+        b.restore_state(&saved).unwrap();
+        assert_eq!(
+            b.save_state(),
+            VirtioDeviceState::Vsock(VsockState { cid: 4 })
+        );
+        let mut cfg = [0u8; 8];
+        b.read_config(0, &mut cfg);
+        assert_eq!(u64::from_le_bytes(cfg), 4);
+        // Another device kind's state is refused.
+        let e = b
+            .restore_state(&VirtioDeviceState::Rng(Default::default()))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("virtio-rng device in its place"), "{e}");
+    }
+
+    #[test]
+    fn snapshot_refused_while_a_connection_or_host_client_is_open() {
+        let f = Fixture::new("busy");
+        let listener = UnixListener::bind(f.dir.join("v.sock_80")).unwrap();
+        let mut rx = TestRing::new(&f.mem, 0, 16);
+        let mut tx = TestRing::new(&f.mem, 0x4000, 16);
+        let mut dev = f.device(&rx, &tx);
+        dev.check_snapshot().unwrap();
+        // The guest connects to host port 80.
+        rx.add_chain(&[
+            (0x10_0000, HEADER_SIZE as u32, true),
+            (0x10_0100, 4096, true),
+        ]);
+        let mut req = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Request);
+        req.set_buf_alloc(65536);
+        guest_send(&f.mem, &mut tx, 0x20_0000, &req, &[]);
+        dev.run_queues(true);
+        let (_server, _) = listener.accept().unwrap();
+        let e = dev.check_snapshot().unwrap_err();
+        assert!(matches!(e, SnapshotError::Busy { .. }), "{e}");
+        let msg = e.to_string();
+        assert!(
+            msg.contains("virtio-vsock")
+                && msg.contains("1 connection open (0 from the host, 1 from the guest)")
+                && msg.contains("snapshots are taken with no vsock connection open"),
+            "{msg}"
+        );
+        // The guest closes it (RST): nothing is open any more.
+        let rst = VsockHeader::new((CID, 5000), (HOST_CID, 80), Op::Rst);
+        guest_send(&f.mem, &mut tx, 0x21_0000, &rst, &[]);
+        dev.run_queues(true);
+        dev.check_snapshot().unwrap();
+
+        // A host client that connected, not yet accepted by ember...
+        let client = std::os::unix::net::UnixStream::connect(f.dir.join("v.sock")).unwrap();
+        let msg = dev.check_snapshot().unwrap_err().to_string();
+        assert!(msg.contains("host clients waiting to be accepted"), "{msg}");
+        // ...then taken, still without its CONNECT line: refused through the transport too.
+        dev.muxer.process_host_events();
+        let msg = dev.check_snapshot().unwrap_err().to_string();
+        assert!(
+            msg.contains("1 host client in its CONNECT handshake"),
+            "{msg}"
+        );
+        let mem = f.mem.clone();
+        let dev = Arc::new(std::sync::Mutex::new(dev));
+        let evts = (0..3)
+            .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
+            .collect();
+        let irq = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        let t =
+            crate::devices::virtio::mmio::MmioTransport::new(mem, dev.clone(), irq, evts).unwrap();
+        let e = t.save_state().unwrap_err();
+        assert!(matches!(e, SnapshotError::Busy { .. }), "{e}");
+        // The client goes away: the snapshot can be taken.
+        drop(client);
+        dev.lock().unwrap().muxer.process_host_events();
+        let saved = t.save_state().unwrap();
+        assert_eq!(
+            saved.device,
+            VirtioDeviceState::Vsock(VsockState { cid: CID })
+        );
+    }
+
+    #[test]
+    fn restored_device_sends_one_transport_reset_in_an_event_buffer() {
+        let f = Fixture::new("reset");
+        let rx = TestRing::new(&f.mem, 0, 16);
+        let tx = TestRing::new(&f.mem, 0x4000, 16);
+        // Linux posts its event buffers when it probes the device: they are in the
+        // snapshot's memory and queue.
+        let mut ev = TestRing::new(&f.mem, 0x8000, 16);
+        post_event_buffers(&f.mem, &mut ev, 2, EVENT_SIZE as u32);
+        let saved = through_file(&VirtioDeviceState::Vsock(VsockState { cid: 3 }));
+        let mut dev = f.new_device("v.sock", 4);
+        dev.restore_state(&saved).unwrap();
+        let irq = activate(&mut dev, &f.mem, [&rx, &tx, &ev]);
+        assert!(!interrupted(&irq), "nothing is sent from activate()");
+        // The activation wakes the event loop, which runs the queues.
+        dev.run_queues(true);
+        assert_eq!(ev.used_idx(), 1);
+        assert_eq!(ev.used_entry(0), (0, EVENT_SIZE as u32));
+        assert_eq!(
+            event_at(&f.mem, 0x30_0000),
+            [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff],
+            "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (0, le32), and nothing past it"
+        );
+        assert!(interrupted(&irq));
+        assert_eq!(dev.stats().events, 1);
+        // Once: the second buffer stays with the device for a later event.
+        dev.run_queues(true);
+        dev.run_queues(false);
+        assert_eq!(ev.used_idx(), 1);
+        assert!(!interrupted(&irq));
+        let (_, evq) = dev.saved_queues()[EVENT_QUEUE];
+        assert_eq!((evq.next_avail, evq.next_used), (1, 1));
+        // The guest, with its new CID, connects to a host port nobody listens on: the muxer
+        // answers it (a RST), so the restored device moves packets under the new CID.
+        let mut rx = rx;
+        let mut tx = tx;
+        rx.add_chain(&[(0x10_0000, HEADER_SIZE as u32, true)]);
+        let req = VsockHeader::new((4, 5000), (HOST_CID, 4321), Op::Request);
+        guest_send(&f.mem, &mut tx, 0x20_0000, &req, &[]);
+        dev.run_queues(true);
+        assert_eq!(rx.used_idx(), 1);
+        let h = guest_rx_header(&f.mem, 0x10_0000);
+        assert_eq!((h.known_op(), h.dst_cid()), (Some(Op::Rst), 4));
+    }
+
+    #[test]
+    fn transport_reset_waits_for_an_event_buffer_and_a_driver_reset_drops_it() {
+        let f = Fixture::new("noevbuf");
+        let rx = TestRing::new(&f.mem, 0, 16);
+        let tx = TestRing::new(&f.mem, 0x4000, 16);
+        let mut ev = TestRing::new(&f.mem, 0x8000, 16);
+        let saved = VirtioDeviceState::Vsock(VsockState { cid: CID });
+        let mut dev = f.new_device("v.sock", CID);
+        dev.restore_state(&saved).unwrap();
+        let irq = activate(&mut dev, &f.mem, [&rx, &tx, &ev]);
+        dev.run_queues(true);
+        assert_eq!(ev.used_idx(), 0, "no buffer: nothing sent");
+        assert!(!interrupted(&irq));
+        // The driver posts a buffer too small for an event, then a good one, and notifies
+        // the event queue: the small one comes back empty, the event goes in the next.
+        post_event_buffers(&f.mem, &mut ev, 1, 2);
+        mem_post_at(&f.mem, &mut ev, 0x30_1000);
+        dev.run_queues(false);
+        assert_eq!(ev.used_idx(), 2);
+        assert_eq!(ev.used_entry(0), (0, 0));
+        assert_eq!(ev.used_entry(1), (1, EVENT_SIZE as u32));
+        assert_eq!(&event_at(&f.mem, 0x30_1000)[..5], &[0, 0, 0, 0, 0xff]);
+        assert!(interrupted(&irq));
+        assert_eq!((dev.stats().events, dev.stats().bad_chains), (1, 1));
+
+        // Restored again, but the driver resets the device before it posts a buffer: the
+        // driver starts over (and reads the CID anyway), so no event is left for it.
+        let f2 = Fixture::new("noevbuf2");
+        let rx = TestRing::new(&f2.mem, 0, 16);
+        let tx = TestRing::new(&f2.mem, 0x4000, 16);
+        let mut ev = TestRing::new(&f2.mem, 0x8000, 16);
+        let mut dev = f2.new_device("v.sock", CID);
+        dev.restore_state(&saved).unwrap();
+        activate(&mut dev, &f2.mem, [&rx, &tx, &ev]);
+        dev.run_queues(true);
+        dev.reset();
+        post_event_buffers(&f2.mem, &mut ev, 1, EVENT_SIZE as u32);
+        let irq = activate(&mut dev, &f2.mem, [&rx, &tx, &ev]);
+        dev.run_queues(true);
+        assert_eq!(ev.used_idx(), 0);
+        assert!(!interrupted(&irq));
+    }
+
+    /// Offers one 4-byte event buffer at `at`, filled with 0xff.
+    fn mem_post_at(mem: &GuestMemory, ev: &mut TestRing<'_>, at: u64) {
+        mem.write_slice(&[0xff; 8], GuestAddress(at)).unwrap();
+        ev.add_chain(&[(at, EVENT_SIZE as u32, true)]);
     }
 }

@@ -90,6 +90,61 @@ pub struct MuxerStats {
     pub refused_full: u64,
 }
 
+/// What [`Muxer::open_connections`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpenConnections {
+    /// Connections a host client asked for (established, or waiting for the guest to
+    /// answer, or closing with data still to flush).
+    pub from_host: usize,
+    /// Connections the guest asked for (to a `PATH_<port>` listener).
+    pub from_guest: usize,
+    /// Host clients that have connected to `PATH` but not yet sent their whole `CONNECT`
+    /// line.
+    pub handshakes: usize,
+    /// Host clients are waiting in the listener's backlog (connected, not yet accepted).
+    pub backlog: bool,
+}
+
+impl OpenConnections {
+    /// No connection, no host client: nothing a snapshot would lose.
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+impl std::fmt::Display for OpenConnections {
+    /// E.g. `2 connections open (1 from the host, 1 from the guest), 1 host client in its
+    /// CONNECT handshake`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let plural = |n: usize| if n == 1 { "" } else { "s" };
+        let mut parts = Vec::new();
+        let conns = self.from_host + self.from_guest;
+        if conns > 0 {
+            parts.push(format!(
+                "{conns} connection{} open ({} from the host, {} from the guest)",
+                plural(conns),
+                self.from_host,
+                self.from_guest
+            ));
+        }
+        if self.handshakes > 0 {
+            parts.push(format!(
+                "{} host client{} in {} CONNECT handshake",
+                self.handshakes,
+                plural(self.handshakes),
+                if self.handshakes == 1 { "its" } else { "their" }
+            ));
+        }
+        if self.backlog {
+            parts.push("host clients waiting to be accepted".into());
+        }
+        if parts.is_empty() {
+            parts.push("no connection open".into());
+        }
+        f.write_str(&parts.join(", "))
+    }
+}
+
 /// Guest connections multiplexed onto host Unix sockets.
 #[derive(Debug)]
 pub struct Muxer {
@@ -179,6 +234,28 @@ impl Muxer {
     /// Open connections.
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// Every connection ember holds, and host clients it has not finished (or started)
+    /// taking: what a snapshot cannot carry ([`OpenConnections::is_empty`] when there is
+    /// nothing). Host clients still in the listener's backlog (connected, not yet accepted by
+    /// ember) are seen with a poll of the listener, which takes nothing from it.
+    pub fn open_connections(&self) -> OpenConnections {
+        let from_host = self.conns.values().filter(|c| c.host_initiated()).count();
+        let mut pfd = libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the whole call, timeout 0 (no wait); poll only writes
+        // its revents.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 0) };
+        OpenConnections {
+            from_host,
+            from_guest: self.conns.len() - from_host,
+            handshakes: self.handshakes.len(),
+            backlog: ready > 0 && pfd.revents & libc::POLLIN != 0,
+        }
     }
 
     /// Whether a packet for the guest may be waiting ([`Self::recv_pkt`] may still find
