@@ -160,14 +160,16 @@ fn files_env_argv_stderr_and_status() {
 }
 
 /// A command that does not exist ends with 127, as in a shell, with the shell's message on
-/// stderr.
+/// stderr (on the cold path, `--cold`).
 #[test]
 fn command_not_found_is_127() {
     let Some(_) = guest_or_skip("command_not_found_is_127") else {
         return;
     };
+    // The cold path (a boot for the command), which the other tests here leave out unless
+    // they attach a disk.
     let mut c = exec();
-    c.args(["--", "no-such-command", "arg"]);
+    c.args(["--cold", "--", "no-such-command", "arg"]);
     let f = run(c, LIMIT);
     assert_eq!(f.code, Some(127), "{f:?}");
     assert!(
@@ -240,4 +242,137 @@ fn timeout_stops_a_running_command() {
     assert_eq!(f.code, Some(124), "{f:?}");
     assert!(f.stderr.contains("timeout"), "{f:?}");
     assert!(f.stdout.is_empty() || f.stdout == b"started\n", "{f:?}");
+}
+
+/// The warm path end to end, in a cache of its own: a first exec boots the guest, snapshots
+/// it when its init is ready and runs its command (status 3); then three execs run at once,
+/// each restoring that snapshot, with their own commands, `--file`, `--env`, `--workdir` and
+/// exit statuses. Each restored guest reads fresh random bytes (no two the same: the VM
+/// generation ID makes each reseed), has the host's wall-clock time (set from the job's
+/// header), and reports that it was restored (`--bench-report`).
+#[test]
+fn warm_execs_restore_one_snapshot_in_parallel() {
+    let Some(_) = guest_or_skip("warm_execs_restore_one_snapshot_in_parallel") else {
+        return;
+    };
+    let tmp = TempDir::new("linux-warm");
+    let cache = tmp.0.join("cache");
+    let report = |name: &str| tmp.0.join(format!("{name}.json"));
+    let warm_exec = |name: &str| {
+        let mut c = exec();
+        c.env("EMBER_CACHE_DIR", &cache)
+            .arg("--bench-report")
+            .arg(report(name));
+        c
+    };
+    let restored = |name: &str| {
+        let text = std::fs::read_to_string(report(name)).unwrap_or_default();
+        text.contains("\"restored\": true")
+    };
+    // Random bytes and the wall clock, as the guest sees them.
+    let probe = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
+
+    let mut c = warm_exec("first");
+    c.args(["--", "sh", "-c", &format!("{probe}; exit 3")]);
+    let first = run(c, LIMIT);
+    eprintln!(
+        "first (boot + snapshot): {:.1}s",
+        first.elapsed.as_secs_f64()
+    );
+    assert_eq!(first.code, Some(3), "{first:?}");
+    assert!(!restored("first"), "the first exec restored a snapshot");
+    let entries: Vec<_> = std::fs::read_dir(cache.join("snapshots"))
+        .expect("no snapshot cache")
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(entries.len(), 1, "one snapshot expected: {entries:?}");
+
+    let script = tmp.0.join("job.sh");
+    std::fs::write(
+        &script,
+        format!("echo \"job $JOB_NAME in $PWD\"\n{probe}\nexit 0\n"),
+    )
+    .unwrap();
+    let mut a = warm_exec("a");
+    a.arg("--file")
+        .arg(format!("{}:/opt/job.sh", script.display()))
+        .args([
+            "--env",
+            "JOB_NAME=a",
+            "--workdir",
+            "/opt",
+            "--",
+            "sh",
+            "job.sh",
+        ]);
+    let mut b = warm_exec("b");
+    b.args([
+        "--",
+        "sh",
+        "-c",
+        &format!("{probe}; echo b-err >&2; exit 7"),
+    ]);
+    let mut n = warm_exec("c");
+    n.args(["--", "no-such-command"]);
+    // Without the time in the job's header, a restored guest's clock would read the
+    // snapshot's time plus its own run time: 15 s behind after this wait.
+    std::thread::sleep(Duration::from_secs(15));
+    let started = std::time::SystemTime::now();
+    let running: Vec<_> = [a, b, n]
+        .into_iter()
+        .map(common_exec::Running::spawn)
+        .collect();
+    let done: Vec<_> = running.into_iter().map(|r| r.finish(LIMIT)).collect();
+    for (name, f) in ["a", "b", "c"].iter().zip(&done) {
+        eprintln!(
+            "warm {name}: {:.2}s, status {:?}",
+            f.elapsed.as_secs_f64(),
+            f.code
+        );
+        assert!(
+            restored(name),
+            "exec {name} did not restore the snapshot: {f:?}"
+        );
+    }
+    let (a, b, c) = (&done[0], &done[1], &done[2]);
+    assert_eq!(a.code, Some(0), "{a:?}");
+    assert_eq!(b.code, Some(7), "{b:?}");
+    assert_eq!(c.code, Some(127), "{c:?}");
+    assert_eq!(b.stderr, "b-err\n");
+    assert!(c.stderr.contains("not found"), "{c:?}");
+    let a_out = String::from_utf8_lossy(&a.stdout).into_owned();
+    let mut a_lines = a_out.lines();
+    assert_eq!(a_lines.next(), Some("job a in /opt"), "{a:?}");
+    let secs =
+        |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+    let (host_start, host_end) = (secs(started), secs(std::time::SystemTime::now()));
+    let mut randoms = Vec::new();
+    for (i, out) in [&first.stdout, &a.stdout, &b.stdout]
+        .into_iter()
+        .enumerate()
+    {
+        let text = String::from_utf8_lossy(out).into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        let n = lines.len();
+        assert!(n >= 2, "{text:?}");
+        let (random, date) = (lines[n - 2].to_string(), lines[n - 1]);
+        assert_eq!(random.len(), 32, "16 random bytes in hex: {random:?}");
+        let guest_now: u64 = date.trim().parse().expect("date +%s");
+        // Within 3 s of the host's clock while the restored guests ran (the first ran
+        // earlier, and its clock is only checked not to be ahead).
+        assert!(
+            guest_now <= host_end + 3 && (i == 0 || guest_now + 3 >= host_start),
+            "guest clock {guest_now}, host {host_start}..{host_end}"
+        );
+        randoms.push(random);
+    }
+    let mut unique = randoms.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(
+        unique.len(),
+        randoms.len(),
+        "random bytes repeat: {randoms:?}"
+    );
 }

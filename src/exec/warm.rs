@@ -67,13 +67,38 @@ pub fn eligible(config: &VmConfig, cold: bool) -> Result<SnapshotCache, &'static
         .map(|d| d.join("initramfs.cpio"))
         .and_then(|p| p.canonicalize().ok());
     let initrd = config.initrd.as_ref().and_then(|p| p.canonicalize().ok());
-    if initrd.is_none() || initrd != default_initrd {
+    let Some(initrd) = initrd.filter(|i| Some(i) == default_initrd.as_ref()) else {
         return Err(
             "the initramfs is not the default guest's (its init may not take commands \
                     over vsock; see docs/exec.md)",
         );
+    };
+    if !knows_warm_protocol(&initrd) {
+        return Err(
+            "the default guest was built before warm exec existed: rebuild it with \
+                    `bash resources/guest/build.sh`",
+        );
     }
     SnapshotCache::from_env().ok_or("no cache directory (set HOME or EMBER_CACHE_DIR)")
+}
+
+/// Whether the (uncompressed) initramfs at `path` has an init that parses `ember.warm=`.
+fn knows_warm_protocol(path: &Path) -> bool {
+    let Ok(bytes) = std::fs::read(path) else {
+        return false;
+    };
+    let needle = b"ember.warm=";
+    // SAFETY: both pointers are valid for the lengths given; memmem only reads them and
+    // returns null or a pointer into `bytes`.
+    let found = unsafe {
+        libc::memmem(
+            bytes.as_ptr().cast(),
+            bytes.len(),
+            needle.as_ptr().cast(),
+            needle.len(),
+        )
+    };
+    !found.is_null()
 }
 
 /// The header and archive ember sends the guest's agent.
@@ -417,6 +442,19 @@ mod tests {
         c.disks.clear();
         c.initrd = Some("/nonexistent".into());
         assert!(eligible(&c, false).unwrap_err().contains("initramfs"));
+    }
+
+    #[test]
+    fn an_initramfs_without_the_warm_init_is_recognized() {
+        let dir = std::env::temp_dir().join(format!("ember-warm-init-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (old, new) = (dir.join("old.cpio"), dir.join("new.cpio"));
+        std::fs::write(&old, b"070701...init: ember.cmd= ember.exit=").unwrap();
+        std::fs::write(&new, b"070701...init: ember.cmd= ember.warm= ember.exit=").unwrap();
+        assert!(!knows_warm_protocol(&old));
+        assert!(knows_warm_protocol(&new));
+        assert!(!knows_warm_protocol(&dir.join("missing")));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
