@@ -984,13 +984,13 @@ impl SnapshotRow {
     }
 
     /// The table rows: label and value.
-    pub fn table(&self) -> Vec<(&'static str, String)> {
+    pub fn table(&self) -> Vec<(String, String)> {
         let exit = match (self.exit_code, self.signal) {
             (Some(c), _) => format!("status {c}"),
             (None, Some(s)) => format!("signal {s}"),
             _ => "-".into(),
         };
-        let mut rows = vec![
+        let rows = vec![
             (
                 "boot: API ready (since spawn)",
                 fmt_ms(self.boot_api_ready_ms),
@@ -1058,8 +1058,10 @@ impl SnapshotRow {
                 fmt_text(self.last_line_after.as_deref()),
             ),
         ];
+        let mut rows: Vec<(String, String)> =
+            rows.into_iter().map(|(l, v)| (l.to_string(), v)).collect();
         for (name, ms) in &self.vmm_reported_ms {
-            rows.push(("VMM's own log: request took", format!("{name}: {ms:.1}")));
+            rows.push((format!("VMM's log: '{name}' took"), format!("{ms:.1}")));
         }
         rows
     }
@@ -1128,20 +1130,48 @@ impl SnapshotRow {
 pub fn render(rows: &[SnapshotRow], notes: &[String], header: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "{header}");
-    let _ = write!(out, "\n{:<34}", "snapshot/restore (times in ms)");
-    for r in rows {
-        let _ = write!(out, " {:>16}", r.label());
+    let tables: Vec<_> = rows.iter().map(SnapshotRow::table).collect();
+    // Every label in order of first appearance; a row without one shows "-".
+    let mut labels: Vec<&str> = Vec::new();
+    for (label, _) in tables.iter().flatten() {
+        if !labels.contains(&label.as_str()) {
+            labels.push(label);
+        }
+    }
+    let title = "snapshot/restore (times in ms)";
+    let lw = labels
+        .iter()
+        .map(|l| l.len())
+        .chain([title.len()])
+        .max()
+        .unwrap_or(0);
+    let cell = |t: &[(String, String)], label: &str| {
+        t.iter()
+            .find(|c| c.0 == label)
+            .map_or_else(|| "-".to_string(), |c| c.1.clone())
+    };
+    let widths: Vec<usize> = rows
+        .iter()
+        .zip(&tables)
+        .map(|(r, t)| {
+            t.iter()
+                .map(|c| c.1.len())
+                .chain([r.label().len(), 12])
+                .max()
+                .unwrap_or(12)
+        })
+        .collect();
+    let _ = write!(out, "\n{title:<lw$}");
+    for (r, w) in rows.iter().zip(&widths) {
+        let _ = write!(out, "  {:>w$}", r.label());
     }
     let _ = writeln!(out);
-    let tables: Vec<_> = rows.iter().map(SnapshotRow::table).collect();
-    if let Some(first) = tables.first() {
-        for (n, (label, _)) in first.iter().enumerate() {
-            let _ = write!(out, "{label:<34}");
-            for t in &tables {
-                let _ = write!(out, " {:>16}", t.get(n).map_or("", |c| c.1.as_str()));
-            }
-            let _ = writeln!(out);
+    for label in &labels {
+        let _ = write!(out, "{label:<lw$}");
+        for (t, w) in tables.iter().zip(&widths) {
+            let _ = write!(out, "  {:>w$}", cell(t, label));
         }
+        let _ = writeln!(out);
     }
     for r in rows {
         for (what, lines) in [
@@ -1449,7 +1479,7 @@ mod tests {
                 .take(2)
                 .collect::<Vec<_>>()
         };
-        assert!(text.contains("firecracker #1   firecracker #2"), "{text}");
+        assert!(text.contains("firecracker #1  firecracker #2\n"), "{text}");
         assert_eq!(line("load (PUT /snapshot/load)"), ["24.5", "24.5"]);
         assert_eq!(line("resumed (new guest output)"), ["no", "yes"]);
         assert_eq!(line("VMM ended by itself after load"), ["5012.4", "-"]);
@@ -1460,7 +1490,7 @@ mod tests {
         );
         assert_eq!(line("memory file, MiB"), ["128.0", "128.0"]);
         assert!(text.contains("firecracker #2: the restoring process's log\n  2026-12-06T"));
-        assert!(text.contains("load snapshot: 24.3"), "{text}");
+        assert_eq!(line("VMM's log: 'load snapshot' took"), ["24.3", "24.3"]);
         assert!(text.ends_with("notes:\n- a note\n"), "{text}");
     }
 
