@@ -225,10 +225,14 @@ has an ember.cmd= already), so the default guest's init runs `true` and reboots.
 milliseconds since the process was spawned. Peers are timed from outside (first console byte,
 the --marker line); ember's own phases come from the boot itself.
 
+--snapshot measures snapshot/restore instead (with --compare firecracker): the guest's command
+is then a tick line every 0.5 s, and a restored guest counts as resumed when it prints again.
+
 Examples:
   ember bench --runs 3
   ember bench --runs 3 --compare qemu --compare firecracker=/path/to/firecracker --json out.json
-  ember bench --runs 1 --profile boot-profile.txt";
+  ember bench --runs 1 --profile boot-profile.txt
+  ember bench --snapshot --runs 1 --compare firecracker=/path/to/firecracker --json snap.json";
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
@@ -460,11 +464,25 @@ pub struct BenchArgs {
     /// command) against warm (restored from the snapshot cache), alternating, --runs each
     /// after a first warm run that boots and writes the snapshot (uses --kernel, --initrd,
     /// --vcpus, --mem, --append, --timeout, --json).
-    #[arg(long)]
+    #[arg(long, conflicts_with_all = ["setup_only", "profile", "snapshot", "compare"])]
     pub exec: bool,
     /// The command of --exec (split at spaces).
     #[arg(long, value_name = "CMD", default_value = "true", requires = "exec")]
     pub exec_command: String,
+    /// Snapshot mode, instead of boot times: for each peer given with `--compare` (so far
+    /// Firecracker only), boot the guest through the peer's API, wait for init's marker line
+    /// and two lines of the guest's tick command, pause, take a full snapshot, kill the
+    /// process, load the snapshot in a new process and watch whether the guest goes on
+    /// printing. Reports pause, snapshot and load times, snapshot sizes, whether the guest
+    /// resumed and whether it reset. The guest's command is a tick every 0.5 s unless the
+    /// command line has an ember.cmd=. Needs `--compare firecracker[=PATH]`.
+    #[arg(long, conflicts_with_all = ["setup_only", "profile"])]
+    pub snapshot: bool,
+    /// Seconds to watch a restored guest in `--snapshot` mode.
+    #[arg(long, value_name = "SECS", requires = "snapshot",
+          default_value_t = crate::bench::snapshot::DEFAULT_WATCH_S as f64,
+          value_parser = parse_timeout)]
+    pub snapshot_watch: f64,
 }
 
 impl BenchArgs {
@@ -513,7 +531,15 @@ impl BenchArgs {
             cmdline.push_str(a.trim());
         }
         if !crate::host::has_param(&cmdline, "ember.cmd") {
-            cmdline.push_str(" ember.cmd=true");
+            if self.snapshot {
+                // A guest that keeps printing, so that a restored one shows it runs.
+                cmdline.push_str(&format!(
+                    " ember.cmd=\"{}\"",
+                    crate::bench::snapshot::TICK_COMMAND
+                ));
+            } else {
+                cmdline.push_str(" ember.cmd=true");
+            }
         }
         let mut probe = VmConfig::new(&kernel);
         probe.initrd = initrd.clone();
@@ -547,6 +573,9 @@ impl BenchArgs {
             ember_bin: None,
             setup_only: self.setup_only,
             acpi: !self.no_acpi,
+            snapshot: self.snapshot.then(|| crate::bench::snapshot::SnapshotMode {
+                watch: std::time::Duration::from_secs_f64(self.snapshot_watch),
+            }),
         })
     }
 }
@@ -972,6 +1001,59 @@ mod tests {
         ]);
         assert_eq!(o.guest.cmdline, "console=ttyS0 ember.cmd=\"ls /\"");
         std::fs::remove_file(k).unwrap();
+    }
+
+    #[test]
+    fn bench_snapshot_mode_gives_the_guest_a_tick_command() {
+        let k = std::env::temp_dir().join(format!("ember-cli-snap-k-{}", std::process::id()));
+        std::fs::write(&k, b"\x7fELF").unwrap();
+        let ks = k.to_str().unwrap();
+        let parse_opts = |extra: &[&str]| {
+            let mut args = vec!["bench", "--kernel", ks];
+            args.extend_from_slice(extra);
+            let Command::Bench(b) = parse(&args).unwrap().command else {
+                panic!("not bench")
+            };
+            b.to_options().unwrap()
+        };
+        let o = parse_opts(&["--snapshot", "--compare", "firecracker"]);
+        assert_eq!(
+            o.guest.cmdline,
+            format!(
+                "{DEFAULT_CMDLINE} ember.cmd=\"{}\"",
+                crate::bench::snapshot::TICK_COMMAND
+            )
+        );
+        assert_eq!(
+            o.snapshot.map(|m| m.watch),
+            Some(std::time::Duration::from_secs(
+                crate::bench::snapshot::DEFAULT_WATCH_S
+            ))
+        );
+        // The user's own command wins; the watch time can be set.
+        let o = parse_opts(&[
+            "--snapshot",
+            "--snapshot-watch",
+            "2.5",
+            "--append",
+            "ember.cmd=\"cat /dev/zero\"",
+        ]);
+        assert!(o.guest.cmdline.ends_with(" ember.cmd=\"cat /dev/zero\""));
+        assert!(!o.guest.cmdline.contains("tick"));
+        assert_eq!(
+            o.snapshot.map(|m| m.watch),
+            Some(std::time::Duration::from_millis(2500))
+        );
+        // Not in snapshot mode: no snapshot options, the usual `true`.
+        let o = parse_opts(&[]);
+        assert!(o.snapshot.is_none());
+        assert!(o.guest.cmdline.ends_with(" ember.cmd=true"));
+        std::fs::remove_file(k).unwrap();
+        // Flags that make no sense together.
+        assert!(parse(&["bench", "--snapshot-watch", "3"]).is_err());
+        assert!(parse(&["bench", "--snapshot", "--setup-only"]).is_err());
+        assert!(parse(&["bench", "--snapshot", "--profile"]).is_err());
+        assert!(parse(&["bench", "--snapshot", "--snapshot-watch", "0"]).is_err());
     }
 
     #[test]

@@ -129,6 +129,9 @@ fn bench(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(code::USAGE);
         }
     };
+    if opts.snapshot.is_some() {
+        return bench_snapshot(args, &opts);
+    }
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
     let mut on_progress = |p: &Progress, done: usize, total: usize| match p {
@@ -204,6 +207,37 @@ fn bench_exec(args: &BenchArgs) -> ExitCode {
         eprintln!("raw samples and statistics written to {}", path.display());
     }
     if results.samples.iter().all(|s| s.error.is_none()) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(code::VMM_ERROR)
+    }
+}
+
+/// `ember bench --snapshot`: snapshot/restore rows (see `ember::bench::snapshot`).
+fn bench_snapshot(args: &BenchArgs, opts: &ember::bench::BenchOptions) -> ExitCode {
+    let started = Instant::now();
+    let mut on_progress = |line: &str| {
+        eprintln!("[{:6.1} s] {line}", started.elapsed().as_secs_f64());
+    };
+    let results = match ember::bench::snapshot::run_snapshot_bench(opts, &mut on_progress) {
+        Ok(r) => r,
+        Err(e) => {
+            ember::print_error_chain(&e);
+            return ExitCode::from(match e {
+                ember::bench::BenchError::Usage(_) => code::USAGE,
+                _ => code::VMM_ERROR,
+            });
+        }
+    };
+    println!("{}", results.render());
+    if let Some(path) = &args.json {
+        if let Err(e) = results.write_json(path) {
+            ember::print_error_chain(&e);
+            return ExitCode::from(code::VMM_ERROR);
+        }
+        eprintln!("snapshot rows written to {}", path.display());
+    }
+    if results.all_measured() {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(code::VMM_ERROR)

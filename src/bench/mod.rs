@@ -20,12 +20,14 @@
 //!   the host's noise; `--parallel` runs that many at once.
 
 pub mod exec;
+pub mod http;
 pub mod json;
 pub mod peers;
 pub mod probe;
 pub mod procfs;
 pub mod report;
 pub mod runner;
+pub mod snapshot;
 pub mod stats;
 
 use std::path::PathBuf;
@@ -108,6 +110,9 @@ pub struct BenchOptions {
     pub setup_only: bool,
     /// Give ember's guests ACPI (off with `--no-acpi`).
     pub acpi: bool,
+    /// Snapshot mode (`--snapshot`): snapshot/restore rows instead of boots
+    /// ([`snapshot::run_snapshot_bench`]).
+    pub snapshot: Option<snapshot::SnapshotMode>,
 }
 
 /// How long after its start a `--setup-only` run is stopped.
@@ -128,6 +133,44 @@ pub struct BenchResults {
     pub wall: Duration,
     /// Options.
     pub options: BenchOptions,
+}
+
+/// The command line peers get: the guest's, with its root device, this host's switches
+/// (unless host tuning is off) and `ember.exit=reboot`; with `with_peers`, notes say what was
+/// added.
+pub(crate) fn peer_cmdline(
+    opts: &BenchOptions,
+    host: &crate::host::HostInfo,
+    with_peers: bool,
+    notes: &mut Vec<String>,
+) -> String {
+    let mut peer_cmdline = opts.guest.cmdline.clone();
+    if let Some(root) = &opts.guest.root_cmdline {
+        peer_cmdline.push(' ');
+        peer_cmdline.push_str(root);
+    }
+    if opts.host_tuning {
+        if let Some(sw) = host.cmdline_switches() {
+            peer_cmdline = crate::host::append_switches(&peer_cmdline, sw);
+            if with_peers {
+                notes.push(format!(
+                    "PVM host: peers get `{sw}` on their command line, as ember adds it itself"
+                ));
+            }
+        }
+    }
+    // Neither peer can power a guest off (QEMU's microvm runs with acpi=off; Firecracker's
+    // ACPI tables have no S5 sleep control, so `poweroff -f` only halts the guest and the
+    // VMM waits forever): they end through the i8042 reset line, so the default guest's
+    // init is told to reboot.
+    if with_peers && peers::ask_for_reboot(&mut peer_cmdline) {
+        notes.push(
+            "peers get `ember.exit=reboot`: they end a guest through the i8042 reset line, \
+             not through ACPI poweroff"
+                .into(),
+        );
+    }
+    peer_cmdline
 }
 
 /// Runs the bench, calling `on_progress` as runs start and end.
@@ -159,32 +202,7 @@ pub fn run_bench(
 
     // ember adds the host's switches itself; peers get them from us.
     let ember_cmdline = opts.guest.cmdline.clone();
-    let mut peer_cmdline = ember_cmdline.clone();
-    if let Some(root) = &opts.guest.root_cmdline {
-        peer_cmdline.push(' ');
-        peer_cmdline.push_str(root);
-    }
-    if opts.host_tuning {
-        if let Some(sw) = host.cmdline_switches() {
-            peer_cmdline = crate::host::append_switches(&peer_cmdline, sw);
-            if !peers.is_empty() {
-                notes.push(format!(
-                    "PVM host: peers get `{sw}` on their command line, as ember adds it itself"
-                ));
-            }
-        }
-    }
-    // Neither peer can power a guest off (QEMU's microvm runs with acpi=off; Firecracker's
-    // ACPI tables have no S5 sleep control, so `poweroff -f` only halts the guest and the
-    // VMM waits forever): they end through the i8042 reset line, so the default guest's
-    // init is told to reboot.
-    if !peers.is_empty() && peers::ask_for_reboot(&mut peer_cmdline) {
-        notes.push(
-            "peers get `ember.exit=reboot`: they end a guest through the i8042 reset line, \
-             not through ACPI poweroff"
-                .into(),
-        );
-    }
+    let peer_cmdline = peer_cmdline(opts, &host, !peers.is_empty(), &mut notes);
     if !peers.is_empty() {
         notes.push(format!(
             "peers are timed from outside: first console byte and the marker line {:?} on \

@@ -265,7 +265,7 @@ pub fn firecracker_config(g: &GuestSpec) -> Json {
 }
 
 /// Firecracker log lines start with an ISO-8601 timestamp: `2026-11-23T15:49:22.194758174 [`.
-fn is_firecracker_log_line(line: &str) -> bool {
+pub(crate) fn is_firecracker_log_line(line: &str) -> bool {
     let b = line.as_bytes();
     b.len() > 30
         && b[..4].iter().all(u8::is_ascii_digit)

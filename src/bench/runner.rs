@@ -276,7 +276,7 @@ fn ember_command(ctx: &RunContext, job: &Job) -> (Command, PathBuf, Option<PathB
 
 /// Makes the child get SIGKILL when the thread that started it goes away (a bench that is
 /// stopped must not leave VMs running).
-fn die_with_parent(cmd: &mut Command) {
+pub(crate) fn die_with_parent(cmd: &mut Command) {
     use std::os::unix::process::CommandExt;
     // SAFETY: the closure runs in the child between fork and exec and only calls prctl,
     // which is async-signal-safe.
