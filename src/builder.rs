@@ -107,9 +107,12 @@ pub struct BuildHooks {
     pub kick_hook: Option<Arc<dyn crate::vcpu::KickHook>>,
     /// Signalled when the guest writes the boot timer (`ember bench` samples memory then).
     pub boot_timer_notify: Option<vmm_sys_util::eventfd::EventFd>,
-    /// Start from the snapshot in this directory instead of booting (experimental, issue
-    /// 13: `ember run --restore-from`; the VM flags must be those of the saved run).
+    /// Start from the snapshot in this directory instead of booting (`ember restore`, or
+    /// `ember run --restore-from` with the VM flags of the saved run).
     pub restore_from: Option<std::path::PathBuf>,
+    /// The state file of `restore_from`, when the caller has read it already (`ember
+    /// restore` takes the configuration from it); read from the directory when `None`.
+    pub restore_state: Option<Box<FileState>>,
 }
 
 impl std::fmt::Debug for BuildHooks {
@@ -118,8 +121,32 @@ impl std::fmt::Debug for BuildHooks {
     }
 }
 
+/// How a guest starts: booted (`B`: its kernel and initrd being loaded, then loaded), or
+/// restored from the snapshot in a directory.
+enum Start<B> {
+    Boot(B),
+    Snapshot(std::path::PathBuf, Box<FileState>),
+}
+
+impl<B> Start<B> {
+    /// The snapshot's state, for a restore.
+    fn saved(&self) -> Option<&FileState> {
+        match self {
+            Start::Boot(_) => None,
+            Start::Snapshot(_, saved) => Some(saved),
+        }
+    }
+}
+
 /// Builds the VM described by `config` and starts its vCPUs. `start` is the process start,
 /// from which boot phases are timed.
+///
+/// With a snapshot to restore (`hooks.restore_from`), guest memory is mapped from the
+/// snapshot's memory file, which holds everything a boot writes into memory (kernel, initrd,
+/// command line, ACPI and MP tables, boot structures): steps 6 and 7 are skipped and the
+/// vCPUs are created from their saved state. The devices are attached as for a boot, in the
+/// same order (the same MMIO windows and interrupt lines), and restored before the vCPUs
+/// start.
 pub fn build_vm(
     config: &VmConfig,
     start: Instant,
@@ -127,8 +154,14 @@ pub fn build_vm(
 ) -> Result<Vmm, BuildError> {
     let timeline = Arc::new(Timeline::new(start));
 
-    // 1. Validate what can be validated without KVM, and look at the host.
-    config.validate()?;
+    // 1. Validate what can be validated without KVM, and look at the host (a restore does
+    //    not read the kernel and initrd files: the snapshot's memory holds them).
+    let restore_from = hooks.restore_from.take();
+    if restore_from.is_some() {
+        config.validate_without_images()?;
+    } else {
+        config.validate()?;
+    }
     let host = HostInfo::detect();
     // Disk images are opened and locked now, so that a missing or busy image is reported
     // before anything is created.
@@ -139,29 +172,49 @@ pub fn build_vm(
         .collect::<Result<Vec<_>, _>>()?;
     // A snapshot to start from is read and checked against `config` now, so that a bad one
     // (or a VM with a NIC, which cannot be restored) stops here, before TAPs are opened.
-    let restore = hooks
-        .restore_from
-        .as_deref()
-        .map(|dir| read_snapshot(config, dir).map(|s| (dir.to_path_buf(), s)))
+    let restore = restore_from
+        .map(|dir| read_snapshot(config, &dir, hooks.restore_state.take()).map(|s| (dir, s)))
         .transpose()?;
     // So are TAPs and the vsock socket: a missing TAP or a busy socket path stops here.
     let taps = open_taps(config)?;
     let vsock = config.vsock.as_ref().map(Vsock::new).transpose()?;
 
-    // 2. Guest memory, and the kernel and initrd loaded into it on a helper thread while
-    //    the VM is set up (mapped from the image cache, or copied: CPU work that needs no
-    //    KVM).
-    let mem = create_guest_memory(config.mem_bytes())?;
-    // Before the images are mapped into it; dropped before it is unmapped.
-    let mapped_images = crate::image_file::MappedImages::new(&mem);
-    let images = ImageLoader::spawn(
-        &mem,
-        config.mem_bytes(),
-        &config.kernel,
-        config.initrd.as_deref(),
-        config.initrd_append.as_deref(),
-        config.image_cache.as_ref(),
-    );
+    // 2. Guest memory. For a boot: fresh memory, and the kernel and initrd loaded into it on
+    //    a helper thread while the VM is set up (mapped from the image cache, or copied: CPU
+    //    work that needs no KVM). For a restore: the snapshot's memory file mapped
+    //    copy-on-write (a page is read when it is first touched).
+    let (mem, mapped_images, guest) = match restore {
+        None => {
+            let mem = create_guest_memory(config.mem_bytes())?;
+            // Before the images are mapped into it; dropped before it is unmapped.
+            let mapped_images = crate::image_file::MappedImages::new(&mem);
+            let images = ImageLoader::spawn(
+                &mem,
+                config.mem_bytes(),
+                &config.kernel,
+                config.initrd.as_deref(),
+                config.initrd_append.as_deref(),
+                config.image_cache.as_ref(),
+            );
+            (mem, mapped_images, Start::Boot(images))
+        }
+        Some((dir, saved)) => {
+            let (mem, file) = crate::snapshot::file::map_memory(&dir, config.mem_bytes())?;
+            // Its SIGBUS handler mends (and reports) the pages that vanish should another
+            // program truncate the file while the VM runs.
+            let mut mapped_images = crate::image_file::MappedImages::new(&mem);
+            let path = dir.join(crate::snapshot::format::MEMORY_FILE);
+            if !mapped_images.covered() {
+                log::warn!(
+                    "no SIGBUS handler watches guest memory: ember dies if {} is truncated \
+                     while the VM runs",
+                    path.display()
+                );
+            }
+            mapped_images.watch_snapshot_memory(path, file, config.mem_bytes());
+            (mem, mapped_images, Start::Snapshot(dir, saved))
+        }
+    };
 
     // 3. KVM, the VM with its memory and its interrupt controllers.
     let kvm = open_kvm()?;
@@ -182,7 +235,7 @@ pub fn build_vm(
         &mut event_manager,
         &exit,
         &timeline,
-        restore.as_ref().map(|(_, s)| &s.devices),
+        guest.saved().map(|s| &s.devices),
     )?;
     let (exit_status, ready) = attach_pseudo_devices(
         config,
@@ -222,62 +275,40 @@ pub fn build_vm(
         )?;
     }
     // With ACPI: the platform registers, its power button, and the VM generation ID (its
-    // random ID written into guest memory now, its GED event raised after a restore).
+    // random ID written into guest memory now, or a snapshot's read from it; a new one
+    // written and its GED event raised after a restore).
     let (power_button, mut vmgenid, acpi_platform) = if config.acpi {
         let (button, ged, platform) = attach_acpi_platform(&vm, &mut devices, &exit)?;
-        let vmgenid = VmGenId::new(&mem, ged)?;
+        let vmgenid = match guest {
+            Start::Boot(_) => VmGenId::new(&mem, ged)?,
+            Start::Snapshot(..) => VmGenId::restored(&mem, ged)?,
+        };
         (Some(button), Some(vmgenid), Some(platform))
     } else {
         (None, None, None)
     };
 
-    // 6. The command line: the user's, then the host's needs, then the devices'.
-    let cmdline = build_cmdline(config, &host, &devices);
-
-    // 7. Kernel and initrd (from the loader), command line and boot structures.
-    let (loaded, initrd) = images.join()?;
-    let cmdline_len = kernel::write_cmdline(&mem, &loaded, &cmdline)?;
-    // ACPI tables (with every device that has an interrupt: see arch::x86_64::acpi) for
-    // guests that read them, and the MP table for guests without ACPI.
-    let rsdp = if config.acpi {
-        let acpi_devices = acpi::AcpiDevices {
-            serial: &serial_ports(config),
-            virtio: devices.mmio_slots(),
-            vmgenid: vmgenid.as_ref().map(VmGenId::addr),
-        };
-        let tables =
-            acpi::create_acpi_tables(&mem, config.vcpus, &acpi_devices).map_err(BootError::from)?;
-        Some(tables.rsdp)
-    } else {
-        None
+    // 6. and 7. For a boot: the command line, kernel and initrd, boot structures (see
+    //    load_guest). A restore skips them: the snapshot's memory holds what its boot wrote.
+    let guest = match guest {
+        Start::Boot(images) => Start::Boot(load_guest(
+            config,
+            &host,
+            &mem,
+            &devices,
+            images,
+            vmgenid.as_ref(),
+            &timeline,
+        )?),
+        Start::Snapshot(dir, saved) => Start::Snapshot(dir, saved),
     };
-    match loaded.protocol {
-        EntryProtocol::Pvh => write_pvh_start_info(&mem, config.mem_bytes(), initrd, rsdp)?,
-        EntryProtocol::Linux64 => {
-            write_zero_page(&mem, config.mem_bytes(), loaded.header, cmdline_len, initrd)?;
-        }
-    }
-    mptable::setup_mptable(&mem, config.vcpus).map_err(BootError::from)?;
-    timeline.mark(Phase::KernelLoaded);
-    log::debug!(
-        "kernel {:?} entry {:#x} ({:?}); cmdline: {cmdline}",
-        loaded.format,
-        loaded.entry,
-        loaded.protocol
-    );
 
-    // 8. vCPUs: configure every one, then start them.
-    let supported_cpuid = kvm
-        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
-        .map_err(BuildError::Cpuid)?;
-    let boot = VcpuBootParams {
-        supported_cpuid,
-        vcpu_count: config.vcpus,
-        hide_pv_hypercalls: config.host_tuning && host.hide_pv_hypercalls(),
-        protocol: loaded.protocol,
-        entry: loaded.entry,
+    // 8. vCPUs: configure every one (or restore it from the snapshot), then start them.
+    let symbols_path = match &guest {
+        Start::Boot(loaded) => (loaded.format == KernelFormat::Elf).then(|| config.kernel.clone()),
+        // The kernel the snapshot was booted from, if that file is (still) an ELF vmlinux.
+        Start::Snapshot(..) => Some(config.kernel.clone()),
     };
-    let symbols_path = (loaded.format == KernelFormat::Elf).then(|| config.kernel.clone());
     let shared = VcpuShared {
         buses: Arc::new(std::mem::take(&mut devices.buses)),
         exit: exit.clone(),
@@ -286,12 +317,24 @@ pub fn build_vm(
         hook: hooks.kick_hook,
         timeline: timeline.clone(),
     };
-    let vcpus = match &restore {
-        None => (0..config.vcpus)
-            .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
-            .collect::<Result<Vec<_>, _>>()?,
-        // A snapshot: its memory over what was loaded, then its devices and KVM state.
-        Some((dir, saved)) => restore_snapshot(
+    let vcpus = match &guest {
+        Start::Boot(loaded) => {
+            let supported_cpuid = kvm
+                .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+                .map_err(BuildError::Cpuid)?;
+            let boot = VcpuBootParams {
+                supported_cpuid,
+                vcpu_count: config.vcpus,
+                hide_pv_hypercalls: config.host_tuning && host.hide_pv_hypercalls(),
+                protocol: loaded.protocol,
+                entry: loaded.entry,
+            };
+            (0..config.vcpus)
+                .map(|i| Vcpu::new(vm.fd(), i, &boot, &shared))
+                .collect::<Result<Vec<_>, _>>()?
+        }
+        // A snapshot: its devices and KVM state, into the VM built on its memory.
+        Start::Snapshot(dir, saved) => restore_snapshot(
             dir,
             saved,
             &mem,
@@ -315,6 +358,10 @@ pub fn build_vm(
         .into_iter()
         .map(Vcpu::start)
         .collect::<Result<Vec<_>, _>>()?;
+    timeline.mark(Phase::VcpusStarted);
+    if let Start::Snapshot(dir, _) = &guest {
+        log_restored(dir, &timeline);
+    }
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
     vmm.set_mapped_images(mapped_images);
@@ -330,6 +377,81 @@ pub fn build_vm(
         vmm.set_vm_generation_id(vmgenid);
     }
     Ok(vmm)
+}
+
+/// Steps 6 and 7 of a boot: builds the command line, waits for the kernel and initrd
+/// (`images`), and writes the command line, the ACPI tables (with `config.acpi`), the PVH
+/// start info or zero page and the MP table into guest memory.
+fn load_guest(
+    config: &VmConfig,
+    host: &HostInfo,
+    mem: &GuestMemory,
+    devices: &DeviceManager,
+    images: ImageLoader,
+    vmgenid: Option<&VmGenId>,
+    timeline: &Timeline,
+) -> Result<kernel::LoadedKernel, BuildError> {
+    // The command line: the user's, then the host's needs, then the devices'.
+    let cmdline = build_cmdline(config, host, devices);
+
+    // Kernel and initrd (from the loader), command line and boot structures.
+    let (loaded, initrd) = images.join()?;
+    let cmdline_len = kernel::write_cmdline(mem, &loaded, &cmdline)?;
+    // ACPI tables (with every device that has an interrupt: see arch::x86_64::acpi) for
+    // guests that read them, and the MP table for guests without ACPI.
+    let rsdp = if config.acpi {
+        let acpi_devices = acpi::AcpiDevices {
+            serial: &serial_ports(config),
+            virtio: devices.mmio_slots(),
+            vmgenid: vmgenid.map(VmGenId::addr),
+        };
+        let tables =
+            acpi::create_acpi_tables(mem, config.vcpus, &acpi_devices).map_err(BootError::from)?;
+        Some(tables.rsdp)
+    } else {
+        None
+    };
+    match loaded.protocol {
+        EntryProtocol::Pvh => write_pvh_start_info(mem, config.mem_bytes(), initrd, rsdp)?,
+        EntryProtocol::Linux64 => {
+            write_zero_page(mem, config.mem_bytes(), loaded.header, cmdline_len, initrd)?;
+        }
+    }
+    mptable::setup_mptable(mem, config.vcpus).map_err(BootError::from)?;
+    timeline.mark(Phase::KernelLoaded);
+    log::debug!(
+        "kernel {:?} entry {:#x} ({:?}); cmdline: {cmdline}",
+        loaded.format,
+        loaded.entry,
+        loaded.protocol
+    );
+    Ok(loaded)
+}
+
+/// Logs how long a restore took (the time from ember's start to the vCPUs' start, and the
+/// steps on the way) and how much memory the process holds right after it.
+fn log_restored(dir: &std::path::Path, timeline: &Timeline) {
+    use crate::bench::procfs::status_bytes;
+    let ms = |p: Phase| {
+        timeline.get(p).map_or("-".to_string(), |d| {
+            format!("{:.1} ms", d.as_secs_f64() * 1e3)
+        })
+    };
+    let mib = |field: &str| {
+        status_bytes(None, field).map_or("-".to_string(), |b| {
+            format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+        })
+    };
+    log::info!(
+        "restored the snapshot in {}: vCPUs started {} after ember started (VM with guest \
+         memory mapped at {}); RSS {} ({} anonymous, {} file-backed)",
+        dir.display(),
+        ms(Phase::VcpusStarted),
+        ms(Phase::MemoryMapped),
+        mib("VmRSS"),
+        mib("RssAnon"),
+        mib("RssFile"),
+    );
 }
 
 /// The final guest command line.
@@ -442,10 +564,10 @@ impl std::io::Write for StdFdWriter {
     }
 }
 
-/// Puts the snapshot `saved` (read from `dir`) into a VM built from its configuration: guest
-/// memory over what was loaded, the ACPI registers (the serial ports were built from their
-/// state), the VM's KVM state, its vCPUs, the virtio transports and devices, and last a new
-/// VM generation. Returns the vCPUs, not started.
+/// Puts the snapshot `saved` (read from `dir`) into a VM built from its configuration on
+/// guest memory mapped from its memory file: the ACPI registers (the serial ports were built
+/// from their state), the VM's KVM state, its vCPUs, the virtio transports and devices, and
+/// last a new VM generation. Returns the vCPUs, not started.
 #[allow(clippy::too_many_arguments)]
 fn restore_snapshot(
     dir: &std::path::Path,
@@ -457,12 +579,9 @@ fn restore_snapshot(
     vmgenid: Option<&mut VmGenId>,
     shared: &VcpuShared,
 ) -> Result<Vec<Vcpu>, BuildError> {
-    let t = Instant::now();
-    crate::snapshot::file::read_memory(dir, mem)?;
-    log::info!(
-        "restoring the snapshot in {}: guest memory read in {:?}",
-        dir.display(),
-        t.elapsed()
+    log::debug!(
+        "restoring the snapshot in {} (guest memory mapped from its memory file)",
+        dir.display()
     );
     if let (Some(platform), Some(state)) = (acpi_platform, &saved.devices.acpi) {
         crate::devices::bus::lock(platform).restore_state(state);
@@ -511,13 +630,21 @@ fn restore_snapshot(
     Ok(vcpus)
 }
 
-/// Reads the snapshot in `dir` (`--restore-from`) and checks that a VM built from `config`
-/// can take it. VMs with virtio-net are refused: their TAPs are not carried over yet.
-fn read_snapshot(config: &VmConfig, dir: &std::path::Path) -> Result<FileState, SnapshotError> {
+/// Reads the snapshot in `dir` (its state file, unless the caller read it already: `read`)
+/// and checks that a VM built from `config` can take it. VMs with virtio-net are refused:
+/// their TAPs are not carried over yet.
+fn read_snapshot(
+    config: &VmConfig,
+    dir: &std::path::Path,
+    read: Option<Box<FileState>>,
+) -> Result<Box<FileState>, SnapshotError> {
     if !config.net.is_empty() {
         return Err(SnapshotError::NotRestorable(crate::snapshot::file::NO_NET));
     }
-    let saved = crate::snapshot::file::read_state(dir)?;
+    let saved = match read {
+        Some(s) => s,
+        None => Box::new(crate::snapshot::file::read_state(dir)?),
+    };
     saved.meta.check(config)?;
     if saved.vm.vcpus.len() != config.vcpus as usize {
         return Err(SnapshotError::Mismatch {

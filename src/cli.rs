@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use clap::{Args, Parser, Subcommand};
 
 use crate::bench::peers::COMPARE_SYNTAX;
-use crate::config::{default_guest_dir, ConfigError, DiskConfig, VmConfig, DEFAULT_CMDLINE};
+use crate::config::{
+    default_guest_dir, ConfigError, ConsoleSink, DiskConfig, VmConfig, DEFAULT_CMDLINE,
+};
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
@@ -56,6 +58,10 @@ pub enum Command {
     /// and ember exits with its exit status (see docs/exec.md).
     #[command(after_help = EXEC_HELP)]
     Exec(ExecArgs),
+    /// Start a VM from a snapshot directory and let its guest go on where it stopped: the
+    /// VM's configuration (kernel command line, vCPUs, memory, devices) is the snapshot's.
+    #[command(after_help = RESTORE_HELP)]
+    Restore(RestoreArgs),
 }
 
 impl Cli {
@@ -63,7 +69,7 @@ impl Cli {
     /// command: warnings and errors only).
     pub fn log_level(&self) -> log::LevelFilter {
         self.log_level.unwrap_or(match self.command {
-            Command::Run(_) => log::LevelFilter::Info,
+            Command::Run(_) | Command::Restore(_) => log::LevelFilter::Info,
             Command::Exec(_) => log::LevelFilter::Warn,
             Command::Bench(_) => log::LevelFilter::Info,
         })
@@ -239,6 +245,77 @@ fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
         .map_err(|_| format!("unknown log level {s:?}: use off, error, warn, info, debug or trace"))
 }
 
+const RESTORE_HELP: &str = "\
+A snapshot directory holds `state` (the VM's configuration, its devices' and vCPUs' state,
+versioned and checksummed) and `memory` (guest RAM, sparse); `ember run ... --snapshot-to DIR`
+writes one. Guest memory is mapped from `memory` copy-on-write: the file is only read where
+the guest touches it, never written, and VMs restored from one snapshot share its unwritten
+pages, so leave it unchanged while they run. Disks are reopened by the paths the snapshot
+names and must not have changed size. Each restored VM gets a new VM generation ID.
+
+Exit status: as `ember run` (see `ember run --help`); 2 also when the snapshot is damaged,
+of another format version, or does not fit this host (the message says what and why).
+
+Example:
+  ember restore --timeout 60 /var/lib/ember/snap";
+
+/// `ember restore` flags: the snapshot, and the host-side settings a restore may change.
+#[derive(Debug, Args, Clone)]
+pub struct RestoreArgs {
+    /// The snapshot directory (its files `state` and `memory`).
+    #[arg(value_name = "DIR")]
+    pub dir: PathBuf,
+    /// Where the guest's console (COM1) output goes.
+    #[arg(long, value_name = "stdout|stderr|null", default_value = "stdout", value_parser = parse_console)]
+    pub console: ConsoleSink,
+    /// Do not feed stdin to the guest's console (by default it is, as with `ember run`: a
+    /// terminal is switched to raw mode).
+    #[arg(long)]
+    pub no_stdin: bool,
+    /// The host-side Unix socket of the snapshot's vsock device, instead of the path it was
+    /// created with.
+    #[arg(long, value_name = "PATH")]
+    pub vsock_uds: Option<PathBuf>,
+    /// After SIGTERM (or SIGINT), how long the guest gets to shut down after ember pressed
+    /// its power button before it is stopped hard. Default: 30 on PVM hosts, 5 otherwise.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs)]
+    pub shutdown_timeout: Option<u64>,
+    /// Stop the VM and exit with 124 after this many seconds (decimals allowed), counted from
+    /// ember's start.
+    #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
+    pub timeout: Option<f64>,
+}
+
+fn parse_console(s: &str) -> Result<ConsoleSink, String> {
+    match s {
+        "stdout" => Ok(ConsoleSink::Stdout),
+        "stderr" => Ok(ConsoleSink::Stderr),
+        "null" => Ok(ConsoleSink::Null),
+        _ => Err(format!(
+            "{s:?} is not a console sink: use stdout, stderr or null"
+        )),
+    }
+}
+
+impl RestoreArgs {
+    /// Applies the host-side settings to `config`, the configuration a snapshot was taken
+    /// with (its [`SnapshotMeta`](crate::snapshot::SnapshotMeta)).
+    pub fn apply(&self, config: &mut VmConfig) -> Result<(), ConfigError> {
+        config.console = self.console;
+        config.stdin = !self.no_stdin;
+        if let Some(uds) = &self.vsock_uds {
+            let vsock = config.vsock.as_mut().ok_or_else(|| {
+                ConfigError::Device(format!(
+                    "--vsock-uds {}: the snapshot's VM has no vsock device",
+                    uds.display()
+                ))
+            })?;
+            vsock.uds = uds.clone();
+        }
+        Ok(())
+    }
+}
+
 /// `ember run` flags.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
@@ -357,8 +434,9 @@ pub struct RunArgs {
     /// guest runs on).
     #[arg(long, value_name = "WHAT", value_parser = ["stop", "continue"], default_value = "stop")]
     pub snapshot_then: String,
-    /// Experimental: start the guest from the snapshot in DIR instead of booting it. The
-    /// other flags must be those of the run that wrote it (--mem, --vcpus, --disk...).
+    /// Start the guest from the snapshot in DIR instead of booting it (what `ember restore
+    /// DIR` does with the snapshot's own configuration). The other flags must be those of
+    /// the run that wrote it (--mem, --vcpus, --disk...).
     #[arg(long, value_name = "DIR", hide = true)]
     pub restore_from: Option<PathBuf>,
 }
@@ -1054,6 +1132,67 @@ mod tests {
         assert!(parse(&["bench", "--snapshot", "--setup-only"]).is_err());
         assert!(parse(&["bench", "--snapshot", "--profile"]).is_err());
         assert!(parse(&["bench", "--snapshot", "--snapshot-watch", "0"]).is_err());
+    }
+
+    #[test]
+    fn restore_flags_are_host_side_settings() {
+        let cli = parse(&["restore", "/snap"]).unwrap();
+        assert_eq!(cli.log_level(), log::LevelFilter::Info);
+        let Command::Restore(a) = cli.command else {
+            panic!("not restore")
+        };
+        assert_eq!(a.dir, std::path::Path::new("/snap"));
+        assert_eq!(
+            (a.console, a.no_stdin, a.timeout),
+            (ConsoleSink::Stdout, false, None)
+        );
+        // The snapshot's configuration keeps its VM settings; only the host side changes.
+        let mut saved = VmConfig::new("/k");
+        saved.vcpus = 2;
+        saved.stdin = false;
+        saved.console = ConsoleSink::Null;
+        let mut c = saved.clone();
+        a.apply(&mut c).unwrap();
+        assert_eq!(
+            (c.stdin, c.console, c.vcpus),
+            (true, ConsoleSink::Stdout, 2)
+        );
+        let Command::Restore(a) = parse(&[
+            "restore",
+            "--console",
+            "stderr",
+            "--no-stdin",
+            "--timeout",
+            "2.5",
+            "--vsock-uds",
+            "/run/v.sock",
+            "/snap",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not restore")
+        };
+        assert_eq!(a.timeout, Some(2.5));
+        let e = a.apply(&mut saved.clone()).unwrap_err().to_string();
+        assert!(e.contains("has no vsock device"), "{e}");
+        saved.vsock = Some(VsockConfig {
+            cid: 3,
+            uds: "/old.sock".into(),
+        });
+        let mut c = saved.clone();
+        a.apply(&mut c).unwrap();
+        assert_eq!((c.stdin, c.console), (false, ConsoleSink::Stderr));
+        assert_eq!(
+            c.vsock.map(|v| (v.cid, v.uds)),
+            Some((3, "/run/v.sock".into()))
+        );
+        // The directory is required; a bad sink is refused with the choices.
+        assert!(parse(&["restore"]).is_err());
+        let e = parse(&["restore", "--console", "tty", "/snap"]).unwrap_err();
+        assert!(e.to_string().contains("stdout, stderr or null"), "{e}");
+        // VM flags belong to `ember run`.
+        assert!(parse(&["restore", "--mem", "64", "/snap"]).is_err());
     }
 
     #[test]

@@ -287,6 +287,23 @@ impl VmConfig {
 
     /// Checks everything that can be checked without KVM: files, sizes, counts.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_without_images()?;
+        check_readable(&self.kernel).map_err(|why| ConfigError::Kernel {
+            path: self.kernel.clone(),
+            why,
+        })?;
+        if let Some(i) = &self.initrd {
+            check_readable(i).map_err(|why| ConfigError::Initrd {
+                path: i.clone(),
+                why,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Everything [`validate`](Self::validate) checks but the kernel and initrd files: what a
+    /// VM restored from a snapshot needs (its memory holds kernel and initrd).
+    pub fn validate_without_images(&self) -> Result<(), ConfigError> {
         if self.vcpus == 0 {
             return Err(ConfigError::ZeroVcpus);
         }
@@ -306,16 +323,6 @@ impl VmConfig {
                     available: avail,
                 });
             }
-        }
-        check_readable(&self.kernel).map_err(|why| ConfigError::Kernel {
-            path: self.kernel.clone(),
-            why,
-        })?;
-        if let Some(i) = &self.initrd {
-            check_readable(i).map_err(|why| ConfigError::Initrd {
-                path: i.clone(),
-                why,
-            })?;
         }
         for d in &self.disks {
             d.validate()?;

@@ -231,8 +231,9 @@ pub(crate) fn prune_cache_dir(
 }
 
 /// The guest memory of one VM, registered with ember's SIGBUS handler so that pieces of
-/// cache entries can be mapped into it; dropped (before the memory is unmapped) when the VM
-/// is torn down.
+/// cache entries can be mapped into it (and so that guest memory mapped from a snapshot's
+/// memory file is covered too: see [`watch_snapshot_memory`](Self::watch_snapshot_memory));
+/// dropped (before the memory is unmapped) when the VM is torn down.
 ///
 /// A cache entry is read-only and only ever unlinked by ember, but its owner can `chmod` and
 /// truncate it, and root can write it regardless. The pages past a truncated end then
@@ -249,6 +250,9 @@ pub struct MappedImages {
     slots: Vec<usize>,
     /// Host address ranges of the guest memory.
     host: Vec<(u64, u64)>,
+    /// The snapshot memory file all of the guest memory is mapped from, when the VM was
+    /// restored (see [`watch_snapshot_memory`](Self::watch_snapshot_memory)).
+    snapshot: Option<MappedEntry>,
 }
 
 impl MappedImages {
@@ -274,7 +278,34 @@ impl MappedImages {
                 }
             }
         }
-        Self { slots, host }
+        Self {
+            slots,
+            host,
+            snapshot: None,
+        }
+    }
+
+    /// Says that the registered guest memory is mapped from `file` (at `path`, `len` bytes),
+    /// a snapshot's memory file (see [`crate::memory::guest_memory_from_file`]). Such a
+    /// file is the user's, not a read-only cache entry: if another program truncates it
+    /// while the VM runs, the pages past its new end vanish from guest memory, as with a
+    /// truncated cache entry, and the SIGBUS handler mends what ember reads there with
+    /// zeros (when it is installed: [`covered`](Self::covered)). [`report`](Self::report)
+    /// then names the file.
+    pub fn watch_snapshot_memory(&mut self, path: PathBuf, file: File, len: u64) {
+        let addr = self.host.first().map_or(0, |h| h.0);
+        self.snapshot = Some(MappedEntry {
+            addr,
+            file,
+            path,
+            len,
+        });
+    }
+
+    /// Whether the SIGBUS handler watches the guest memory (when it cannot be installed,
+    /// a page that vanishes from a mapped file kills ember when ember reads it).
+    pub fn covered(&self) -> bool {
+        !self.slots.is_empty()
     }
 
     /// What went wrong with mapped cache entries while the VM ran, for the user: entries
@@ -291,6 +322,23 @@ impl MappedImages {
             }
         }
         let faults: u64 = self.slots.iter().map(|&s| sigbus::faults(s)).sum();
+        if let Some(snap) = &self.snapshot {
+            // All of guest memory is the snapshot file's: no cache entry is mapped into it.
+            let now = snap.file.metadata().map(|m| m.len()).unwrap_or(0);
+            if now >= snap.len && faults == 0 {
+                return None;
+            }
+            return Some(format!(
+                "snapshot memory file {} was truncated while the VM ran ({} bytes, now {now}; \
+                 another program changed it): the guest lost the pages past its new end, its \
+                 own writes to them included, and found zeros or all-ones bytes there \
+                 instead ({faults} page(s) read by ember replaced with zeros), so its run is \
+                 not to be trusted. Do not modify a snapshot's memory file while a VM \
+                 restored from it runs",
+                snap.path.display(),
+                snap.len
+            ));
+        }
         if shrunk.is_empty() && faults == 0 {
             return None;
         }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use ember::bench::runner::Progress;
-use ember::cli::{BenchArgs, Cli, Command, ExecArgs, RunArgs};
+use ember::cli::{BenchArgs, Cli, Command, ExecArgs, RestoreArgs, RunArgs};
 use ember::exec::exit_status;
 use ember::exit::{code, ExitReason};
 use ember::host::HostInfo;
@@ -25,6 +25,7 @@ fn main() -> ExitCode {
         Command::Run(args) => run(&args, start),
         Command::Bench(args) => bench(&args),
         Command::Exec(args) => exec(&args, start),
+        Command::Restore(args) => restore(&args, start),
     }
 }
 
@@ -339,6 +340,49 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
         ember::run_vm(&config, start, hooks, opts)
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
     };
+    run_status(result)
+}
+
+/// `ember restore DIR`: the VM of the snapshot in DIR, with this run's host-side settings;
+/// the exit statuses of `ember run`.
+fn restore(args: &RestoreArgs, start: Instant) -> ExitCode {
+    let refused = |e: &dyn std::error::Error| {
+        ember::print_error_chain(e);
+        ExitCode::from(code::USAGE)
+    };
+    // The state file gives the configuration; build_vm checks it against the snapshot's
+    // KVM state and memory file as for `ember run --restore-from`.
+    let saved = match ember::snapshot::file::read_state(&args.dir) {
+        Ok(s) => s,
+        Err(e) => return refused(&e),
+    };
+    let mut config = saved.meta.config.clone();
+    if let Err(e) = args.apply(&mut config) {
+        return refused(&e);
+    }
+    let shutdown_timeout = args.shutdown_timeout.map_or_else(
+        || HostInfo::detect().default_shutdown_timeout(),
+        Duration::from_secs,
+    );
+    let opts = RunOptions {
+        shutdown_timeout,
+        deadline: args
+            .timeout
+            .and_then(|t| start.checked_add(Duration::from_secs_f64(t))),
+        ..Default::default()
+    };
+    let hooks = ember::builder::BuildHooks {
+        restore_from: Some(args.dir.clone()),
+        restore_state: Some(Box::new(saved)),
+        ..Default::default()
+    };
+    let result = ember::run_vm(&config, start, hooks, opts)
+        .map_err(|e| Box::new(e) as Box<dyn std::error::Error>);
+    run_status(result)
+}
+
+/// Logs how a run (`ember run`, `ember restore`) ended and picks its exit status.
+fn run_status(result: Result<ember::vmm::RunOutcome, Box<dyn std::error::Error>>) -> ExitCode {
     match result {
         Ok(outcome) => {
             let reason = &outcome.reason;

@@ -1,8 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
-//! Guest RAM: anonymous mappings laid around the 32-bit MMIO gap, and the e820-style map
-//! that describes them to the guest.
+//! Guest RAM: anonymous mappings laid around the 32-bit MMIO gap (or private mappings of a
+//! snapshot's memory file, in the same layout), and the e820-style map that describes them
+//! to the guest.
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use std::sync::Arc;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 use crate::arch::x86_64::layout::{EBDA_START, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START};
 
@@ -23,6 +30,26 @@ pub enum MemoryError {
         /// What the kernel said.
         #[source]
         source: vm_memory::mmap::FromRangesError,
+    },
+    /// A memory file is not as large as the guest memory it should hold.
+    #[error(
+        "the guest memory file is {found} bytes, but {expected} bytes of guest memory were \
+         asked for"
+    )]
+    FileSize {
+        /// The file's size.
+        found: u64,
+        /// The guest memory's size.
+        expected: u64,
+    },
+    /// Mapping a memory file failed.
+    #[error("cannot map {size_mib} MiB of guest memory from its file: {source}")]
+    MapFile {
+        /// Size of the region in MiB.
+        size_mib: u64,
+        /// What the kernel (or vm-memory) said.
+        #[source]
+        source: std::io::Error,
     },
 }
 
@@ -54,6 +81,63 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
         size_mib: size >> 20,
         source,
     })
+}
+
+/// Maps `size` bytes of guest RAM from `file` (a snapshot's memory file: the RAM of
+/// [`ram_ranges`] region after region, the same layout as [`create_guest_memory`]),
+/// `MAP_PRIVATE | MAP_NORESERVE`: copy-on-write and lazy. A page is read from the file (the
+/// page cache) when it is first touched, a page the guest or ember writes becomes this
+/// process's own copy, the file is never written, and VMs that map the same file share the
+/// pages none of them wrote. `file` needs only be open for reading.
+///
+/// The file must be exactly `size` bytes, which is checked here, before anything is mapped.
+/// It can still shrink later (another program truncates it): the pages past its new end
+/// then vanish from the mapping, written ones too, and a read of one raises SIGBUS. Register
+/// the memory with [`MappedImages`](crate::image_file::MappedImages) before using it, as
+/// the builder does: its SIGBUS handler mends such pages with zeros and reports it.
+pub fn guest_memory_from_file(file: std::fs::File, size: u64) -> Result<GuestMemory, MemoryError> {
+    if size == 0 || size % 4096 != 0 {
+        return Err(MemoryError::InvalidSize(size));
+    }
+    let map_err = |len: u64| {
+        move |source: std::io::Error| MemoryError::MapFile {
+            size_mib: len >> 20,
+            source,
+        }
+    };
+    let found = file.metadata().map_err(map_err(size))?.len();
+    if found != size {
+        return Err(MemoryError::FileSize {
+            found,
+            expected: size,
+        });
+    }
+    let file = Arc::new(file);
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in ram_ranges(size) {
+        let bytes = usize::try_from(len).map_err(|_| {
+            map_err(len)(std::io::Error::other(
+                "region larger than the address space",
+            ))
+        })?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(bytes, ())
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(len)(std::io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(mapping, start).ok_or_else(|| {
+            map_err(len)(std::io::Error::other(format!(
+                "region at {:#x} would overflow the guest address space",
+                start.0
+            )))
+        })?;
+        regions.push(Arc::new(region));
+        offset += len;
+    }
+    GuestMemoryMmap::from_arc_regions(regions)
+        .map_err(|e| map_err(size)(std::io::Error::other(e.to_string())))
 }
 
 /// The host address and length of every guest RAM mapping.

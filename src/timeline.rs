@@ -14,6 +14,9 @@ pub enum Phase {
     MemoryMapped,
     /// Kernel, initrd and command line are in guest memory.
     KernelLoaded,
+    /// Every vCPU thread was started (after a boot's set-up, or a restore's: the first
+    /// KVM_RUN may come just before or just after).
+    VcpusStarted,
     /// The first vCPU entered KVM_RUN.
     FirstKvmRun,
     /// The guest wrote its first byte to the serial console.
@@ -26,10 +29,11 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in order.
-    pub const ALL: [Phase; 7] = [
+    pub const ALL: [Phase; 8] = [
         Phase::VmCreated,
         Phase::MemoryMapped,
         Phase::KernelLoaded,
+        Phase::VcpusStarted,
         Phase::FirstKvmRun,
         Phase::FirstSerialByte,
         Phase::BootTimer,
@@ -42,6 +46,7 @@ impl Phase {
             Phase::VmCreated => "vm_created",
             Phase::MemoryMapped => "memory_mapped",
             Phase::KernelLoaded => "kernel_loaded",
+            Phase::VcpusStarted => "vcpus_started",
             Phase::FirstKvmRun => "first_kvm_run",
             Phase::FirstSerialByte => "first_serial_byte",
             Phase::BootTimer => "boot_timer",
@@ -54,7 +59,7 @@ impl Phase {
 #[derive(Debug)]
 pub struct Timeline {
     start: Instant,
-    marks: [OnceLock<Duration>; 7],
+    marks: [OnceLock<Duration>; Phase::ALL.len()],
 }
 
 impl Timeline {
@@ -103,6 +108,8 @@ mod tests {
         std::thread::sleep(Duration::from_millis(2));
         assert!(t.mark(Phase::BootTimer).is_none());
         assert_eq!(t.get(Phase::BootTimer).unwrap(), first);
-        assert_eq!(Phase::ALL.len(), 7);
+        for (i, p) in Phase::ALL.iter().enumerate() {
+            assert_eq!(*p as usize, i, "{p:?} out of order in Phase::ALL");
+        }
     }
 }

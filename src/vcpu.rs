@@ -307,7 +307,12 @@ impl Vcpu {
                 continue;
             }
             if first {
-                self.timeline.mark(Phase::FirstKvmRun);
+                if let Some(at) = self.timeline.mark(Phase::FirstKvmRun) {
+                    log::debug!(
+                        "vCPU {}: first KVM_RUN {at:?} after ember started",
+                        self.index
+                    );
+                }
                 first = false;
             }
             // Port I/O needs the access size, which `VcpuExit` leaves out: a string

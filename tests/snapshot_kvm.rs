@@ -269,6 +269,131 @@ fn counting_guest_continues_in_a_new_process() {
     );
 }
 
+/// `ember restore DIR` with no VM flags: the configuration comes from the snapshot, the
+/// kernel file is not needed any more (guest memory is mapped from the snapshot), and the
+/// counter goes on. The memory file is not written (the restore wrote a new VM generation
+/// ID into guest memory: into a private copy of its page), and restored again, the guest
+/// goes on from the same point.
+#[test]
+fn ember_restore_resumes_the_counting_guest() {
+    let name = "ember_restore_resumes_the_counting_guest";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let (elf, snap, out1) = snapshot_counting_guest(&dir, "0.3");
+    std::fs::remove_file(&elf).unwrap();
+    let memory = std::fs::read(snap.join("memory")).unwrap();
+    let restore = ["restore", snap.to_str().unwrap()];
+    let out2 = run_ember(&restore, None, Duration::from_secs(120));
+    assert!(!out2.timed_out, "the restored guest hung: {out2:?}");
+    out2.expect_code(0);
+    assert!(
+        out2.stderr.contains("restored the snapshot in") && out2.stderr.contains("vCPUs started"),
+        "no restore line: {}",
+        out2.stderr
+    );
+    assert_counted_on(&out1, &out2);
+    assert!(
+        std::fs::read(snap.join("memory")).unwrap() == memory,
+        "the restored VM wrote into the snapshot's memory file"
+    );
+    let out3 = run_ember(&restore, None, Duration::from_secs(120));
+    out3.expect_code(0);
+    assert!(
+        out3.stdout == out2.stdout,
+        "the second restore did not go on from the snapshot's point: first starts {:?}, \
+         second {:?}",
+        out2.stdout.lines().next(),
+        out3.stdout.lines().next()
+    );
+    // The console may go elsewhere (a host-side setting, not the snapshot's).
+    let out4 = run_ember(
+        &[
+            "restore",
+            "--console",
+            "null",
+            "--no-stdin",
+            snap.to_str().unwrap(),
+        ],
+        None,
+        Duration::from_secs(120),
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+    out4.expect_code(0);
+    assert!(out4.stdout.is_empty(), "--console null: {out4:?}");
+}
+
+/// `ember restore` refuses, with status 2 and a message that names the problem, before the
+/// guest runs: a memory file that was truncated, a state file with one bit flipped, a
+/// directory that is not a snapshot, and --vsock-uds for a VM without vsock.
+#[test]
+fn ember_restore_refuses_a_truncated_or_corrupt_snapshot() {
+    let name = "ember_restore_refuses_a_truncated_or_corrupt_snapshot";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let (_, snap, _) = snapshot_counting_guest(&dir, "0.1");
+    let snap_arg = snap.to_str().unwrap();
+    let refused = |args: &[&str], want: &[&str]| {
+        let out = run_ember(args, None, Duration::from_secs(60));
+        out.expect_code(2);
+        assert!(
+            want.iter().all(|w| out.stderr.contains(w)),
+            "{args:?}: wanted {want:?} in: {}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty(), "the guest ran: {out:?}");
+    };
+
+    refused(
+        &["restore", "--vsock-uds", "/tmp/x.sock", snap_arg],
+        &["--vsock-uds /tmp/x.sock: the snapshot's VM has no vsock device"],
+    );
+
+    // The memory file loses its second half.
+    let memory = snap.join("memory");
+    let len = std::fs::metadata(&memory).unwrap().len();
+    assert_eq!(len, 16 << 20);
+    f_set_len(&memory, len / 2);
+    refused(
+        &["restore", snap_arg],
+        &[
+            "the memory file is 8388608 bytes, but the guest memory is 16777216",
+            "memory",
+        ],
+    );
+    f_set_len(&memory, len);
+
+    // One byte of the state file changed.
+    let state = snap.join("state");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x01;
+    std::fs::write(&state, &bytes).unwrap();
+    refused(&["restore", snap_arg], &["corrupt: checksum mismatch"]);
+
+    // Not a snapshot directory at all.
+    let empty = dir.join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    refused(
+        &["restore", empty.to_str().unwrap()],
+        &[&format!("snapshot file {}", empty.join("state").display())],
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Sets the length of the file at `path`.
+fn f_set_len(path: &std::path::Path, len: u64) {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .unwrap()
+        .set_len(len)
+        .unwrap();
+}
+
 /// The joined output of a counting guest's two processes is every value once, in order.
 fn assert_counted_on(out1: &Finished, out2: &Finished) {
     let both = format!("{}{}", out1.stdout, out2.stdout);

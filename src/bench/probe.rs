@@ -103,6 +103,7 @@ pub fn run_instrumented(
             .transpose()
             .map_err(BenchError::EventFd)?,
         restore_from: None,
+        restore_state: None,
     };
     let mut vmm = crate::builder::build_vm(config, start, hooks)?;
 

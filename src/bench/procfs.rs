@@ -134,12 +134,20 @@ impl MemSample {
 
 /// Peak resident set (`VmHWM`) of process `pid` (this process when `None`), in bytes.
 pub fn peak_rss(pid: Option<u32>) -> Option<u64> {
+    status_bytes(pid, "VmHWM")
+}
+
+/// A size field of `/proc/PID/status` (`VmRSS`, `RssAnon`, `RssFile`...) of process `pid`
+/// (this process when `None`), in bytes.
+pub fn status_bytes(pid: Option<u32>, field: &str) -> Option<u64> {
     let path = match pid {
         Some(p) => format!("/proc/{p}/status"),
         None => "/proc/self/status".to_string(),
     };
     let text = std::fs::read_to_string(path).ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 

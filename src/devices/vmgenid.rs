@@ -16,7 +16,9 @@
 //!
 //! Linux reads the ID when its driver binds (and mixes it into the RNG), maps the 16 bytes,
 //! and on notification 0x80 compares them with the copy it holds: when they differ it
-//! reseeds. The ID is written at build time; [`VmGenId::regenerate`] is for a restore.
+//! reseeds. The ID is written at build time ([`VmGenId::new`]; a VM restored from a snapshot
+//! takes the ID its memory holds with [`VmGenId::restored`]); [`VmGenId::regenerate`] is for
+//! a restore.
 //!
 //! **Restore:** a snapshot holds guest RAM, and so the old ID. Call [`VmGenId::regenerate`]
 //! (through [`Vmm::new_vm_generation`](crate::vmm::Vmm::new_vm_generation)) after guest
@@ -43,6 +45,9 @@ pub enum VmGenIdError {
     /// The host's `getrandom(2)` failed.
     #[error("cannot get random bytes for the VM generation ID")]
     Random(#[source] std::io::Error),
+    /// The ID could not be read from guest memory.
+    #[error("cannot read the VM generation ID from guest memory at {VMGENID_START:#x}")]
+    Read,
     /// The ID could not be written to guest memory.
     #[error("cannot write the VM generation ID to guest memory at {VMGENID_START:#x}")]
     Write,
@@ -65,6 +70,17 @@ impl VmGenId {
     pub fn new(mem: &GuestMemory, ged: GedEvents) -> Result<Self, VmGenIdError> {
         let id = fresh_id(None)?;
         write_id(mem, &id)?;
+        Ok(Self { id, ged })
+    }
+
+    /// The ID guest memory holds already (a snapshot's memory: the ID of the VM the snapshot
+    /// was taken from), taken as the current one. Nothing is written and no event is raised:
+    /// [`regenerate`](Self::regenerate) does both, once the rest of the snapshot is
+    /// restored.
+    pub fn restored(mem: &GuestMemory, ged: GedEvents) -> Result<Self, VmGenIdError> {
+        let mut id = [0u8; VMGENID_LEN];
+        mem.read_slice(&mut id, GuestAddress(VMGENID_START))
+            .map_err(|_| VmGenIdError::Read)?;
         Ok(Self { id, ged })
     }
 

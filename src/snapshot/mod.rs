@@ -6,9 +6,9 @@
 //! - [`devices`]: the state of every device (legacy ports, ACPI, virtio transports and
 //!   devices), saved from and restored into the device models;
 //! - [`kvm_state`]: the KVM state of vCPUs and of the VM that a restore must carry over;
-//! - [`file`](mod@file): the experimental snapshot that `ember run --snapshot-to` writes and
-//!   a second ember process restores (`--restore-from`), in the [`format`](mod@format)
-//!   directory;
+//! - [`file`](mod@file): the snapshot that `ember run --snapshot-to` (experimental) writes
+//!   and a second ember process restores (`ember restore`, `ember run --restore-from`), in
+//!   the [`format`](mod@format) directory;
 //! - [`SnapshotMeta`] (here): the configuration the VM was built from, checked against the
 //!   VM a snapshot is restored into before anything of it is restored;
 //! - [`Vmm::snapshot_restore`](crate::vmm::Vmm::snapshot_restore) (with the helpers here):
@@ -266,20 +266,51 @@ pub fn copy_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
     Ok(new)
 }
 
-/// Writes guest memory to `out` in the memory file's layout ([`memory_chunks`]); `io` turns
-/// a write error into the caller's error.
-pub fn write_memory<W: std::io::Write>(
+/// Writes guest memory into `file`, which must be empty, in the memory file's layout
+/// ([`memory_chunks`]), sparse: pages that are all zeros are not written but left as holes,
+/// which read back as zeros, and the file is given its exact size at the end. A guest's
+/// never-touched RAM thus costs no disk blocks, and a restore that maps the file reads no
+/// data for it. Returns the bytes written (the rest are holes). `io` turns a write error
+/// into the caller's error.
+pub fn write_memory_sparse(
     mem: &GuestMemory,
-    out: &mut W,
+    file: &std::fs::File,
     io: impl Fn(std::io::Error) -> SnapshotError,
-) -> Result<(), SnapshotError> {
+) -> Result<u64, SnapshotError> {
+    use std::os::unix::fs::FileExt;
+    const PAGE: usize = 4096;
+    static ZEROS: [u8; PAGE] = [0; PAGE];
     let mut buf = vec![0u8; MEMORY_CHUNK];
+    let (mut offset, mut written) = (0u64, 0u64);
     for (addr, n) in memory_chunks(mem) {
-        mem.read_slice(&mut buf[..n], addr)
+        let chunk = &mut buf[..n];
+        mem.read_slice(chunk, addr)
             .map_err(|_| SnapshotError::GuestMemory(addr.0))?;
-        out.write_all(&buf[..n]).map_err(&io)?;
+        // Runs of pages that are not all zeros, each written with one call (a slice
+        // comparison is a memcmp, fast in debug builds too).
+        let mut page = 0;
+        while page * PAGE < n {
+            let zero = |p: usize| {
+                let b = &chunk[p * PAGE..((p + 1) * PAGE).min(n)];
+                b == &ZEROS[..b.len()]
+            };
+            if zero(page) {
+                page += 1;
+                continue;
+            }
+            let first = page;
+            while page * PAGE < n && !zero(page) {
+                page += 1;
+            }
+            let data = &chunk[first * PAGE..(page * PAGE).min(n)];
+            file.write_all_at(data, offset + (first * PAGE) as u64)
+                .map_err(&io)?;
+            written += data.len() as u64;
+        }
+        offset += n as u64;
     }
-    Ok(())
+    file.set_len(offset).map_err(&io)?;
+    Ok(written)
 }
 
 /// Size of the pieces [`memory_chunks`] cuts guest memory into.
@@ -300,44 +331,21 @@ pub fn memory_chunks(mem: &GuestMemory) -> impl Iterator<Item = (GuestAddress, u
 }
 
 /// Writes `old` to a file in the temporary directory and maps the file MAP_PRIVATE as the
-/// new guest memory (as Firecracker loads a snapshot's memory file); the file is unlinked at
-/// once, the mappings keep it.
+/// new guest memory (as Firecracker loads a snapshot's memory file, and as `ember restore`
+/// does); the file is unlinked at once, the mappings keep it.
 pub fn file_memory(old: &GuestMemory) -> Result<GuestMemory, SnapshotError> {
-    use vm_memory::mmap::MmapRegionBuilder;
-    use vm_memory::{FileOffset, GuestRegionMmap};
-
     let io = SnapshotError::MemoryFile;
     let path = std::env::temp_dir().join(format!("ember-snapshot-mem-{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create_new(true)
         .open(&path)
         .map_err(io)?;
     let _ = std::fs::remove_file(&path);
-    write_memory(old, &mut file, io)?;
-    let mut layout = Vec::new();
-    let mut file_off = 0u64;
-    for region in old.iter() {
-        layout.push((region.start_addr(), region.len(), file_off));
-        file_off += region.len();
-    }
-    let file = std::sync::Arc::new(file);
-    let mut regions = Vec::new();
-    for (start, len, off) in layout {
-        let len = usize::try_from(len).unwrap_or(usize::MAX);
-        let mapping = MmapRegionBuilder::new_with_bitmap(len, ())
-            .with_file_offset(FileOffset::from_arc(file.clone(), off))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| SnapshotError::MemoryFile(std::io::Error::other(e.to_string())))?;
-        let region =
-            GuestRegionMmap::new(mapping, start).ok_or(SnapshotError::GuestMemory(start.0))?;
-        regions.push(region);
-    }
-    GuestMemory::from_regions(regions)
-        .map_err(|e| SnapshotError::MemoryFile(std::io::Error::other(e.to_string())))
+    write_memory_sparse(old, &file, io)?;
+    let size: u64 = old.iter().map(|r| r.len()).sum();
+    Ok(crate::memory::guest_memory_from_file(file, size)?)
 }
 
 /// The kvm-clock page (struct pvclock_vcpu_time_info) of a vCPU as it is in guest memory.
