@@ -654,13 +654,17 @@ impl Vmm {
     }
 
     /// Runs `action` for the guest's ready signal: the snapshot (the vCPUs paused while it is
-    /// written, resumed after, whatever happened), then its `then`.
+    /// written, and resumed after unless the run ends there), then its `then`.
     fn guest_ready(&mut self, value: u32, action: ReadyAction) {
         let snapshot = action.snapshot_to.as_deref().map(|dir| {
             let t0 = Instant::now();
-            let r = self.save_snapshot(dir);
-            self.vcpus.iter().for_each(VcpuHandle::resume);
-            r.map(|()| t0.elapsed())
+            let r = self.save_snapshot(dir).map(|()| t0.elapsed());
+            // A run that ends here stays paused: what the guest would do after the snapshot
+            // (print, write a disk) must not happen in this run.
+            if r.is_err() || !action.stop_after {
+                self.vcpus.iter().for_each(VcpuHandle::resume);
+            }
+            r
         });
         let end = match &snapshot {
             Some(Ok(_)) if action.stop_after => Some(ExitReason::Snapshotted),

@@ -1162,3 +1162,164 @@ fn linux_vsock_listener_is_reached_after_a_restore() {
     );
     out2.expect_code(0);
 }
+
+/// A guest that prints a counter in hex, one line per value, for ever (with a short busy
+/// wait between lines): only a signal, a snapshot or `--timeout` ends it.
+fn endless_counting_guest() -> Vec<u8> {
+    let mut a = Asm::new();
+    a.mov_al(123).mmio_write8(0xc000_0000);
+    a.bytes(&[0x31, 0xdb]); // xor ebx, ebx
+    let top = a.here();
+    a.bytes(&[0x89, 0xde]); // mov esi, ebx
+    a.bytes(&[0xb9, 8, 0, 0, 0]); // mov ecx, 8
+    a.mov_dx(0x3f8);
+    let digit = a.here();
+    a.bytes(&[0xc1, 0xc6, 0x04]); // rol esi, 4
+    a.bytes(&[0x89, 0xf0]); // mov eax, esi
+    a.bytes(&[0x83, 0xe0, 0x0f]); // and eax, 0xf
+    a.bytes(&[0x04, b'0']); // add al, '0'
+    a.bytes(&[0x3c, b'9']); // cmp al, '9'
+    a.bytes(&[0x76, 0x02]); // jbe +2
+    a.bytes(&[0x04, 7]); // add al, 7
+    a.out_dx_al();
+    a.bytes(&[0xff, 0xc9]); // dec ecx
+    a.jcc(0x75, digit);
+    a.mov_al(b'\n').out_dx_al();
+    a.bytes(&[0xb9, 0x00, 0x04, 0, 0]); // mov ecx, 1024
+    let wait = a.here();
+    a.bytes(&[0xff, 0xc9]); // dec ecx
+    a.jcc(0x75, wait);
+    a.bytes(&[0xff, 0xc3]); // inc ebx
+    a.jmp(top);
+    a.code
+}
+
+/// ember's stdout, read on a thread into a shared buffer while it runs (join the thread
+/// for all of it).
+type Collected = (
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    std::thread::JoinHandle<()>,
+);
+
+fn stdout_collector(child: &mut std::process::Child) -> Collected {
+    use std::io::Read;
+    let out = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut pipe = child.stdout.take().unwrap();
+    let sink = out.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = pipe.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    (out, reader)
+}
+
+fn wait_for_lines(out: &std::sync::Mutex<Vec<u8>>, lines: usize) {
+    let start = std::time::Instant::now();
+    while out.lock().unwrap().iter().filter(|&&b| b == b'\n').count() < lines {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "the guest printed too little"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// SIGUSR1 pauses a running guest (its output stops growing) and resumes it; SIGUSR2 with
+/// `--snapshot-on sigusr2` snapshots it and ends the run with status 0; `ember restore` of
+/// that snapshot goes on counting from where it stopped.
+#[test]
+fn sigusr1_pauses_and_sigusr2_snapshots() {
+    let name = "sigusr1_pauses_and_sigusr2_snapshots";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let elf = write_tiny_guest(&dir, "guest.elf", &endless_counting_guest(), &[]);
+    let snap = dir.join("snap");
+    let mut child = spawn_ember(
+        &[
+            "run",
+            "--kernel",
+            elf.to_str().unwrap(),
+            "--mem",
+            "16",
+            "--timeout",
+            "120",
+            "--snapshot-to",
+            snap.to_str().unwrap(),
+            "--snapshot-on",
+            "sigusr2",
+        ],
+        None,
+    );
+    let (out, reader) = stdout_collector(&mut child);
+    let pid = child.id() as libc::pid_t;
+    let signal = |sig| {
+        // SAFETY: kill(2) on our own child, which has not been waited for.
+        assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
+    };
+    wait_for_lines(&out, 20);
+    signal(libc::SIGUSR1);
+    // Give the pause and the console's writer thread time to settle, then watch.
+    std::thread::sleep(Duration::from_millis(500));
+    let paused_len = out.lock().unwrap().len();
+    std::thread::sleep(Duration::from_millis(700));
+    assert_eq!(
+        out.lock().unwrap().len(),
+        paused_len,
+        "the guest printed while paused"
+    );
+    signal(libc::SIGUSR1);
+    let resumed_from = paused_len;
+    let start = std::time::Instant::now();
+    while out.lock().unwrap().len() <= resumed_from + 90 {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "no output after the resume"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    signal(libc::SIGUSR2);
+    let first = wait_ember(child, Duration::from_secs(60));
+    assert!(!first.timed_out, "{first:?}");
+    first.expect_code(0);
+    assert!(first.stderr.contains("paused"), "{first:?}");
+    assert!(first.stderr.contains("snapshot written to"), "{first:?}");
+    reader.join().unwrap();
+    let first_out = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+    let second = run_ember(
+        &[
+            "restore",
+            "--no-stdin",
+            "--timeout",
+            "1",
+            snap.to_str().unwrap(),
+        ],
+        None,
+        Duration::from_secs(60),
+    );
+    second.expect_code(124);
+    let both = format!("{first_out}{}", second.stdout);
+    let values: Vec<u32> = both
+        .lines()
+        .map(|l| u32::from_str_radix(l, 16).unwrap_or_else(|_| panic!("bad line {l:?}")))
+        .collect();
+    // The last line may have been cut by the timeout.
+    let whole = &values[..values.len() - 1];
+    if let Some(i) = whole.iter().zip(0u32..).position(|(v, i)| *v != i) {
+        panic!(
+            "the count is not continuous across pause, snapshot and restore: at line {i} of \
+             {} (first run {} lines): {:?}",
+            whole.len(),
+            first_out.lines().count(),
+            &whole[i.saturating_sub(3)..(i + 3).min(whole.len())]
+        );
+    }
+    assert!(second.stdout.lines().count() > 1, "{second:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -108,11 +108,14 @@ pub fn spawn_ember(args: &[&str], stdin: Option<&[u8]>) -> Child {
 /// Waits for `child`, killing it after `timeout`; collects its output.
 pub fn wait_ember(mut child: Child, timeout: Duration) -> Finished {
     let start = Instant::now();
-    let mut out = child.stdout.take().unwrap();
+    // stdout may have been taken by the caller (who reads it while ember runs).
+    let out = child.stdout.take();
     let mut err = child.stderr.take().unwrap();
     let out_t = std::thread::spawn(move || {
         let mut s = Vec::new();
-        let _ = out.read_to_end(&mut s);
+        if let Some(mut out) = out {
+            let _ = out.read_to_end(&mut s);
+        }
         s
     });
     let err_t = std::thread::spawn(move || {
