@@ -173,19 +173,37 @@ fn bench(args: &BenchArgs) -> ExitCode {
             return ExitCode::from(code::VMM_ERROR);
         }
     };
-    println!("{}", results.render());
+    let ok = results
+        .records
+        .iter()
+        .any(|r| r.vmm == "ember" && r.error.is_none());
+    report_bench(
+        args,
+        &results.render(),
+        |p| results.write_json(p),
+        "raw samples and statistics",
+        ok,
+    )
+}
+
+/// Prints a bench's text report, writes its JSON (`--json`; `what` names it in the message)
+/// and picks the exit status: success when `ok`.
+fn report_bench(
+    args: &BenchArgs,
+    text: &str,
+    write_json: impl FnOnce(&std::path::Path) -> Result<(), ember::bench::BenchError>,
+    what: &str,
+    ok: bool,
+) -> ExitCode {
+    println!("{text}");
     if let Some(path) = &args.json {
-        if let Err(e) = results.write_json(path) {
+        if let Err(e) = write_json(path) {
             ember::print_error_chain(&e);
             return ExitCode::from(code::VMM_ERROR);
         }
-        eprintln!("raw samples and statistics written to {}", path.display());
+        eprintln!("{what} written to {}", path.display());
     }
-    if results
-        .records
-        .iter()
-        .any(|r| r.vmm == "ember" && r.error.is_none())
-    {
+    if ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(code::VMM_ERROR)
@@ -199,19 +217,14 @@ fn bench_exec(args: &BenchArgs) -> ExitCode {
         let status = s.error.as_deref().unwrap_or("ok");
         eprintln!("{} #{}: {:.0} ms, {status}", s.mode, s.run, s.wall_ms);
     });
-    println!("{}", results.render());
-    if let Some(path) = &args.json {
-        if let Err(e) = results.write_json(path) {
-            ember::print_error_chain(&e);
-            return ExitCode::from(code::VMM_ERROR);
-        }
-        eprintln!("raw samples and statistics written to {}", path.display());
-    }
-    if results.samples.iter().all(|s| s.error.is_none()) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(code::VMM_ERROR)
-    }
+    let ok = results.samples.iter().all(|s| s.error.is_none());
+    report_bench(
+        args,
+        &results.render(),
+        |p| results.write_json(p),
+        "raw samples and statistics",
+        ok,
+    )
 }
 
 /// `ember bench --snapshot`: snapshot/restore rows (see `ember::bench::snapshot`).
@@ -230,19 +243,14 @@ fn bench_snapshot(args: &BenchArgs, opts: &ember::bench::BenchOptions) -> ExitCo
             });
         }
     };
-    println!("{}", results.render());
-    if let Some(path) = &args.json {
-        if let Err(e) = results.write_json(path) {
-            ember::print_error_chain(&e);
-            return ExitCode::from(code::VMM_ERROR);
-        }
-        eprintln!("snapshot rows written to {}", path.display());
-    }
-    if results.all_measured() {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(code::VMM_ERROR)
-    }
+    let ok = results.all_measured();
+    report_bench(
+        args,
+        &results.render(),
+        |p| results.write_json(p),
+        "snapshot rows",
+        ok,
+    )
 }
 
 fn run(args: &RunArgs, start: Instant) -> ExitCode {
