@@ -1,11 +1,19 @@
 //! Tests for the guest build helpers in resources/guest/ that need no kernel build:
-//! verify-config.sh (the fragment-vs-.config check of build.sh) and, when busybox is
-//! installed, the /init command-line parser (resources/guest/test-init.sh).
+//! verify-config.sh (the fragment-vs-.config check of build.sh), when busybox is installed
+//! the /init command-line parser and tty drain (resources/guest/test-init.sh), and, when a C
+//! compiler works, the newc unpacker of vsock-io.c (`vsock-io unpack`, what init's warm
+//! exec helper does with the archive `ember exec` sends), run on the host.
 
+use std::ffi::OsString;
 use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
+
+use ember::exec::{command_script, env_script, EnvVar, ExecSpec, FileSpec};
 
 fn guest_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("resources/guest")
@@ -151,4 +159,249 @@ fn init_cmdline_parsing() {
         .output()
         .expect("run test-init.sh");
     assert!(out.status.success(), "test-init.sh failed:\n{}", text(&out));
+}
+
+/// Builds resources/guest/vsock-io.c with the command line in its header (as build.sh
+/// does); None (with a message) when no C compiler works.
+fn build_vsock_io(dir: &Path) -> Option<PathBuf> {
+    let bin = dir.join("vsock-io");
+    let out = Command::new("cc")
+        .args(["-static", "-nostdlib", "-ffreestanding", "-Os", "-s"])
+        .args(["-fno-stack-protector", "-fno-asynchronous-unwind-tables"])
+        .args(["-Wl,--build-id=none", "-o"])
+        .arg(&bin)
+        .arg(guest_dir().join("vsock-io.c"))
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(bin),
+        Ok(o) => panic!("building vsock-io failed:\n{}", text(&o)),
+        Err(e) => {
+            eprintln!("skipping: no C compiler to build resources/guest/vsock-io.c ({e})");
+            None
+        }
+    }
+}
+
+/// Runs `vsock-io unpack DIR` with `archive` on its stdin.
+fn unpack(bin: &Path, dir: &Path, archive: &[u8]) -> Output {
+    let mut child = Command::new(bin)
+        .arg("unpack")
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run vsock-io unpack");
+    // A refused archive may end vsock-io before it read everything: ignore EPIPE.
+    let _ = child.stdin.take().unwrap().write_all(archive);
+    child.wait_with_output().unwrap()
+}
+
+fn mode(p: &Path) -> u32 {
+    fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+fn mtime(p: &Path) -> i64 {
+    fs::symlink_metadata(p).unwrap().mtime()
+}
+
+/// The archive `ember exec` builds (ExecSpec::archive, with --env and --file trees holding
+/// a symlink, a set-uid file and mtimes) comes out as the kernel's initramfs unpacker would
+/// make it: contents, modes, file and link mtimes; an existing directory takes the
+/// archive's mode; an existing symlink at a file's name is replaced, not written through.
+#[test]
+fn vsock_io_unpacks_the_exec_archive() {
+    let tmp = TempDir::new("unpack");
+    let Some(bin) = build_vsock_io(&tmp.0) else {
+        return;
+    };
+    let host = tmp.0.join("host");
+    fs::create_dir_all(host.join("tree/sub")).unwrap();
+    fs::write(host.join("tree/run.sh"), "#!/bin/sh\necho run\n").unwrap();
+    fs::set_permissions(host.join("tree/run.sh"), fs::Permissions::from_mode(0o4754)).unwrap();
+    fs::write(host.join("tree/sub/data"), vec![0xa5u8; 70_000]).unwrap();
+    fs::set_permissions(
+        host.join("tree/sub/data"),
+        fs::Permissions::from_mode(0o640),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink("sub/data", host.join("tree/link")).unwrap();
+    fs::set_permissions(host.join("tree"), fs::Permissions::from_mode(0o750)).unwrap();
+    fs::write(host.join("in.txt"), "input\n").unwrap();
+    let when = SystemTime::UNIX_EPOCH + Duration::from_secs(1_577_836_800);
+    for f in ["tree/run.sh", "tree/sub/data", "in.txt"] {
+        let file = fs::File::options().write(true).open(host.join(f)).unwrap();
+        file.set_modified(when).unwrap();
+    }
+    let argv: Vec<OsString> = ["sh", "-c", "echo 'a b'"]
+        .iter()
+        .map(OsString::from)
+        .collect();
+    let env = vec![EnvVar::parse("X=1 2".as_ref()).unwrap()];
+    let spec = ExecSpec {
+        argv: argv.clone(),
+        env: env.clone(),
+        files: vec![
+            FileSpec {
+                host: host.join("tree"),
+                guest: Some("/opt/".into()),
+            },
+            FileSpec {
+                host: host.join("in.txt"),
+                guest: Some("in/data".into()),
+            },
+        ],
+        workdir: "/root".into(),
+    };
+    let archive = spec.archive().unwrap();
+
+    // A root that already has /root (another mode), a file to protect and a symlink to it
+    // where the archive puts /root/in/data.
+    let root = tmp.0.join("root");
+    fs::create_dir_all(root.join("root/in")).unwrap();
+    fs::set_permissions(root.join("root"), fs::Permissions::from_mode(0o755)).unwrap();
+    fs::write(root.join("victim"), "keep\n").unwrap();
+    std::os::unix::fs::symlink(root.join("victim"), root.join("root/in/data")).unwrap();
+
+    let out = unpack(&bin, &root, &archive);
+    assert!(
+        out.status.success(),
+        "vsock-io unpack failed:\n{}",
+        text(&out)
+    );
+    assert_eq!(
+        fs::read(root.join("ember/cmd")).unwrap(),
+        command_script(&argv).unwrap()
+    );
+    assert_eq!(mode(&root.join("ember/cmd")), 0o755);
+    assert_eq!(
+        fs::read(root.join("ember/env")).unwrap(),
+        env_script("/root", &env)
+    );
+    assert_eq!(mode(&root.join("ember/env")), 0o644);
+    assert_eq!(
+        mode(&root.join("root")),
+        0o700,
+        "an existing directory takes the mode"
+    );
+    assert_eq!(
+        fs::read_to_string(root.join("root/in/data")).unwrap(),
+        "input\n"
+    );
+    assert!(fs::symlink_metadata(root.join("root/in/data"))
+        .unwrap()
+        .is_file());
+    assert_eq!(fs::read_to_string(root.join("victim")).unwrap(), "keep\n");
+    let t = root.join("opt/tree");
+    assert_eq!(mode(&t), 0o750);
+    assert_eq!(
+        fs::read(t.join("run.sh")).unwrap(),
+        b"#!/bin/sh\necho run\n"
+    );
+    assert_eq!(mode(&t.join("run.sh")), 0o4754, "set-uid bit kept");
+    assert_eq!(fs::read(t.join("sub/data")).unwrap(), vec![0xa5u8; 70_000]);
+    assert_eq!(mode(&t.join("sub/data")), 0o640);
+    assert_eq!(
+        fs::read_link(t.join("link")).unwrap(),
+        Path::new("sub/data")
+    );
+    for f in ["run.sh", "sub/data"] {
+        assert_eq!(mtime(&t.join(f)), 1_577_836_800, "mtime of {f}");
+    }
+    assert_eq!(mtime(&root.join("root/in/data")), 1_577_836_800);
+    assert_eq!(mtime(&t.join("link")), mtime(&host.join("tree/link")));
+
+    // The same archive again over what it made: everything replaced, still success.
+    let out = unpack(&bin, &root, &archive);
+    assert!(
+        out.status.success(),
+        "second unpack failed:\n{}",
+        text(&out)
+    );
+}
+
+/// One raw newc entry (no checks: for archives ember would never build).
+fn newc_entry(out: &mut Vec<u8>, name: &str, mode: u32, data: &[u8]) {
+    let start = out.len();
+    out.extend_from_slice(b"070701");
+    for v in [
+        1,
+        mode,
+        0,
+        0,
+        1,
+        0,
+        data.len() as u32,
+        0,
+        0,
+        0,
+        0,
+        name.len() as u32 + 1,
+        0,
+    ] {
+        out.extend_from_slice(format!("{v:08x}").as_bytes());
+    }
+    out.extend_from_slice(name.as_bytes());
+    out.push(0);
+    out.resize(start + (out.len() - start).next_multiple_of(4), 0);
+    out.extend_from_slice(data);
+    out.resize(out.len().next_multiple_of(4), 0);
+}
+
+fn newc(entries: &[(&str, u32, &[u8])]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, mode, data) in entries {
+        newc_entry(&mut out, name, *mode, data);
+    }
+    newc_entry(&mut out, "TRAILER!!!", 0, &[]);
+    out
+}
+
+/// Archives that escape DIR, are cut short, are not newc or hold a device are refused
+/// with a message naming the problem, exit status 1.
+#[test]
+fn vsock_io_refuses_bad_archives() {
+    let tmp = TempDir::new("unpack-bad");
+    let Some(bin) = build_vsock_io(&tmp.0) else {
+        return;
+    };
+    let root = tmp.0.join("root");
+    fs::create_dir_all(&root).unwrap();
+    let good = newc(&[("ok", 0o100644, b"ok\n")]);
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        (
+            "dotdot",
+            newc(&[("../escaped", 0o100644, b"x")]),
+            "refusing the archive name",
+        ),
+        (
+            "inner dotdot",
+            newc(&[("a/../../escaped", 0o100644, b"x")]),
+            "refusing the archive name",
+        ),
+        (
+            "absolute",
+            newc(&[("/escaped", 0o100644, b"x")]),
+            "refusing the archive name",
+        ),
+        ("truncated", good[..good.len() - 140].to_vec(), "ends early"),
+        ("empty", Vec::new(), "ends early"),
+        ("not newc", b"070707".repeat(40), "not a newc"),
+        (
+            "device",
+            newc(&[("tty", 0o020644, b"")]),
+            "unsupported file type",
+        ),
+    ];
+    for (what, archive, msg) in cases {
+        let out = unpack(&bin, &root, &archive);
+        let all = text(&out);
+        assert_eq!(out.status.code(), Some(1), "{what}: {all}");
+        assert!(all.contains(msg), "{what}: expected {msg:?} in:\n{all}");
+    }
+    assert!(!tmp.0.join("escaped").exists());
+    assert!(!Path::new("/escaped").exists());
+    let out = unpack(&bin, &root, &good);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(fs::read(root.join("ok")).unwrap(), b"ok\n");
 }

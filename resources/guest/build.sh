@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds ember's default guest (see README.md next to this script):
 #   target/guest/vmlinux         ELF kernel with the PVH note and a symbol table
-#   target/guest/initramfs.cpio  uncompressed newc cpio: busybox-static + /init
+#   target/guest/initramfs.cpio  uncompressed newc cpio: busybox-static + /init + /bin/vsock-io
 #   target/guest/rootfs.ext4     small ext4 image with the same userland (/init, /sbin/init)
 # plus target/guest/kernel.config and target/guest/build-info.txt.
 #
@@ -18,8 +18,9 @@ usage() {
 	cat <<'EOF'
 usage: resources/guest/build.sh [--check-deps | --force | --help]
 
-Builds target/guest/{vmlinux,initramfs.cpio,rootfs.ext4} from Debian's linux-source-6.1 and
-busybox-static, installing the build dependencies with apt-get when they are missing.
+Builds target/guest/{vmlinux,initramfs.cpio,rootfs.ext4} from Debian's linux-source-6.1,
+busybox-static and vsock-io.c, installing the build dependencies with apt-get when they are
+missing.
 
   --check-deps  only check (and install when missing) the build dependencies
   --force       rebuild even when the cache has an entry for these inputs
@@ -113,7 +114,7 @@ shopt -u nullglob
 [[ ${#patches[@]} -gt 0 ]] || die "no patches in $script_dir/patches"
 kernel_inputs=("$script_dir/build.sh" "$script_dir/verify-config.sh"
 	"$script_dir/config.fragment" "${patches[@]}")
-user_inputs=("$script_dir/init" "$script_dir/fstab")
+user_inputs=("$script_dir/init" "$script_dir/fstab" "$script_dir/vsock-io.c")
 kernel_version=$(pkg_version "$kernel_pkg")
 busybox_version=$(pkg_version "$busybox_pkg")
 
@@ -247,9 +248,18 @@ stage=$work/out
 mkdir -p "$stage"
 cp "$kentry/vmlinux" "$kentry/kernel.config" "$stage/"
 
+# vsock-io: the guest's vsock tool and init's warm-exec helper (freestanding, no libc; the
+# command line is the one in its header).
+log "compiling vsock-io.c"
+vsock_io=$work/vsock-io
+cc -static -nostdlib -ffreestanding -Os -s -fno-stack-protector \
+	-fno-asynchronous-unwind-tables -Wl,--build-id=none -o "$vsock_io" "$script_dir/vsock-io.c" ||
+	die "compiling vsock-io.c failed"
+
 # Applet paths as busybox itself lays them out (bin/sh, sbin/reboot, usr/bin/tr, ...), all
 # symlinked to /bin/busybox. init itself needs mount devmem stty sh sync reboot poweroff
-# sleep setsid cttyhack; the rest is for the commands users run.
+# sleep setsid cttyhack (and mkfifo on a root without init's FIFOs); the rest is for the
+# commands users run.
 mapfile -t applets < <("$busybox_bin" --list-full | grep -v '^bin/busybox$' | sort -u)
 [[ ${#applets[@]} -gt 50 ]] || die "busybox --list-full returned too few applets"
 dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt run)
@@ -263,7 +273,12 @@ list=$work/initramfs.list
 	# second (see init, 3b).
 	echo "pipe /run/ember-power 0600 0 0"
 	echo "pipe /run/ember-ready 0600 0 0"
+	# Warm exec (init, 4b): vsock-io says "archive unpacked" through the first, init hands
+	# it the command's status through the second.
+	echo "pipe /run/ember-job-ok 0600 0 0"
+	echo "pipe /run/ember-job-status 0600 0 0"
 	echo "file /bin/busybox $busybox_bin 0755 0 0"
+	echo "file /bin/vsock-io $vsock_io 0755 0 0"
 	for a in "${applets[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
 	echo "file /init $script_dir/init 0755 0 0"
 	echo "file /etc/fstab $script_dir/fstab 0644 0 0"
@@ -275,11 +290,13 @@ rootdir=$work/rootfs
 mkdir -p "$rootdir"
 for d in "${dirs[@]}"; do mkdir -p "$rootdir/$d"; done
 install -m 0755 "$busybox_bin" "$rootdir/bin/busybox"
+install -m 0755 "$vsock_io" "$rootdir/bin/vsock-io"
 for a in "${applets[@]}"; do ln -s /bin/busybox "$rootdir/$a"; done
 install -m 0755 "$script_dir/init" "$rootdir/init"
 install -m 0755 "$script_dir/init" "$rootdir/sbin/init"
 install -m 0644 "$script_dir/fstab" "$rootdir/etc/fstab"
-mkfifo -m 0600 "$rootdir/run/ember-power" "$rootdir/run/ember-ready"
+mkfifo -m 0600 "$rootdir/run/ember-power" "$rootdir/run/ember-ready" \
+	"$rootdir/run/ember-job-ok" "$rootdir/run/ember-job-status"
 chmod 1777 "$rootdir/tmp"
 chmod 0700 "$rootdir/root"
 # -d copies the tree without mounting or root rights. 32 MiB leaves room for tests that

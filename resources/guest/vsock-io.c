@@ -1,7 +1,7 @@
 // SPDX-License-Identifier: Apache-2.0
 // vsock-io: a tiny AF_VSOCK tool for ember's default guest (busybox nc has no vsock).
 // Freestanding x86_64 Linux (no libc), so the static binary is a few KiB and costs the
-// initramfs almost nothing:
+// initramfs almost nothing. resources/guest/build.sh installs it as /bin/vsock-io:
 //
 //   cc -static -nostdlib -ffreestanding -Os -s -fno-stack-protector
 //      -fno-asynchronous-unwind-tables -Wl,--build-id=none -o vsock-io vsock-io.c
@@ -18,8 +18,26 @@
 //                               nc moves 1 KiB per system call, which is slow in a PVM guest)
 //   vsock-io tcp-send A.B.C.D PORT MIB
 //                               `send` over TCP/IPv4
+//   vsock-io job PORT [DIR]     ember's warm exec (resources/guest/README.md): listen on
+//                               vsock PORT, tell the VMM "ready" (a 4-byte write of PORT to
+//                               the exit device's register at guest-physical 0xC000_1004,
+//                               through /dev/mem; only with ember.warm= on the kernel
+//                               command line), accept ONE connection and copy what it
+//                               sends to stdout until EOF; with DIR, unpack it instead as a
+//                               newc cpio archive into DIR (as `unpack`); then close it
+//   vsock-io warm PORT DIR [TTY...]
+//                               init's warm-exec helper: `job PORT DIR`, then "ok" on fd 3,
+//                               then wait for a status line on fd 4, tcdrain() each TTY and
+//                               write the status to the exit device (0xC000_1000); see
+//                               warm() below and resources/guest/init (4b)
+//   vsock-io unpack DIR         unpack a newc cpio archive from stdin into DIR: directories,
+//                               regular files and symbolic links with their modes, owners
+//                               and (files, links) mtimes; an existing file or link at a
+//                               name is replaced, never written through; names must be
+//                               relative without `..`; other file types are refused
 // The pattern: 64 KiB blocks whose byte i is (i * 7 + 1) mod 256.
-// Exit status 0 on success, 1 on any error (with a message on stderr).
+// Exit status 0 on success, 1 on any error (with a message on stderr naming the step), 2 on
+// bad usage.
 
 typedef unsigned long u64;
 typedef long i64;
@@ -28,15 +46,30 @@ typedef unsigned short u16;
 
 #define SYS_read 0
 #define SYS_write 1
+#define SYS_open 2
 #define SYS_close 3
 #define SYS_poll 7
+#define SYS_mmap 9
+#define SYS_munmap 11
+#define SYS_ioctl 16
 #define SYS_socket 41
 #define SYS_connect 42
 #define SYS_accept 43
 #define SYS_shutdown 48
 #define SYS_bind 49
 #define SYS_listen 50
+#define SYS_chdir 80
+#define SYS_mkdir 83
+#define SYS_unlink 87
+#define SYS_symlink 88
+#define SYS_chmod 90
+#define SYS_fchmod 91
+#define SYS_chown 92
+#define SYS_fchown 93
+#define SYS_lchown 94
+#define SYS_umask 95
 #define SYS_exit_group 231
+#define SYS_utimensat 280
 
 #define AF_INET 2
 #define AF_VSOCK 40
@@ -45,7 +78,36 @@ typedef unsigned short u16;
 #define POLLIN 1
 #define POLLHUP 0x10
 #define EINTR 4
+#define EEXIST 17
 #define VMADDR_CID_ANY 0xffffffffu
+
+#define O_RDONLY 00
+#define O_WRONLY 01
+#define O_RDWR 02
+#define O_CREAT 0100
+#define O_EXCL 0200
+#define O_NOCTTY 0400
+#define O_NONBLOCK 04000
+#define O_NOFOLLOW 0400000
+#define O_CLOEXEC 02000000
+#define O_SYNC 04010000
+#define PROT_READ 1
+#define PROT_WRITE 2
+#define MAP_SHARED 1
+#define AT_FDCWD (-100)
+#define AT_SYMLINK_NOFOLLOW 0x100
+#define TCSBRK 0x5409
+#define IOCTL_VM_SOCKETS_GET_LOCAL_CID 0x7b9
+
+#define S_IFMT 0170000
+#define S_IFDIR 0040000
+#define S_IFREG 0100000
+#define S_IFLNK 0120000
+
+// ember's exit device (src/devices/legacy/exit_device.rs): status register at offset 0,
+// "ready" register at offset 4.
+#define EXIT_DEVICE_PAGE 0xc0001000ul
+#define EXIT_DEVICE_READY 4
 
 struct sockaddr_vm {
 	u16 svm_family;
@@ -91,37 +153,92 @@ static u64 slen(const char *s)
 	return n;
 }
 
-static void die(const char *what, i64 err)
+// Names of the errors this tool is likely to meet, for the message.
+static const char *errname(u64 e)
 {
-	static const char prefix[] = "vsock-io: ";
+	switch (e) {
+	case 1: return "EPERM";
+	case 2: return "ENOENT";
+	case 5: return "EIO";
+	case 9: return "EBADF";
+	case 12: return "ENOMEM";
+	case 13: return "EACCES";
+	case 17: return "EEXIST";
+	case 19: return "ENODEV";
+	case 20: return "ENOTDIR";
+	case 21: return "EISDIR";
+	case 22: return "EINVAL";
+	case 28: return "ENOSPC";
+	case 30: return "EROFS";
+	case 32: return "EPIPE";
+	case 36: return "ENAMETOOLONG";
+	case 39: return "ENOTEMPTY";
+	case 40: return "ELOOP";
+	case 97: return "EAFNOSUPPORT";
+	case 98: return "EADDRINUSE";
+	case 104: return "ECONNRESET";
+	case 110: return "ETIMEDOUT";
+	case 111: return "ECONNREFUSED";
+	}
+	return 0;
+}
+
+static void puts2(const char *s)
+{
+	sys3(SYS_write, 2, s, slen(s));
+}
+
+// "vsock-io: WHAT[ NAME][: error N (ENAME)]" on stderr (no error part when err is 0), then
+// exit 1.
+static void die_at(const char *what, const char *name, i64 err)
+{
 	char num[24];
 	int i = sizeof(num);
 	u64 e = (u64)(err < 0 ? -err : err);
-	num[--i] = '\n';
+	const char *en = errname(e);
+	num[--i] = 0;
 	do {
 		num[--i] = (char)('0' + e % 10);
 		e /= 10;
 	} while (e);
-	sys3(SYS_write, 2, prefix, sizeof(prefix) - 1);
-	sys3(SYS_write, 2, what, slen(what));
-	sys3(SYS_write, 2, ": error ", 8);
-	sys3(SYS_write, 2, num + i, sizeof(num) - i);
+	puts2("vsock-io: ");
+	puts2(what);
+	if (name) {
+		puts2(" ");
+		puts2(name);
+	}
+	if (err) {
+		puts2(": error ");
+		puts2(num + i);
+		if (en) {
+			puts2(" (");
+			puts2(en);
+			puts2(")");
+		}
+	}
+	puts2("\n");
 	sys3(SYS_exit_group, 1, 0, 0);
 	for (;;)
 		;
 }
 
+static void die(const char *what, i64 err)
+{
+	die_at(what, 0, err);
+}
+
 static u32 num(const char *s)
 {
+	const char *p = s;
 	u64 v = 0;
-	if (!*s)
-		die("bad number", 22);
-	for (; *s; s++) {
-		if (*s < '0' || *s > '9')
-			die("bad number", 22);
-		v = v * 10 + (u64)(*s - '0');
+	if (!*p)
+		die_at("not a decimal number:", "(empty)", 0);
+	for (; *p; p++) {
+		if (*p < '0' || *p > '9')
+			die_at("not a decimal number:", s, 0);
+		v = v * 10 + (u64)(*p - '0');
 		if (v > 0xffffffffu)
-			die("number too large", 34);
+			die_at("number too large (at most 4294967295):", s, 0);
 	}
 	return (u32)v;
 }
@@ -287,10 +404,426 @@ static int streq(const char *a, const char *b)
 	return *a == *b;
 }
 
+// ---- job: ember's warm exec ------------------------------------------------------------
+
+// job and warm store to guest-physical memory through /dev/mem: on anything but an ember
+// guest started for warm exec, 0xC000_1000 may be some device's registers. So they refuse
+// to run unless the kernel command line has an `ember.warm=` word (ember puts it there).
+static void check_ember_warm(void)
+{
+	static char cmdline[4096];
+	static const char key[] = "ember.warm=";
+	i64 fd = sys3(SYS_open, "/proc/cmdline", O_RDONLY | O_CLOEXEC, 0), n;
+	u64 i, k;
+	if (fd < 0)
+		die("open /proc/cmdline", fd);
+	n = sys3(SYS_read, fd, cmdline, sizeof(cmdline) - 1);
+	if (n < 0)
+		die("read /proc/cmdline", n);
+	sys3(SYS_close, fd, 0, 0);
+	for (i = 0; i < (u64)n; i++) {
+		if (i > 0 && cmdline[i - 1] != ' ')
+			continue;
+		for (k = 0; key[k] && i + k < (u64)n && cmdline[i + k] == key[k]; k++)
+			;
+		if (!key[k])
+			return;
+	}
+	die("not an ember warm-exec guest (no ember.warm= on the kernel command line): "
+	    "refusing to write to physical address 0xc0001000 through /dev/mem",
+	    0);
+}
+
+// Maps the page of ember's exit device through /dev/mem (CONFIG_DEVMEM without
+// STRICT_DEVMEM; O_SYNC maps it uncached) for 32-bit stores to its registers.
+static volatile u32 *map_exit_device(void)
+{
+	i64 fd, p;
+	check_ember_warm();
+	fd = sys3(SYS_open, "/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC, 0);
+	if (fd < 0)
+		die("open /dev/mem (for the exit device)", fd);
+	p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+		 (i64)EXIT_DEVICE_PAGE);
+	if (p < 0 && p > -4096)
+		die("mmap /dev/mem at 0xc0001000 (the exit device)", p);
+	sys3(SYS_close, fd, 0, 0);
+	return (volatile u32 *)p;
+}
+
+// Tells the VMM that PORT is listening: a 4-byte store of PORT to the exit device's "ready"
+// register. ember snapshots the guest there: everything this process and init do
+// afterwards is paid again by every restored VM, everything before it only once.
+static void tell_ready(volatile u32 *exit_dev, u32 port)
+{
+	exit_dev[EXIT_DEVICE_READY / 4] = port;
+}
+
+// A buffered reader over a file descriptor (the archive comes in pieces of any size).
+struct in {
+	int fd;
+	u64 pos, len;
+	u64 total; // bytes consumed, for messages
+};
+
+// Refills the buffer; 0 at EOF.
+static i64 fill(struct in *r)
+{
+	i64 n;
+	do
+		n = sys3(SYS_read, r->fd, buf, sizeof(buf));
+	while (n == -EINTR);
+	if (n < 0)
+		die("read the archive", n);
+	r->pos = 0;
+	r->len = (u64)n;
+	return n;
+}
+
+// The next up to `want` buffered bytes (at least one), or dies at EOF.
+static const char *take(struct in *r, u64 want, u64 *got)
+{
+	const char *p;
+	if (r->pos == r->len && fill(r) == 0)
+		die("the archive ends early (truncated, or no TRAILER!!! entry)", 0);
+	*got = r->len - r->pos < want ? r->len - r->pos : want;
+	p = buf + r->pos;
+	r->pos += *got;
+	r->total += *got;
+	return p;
+}
+
+static void get(struct in *r, char *dst, u64 n)
+{
+	while (n) {
+		u64 got, i;
+		const char *p = take(r, n, &got);
+		for (i = 0; i < got; i++)
+			dst[i] = p[i];
+		dst += got;
+		n -= got;
+	}
+}
+
+// Skips the zero padding that aligns the archive to four bytes.
+static void align4(struct in *r)
+{
+	char pad[4];
+	get(r, pad, (4 - (r->total & 3)) & 3);
+}
+
+static u32 hex8(const char *h)
+{
+	u32 v = 0;
+	int i;
+	for (i = 0; i < 8; i++) {
+		char c = h[i];
+		u32 d;
+		if (c >= '0' && c <= '9')
+			d = (u32)(c - '0');
+		else if (c >= 'a' && c <= 'f')
+			d = (u32)(c - 'a' + 10);
+		else if (c >= 'A' && c <= 'F')
+			d = (u32)(c - 'A' + 10);
+		else
+			die("bad newc header (a field is not hexadecimal)", 0);
+		v = v << 4 | d;
+	}
+	return v;
+}
+
+// A name the archive may create: not empty, not absolute, no ".." component. (Links along a
+// name are followed, as by the kernel's initramfs unpacker: the archive comes from the VMM.)
+static int safe_name(const char *n)
+{
+	const char *c = n;
+	if (!*n || *n == '/')
+		return 0;
+	for (;;) {
+		const char *e = c;
+		while (*e && *e != '/')
+			e++;
+		if (e - c == 2 && c[0] == '.' && c[1] == '.')
+			return 0;
+		if (!*e)
+			return 1;
+		c = e + 1;
+	}
+}
+
+static char name[4096];
+static char target[4096];
+
+// Creates a regular file, replacing (never writing through) whatever non-directory is there.
+static int create_file(const char *n, u32 mode)
+{
+	i64 fd = sys3(SYS_open, n, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+	if (fd == -EEXIST) {
+		i64 u = sys3(SYS_unlink, n, 0, 0);
+		if (u < 0)
+			die_at("replace", n, u);
+		fd = sys3(SYS_open, n, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, mode);
+	}
+	if (fd < 0)
+		die_at("create", n, fd);
+	return (int)fd;
+}
+
+// Unpacks a newc archive (magic 070701, or 070702 whose checksums are not checked) from r
+// into the current directory, up to its TRAILER!!! entry. Like the kernel's initramfs
+// unpacker: a directory that exists keeps its contents and gets the archive's mode and
+// owner; a file or link replaces what is at its name. Directory mtimes are left alone (the
+// kernel sets them; ember's archives carry 0 for every directory). Hard links are not
+// recognised: every entry is a file of its own, with the data its header announces (ember's
+// archives have no hard links).
+static void unpack(struct in *r)
+{
+	char h[110];
+	for (;;) {
+		u32 mode, uid, gid, mtime, size, nsize;
+		u64 left;
+		i64 e = 0;
+		struct {
+			i64 atime_s, atime_ns, mtime_s, mtime_ns;
+		} ts;
+		get(r, h, sizeof(h));
+		if (h[0] != '0' || h[1] != '7' || h[2] != '0' || h[3] != '7' || h[4] != '0' ||
+		    (h[5] != '1' && h[5] != '2'))
+			die("not a newc cpio archive (bad magic)", 0);
+		mode = hex8(h + 14);
+		uid = hex8(h + 22);
+		gid = hex8(h + 30);
+		mtime = hex8(h + 46);
+		size = hex8(h + 54);
+		nsize = hex8(h + 94);
+		if (nsize < 2 || nsize > sizeof(name))
+			die("bad newc header (name size)", 0);
+		get(r, name, nsize);
+		align4(r);
+		if (name[nsize - 1] || slen(name) != nsize - 1)
+			die("bad newc header (name not NUL-terminated)", 0);
+		if (streq(name, "TRAILER!!!"))
+			return;
+		if (!safe_name(name))
+			die_at("refusing the archive name (empty, absolute, or with a .. component):",
+			       name, 0);
+		ts.atime_s = ts.mtime_s = mtime;
+		ts.atime_ns = ts.mtime_ns = 0;
+		switch (mode & S_IFMT) {
+		case S_IFDIR:
+			if (size)
+				die_at("bad newc header (directory with data):", name, 0);
+			if (streq(name, "."))
+				break;
+			e = sys3(SYS_mkdir, name, mode & 07777, 0);
+			if (e == -EEXIST)
+				e = sys3(SYS_chmod, name, mode & 07777, 0);
+			if (e < 0)
+				die_at("mkdir", name, e);
+			if ((uid || gid) && (e = sys3(SYS_chown, name, uid, gid)) < 0)
+				die_at("chown", name, e);
+			break;
+		case S_IFREG: {
+			int fd = create_file(name, mode & 07777);
+			left = size;
+			while (left) {
+				u64 got;
+				const char *p = take(r, left, &got);
+				i64 w;
+				while (got) {
+					w = sys3(SYS_write, fd, p, got);
+					if (w == -EINTR)
+						continue;
+					if (w <= 0)
+						die_at("write", name, w);
+					p += w;
+					got -= (u64)w;
+					left -= (u64)w;
+				}
+			}
+			// chown clears set-id bits: chmod after it.
+			if ((uid || gid) && (e = sys3(SYS_fchown, fd, uid, gid)) < 0)
+				die_at("chown", name, e);
+			if ((mode & 07000) && (e = sys3(SYS_fchmod, fd, mode & 07777, 0)) < 0)
+				die_at("chmod", name, e);
+			e = sys6(SYS_utimensat, fd, 0, (i64)&ts, 0, 0, 0);
+			if (e < 0)
+				die_at("set the mtime of", name, e);
+			sys3(SYS_close, fd, 0, 0);
+			break;
+		}
+		case S_IFLNK:
+			if (size == 0 || size >= sizeof(target))
+				die_at("bad newc header (symlink target size):", name, 0);
+			get(r, target, size);
+			target[size] = 0;
+			if (slen(target) != size)
+				die_at("bad symlink target (NUL byte):", name, 0);
+			e = sys3(SYS_symlink, target, name, 0);
+			if (e == -EEXIST) {
+				e = sys3(SYS_unlink, name, 0, 0);
+				if (e < 0)
+					die_at("replace", name, e);
+				e = sys3(SYS_symlink, target, name, 0);
+			}
+			if (e < 0)
+				die_at("symlink", name, e);
+			if ((uid || gid) && (e = sys3(SYS_lchown, name, uid, gid)) < 0)
+				die_at("chown", name, e);
+			e = sys6(SYS_utimensat, AT_FDCWD, (i64)name, (i64)&ts, AT_SYMLINK_NOFOLLOW,
+				 0, 0);
+			if (e < 0)
+				die_at("set the mtime of", name, e);
+			break;
+		default:
+			die_at("unsupported file type (only directories, regular files and "
+			       "symlinks):",
+			       name, 0);
+		}
+		align4(r);
+	}
+}
+
+// Enters DIR and makes modes exact (no umask) for unpack().
+static void enter(const char *dir)
+{
+	i64 e = sys3(SYS_chdir, dir, 0, 0);
+	if (e < 0)
+		die_at("chdir", dir, e);
+	sys3(SYS_umask, 0, 0, 0);
+}
+
+// Without a virtio-vsock device the guest kernel still lets a socket bind and listen, and
+// nothing could ever connect: say so instead of telling the VMM "ready". /dev/vsock's
+// IOCTL_VM_SOCKETS_GET_LOCAL_CID gives VMADDR_CID_ANY then. (No /dev/vsock: not checked.)
+static void check_vsock_device(void)
+{
+	u32 cid = 0;
+	i64 fd = sys3(SYS_open, "/dev/vsock", O_RDONLY | O_CLOEXEC, 0), e;
+	if (fd < 0)
+		return;
+	e = sys3(SYS_ioctl, fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid);
+	sys3(SYS_close, fd, 0, 0);
+	if (e == 0 && cid == VMADDR_CID_ANY)
+		die("this VM has no vsock device (its local CID is unknown): nothing could connect",
+		    0);
+}
+
+// Listens on vsock `port`, tells the VMM it is ready, accepts one connection and closes the
+// listener (later connections are refused).
+static int job_accept(volatile u32 *exit_dev, u32 port)
+{
+	int l, c;
+	check_vsock_device();
+	l = do_listen(port);
+	tell_ready(exit_dev, port);
+	c = do_accept(l);
+	sys3(SYS_close, l, 0, 0);
+	return c;
+}
+
+// Unpacks the archive that connection c carries into the current directory, reads on to
+// the host's EOF (anything after the trailer is ignored) and closes c.
+static void job_unpack(int c)
+{
+	struct in r = { c, 0, 0, 0 };
+	unpack(&r);
+	while (fill(&r) > 0)
+		;
+	sys3(SYS_close, c, 0, 0);
+}
+
+// `job PORT [DIR]`.
+static void job(u32 port, const char *dir)
+{
+	volatile u32 *exit_dev;
+	int c;
+	if (dir)
+		enter(dir);
+	exit_dev = map_exit_device();
+	c = job_accept(exit_dev, port);
+	sys3(SYS_munmap, exit_dev, 4096, 0);
+	if (dir) {
+		job_unpack(c);
+		return;
+	}
+	for (;;) {
+		i64 n = sys3(SYS_read, c, buf, sizeof(buf));
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			die("read the socket", n);
+		if (n == 0)
+			break;
+		write_all(1, buf, n);
+	}
+	sys3(SYS_close, c, 0, 0);
+}
+
+// `warm PORT DIR [TTY...]`: the default guest's init side of warm exec (resources/guest/init,
+// 4b). Everything a restored VM would otherwise pay for in processes after the archive's
+// arrival is prepared before the "ready" store: the exit device is mapped and the ttys are
+// opened. Then `job PORT DIR`; then "ok\n" on fd 3 (init waits for it; if this process
+// dies first, init reads EOF instead), then one decimal status line from fd 4 (written by
+// init when the command has ended), tcdrain() on every TTY, and the status stored to the
+// exit device's status register: init needs no stty and no devmem process.
+static void warm(u32 port, const char *dir, int ntty, char **ttys)
+{
+	static int tty_fd[8];
+	volatile u32 *exit_dev;
+	char line[16];
+	u64 len = 0;
+	u32 status = 0;
+	int i;
+	if (ntty > 8)
+		die_at("too many ttys (at most 8):", ttys[8], 0);
+	enter(dir);
+	for (i = 0; i < ntty; i++) {
+		i64 fd = sys3(SYS_open, ttys[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0);
+		if (fd < 0)
+			die_at("open", ttys[i], fd);
+		tty_fd[i] = (int)fd;
+	}
+	exit_dev = map_exit_device();
+	job_unpack(job_accept(exit_dev, port));
+	write_all(3, "ok\n", 3);
+	sys3(SYS_close, 3, 0, 0);
+	for (;;) {
+		i64 n = sys3(SYS_read, 4, line + len, sizeof(line) - 1 - len);
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			die("read the status from fd 4", n);
+		if (n == 0 || line[len + (u64)n - 1] == '\n') {
+			len += (u64)n;
+			break;
+		}
+		len += (u64)n;
+		if (len == sizeof(line) - 1)
+			break;
+	}
+	if (len == 0)
+		die("no status on fd 4 (init closed it)", 0);
+	if (line[len - 1] == '\n')
+		len--;
+	line[len] = 0;
+	status = num(line);
+	for (i = 0; i < ntty; i++) {
+		i64 e;
+		do
+			e = sys3(SYS_ioctl, tty_fd[i], TCSBRK, 1); // tcdrain()
+		while (e == -EINTR);
+		if (e < 0)
+			die_at("drain (tcdrain)", ttys[i], e);
+	}
+	exit_dev[0] = status;
+}
+
 static void usage(void)
 {
 	static const char u[] = "usage: vsock-io connect CID PORT | listen PORT | echo PORT [N] | "
-				"send CID PORT MIB | tcp A.B.C.D PORT | tcp-send A.B.C.D PORT MIB\n";
+				"send CID PORT MIB | tcp A.B.C.D PORT | tcp-send A.B.C.D PORT MIB | "
+				"job PORT [DIR] | warm PORT DIR [TTY...] | unpack DIR\n";
 	sys3(SYS_write, 2, u, sizeof(u) - 1);
 	sys3(SYS_exit_group, 2, 0, 0);
 }
@@ -312,6 +845,14 @@ int main(int argc, char **argv)
 		relay(tcp_connect(argv[2], num(argv[3])));
 	} else if (argc >= 5 && streq(argv[1], "tcp-send")) {
 		send_mib(tcp_connect(argv[2], num(argv[3])), num(argv[4]));
+	} else if (argc >= 3 && streq(argv[1], "job")) {
+		job(num(argv[2]), argc >= 4 ? argv[3] : 0);
+	} else if (argc >= 4 && streq(argv[1], "warm")) {
+		warm(num(argv[2]), argv[3], argc - 4, argv + 4);
+	} else if (argc >= 3 && streq(argv[1], "unpack")) {
+		struct in r = { 0, 0, 0, 0 };
+		enter(argv[2]);
+		unpack(&r);
 	} else {
 		usage();
 	}
