@@ -22,9 +22,11 @@
 //                               vsock PORT, tell the VMM "ready" (a 4-byte write of PORT to
 //                               the exit device's register at guest-physical 0xC000_1004,
 //                               through /dev/mem; only with ember.warm= on the kernel
-//                               command line), accept ONE connection and copy what it
-//                               sends to stdout until EOF; with DIR, unpack it instead as a
-//                               newc cpio archive into DIR (as `unpack`); then close it
+//                               command line), accept ONE connection, read the job header
+//                               (`EMBERJOB1 SECS NSECS\n`: the host's wall-clock time, set
+//                               as CLOCK_REALTIME) and copy what follows it to stdout until
+//                               EOF; with DIR, unpack it instead as a newc cpio archive into
+//                               DIR (as `unpack`); then close it
 //   vsock-io warm PORT DIR [TTY...]
 //                               init's warm-exec helper: `job PORT DIR`, then "ok" on fd 3,
 //                               then wait for a status line on fd 4, tcdrain() each TTY and
@@ -68,6 +70,7 @@ typedef unsigned short u16;
 #define SYS_fchown 93
 #define SYS_lchown 94
 #define SYS_umask 95
+#define SYS_clock_settime 227
 #define SYS_exit_group 231
 #define SYS_utimensat 280
 
@@ -722,11 +725,54 @@ static int job_accept(volatile u32 *exit_dev, u32 port)
 	return c;
 }
 
-// Unpacks the archive that connection c carries into the current directory, reads on to
-// the host's EOF (anything after the trailer is ignored) and closes c.
+// Reads the job header, `EMBERJOB1 SECS NSECS\n` (ember's src/exec/warm.rs: the host's
+// wall-clock time when it sent the job), and sets the guest's CLOCK_REALTIME to it: a guest
+// restored from a snapshot would otherwise read the time the snapshot was taken. A clock
+// that cannot be set is reported and left alone; a header that is not ember's is fatal.
+static void job_header(struct in *r)
+{
+	static const char magic[] = "EMBERJOB1 ";
+	char line[64];
+	u64 n = 0, i;
+	struct {
+		i64 sec, nsec;
+	} ts = { 0, 0 };
+	i64 *field = &ts.sec, e;
+	for (;;) {
+		if (n == sizeof(line))
+			die("bad job header (too long)", 0);
+		get(r, line + n, 1);
+		if (line[n++] == '\n')
+			break;
+	}
+	for (i = 0; i < sizeof(magic) - 1; i++)
+		if (i >= n || line[i] != magic[i])
+			die("not an ember job (bad header): is the host ember?", 0);
+	for (; i < n - 1; i++) {
+		if (line[i] == ' ' && field == &ts.sec)
+			field = &ts.nsec;
+		else if (line[i] >= '0' && line[i] <= '9')
+			*field = *field * 10 + (line[i] - '0');
+		else
+			die("bad job header (not SECS NSECS)", 0);
+	}
+	// The header's bytes are not part of the archive (its 4-byte alignment counts from
+	// after them).
+	r->total = 0;
+	e = sys3(SYS_clock_settime, 0 /* CLOCK_REALTIME */, &ts, 0);
+	if (e < 0) {
+		puts2("vsock-io: cannot set the clock to the host's time (clock_settime: ");
+		puts2(errname((u64)-e));
+		puts2(")\n");
+	}
+}
+
+// Unpacks the archive that connection c carries (after its header) into the current
+// directory, reads on to the host's EOF (anything after the trailer is ignored) and closes c.
 static void job_unpack(int c)
 {
 	struct in r = { c, 0, 0, 0 };
+	job_header(&r);
 	unpack(&r);
 	while (fill(&r) > 0)
 		;
@@ -746,6 +792,11 @@ static void job(u32 port, const char *dir)
 	if (dir) {
 		job_unpack(c);
 		return;
+	}
+	{
+		struct in r = { c, 0, 0, 0 };
+		job_header(&r);
+		write_all(1, buf + r.pos, (i64)(r.len - r.pos));
 	}
 	for (;;) {
 		i64 n = sys3(SYS_read, c, buf, sizeof(buf));
