@@ -593,8 +593,8 @@ fn ember_steps(
     row.signal_to_exit_ms = Some(ms_between(signal_ns, exit.at_ns));
     let tail = vm.tail();
     let log = vm.finish();
-    // The guest's last line in this process: the snapshot's (after the snapshot ember lets
-    // the vCPUs run again for the moment it takes to end, too short for another tick).
+    // The guest's last line in this process: the snapshot's, unless the guest printed
+    // after the snapshot before the process ended (`ticks_continue` then says no).
     row.last_line_before = log.guest_lines().last().map(|l| l.text.clone());
     row.log_at_snapshot = log
         .stderr
@@ -1737,7 +1737,7 @@ impl SnapshotResults {
         let watch = self.options.snapshot.unwrap_or_default().watch;
         format!(
             "ember bench --snapshot: {} run(s), {} vCPU(s), {} MiB, kernel {}{}, restored guest \
-             watched {:.0} s\n{}\nwall time {:.1} s",
+             watched {:.0} s\nversions: {}\n{}\nwall time {:.1} s",
             self.options.runs,
             g.vcpus,
             g.mem_mib,
@@ -1747,6 +1747,11 @@ impl SnapshotResults {
                 .map(|i| format!(", initrd {}", i.display()))
                 .unwrap_or_default(),
             watch.as_secs_f64(),
+            self.versions
+                .iter()
+                .map(|(vmm, v)| format!("{vmm}: {v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
             if self.cmdline == self.ember_cmdline || !self.rows.iter().any(|r| r.vmm != "ember") {
                 format!("cmdline: {}", self.ember_cmdline)
             } else {
@@ -2138,6 +2143,16 @@ mod tests {
                 assert!(r.notes.iter().any(|n| n.contains(note)), "{:?}", r.notes);
             }
             assert_eq!(r.versions[0].0, "ember");
+            // ember alone: one command line, ember's own.
+            let header = r.header();
+            assert!(header.contains("\nversions: ember: "), "{header}");
+            assert!(header.contains("\ncmdline: console=ttyS0\n"), "{header}");
+            let json = r.to_json();
+            let config = json.get("config").unwrap();
+            assert_eq!(
+                config.get("cmdline_ember").and_then(Json::as_str),
+                Some("console=ttyS0")
+            );
         }
         // Still refused: an unknown peer, no runs, no snapshot mode.
         let e = run_snapshot_bench(&options(&["xen"]), &mut |_| {}).unwrap_err();
