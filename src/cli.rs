@@ -231,14 +231,17 @@ has an ember.cmd= already), so the default guest's init runs `true` and reboots.
 milliseconds since the process was spawned. Peers are timed from outside (first console byte,
 the --marker line); ember's own phases come from the boot itself.
 
---snapshot measures snapshot/restore instead (with --compare firecracker): the guest's command
-is then a tick line every 0.5 s, and a restored guest counts as resumed when it prints again.
+--snapshot measures snapshot/restore instead: ember's own (`ember run --snapshot-on sigusr2`,
+then `ember restore`) and, with --compare firecracker, Firecracker's (through its API), runs
+alternating; the guest's command is then a tick line every 0.5 s, and a restored guest counts
+as resumed when it prints again.
 
 Examples:
   ember bench --runs 3
   ember bench --runs 3 --compare qemu --compare firecracker=/path/to/firecracker --json out.json
   ember bench --runs 1 --profile boot-profile.txt
-  ember bench --snapshot --runs 1 --compare firecracker=/path/to/firecracker --json snap.json";
+  ember bench --snapshot --runs 2
+  ember bench --snapshot --runs 2 --compare firecracker=/path/to/firecracker --json snap.json";
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
@@ -547,13 +550,14 @@ pub struct BenchArgs {
     /// The command of --exec (split at spaces).
     #[arg(long, value_name = "CMD", default_value = "true", requires = "exec")]
     pub exec_command: String,
-    /// Snapshot mode, instead of boot times: for each peer given with `--compare` (so far
-    /// Firecracker only), boot the guest through the peer's API, wait for init's marker line
-    /// and two lines of the guest's tick command, pause, take a full snapshot, kill the
-    /// process, load the snapshot in a new process and watch whether the guest goes on
-    /// printing. Reports pause, snapshot and load times, snapshot sizes, whether the guest
-    /// resumed and whether it reset. The guest's command is a tick every 0.5 s unless the
-    /// command line has an ember.cmd=. Needs `--compare firecracker[=PATH]`.
+    /// Snapshot mode, instead of boot times: for ember (`ember run --snapshot-to DIR
+    /// --snapshot-on sigusr2`, then `ember restore DIR`) and for each peer given with
+    /// `--compare` (so far Firecracker only, through its API), runs alternating: boot the
+    /// guest, wait for init's marker line and two lines of the guest's tick command, pause,
+    /// take a full snapshot, end the process, restore the snapshot in a new process and
+    /// watch whether the guest goes on printing. Reports pause, snapshot and restore times,
+    /// snapshot sizes, whether the guest resumed and whether it reset. The guest's command
+    /// is a tick every 0.5 s unless the command line has an ember.cmd=.
     #[arg(long, conflicts_with_all = ["setup_only", "profile"])]
     pub snapshot: bool,
     /// Seconds to watch a restored guest in `--snapshot` mode.

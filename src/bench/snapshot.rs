@@ -5,15 +5,21 @@
 //! restores the snapshot in a fresh process and watches the console for a while: did the
 //! guest go on printing ticks (`resumed`), did it reset, and how long each step took.
 //!
-//! Rows so far:
+//! Rows, one per VMM and run, alternating (ember #1, then each peer's #1, ember #2, ...):
+//! - ember ([`ember_row`]), with its public command line only: `ember run <guest>
+//!   --boot-timer --snapshot-to DIR --snapshot-on sigusr2 --snapshot-then stop`; at the
+//!   snapshot point SIGUSR2, on which ember pauses the guest, writes the snapshot and ends with
+//!   status 0, logging `snapshot written to DIR (guest paused X)`; then, in a new process,
+//!   `ember restore --no-stdin DIR`, which logs `restored the snapshot in DIR: vCPUs started
+//!   ...` once the guest runs ([`EmberRestoreLine`]). Times are taken from outside as for
+//!   Firecracker (spawn, the log lines' arrival, the console), ember's own figures from
+//!   those two log lines. Not measured here: the warm `ember exec` path (`ember bench
+//!   --exec`).
 //! - Firecracker ([`firecracker_row`]), driven through its API socket with the small HTTP
 //!   client of [`super::http`]: `PUT /boot-source`, `/machine-config`, `/drives/ID`,
 //!   `/actions InstanceStart`; at the snapshot point `PATCH /vm {"state": "Paused"}` and
 //!   `PUT /snapshot/create` (Full); then, in a new process, `PUT /snapshot/load` with
 //!   `resume_vm: true` and a `File` memory backend.
-//! - ember: not written yet. Its row (restore from its own snapshot files, and the warm
-//!   `ember exec` path) is meant to go beside Firecracker's in [`run_snapshot_bench`], as a
-//!   function that returns the same [`SnapshotRow`] with `vmm: "ember"`.
 //!
 //! Every process a row starts is killed and reaped on every path (the `VmmProcess` guard,
 //! and `PR_SET_PDEATHSIG` should the bench itself die); the row's scratch directory (API
@@ -77,7 +83,7 @@ impl Default for SnapshotMode {
 /// Times are milliseconds.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct SnapshotRow {
-    /// The VMM (`firecracker`; `ember` once its row exists).
+    /// The VMM (`ember` or `firecracker`).
     pub vmm: String,
     /// Run number, from 1.
     pub run: usize,
@@ -145,6 +151,36 @@ pub struct SnapshotRow {
     /// Durations the VMMs logged themselves, in ms (Firecracker: `'load snapshot' API
     /// request took N us.` as `load snapshot`).
     pub vmm_reported_ms: Vec<(String, f64)>,
+    /// ember: SIGUSR2 sent to the booting process's exit (snapshot written, process ended).
+    pub signal_to_exit_ms: Option<f64>,
+    /// ember: how long its guest was paused for the snapshot (pause, state and memory files
+    /// written), from its log line `snapshot written to DIR (guest paused X)`.
+    pub snapshot_paused_ms: Option<f64>,
+    /// ember: what `ember restore` logged once the restored guest's vCPUs started.
+    pub ember_restore: Option<EmberRestoreLine>,
+    /// Restoring process: its spawn to the first guest output.
+    pub spawn_to_first_output_ms: Option<f64>,
+    /// Restoring process: its resident memory (`VmRSS`) when the first guest line had
+    /// arrived (read within about 10 ms of it).
+    pub rss_at_first_output_bytes: Option<u64>,
+}
+
+/// What `ember restore` logs (at info level) once the restored guest's vCPUs run:
+/// `restored the snapshot in DIR: vCPUs started 7.9 ms after ember started (VM with guest
+/// memory mapped at 3.1 ms); RSS 3.9 MiB (0.3 MiB anonymous, 3.6 MiB file-backed)`
+/// (src/builder.rs, `log_restored`). A figure ember could not tell (`-`) is `None`.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EmberRestoreLine {
+    /// ember's start to every vCPU thread started, ms.
+    pub vcpus_started_ms: Option<f64>,
+    /// ember's start to the VM with its guest memory mapped from the snapshot, ms.
+    pub memory_mapped_ms: Option<f64>,
+    /// ember's resident memory then (`VmRSS`), bytes (from MiB with one decimal).
+    pub rss_bytes: Option<u64>,
+    /// Of it anonymous (`RssAnon`), bytes.
+    pub rss_anon_bytes: Option<u64>,
+    /// Of it file-backed (`RssFile`), bytes.
+    pub rss_file_bytes: Option<u64>,
 }
 
 /// Everything `ember bench --snapshot` measured.
@@ -154,8 +190,10 @@ pub struct SnapshotResults {
     pub rows: Vec<SnapshotRow>,
     /// Notes for the reader.
     pub notes: Vec<String>,
-    /// The command line the VMMs' guest got.
+    /// The command line the peers' guest got.
     pub cmdline: String,
+    /// The command line ember was given (it adds the host's switches itself).
+    pub ember_cmdline: String,
     /// `--version` of each peer binary.
     pub versions: Vec<(String, String)>,
     /// Wall time of the whole bench.
@@ -167,8 +205,12 @@ pub struct SnapshotResults {
 /// What the rows of one bench share.
 #[derive(Debug, Clone)]
 pub struct SnapshotContext {
-    /// The guest, with the command line the VMMs get.
+    /// The guest, with the command line the peers get.
     pub guest: GuestSpec,
+    /// The command line ember gets (it adds the host's switches and the root device itself).
+    pub ember_cmdline: String,
+    /// Further `ember run` flags (`--no-host-tuning`, `--no-acpi`).
+    pub ember_flags: Vec<String>,
     /// Marker line text.
     pub marker: String,
     /// Limit for a boot to the snapshot point.
@@ -199,25 +241,29 @@ pub fn run_snapshot_bench(
         match peers::lookup(spec).map_err(BenchError::Usage)? {
             PeerLookup::Found(p) if p.kind == PeerKind::Firecracker => peers.push(p),
             PeerLookup::Found(p) => notes.push(format!(
-                "{}: no snapshot row (only Firecracker's is written)",
+                "{}: no snapshot row (only ember's and Firecracker's are written)",
                 p.kind.name()
             )),
             PeerLookup::Missing(note) => notes.push(note),
         }
     }
-    if peers.is_empty() {
-        let mut msg = "--snapshot needs --compare firecracker[=PATH] (ember's own row is not \
-                       written yet)"
-            .to_string();
-        for n in &notes {
-            let _ = write!(msg, "; {n}");
-        }
-        return Err(BenchError::Usage(msg));
-    }
     if opts.parallel > 1 {
         notes.push("--snapshot runs one VMM process at a time; --parallel is ignored".into());
     }
-    let cmdline = super::peer_cmdline(opts, &host, true, &mut notes);
+    let ember_bin = match &opts.ember_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().map_err(BenchError::Exe)?,
+    };
+    let ember_cmdline = opts.guest.cmdline.clone();
+    let cmdline = super::peer_cmdline(opts, &host, !peers.is_empty(), &mut notes);
+    let mut ember_flags = Vec::new();
+    if !opts.host_tuning {
+        ember_flags.push("--no-host-tuning".to_string());
+    }
+    if !opts.acpi {
+        ember_flags.push("--no-acpi".to_string());
+        notes.push("--no-acpi: ember's guest had no ACPI tables (acpi=off)".into());
+    }
     if crate::host::has_param(&opts.guest.cmdline, "ember.cmd")
         && !opts.guest.cmdline.contains(TICK_COMMAND)
     {
@@ -229,20 +275,43 @@ pub fn run_snapshot_bench(
     }
     notes.push(format!(
         "each row: boot, wait for the marker {:?} and {LINES_BEFORE_SNAPSHOT} more guest \
-         lines, pause, full snapshot, kill the process, restore in a new process and watch the \
-         console for {} s; `resumed` = the restored guest printed a new line",
+         lines, pause, full snapshot, end the process, restore in a new process and watch the \
+         console for {} s; `resumed` = the restored guest printed a new line; runs alternate \
+         between VMMs (ember #1, then each peer's #1, ember #2, ...)",
         opts.marker,
         mode.watch.as_secs_f64()
     ));
     notes.push(
-        "Firecracker: API socket, no jailer; snapshot and memory files in a scratch directory \
-         (removed afterwards); load with resume_vm and a File memory backend"
+        "ember: `ember run <guest> --boot-timer --snapshot-to DIR --snapshot-on sigusr2 \
+         --snapshot-then stop`, SIGUSR2 at the snapshot point (ember pauses the guest, writes \
+         the snapshot and ends with status 0; `guest paused` is its own log line's figure), \
+         then `ember restore --no-stdin DIR` in a new process; its `spawn to VM running` is \
+         when its log line `restored the snapshot` arrived, and `vCPUs started`, `memory \
+         mapped` and its RSS are that line's own figures (since ember's start)"
             .into(),
     );
-    let versions = peers
-        .iter()
-        .map(|p| (p.kind.name().to_string(), peer_version(p)))
-        .collect();
+    if !peers.is_empty() {
+        notes.push(
+            "Firecracker: API socket, no jailer; snapshot and memory files in a scratch \
+             directory (removed afterwards); load with resume_vm and a File memory backend; \
+             its `spawn to VM running` is when the load request (with resume) answered"
+                .into(),
+        );
+    }
+    notes.push(
+        "`RSS at first output` is the restoring process's VmRSS (/proc/PID/status), read \
+         within about 10 ms of the restored guest's first line, for every VMM"
+            .into(),
+    );
+    let mut versions = vec![(
+        "ember".to_string(),
+        ember_version(&ember_bin, &opts.ember_bin),
+    )];
+    versions.extend(
+        peers
+            .iter()
+            .map(|p| (p.kind.name().to_string(), peer_version(p))),
+    );
 
     remove_stale_workdirs(&std::env::temp_dir());
     let workdir = std::env::temp_dir().join(format!("{WORKDIR_PREFIX}{}", std::process::id()));
@@ -254,6 +323,8 @@ pub fn run_snapshot_bench(
     guest.cmdline = cmdline.clone();
     let ctx = SnapshotContext {
         guest,
+        ember_cmdline: ember_cmdline.clone(),
+        ember_flags,
         marker: opts.marker.clone(),
         boot_timeout: opts.timeout,
         watch: mode.watch,
@@ -261,23 +332,15 @@ pub fn run_snapshot_bench(
     };
     let mut rows = Vec::new();
     for run in 1..=opts.runs {
-        // ember's row (its own restore, and the warm `ember exec`) goes here, before the
-        // peers', as `ember_row(&ctx, run, on_progress) -> SnapshotRow`: not written yet.
+        // Alternate VMMs so that they share the host's noise: ember first, then each peer.
+        let row = ember_row(&ember_bin, &ctx, run, on_progress);
+        rows.push(reported(row, on_progress));
         for peer in &peers {
             let row = match peer.kind {
                 PeerKind::Firecracker => firecracker_row(peer, &ctx, run, on_progress),
                 PeerKind::Qemu => continue, // filtered out above
             };
-            on_progress(&format!(
-                "{} #{run}: {}",
-                row.vmm,
-                match (&row.error, row.resumed) {
-                    (Some(e), _) => format!("FAILED: {e}"),
-                    (None, Some(true)) => "restored guest resumed".into(),
-                    (None, _) => "restored guest printed nothing new".into(),
-                }
-            ));
-            rows.push(row);
+            rows.push(reported(row, on_progress));
         }
     }
     runner::remove_workdir(&workdir);
@@ -293,10 +356,51 @@ pub fn run_snapshot_bench(
         rows,
         notes,
         cmdline,
+        ember_cmdline,
         versions,
         wall: started.elapsed(),
         options: opts.clone(),
     })
+}
+
+/// Says how a row ended, and hands it back.
+fn reported(row: SnapshotRow, on_progress: &mut dyn FnMut(&str)) -> SnapshotRow {
+    on_progress(&format!(
+        "{}: {}",
+        row.label(),
+        match (&row.error, row.resumed) {
+            (Some(e), _) => format!("FAILED: {e}"),
+            (None, Some(true)) => "restored guest resumed".into(),
+            (None, _) => "restored guest printed nothing new".into(),
+        }
+    ));
+    row
+}
+
+/// The first line of `ember --version`, and which build it is when it is this process's
+/// own binary.
+fn ember_version(bin: &Path, given: &Option<PathBuf>) -> String {
+    let out = Command::new(bin)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output();
+    let v = match out {
+        Ok(o) => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("?")
+            .to_string(),
+        Err(e) => format!("? ({e})"),
+    };
+    if given.is_some() {
+        v
+    } else if cfg!(debug_assertions) {
+        format!("{v} (debug build)")
+    } else {
+        format!("{v} (release build)")
+    }
 }
 
 /// Scratch directories are `$TMPDIR/ember-bench-snap-PID`.
@@ -372,6 +476,266 @@ pub fn firecracker_row(
         row.error = Some(e);
     }
     row
+}
+
+/// The text of ember's `--boot-timer` log line (`boot timer: guest userspace started 18.123 s
+/// after ember started`, src/devices/legacy/boot_timer.rs).
+const EMBER_BOOT_TIMER_LINE: &str = "boot timer: guest userspace started";
+
+/// ember's row: see the module documentation. `ember` is the ember binary to run.
+pub fn ember_row(
+    ember: &Path,
+    ctx: &SnapshotContext,
+    run: usize,
+    on_progress: &mut dyn FnMut(&str),
+) -> SnapshotRow {
+    let mut row = SnapshotRow {
+        vmm: "ember".into(),
+        run,
+        ..Default::default()
+    };
+    let dir = ctx.workdir.join(format!("{}-{run}", row.vmm));
+    let result = std::fs::create_dir_all(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
+        .and_then(|()| ember_steps(ember, ctx, &dir, &mut row, on_progress));
+    // Every process of the row has been killed and reaped by now (the guards are dropped).
+    runner::remove_workdir(&dir);
+    if let Err(e) = result {
+        row.error = Some(e);
+    }
+    row
+}
+
+/// The arguments of the booting `ember run`: the bench's guest (with ember's own command
+/// line: ember adds the host's switches itself), its boot-timer log line, and a snapshot
+/// into `snapshot_dir` on SIGUSR2 that ends the run.
+fn ember_boot_args(ctx: &SnapshotContext, snapshot_dir: &Path) -> Vec<std::ffi::OsString> {
+    let g = &ctx.guest;
+    let mut a: Vec<std::ffi::OsString> = Vec::new();
+    let mut push = |v: &dyn AsRef<std::ffi::OsStr>| a.push(v.as_ref().to_os_string());
+    for v in ["--log-level", "info", "run", "--kernel"] {
+        push(&v);
+    }
+    push(&g.kernel);
+    if let Some(i) = &g.initrd {
+        push(&"--initrd");
+        push(i);
+    }
+    for d in &g.disks {
+        push(&"--disk");
+        push(d);
+    }
+    if let Some(r) = &g.root {
+        push(&"--root");
+        push(r);
+    }
+    push(&"--cmdline");
+    push(&ctx.ember_cmdline);
+    push(&"--vcpus");
+    push(&g.vcpus.to_string());
+    push(&"--mem");
+    push(&g.mem_mib.to_string());
+    push(&"--boot-timer");
+    push(&"--snapshot-to");
+    push(&snapshot_dir);
+    for v in ["--snapshot-on", "sigusr2", "--snapshot-then", "stop"] {
+        push(&v);
+    }
+    for f in &ctx.ember_flags {
+        push(f);
+    }
+    a
+}
+
+/// The steps of ember's row; figures land in `row` as they are measured, so a failure keeps
+/// what came before it.
+fn ember_steps(
+    ember: &Path,
+    ctx: &SnapshotContext,
+    dir: &Path,
+    row: &mut SnapshotRow,
+    on_progress: &mut dyn FnMut(&str),
+) -> Result<(), String> {
+    let label = row.label();
+    let snapshot = dir.join("snapshot");
+
+    // 1. Boot, with the snapshot armed for SIGUSR2.
+    on_progress(&format!(
+        "{label}: booting (ember run --snapshot-on sigusr2)"
+    ));
+    let args = ember_boot_args(ctx, &snapshot);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    let mut vm = VmmProcess::spawn(ember, &args)?;
+
+    // 2. Wait for the marker and the guest's first lines after it.
+    let (at_ns, line) = wait_for_snapshot_point(&mut vm, ctx, row, EMBER_BOOT_TIMER_LINE)?;
+    on_progress(&format!(
+        "{label}: {line:?} at {:.1} s; SIGUSR2 (snapshot, then the run ends)",
+        ms_between(vm.spawn_ns, at_ns) / 1e3
+    ));
+
+    // 3. SIGUSR2: ember pauses the guest, writes the snapshot and ends with status 0.
+    let signal_ns = procfs::monotonic_ns();
+    vm.signal(libc::SIGUSR2)?;
+    let deadline = Instant::now()
+        .checked_add(API_CALL_TIMEOUT)
+        .ok_or("the clock is at its end")?;
+    let exit = match vm.wait(deadline, |_| None::<()>) {
+        Waited::Exited(e) => e,
+        _ => {
+            return Err(format!(
+                "ember run did not end within {} s of SIGUSR2; its last output: {}",
+                API_CALL_TIMEOUT.as_secs(),
+                vm.tail()
+            ))
+        }
+    };
+    row.signal_to_exit_ms = Some(ms_between(signal_ns, exit.at_ns));
+    let tail = vm.tail();
+    let log = vm.finish();
+    // The guest's last line in this process: the snapshot's, unless the guest printed
+    // after the snapshot before the process ended (`ticks_continue` then says no).
+    row.last_line_before = log.guest_lines().last().map(|l| l.text.clone());
+    row.log_at_snapshot = log
+        .stderr
+        .iter()
+        .filter(|l| l.at_ns >= signal_ns)
+        .map(|l| l.text.clone())
+        .take(MAX_LOG_LINES)
+        .collect();
+    row.snapshot_paused_ms = log
+        .stderr
+        .iter()
+        .find_map(|l| snapshot_written_paused_ms(&l.text));
+    if exit.code != Some(0) || row.snapshot_paused_ms.is_none() {
+        return Err(format!(
+            "ember run ended ({}) after SIGUSR2 without saying `snapshot written to`; its \
+             last output: {tail}",
+            describe_exit(&exit)
+        ));
+    }
+    row.state_bytes = Some(file_sizes(&snapshot.join(crate::snapshot::format::STATE_FILE))?.0);
+    let (len, disk) = file_sizes(&snapshot.join(crate::snapshot::format::MEMORY_FILE))?;
+    (row.memory_bytes, row.memory_disk_bytes) = (Some(len), Some(disk));
+
+    // 4. Restore in a fresh process; it says when the guest's vCPUs run.
+    on_progress(&format!(
+        "{label}: restoring in a new process (ember restore)"
+    ));
+    let mut vm = VmmProcess::spawn(
+        ember,
+        &[
+            "--log-level".as_ref(),
+            "info".as_ref(),
+            "restore".as_ref(),
+            "--no-stdin".as_ref(),
+            snapshot.as_os_str(),
+        ],
+    )?;
+    let deadline = Instant::now()
+        .checked_add(API_CALL_TIMEOUT)
+        .ok_or("the clock is at its end")?;
+    let waited = vm.wait(deadline, |log| {
+        log.stderr
+            .iter()
+            .find_map(|l| parse_ember_restored(&l.text).map(|r| (l.at_ns, r)))
+    });
+    let loaded_ns = match waited {
+        Waited::Found((at_ns, restored)) => {
+            row.ember_restore = Some(restored);
+            at_ns
+        }
+        other => {
+            let why = match other {
+                Waited::Exited(e) => {
+                    (row.exit_code, row.signal) = (e.code, e.signal);
+                    format!("ended ({})", describe_exit(&e))
+                }
+                _ => format!("did not get there within {} s", API_CALL_TIMEOUT.as_secs()),
+            };
+            let tail = vm.tail();
+            row.log_after_load = stderr_log(&vm.finish());
+            return Err(format!(
+                "ember restore {why} before it logged `restored the snapshot`; its last \
+                 output: {tail}"
+            ));
+        }
+    };
+    row.spawn_to_loaded_ms = Some(ms_between(vm.spawn_ns, loaded_ns));
+    on_progress(&format!(
+        "{label}: restored; watching the console for {:.0} s",
+        ctx.watch.as_secs_f64()
+    ));
+
+    // 5. Watch: new guest output, or ember ending by itself (a guest reset ends it).
+    let log = watch_restored(vm, ctx, row, loaded_ns)?;
+    row.log_after_load = stderr_log(&log);
+    Ok(())
+}
+
+/// ember's log lines (its stderr), the first [`MAX_LOG_LINES`].
+fn stderr_log(log: &ConsoleLog) -> Vec<String> {
+    log.stderr
+        .iter()
+        .map(|l| l.text.clone())
+        .take(MAX_LOG_LINES)
+        .collect()
+}
+
+/// The pause of ember's log line `snapshot written to DIR (guest paused 12.3456ms); \`ember
+/// restore DIR\` starts it again` (src/main.rs), in ms.
+fn snapshot_written_paused_ms(line: &str) -> Option<f64> {
+    let rest = line.split_once("snapshot written to ")?.1;
+    // Up to the figure's `)`: the directory comes again after it.
+    let head = match rest.rsplit_once("); `ember restore ") {
+        Some((head, _)) => head,
+        None => rest.rsplit_once(')')?.0,
+    };
+    debug_duration_ms(head.rsplit_once("(guest paused ")?.1)
+}
+
+/// A `Duration` as its `{:?}` writes it (`1.5s`, `12.3456ms`, `950.1µs`, `800ns`), in ms.
+fn debug_duration_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .filter(|&i| i > 0)?;
+    let (number, unit) = s.split_at(split);
+    let v: f64 = number.parse().ok()?;
+    // Units per ms (a division keeps `950µs` exactly 0.95).
+    let per_ms = match unit {
+        "s" => 1e-3,
+        "ms" => 1.0,
+        "µs" | "us" => 1e3,
+        "ns" => 1e6,
+        _ => return None,
+    };
+    Some(v / per_ms)
+}
+
+/// ember's restore log line ([`EmberRestoreLine`]), or `None` for any other line.
+fn parse_ember_restored(line: &str) -> Option<EmberRestoreLine> {
+    let rest = line.split_once("restored the snapshot in ")?.1;
+    // After the directory (which may hold anything): the figures.
+    let figures = rest.rsplit_once(": vCPUs started ")?.1;
+    let (vcpus, rest) = figures.split_once(" after ember started (")?;
+    let mapped = rest.split_once("memory mapped at ")?.1.split_once(");")?.0;
+    let rss = rest.split_once("; RSS ")?.1;
+    let (total, rest) = rss.split_once(" (")?;
+    let (anon, rest) = rest.split_once(" anonymous, ")?;
+    let file = rest.split_once(" file-backed)")?.0;
+    let ms = |v: &str| v.trim().strip_suffix(" ms")?.trim().parse::<f64>().ok();
+    let mib = |v: &str| {
+        let m: f64 = v.trim().strip_suffix(" MiB")?.trim().parse().ok()?;
+        (m.is_finite() && m >= 0.0).then(|| (m * 1048576.0).round() as u64)
+    };
+    Some(EmberRestoreLine {
+        vcpus_started_ms: ms(vcpus),
+        memory_mapped_ms: ms(mapped),
+        rss_bytes: mib(total),
+        rss_anon_bytes: mib(anon),
+        rss_file_bytes: mib(file),
+    })
 }
 
 /// Sends one API request and fails with Firecracker's own message unless it succeeded.
@@ -476,44 +840,7 @@ fn firecracker_steps(
     row.instance_start_ms = Some(ms);
 
     // 2. Wait for the marker and the guest's first lines after it.
-    let deadline = Instant::now()
-        .checked_add(ctx.boot_timeout)
-        .ok_or("--timeout is too large")?;
-    let marker = ctx.marker.clone();
-    let waited = fc.wait(deadline, |log| {
-        log.nth_line_after_marker(&marker, LINES_BEFORE_SNAPSHOT)
-            .map(|l| (l.at_ns, l.text.clone()))
-    });
-    {
-        let log = lock(&fc.log);
-        row.boot_timer_ms = log
-            .log_lines()
-            .find(|l| l.text.contains("Guest-boot-time"))
-            .map(|l| ms_between(fc.spawn_ns, l.at_ns));
-        row.marker_ms = log
-            .guest_lines()
-            .find(|l| l.text.contains(&marker))
-            .map(|l| ms_between(fc.spawn_ns, l.at_ns));
-    }
-    let (at_ns, line) = match waited {
-        Waited::Found(x) => x,
-        Waited::Exited(e) => {
-            return Err(format!(
-                "the booting VMM ended ({}) before the snapshot point; its last output: {}",
-                describe_exit(&e),
-                fc.tail()
-            ))
-        }
-        Waited::TimedOut => {
-            return Err(format!(
-                "no marker {marker:?} and {LINES_BEFORE_SNAPSHOT} guest lines after it within \
-                 {} s (raise --timeout?); last output: {}",
-                ctx.boot_timeout.as_secs(),
-                fc.tail()
-            ))
-        }
-    };
-    row.snapshot_point_ms = Some(ms_between(fc.spawn_ns, at_ns));
+    let (at_ns, line) = wait_for_snapshot_point(&mut fc, ctx, row, "Guest-boot-time")?;
     on_progress(&format!(
         "{label}: {line:?} at {:.1} s; pausing and snapshotting",
         ms_between(fc.spawn_ns, at_ns) / 1e3
@@ -538,7 +865,7 @@ fn firecracker_steps(
         .log_lines()
         .filter(|l| l.at_ns >= pause_ns)
         .map(|l| l.text.clone())
-        .chain(log.stderr.iter().cloned())
+        .chain(log.stderr_texts())
         .take(MAX_LOG_LINES)
         .collect();
     row.vmm_reported_ms
@@ -582,47 +909,12 @@ fn firecracker_steps(
     ));
 
     // 5. Watch: new guest output, or the VMM ending (a guest reset ends Firecracker).
-    let watch_end = Instant::now()
-        .checked_add(ctx.watch)
-        .ok_or("--snapshot-watch is too large")?;
-    let waited = fc.wait(watch_end, |_| None::<()>);
-    let end_ns = procfs::monotonic_ns();
-    if let Waited::Exited(e) = &waited {
-        row.reset_after_ms = Some(ms_between(loaded_ns, e.at_ns));
-        (row.exit_code, row.signal) = (e.code, e.signal);
-    }
-    row.watched_ms = Some(ms_between(
-        loaded_ns,
-        match &waited {
-            Waited::Exited(e) => e.at_ns,
-            _ => end_ns,
-        },
-    ));
+    let log = watch_restored(fc, ctx, row, loaded_ns)?;
     drop(client);
-    fc.kill();
-    let log = fc.finish();
-    let guest: Vec<&ConsoleLine> = log.guest_lines().collect();
-    row.lines_after_load = guest.len() as u64;
-    row.ticks_after_load = guest.iter().filter(|l| is_tick(&l.text)).count() as u64;
-    row.resumed = Some(!guest.is_empty());
-    row.ticks_continue = tick_number(row.last_line_before.as_deref().unwrap_or_default())
-        .zip(guest.first().and_then(|l| tick_number(&l.text)))
-        .map(|(before, after)| before.checked_add(1) == Some(after));
-    row.first_output_after_load_ms = guest.first().map(|l| ms_between(loaded_ns, l.at_ns));
-    row.longest_silence_ms = longest_silence(
-        loaded_ns,
-        guest.iter().map(|l| l.at_ns),
-        match &waited {
-            Waited::Exited(e) => e.at_ns,
-            _ => end_ns,
-        },
-    );
-    row.first_line_after = guest.first().map(|l| l.text.clone());
-    row.last_line_after = guest.last().map(|l| l.text.clone());
     row.log_after_load = log
         .log_lines()
         .map(|l| l.text.clone())
-        .chain(log.stderr.iter().cloned())
+        .chain(log.stderr_texts())
         .take(MAX_LOG_LINES)
         .collect();
     row.vmm_reported_ms
@@ -631,6 +923,107 @@ fn firecracker_steps(
         Some(e) => Err(e),
         None => Ok(()),
     }
+}
+
+/// Waits (at most `--timeout`) for the guest's marker line and the
+/// [`LINES_BEFORE_SNAPSHOT`] guest lines after it, and records the boot's times: the VMM's
+/// own log line that holds `boot_timer_line` (on stdout or stderr), the marker, and the
+/// snapshot point. Returns the snapshot point's time and text.
+fn wait_for_snapshot_point(
+    p: &mut VmmProcess,
+    ctx: &SnapshotContext,
+    row: &mut SnapshotRow,
+    boot_timer_line: &str,
+) -> Result<(u64, String), String> {
+    let deadline = Instant::now()
+        .checked_add(ctx.boot_timeout)
+        .ok_or("--timeout is too large")?;
+    let marker = ctx.marker.clone();
+    let waited = p.wait(deadline, |log| {
+        log.nth_line_after_marker(&marker, LINES_BEFORE_SNAPSHOT)
+            .map(|l| (l.at_ns, l.text.clone()))
+    });
+    {
+        let log = lock(&p.log);
+        row.boot_timer_ms = log
+            .log_lines()
+            .chain(&log.stderr)
+            .find(|l| l.text.contains(boot_timer_line))
+            .map(|l| ms_between(p.spawn_ns, l.at_ns));
+        row.marker_ms = log
+            .guest_lines()
+            .find(|l| l.text.contains(&marker))
+            .map(|l| ms_between(p.spawn_ns, l.at_ns));
+    }
+    let (at_ns, line) = match waited {
+        Waited::Found(x) => x,
+        Waited::Exited(e) => {
+            return Err(format!(
+                "the booting VMM ended ({}) before the snapshot point; its last output: {}",
+                describe_exit(&e),
+                p.tail()
+            ))
+        }
+        Waited::TimedOut => {
+            return Err(format!(
+                "no marker {marker:?} and {LINES_BEFORE_SNAPSHOT} guest lines after it within \
+                 {} s (raise --timeout?); last output: {}",
+                ctx.boot_timeout.as_secs(),
+                p.tail()
+            ))
+        }
+    };
+    row.snapshot_point_ms = Some(ms_between(p.spawn_ns, at_ns));
+    Ok((at_ns, line))
+}
+
+/// Watches a restored guest for `--snapshot-watch` from now (its new output, or the VMM
+/// ending by itself: a guest reset ends Firecracker), then kills the VMM and records what the
+/// guest did, with times since `loaded_ns` (when the VMM said the guest runs again). The
+/// VMM's resident memory is read when the first guest line has arrived. Returns the VMM's
+/// whole output.
+fn watch_restored(
+    mut p: VmmProcess,
+    ctx: &SnapshotContext,
+    row: &mut SnapshotRow,
+    loaded_ns: u64,
+) -> Result<ConsoleLog, String> {
+    let watch_end = Instant::now()
+        .checked_add(ctx.watch)
+        .ok_or("--snapshot-watch is too large")?;
+    let pid = p.child.id();
+    let waited = match p.wait(watch_end, |log| log.guest_lines().next().map(|_| ())) {
+        Waited::Found(()) => {
+            // Not reaped yet (the wait saw no exit), so the pid is still the VMM's.
+            row.rss_at_first_output_bytes = procfs::status_bytes(Some(pid), "VmRSS");
+            p.wait(watch_end, |_| None::<()>)
+        }
+        other => other,
+    };
+    let end_ns = match &waited {
+        Waited::Exited(e) => {
+            row.reset_after_ms = Some(ms_between(loaded_ns, e.at_ns));
+            (row.exit_code, row.signal) = (e.code, e.signal);
+            e.at_ns
+        }
+        _ => procfs::monotonic_ns(),
+    };
+    row.watched_ms = Some(ms_between(loaded_ns, end_ns));
+    let spawn_ns = p.spawn_ns;
+    let log = p.finish();
+    let guest: Vec<&ConsoleLine> = log.guest_lines().collect();
+    row.lines_after_load = guest.len() as u64;
+    row.ticks_after_load = guest.iter().filter(|l| is_tick(&l.text)).count() as u64;
+    row.resumed = Some(!guest.is_empty());
+    row.ticks_continue = tick_number(row.last_line_before.as_deref().unwrap_or_default())
+        .zip(guest.first().and_then(|l| tick_number(&l.text)))
+        .map(|(before, after)| before.checked_add(1) == Some(after));
+    row.first_output_after_load_ms = guest.first().map(|l| ms_between(loaded_ns, l.at_ns));
+    row.spawn_to_first_output_ms = guest.first().map(|l| ms_between(spawn_ns, l.at_ns));
+    row.longest_silence_ms = longest_silence(loaded_ns, guest.iter().map(|l| l.at_ns), end_ns);
+    row.first_line_after = guest.first().map(|l| l.text.clone());
+    row.last_line_after = guest.last().map(|l| l.text.clone());
+    Ok(log)
 }
 
 /// The longest gap, in ms, in `from_ns`, then `times`, then `to_ns` (times before `from_ns`
@@ -695,27 +1088,23 @@ const MAX_LINES: usize = 20_000;
 /// Longest line kept (longer lines are cut).
 const MAX_LINE: usize = 4096;
 
-/// A VMM's stdout, split into lines with their arrival times. Empty lines are dropped.
+/// A byte stream split into lines, each stamped with the arrival time of its first byte.
 #[derive(Debug, Default)]
-pub struct ConsoleLog {
-    lines: Vec<ConsoleLine>,
+struct LineSplitter {
     partial: Vec<u8>,
     partial_ns: u64,
-    /// Lines not kept (past the first 20000).
-    pub dropped: u64,
-    /// The VMM's stderr, line by line (the first 100).
-    pub stderr: Vec<String>,
 }
 
-impl ConsoleLog {
-    /// Feeds bytes that arrived at `now_ns`.
-    pub fn feed(&mut self, chunk: &[u8], now_ns: u64) {
+impl LineSplitter {
+    /// Feeds bytes that arrived at `now_ns`; calls `done` with each completed line (without
+    /// its line end, `\r` included) and its time. Lines longer than [`MAX_LINE`] are cut.
+    fn feed(&mut self, chunk: &[u8], now_ns: u64, done: &mut dyn FnMut(String, u64)) {
         for &b in chunk {
             if self.partial.is_empty() {
                 self.partial_ns = now_ns;
             }
             if b == b'\n' {
-                self.end_line();
+                self.end_line(done);
             } else if self.partial.len() < MAX_LINE {
                 self.partial.push(b);
             }
@@ -723,30 +1112,89 @@ impl ConsoleLog {
     }
 
     /// Ends an unterminated last line.
-    pub fn finish(&mut self) {
+    fn finish(&mut self, done: &mut dyn FnMut(String, u64)) {
         if !self.partial.is_empty() {
-            self.end_line();
+            self.end_line(done);
         }
     }
 
-    fn end_line(&mut self) {
+    fn end_line(&mut self, done: &mut dyn FnMut(String, u64)) {
         let text = String::from_utf8_lossy(&self.partial)
             .trim_end_matches('\r')
             .to_string();
         self.partial.clear();
+        done(text, self.partial_ns);
+    }
+}
+
+/// A VMM's stdout and stderr, split into lines with their arrival times. Empty lines are
+/// dropped.
+#[derive(Debug, Default)]
+pub struct ConsoleLog {
+    lines: Vec<ConsoleLine>,
+    out: LineSplitter,
+    /// Lines not kept (past the first 20000).
+    pub dropped: u64,
+    /// The VMM's stderr, line by line (the first 20000; all are log lines). ember logs
+    /// there; Firecracker only what goes wrong before its logger starts.
+    pub stderr: Vec<ConsoleLine>,
+    err: LineSplitter,
+}
+
+impl ConsoleLog {
+    /// Feeds stdout bytes that arrived at `now_ns`.
+    pub fn feed(&mut self, chunk: &[u8], now_ns: u64) {
+        let lines = &mut self.lines;
+        let dropped = &mut self.dropped;
+        self.out.feed(chunk, now_ns, &mut |text, at_ns| {
+            Self::keep(lines, dropped, text, at_ns, None);
+        });
+    }
+
+    /// Feeds stderr bytes that arrived at `now_ns`.
+    pub fn feed_stderr(&mut self, chunk: &[u8], now_ns: u64) {
+        let lines = &mut self.stderr;
+        let dropped = &mut self.dropped;
+        self.err.feed(chunk, now_ns, &mut |text, at_ns| {
+            Self::keep(lines, dropped, text, at_ns, Some(true));
+        });
+    }
+
+    /// Ends unterminated last lines.
+    pub fn finish(&mut self) {
+        let (lines, dropped) = (&mut self.lines, &mut self.dropped);
+        self.out.finish(&mut |text, at_ns| {
+            Self::keep(lines, dropped, text, at_ns, None);
+        });
+        let (lines, dropped) = (&mut self.stderr, &mut self.dropped);
+        self.err.finish(&mut |text, at_ns| {
+            Self::keep(lines, dropped, text, at_ns, Some(true));
+        });
+    }
+
+    /// Keeps a line unless it is empty or `lines` is full; `log` says whether it is a log
+    /// line (`None`: a stdout line, a log line when it looks like Firecracker's).
+    fn keep(
+        lines: &mut Vec<ConsoleLine>,
+        dropped: &mut u64,
+        text: String,
+        at_ns: u64,
+        log: Option<bool>,
+    ) {
         if text.trim().is_empty() {
             return;
         }
-        if self.lines.len() >= MAX_LINES {
-            self.dropped += 1;
+        if lines.len() >= MAX_LINES {
+            *dropped += 1;
             return;
         }
-        let log = peers::is_firecracker_log_line(&text);
-        self.lines.push(ConsoleLine {
-            at_ns: self.partial_ns,
-            text,
-            log,
-        });
+        let log = log.unwrap_or_else(|| peers::is_firecracker_log_line(&text));
+        lines.push(ConsoleLine { at_ns, text, log });
+    }
+
+    /// The stderr lines as the report shows them (`stderr: ` and the line).
+    pub fn stderr_texts(&self) -> impl Iterator<Item = String> + '_ {
+        self.stderr.iter().map(|l| format!("stderr: {}", l.text))
     }
 
     /// The guest's lines.
@@ -823,12 +1271,13 @@ impl VmmProcess {
         if let Some(mut err) = child.stderr.take() {
             let log = log.clone();
             readers.push(std::thread::spawn(move || {
-                let mut text = Vec::new();
-                let _ = err.read_to_end(&mut text);
-                let mut log = lock(&log);
-                for l in String::from_utf8_lossy(&text).lines().take(MAX_LOG_LINES) {
-                    if !l.trim().is_empty() {
-                        log.stderr.push(format!("stderr: {l}"));
+                let mut buf = [0u8; 4096];
+                loop {
+                    match err.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => lock(&log).feed_stderr(&buf[..n], procfs::monotonic_ns()),
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                        Err(_) => break,
                     }
                 }
             }));
@@ -878,6 +1327,31 @@ impl VmmProcess {
         }
     }
 
+    /// Sends `sig` to the process (which must not have ended).
+    fn signal(&mut self, sig: libc::c_int) -> Result<(), String> {
+        if let Some(e) = self.exit {
+            return Err(format!(
+                "{} ended ({}) before it could be signalled; its last output: {}",
+                self.binary.display(),
+                describe_exit(&e),
+                self.tail()
+            ));
+        }
+        let pid = libc::pid_t::try_from(self.child.id())
+            .map_err(|_| format!("pid {} is out of range", self.child.id()))?;
+        // SAFETY: kill(2) takes plain integers. The pid is this child's: it has not been
+        // reaped (`exit` is None, and nothing else waits for it), so it names no other
+        // process.
+        if unsafe { libc::kill(pid, sig) } != 0 {
+            return Err(format!(
+                "cannot send signal {sig} to {} (pid {pid}): {}",
+                self.binary.display(),
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+
     /// Connects to the API socket once it answers.
     fn wait_for_api(&mut self, sock: &Path, timeout: Duration) -> Result<Client, String> {
         let deadline = Instant::now() + timeout;
@@ -915,7 +1389,7 @@ impl VmmProcess {
     fn tail(&self) -> String {
         let log = lock(&self.log);
         let mut lines: Vec<&str> = log.lines.iter().map(|l| l.text.as_str()).collect();
-        lines.extend(log.stderr.iter().map(String::as_str));
+        lines.extend(log.stderr.iter().map(|l| l.text.as_str()));
         let from = lines.len().saturating_sub(8);
         if lines.is_empty() {
             "(nothing)".into()
@@ -990,6 +1464,7 @@ impl SnapshotRow {
             (None, Some(s)) => format!("signal {s}"),
             _ => "-".into(),
         };
+        let er = self.ember_restore.unwrap_or_default();
         let rows = vec![
             (
                 "boot: API ready (since spawn)",
@@ -1005,6 +1480,14 @@ impl SnapshotRow {
             ("pause (PATCH /vm Paused)", fmt_ms(self.pause_ms)),
             ("snapshot (PUT /snapshot/create)", fmt_ms(self.create_ms)),
             (
+                "snapshot: guest paused (ember's log)",
+                fmt_ms(self.snapshot_paused_ms),
+            ),
+            (
+                "snapshot: SIGUSR2 to process exit",
+                fmt_ms(self.signal_to_exit_ms),
+            ),
+            (
                 "state file, KiB",
                 self.state_bytes
                     .map_or_else(|| "-".into(), |b| format!("{:.1}", b as f64 / 1024.0)),
@@ -1016,7 +1499,37 @@ impl SnapshotRow {
                 fmt_ms(self.spawn_to_api_ms),
             ),
             ("load (PUT /snapshot/load)", fmt_ms(self.load_ms)),
-            ("restore: spawn to loaded", fmt_ms(self.spawn_to_loaded_ms)),
+            (
+                "restore: spawn to VM running",
+                fmt_ms(self.spawn_to_loaded_ms),
+            ),
+            (
+                "restore: vCPUs started (ember's log)",
+                fmt_ms(er.vcpus_started_ms),
+            ),
+            (
+                "restore: memory mapped (ember's log)",
+                fmt_ms(er.memory_mapped_ms),
+            ),
+            (
+                "restore: RSS then, MiB (ember's log)",
+                fmt_mib(er.rss_bytes),
+            ),
+            (
+                "  anonymous / file-backed, MiB",
+                match (er.rss_anon_bytes, er.rss_file_bytes) {
+                    (None, None) => "-".into(),
+                    (a, f) => format!("{} / {}", fmt_mib(a), fmt_mib(f)),
+                },
+            ),
+            (
+                "restore: spawn to first guest output",
+                fmt_ms(self.spawn_to_first_output_ms),
+            ),
+            (
+                "restore: RSS at first output, MiB",
+                fmt_mib(self.rss_at_first_output_bytes),
+            ),
             (
                 "resumed (new guest output)",
                 self.resumed
@@ -1087,8 +1600,27 @@ impl SnapshotRow {
             ("memory_bytes", Json::from(self.memory_bytes)),
             ("memory_disk_bytes", Json::from(self.memory_disk_bytes)),
             ("spawn_to_api_ms", f(self.spawn_to_api_ms)),
+            ("signal_to_exit_ms", f(self.signal_to_exit_ms)),
+            ("snapshot_paused_ms", f(self.snapshot_paused_ms)),
             ("load_ms", f(self.load_ms)),
             ("spawn_to_loaded_ms", f(self.spawn_to_loaded_ms)),
+            (
+                "ember_restore",
+                self.ember_restore.map_or(Json::Null, |r| {
+                    Json::obj([
+                        ("vcpus_started_ms", f(r.vcpus_started_ms)),
+                        ("memory_mapped_ms", f(r.memory_mapped_ms)),
+                        ("rss_bytes", Json::from(r.rss_bytes)),
+                        ("rss_anon_bytes", Json::from(r.rss_anon_bytes)),
+                        ("rss_file_bytes", Json::from(r.rss_file_bytes)),
+                    ])
+                }),
+            ),
+            ("spawn_to_first_output_ms", f(self.spawn_to_first_output_ms)),
+            (
+                "rss_at_first_output_bytes",
+                Json::from(self.rss_at_first_output_bytes),
+            ),
             ("resumed", Json::from(self.resumed)),
             ("ticks_continue", Json::from(self.ticks_continue)),
             (
@@ -1205,7 +1737,7 @@ impl SnapshotResults {
         let watch = self.options.snapshot.unwrap_or_default().watch;
         format!(
             "ember bench --snapshot: {} run(s), {} vCPU(s), {} MiB, kernel {}{}, restored guest \
-             watched {:.0} s\ncmdline: {}\nwall time {:.1} s",
+             watched {:.0} s\nversions: {}\n{}\nwall time {:.1} s",
             self.options.runs,
             g.vcpus,
             g.mem_mib,
@@ -1215,7 +1747,20 @@ impl SnapshotResults {
                 .map(|i| format!(", initrd {}", i.display()))
                 .unwrap_or_default(),
             watch.as_secs_f64(),
-            self.cmdline,
+            self.versions
+                .iter()
+                .map(|(vmm, v)| format!("{vmm}: {v}"))
+                .collect::<Vec<_>>()
+                .join("; "),
+            if self.cmdline == self.ember_cmdline || !self.rows.iter().any(|r| r.vmm != "ember") {
+                format!("cmdline: {}", self.ember_cmdline)
+            } else {
+                format!(
+                    "cmdline (ember, which adds the host's switches itself): {}\n\
+                     cmdline (peers): {}",
+                    self.ember_cmdline, self.cmdline
+                )
+            },
             self.wall.as_secs_f64()
         )
     }
@@ -1254,6 +1799,7 @@ impl SnapshotResults {
                     ),
                     ("disks", Json::from(g.disks.clone())),
                     ("cmdline", Json::from(self.cmdline.as_str())),
+                    ("cmdline_ember", Json::from(self.ember_cmdline.as_str())),
                     ("vcpus", Json::from(g.vcpus)),
                     ("mem_mib", Json::from(g.mem_mib)),
                     ("runs", Json::from(self.options.runs as u64)),
@@ -1571,17 +2117,293 @@ mod tests {
     }
 
     #[test]
-    fn snapshot_mode_needs_firecracker() {
-        for compare in [&[][..], &["qemu=/bin/sh"], &["firecracker=/nonexistent/fc"]] {
-            let e = run_snapshot_bench(&options(compare), &mut |_| {}).unwrap_err();
-            assert!(matches!(e, BenchError::Usage(_)), "{e}");
-            assert!(e.to_string().contains("--compare firecracker"), "{e}");
+    fn snapshot_mode_runs_ember_alone_or_beside_firecracker() {
+        // ember's row alone, whatever peers are missing or have no snapshot row; a binary
+        // that cannot start is that row's clear error, not the bench's.
+        for (compare, note) in [
+            (&[][..], None),
+            (&["qemu=/bin/sh"][..], Some("qemu: no snapshot row")),
+            (
+                &["firecracker=/nonexistent/fc"][..],
+                Some("firecracker skipped: /nonexistent/fc not found"),
+            ),
+        ] {
+            let mut o = options(compare);
+            o.ember_bin = Some("/nonexistent/ember".into());
+            o.runs = 2;
+            let mut progress = Vec::new();
+            let r = run_snapshot_bench(&o, &mut |l| progress.push(l.to_string())).unwrap();
+            let rows: Vec<_> = r.rows.iter().map(|r| (r.vmm.as_str(), r.run)).collect();
+            assert_eq!(rows, [("ember", 1), ("ember", 2)], "{compare:?}");
+            let e = r.rows[0].error.as_deref().unwrap_or_default();
+            assert!(e.contains("cannot start /nonexistent/ember"), "{e}");
+            assert!(!r.all_measured());
+            assert!(progress.iter().any(|l| l.starts_with("ember #2: FAILED")));
+            if let Some(note) = note {
+                assert!(r.notes.iter().any(|n| n.contains(note)), "{:?}", r.notes);
+            }
+            assert_eq!(r.versions[0].0, "ember");
+            // ember alone: one command line, ember's own.
+            let header = r.header();
+            assert!(header.contains("\nversions: ember: "), "{header}");
+            assert!(header.contains("\ncmdline: console=ttyS0\n"), "{header}");
+            let json = r.to_json();
+            let config = json.get("config").unwrap();
+            assert_eq!(
+                config.get("cmdline_ember").and_then(Json::as_str),
+                Some("console=ttyS0")
+            );
         }
-        let e = run_snapshot_bench(&options(&["firecracker=/nonexistent/fc"]), &mut |_| {})
-            .unwrap_err();
-        assert!(e.to_string().contains("/nonexistent/fc"), "{e}");
+        // Still refused: an unknown peer, no runs, no snapshot mode.
+        let e = run_snapshot_bench(&options(&["xen"]), &mut |_| {}).unwrap_err();
+        assert!(matches!(e, BenchError::Usage(_)), "{e}");
+        let mut o = options(&[]);
+        o.runs = 0;
+        assert!(matches!(
+            run_snapshot_bench(&o, &mut |_| {}),
+            Err(BenchError::Usage(_))
+        ));
         let mut o = options(&[]);
         o.snapshot = None;
         assert!(run_snapshot_bench(&o, &mut |_| {}).is_err());
+    }
+
+    #[test]
+    fn ember_runs_the_bench_s_guest_with_its_snapshot_on_sigusr2() {
+        let ctx = SnapshotContext {
+            guest: GuestSpec {
+                kernel: "/g/vmlinux".into(),
+                initrd: Some("/g/initramfs.cpio".into()),
+                disks: vec!["/g/a.img,ro".into()],
+                root: Some("/dev/vda".into()),
+                root_cmdline: Some("root=/dev/vda rootfstype=ext4 ro".into()),
+                cmdline: "console=ttyS0 noxsave ember.exit=reboot".into(),
+                vcpus: 2,
+                mem_mib: 96,
+            },
+            ember_cmdline: "console=ttyS0 ember.cmd=\"echo hi\"".into(),
+            ember_flags: vec!["--no-acpi".into()],
+            marker: "ember-init:".into(),
+            boot_timeout: Duration::from_secs(1),
+            watch: Duration::from_secs(1),
+            workdir: "/w".into(),
+        };
+        let args = ember_boot_args(&ctx, Path::new("/w/ember-1/snapshot"));
+        let args: Vec<&str> = args.iter().map(|a| a.to_str().unwrap()).collect();
+        let after = |flag: &str| {
+            let i = args.iter().position(|a| *a == flag).unwrap_or_else(|| {
+                panic!("no {flag} in {args:?}");
+            });
+            args.get(i + 1).copied()
+        };
+        assert_eq!(args[..3], ["--log-level", "info", "run"]);
+        assert_eq!(after("--kernel"), Some("/g/vmlinux"));
+        assert_eq!(after("--initrd"), Some("/g/initramfs.cpio"));
+        assert_eq!(after("--disk"), Some("/g/a.img,ro"));
+        assert_eq!(after("--root"), Some("/dev/vda"));
+        // ember's own command line: it adds the host's switches and the root itself.
+        assert_eq!(
+            after("--cmdline"),
+            Some("console=ttyS0 ember.cmd=\"echo hi\"")
+        );
+        assert_eq!(after("--vcpus"), Some("2"));
+        assert_eq!(after("--mem"), Some("96"));
+        assert_eq!(after("--snapshot-to"), Some("/w/ember-1/snapshot"));
+        assert_eq!(after("--snapshot-on"), Some("sigusr2"));
+        assert_eq!(after("--snapshot-then"), Some("stop"));
+        assert!(args.contains(&"--boot-timer") && args.ends_with(&["--no-acpi"]));
+    }
+
+    #[test]
+    fn ember_s_log_lines_give_its_figures() {
+        let dir = "/tmp/ember-bench-snap-1/ember-1/snapshot";
+        assert_eq!(
+            snapshot_written_paused_ms(&format!(
+                "ember: snapshot written to {dir} (guest paused 48.965821ms); `ember restore \
+                 {dir}` starts it again"
+            )),
+            Some(48.965821)
+        );
+        // A directory with the same words in it does not confuse either parser.
+        assert_eq!(
+            snapshot_written_paused_ms(
+                "ember: snapshot written to /x (guest paused 1s) (guest paused 1.5s); `ember \
+                 restore /x (guest paused 1s)` starts it again"
+            ),
+            Some(1500.0)
+        );
+        assert_eq!(
+            snapshot_written_paused_ms("ember: snapshot written to /x (guest paused 2.5s)"),
+            Some(2500.0)
+        );
+        for not in [
+            "ember: SIGUSR2: taking the snapshot",
+            "ember: error: snapshot into /x failed: no space",
+            "ember: snapshot written to /x (guest paused soon)",
+            "ember: snapshot written to /x (guest paused 12.5)",
+        ] {
+            assert_eq!(snapshot_written_paused_ms(not), None, "{not:?}");
+        }
+        for (text, ms) in [
+            ("1.5s", Some(1500.0)),
+            ("12.25ms", Some(12.25)),
+            ("950µs", Some(0.95)),
+            ("800ns", Some(0.0008)),
+            ("3m", None),
+            ("ms", None),
+            ("1.2.3ms", None),
+        ] {
+            assert_eq!(debug_duration_ms(text), ms, "{text:?}");
+        }
+
+        let line = format!(
+            "ember: restored the snapshot in {dir}: vCPUs started 3.8 ms after ember started \
+             (VM with guest memory mapped at 2.4 ms); RSS 7.9 MiB (0.8 MiB anonymous, 7.1 MiB \
+             file-backed)"
+        );
+        let mib = |m: f64| Some((m * 1048576.0_f64).round() as u64);
+        assert_eq!(
+            parse_ember_restored(&line),
+            Some(EmberRestoreLine {
+                vcpus_started_ms: Some(3.8),
+                memory_mapped_ms: Some(2.4),
+                rss_bytes: mib(7.9),
+                rss_anon_bytes: mib(0.8),
+                rss_file_bytes: mib(7.1),
+            })
+        );
+        // A figure ember could not tell is `-`; the line still counts.
+        let unknown = "ember: restored the snapshot in /a: b: vCPUs started x: vCPUs started - \
+                       after ember started (VM with guest memory mapped at 1.0 ms); RSS - (- \
+                       anonymous, - file-backed)";
+        assert_eq!(
+            parse_ember_restored(unknown),
+            Some(EmberRestoreLine {
+                memory_mapped_ms: Some(1.0),
+                ..Default::default()
+            })
+        );
+        for not in [
+            "ember: PVM host detected",
+            "ember: restored the snapshot in /a",
+            "tick 3 41.57",
+        ] {
+            assert_eq!(parse_ember_restored(not), None, "{not:?}");
+        }
+    }
+
+    #[test]
+    fn stderr_lines_keep_their_arrival_times_apart_from_the_console() {
+        let mut log = ConsoleLog::default();
+        log.feed(b"tick 0 1.0\r\n", 1);
+        log.feed_stderr(b"ember: boot timer: guest userspace started 1.2 s", 2);
+        log.feed(b"tick 1", 3);
+        log.feed_stderr(b" after ember started\r\n\nember: SIGUSR2", 4);
+        log.finish();
+        let err: Vec<_> = log
+            .stderr
+            .iter()
+            .map(|l| (l.at_ns, l.text.as_str()))
+            .collect();
+        assert_eq!(
+            err,
+            [
+                (
+                    2,
+                    "ember: boot timer: guest userspace started 1.2 s after ember started"
+                ),
+                (4, "ember: SIGUSR2"),
+            ]
+        );
+        assert!(log.stderr.iter().all(|l| l.log));
+        let guest: Vec<_> = log.guest_lines().map(|l| l.text.as_str()).collect();
+        assert_eq!(guest, ["tick 0 1.0", "tick 1"]);
+        assert_eq!(
+            log.stderr_texts().next().as_deref(),
+            Some("stderr: ember: boot timer: guest userspace started 1.2 s after ember started")
+        );
+    }
+
+    #[test]
+    fn a_signalled_vmm_process_ends_and_cannot_be_signalled_again() {
+        let mut p = VmmProcess::spawn(Path::new("/bin/sleep"), &["1000".as_ref()]).unwrap();
+        p.signal(libc::SIGUSR2).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        match p.wait(deadline, |_| None::<()>) {
+            Waited::Exited(e) => assert_eq!(e.signal, Some(libc::SIGUSR2)),
+            other => panic!("sleep did not end on SIGUSR2: {other:?}"),
+        }
+        let e = p.signal(libc::SIGUSR2).unwrap_err();
+        assert!(e.contains("ended (signal 12)"), "{e}");
+    }
+
+    #[test]
+    fn ember_row_json_and_report_show_its_own_figures() {
+        let ember = SnapshotRow {
+            vmm: "ember".into(),
+            run: 1,
+            snapshot_paused_ms: Some(49.0),
+            signal_to_exit_ms: Some(69.7),
+            state_bytes: Some(12_288),
+            memory_bytes: Some(128 << 20),
+            memory_disk_bytes: Some(16_150_528),
+            spawn_to_loaded_ms: Some(6.3),
+            ember_restore: Some(EmberRestoreLine {
+                vcpus_started_ms: Some(3.8),
+                memory_mapped_ms: Some(2.4),
+                rss_bytes: Some(8_283_750),
+                rss_anon_bytes: Some(838_861),
+                rss_file_bytes: None,
+            }),
+            spawn_to_first_output_ms: Some(1004.9),
+            rss_at_first_output_bytes: Some(19_712_000),
+            resumed: Some(true),
+            ..Default::default()
+        };
+        let text = Json::Arr(vec![ember.to_json(), measured_row().to_json()]).to_pretty();
+        let rows = Json::parse(&text).unwrap();
+        let rows = rows.as_array().unwrap();
+        let e = &rows[0];
+        assert_eq!(e.get("vmm").and_then(Json::as_str), Some("ember"));
+        let num = |r: &Json, k: &str| r.get(k).and_then(Json::as_f64);
+        assert_eq!(num(e, "snapshot_paused_ms"), Some(49.0));
+        assert_eq!(num(e, "signal_to_exit_ms"), Some(69.7));
+        assert_eq!(num(e, "memory_disk_bytes"), Some(16_150_528.0));
+        assert_eq!(num(e, "spawn_to_first_output_ms"), Some(1004.9));
+        assert_eq!(num(e, "rss_at_first_output_bytes"), Some(19_712_000.0));
+        assert_eq!(e.get("load_ms"), Some(&Json::Null));
+        let er = e.get("ember_restore").unwrap();
+        assert_eq!(num(er, "vcpus_started_ms"), Some(3.8));
+        assert_eq!(num(er, "memory_mapped_ms"), Some(2.4));
+        assert_eq!(num(er, "rss_anon_bytes"), Some(838_861.0));
+        assert_eq!(er.get("rss_file_bytes"), Some(&Json::Null));
+        // Firecracker's row has the keys too, empty where they are ember's own.
+        let fc = &rows[1];
+        assert_eq!(fc.get("ember_restore"), Some(&Json::Null));
+        assert_eq!(fc.get("snapshot_paused_ms"), Some(&Json::Null));
+
+        let report = render(&[ember, measured_row()], &[], "h");
+        let line = |label: &str| {
+            report
+                .lines()
+                .find(|l| l.starts_with(label))
+                .unwrap_or_else(|| panic!("no {label:?} in {report}"))
+                .split_whitespace()
+                .rev()
+                .take(2)
+                .collect::<Vec<_>>()
+        };
+        assert!(report.contains("ember #1  firecracker #1\n"), "{report}");
+        assert_eq!(line("snapshot: guest paused (ember's log)"), ["-", "49.0"]);
+        assert_eq!(line("restore: vCPUs started (ember's log)"), ["-", "3.8"]);
+        assert_eq!(line("restore: spawn to VM running"), ["27.5", "6.3"]);
+        assert_eq!(line("load (PUT /snapshot/load)"), ["24.5", "-"]);
+        assert_eq!(line("memory file on disk, MiB"), ["128.0", "15.4"]);
+        assert!(
+            report
+                .lines()
+                .any(|l| l.starts_with("  anonymous / file-backed") && l.contains("0.8 / -")),
+            "{report}"
+        );
     }
 }
