@@ -369,6 +369,7 @@ fn send_job_in_background(uds: PathBuf, port: u32, payload: Arc<Vec<u8>>, exit: 
 /// `CONNECT <port>` handshake), writes `payload`, closes the writing half and waits until the
 /// guest's agent has read everything and closed its end.
 pub fn send_job(uds: &Path, port: u32, payload: &[u8]) -> std::io::Result<()> {
+    let t0 = Instant::now();
     let mut s = UnixStream::connect(uds)?;
     s.set_read_timeout(Some(ACCEPT_TIMEOUT))?;
     s.write_all(format!("CONNECT {port}\n").as_bytes())?;
@@ -393,12 +394,19 @@ pub fn send_job(uds: &Path, port: u32, payload: &[u8]) -> std::io::Result<()> {
             ),
         ));
     }
+    let accepted = t0.elapsed();
     s.write_all(payload)?;
     s.shutdown(std::net::Shutdown::Write)?;
     // The agent closes its end once it has read everything.
     s.set_read_timeout(None)?;
     let mut rest = Vec::new();
     s.read_to_end(&mut rest)?;
+    log::debug!(
+        "warm exec: the guest took the connection after {accepted:?} and had the {} bytes \
+         of the job after {:?}",
+        payload.len(),
+        t0.elapsed()
+    );
     Ok(())
 }
 

@@ -25,7 +25,7 @@ pub const KEEP_ENTRIES: usize = 4;
 const KEY_FILE: &str = "key";
 
 /// What a snapshot of a freshly booted VM depends on: ember's version and snapshot format,
-/// the host (its KVM and CPU), the kernel and initrd files (by identity: device, inode,
+/// the ember binary (by identity), the host (its KVM and CPU), the kernel and initrd files (by identity: device, inode,
 /// size, modification and change times, so that a rebuilt kernel makes a new key), and the
 /// guest-visible parts of the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,15 @@ impl CacheKey {
             super::format::FORMAT_VERSION,
             host_identity()
         );
+        // The ember binary itself: a rebuilt ember may save or restore devices differently
+        // without a new version number (during development), so its snapshots are not used.
+        if let Ok(exe) = std::env::current_exe() {
+            let _ = writeln!(
+                text,
+                "binary {}",
+                file_identity(&exe).unwrap_or_else(|_| exe.display().to_string())
+            );
+        }
         let _ = writeln!(text, "kernel {}", file_identity(&config.kernel)?);
         if let Some(i) = &config.initrd {
             let _ = writeln!(text, "initrd {}", file_identity(i)?);
