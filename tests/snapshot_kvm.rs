@@ -17,10 +17,23 @@ const COUNT: u32 = 1500;
 /// A guest that starts its "init" (the boot-timer write), then prints a counter in hex, one
 /// line per value from 0 to COUNT - 1, with a short busy wait between lines, and resets.
 fn counting_guest() -> Vec<u8> {
+    counting_code(Some(COUNT), None, true)
+}
+
+/// The counting guests' code: from 0, a line per value in hex (8 digits), until `count`
+/// (then a reset) or for ever (`None`); with `busy_wait`, a short wait after each line; with
+/// `ready_at`, a 4-byte write of 52 to the exit device's ready register (0xC000_1004, what warm
+/// `ember exec`'s agent writes) when the counter reaches that value, before it is printed.
+fn counting_code(count: Option<u32>, ready_at: Option<u32>, busy_wait: bool) -> Vec<u8> {
     let mut a = Asm::new();
     a.mov_al(123).mmio_write8(0xc000_0000); // boot timer: "init started"
     a.bytes(&[0x31, 0xdb]); // xor ebx, ebx (the counter)
     let top = a.here();
+    if let Some(at) = ready_at {
+        a.bytes(&[0x81, 0xfb]).bytes(&at.to_le_bytes()); // cmp ebx, at
+        a.bytes(&[0x75, 17]); // jne over the next 17 bytes
+        a.mov_eax(52).mmio_write32(0xc000_1004); // 5 + 12 bytes
+    }
     a.bytes(&[0x89, 0xde]); // mov esi, ebx
     a.bytes(&[0xb9, 8, 0, 0, 0]); // mov ecx, 8 (hex digits)
     a.mov_dx(0x3f8);
@@ -36,14 +49,23 @@ fn counting_guest() -> Vec<u8> {
     a.bytes(&[0xff, 0xc9]); // dec ecx
     a.jcc(0x75, digit); // jnz digit
     a.mov_al(b'\n').out_dx_al();
-    a.bytes(&[0xb9, 0x00, 0x04, 0, 0]); // mov ecx, 1024 (busy wait)
-    let wait = a.here();
-    a.bytes(&[0xff, 0xc9]); // dec ecx
-    a.jcc(0x75, wait); // jnz wait
+    if busy_wait {
+        a.bytes(&[0xb9, 0x00, 0x04, 0, 0]); // mov ecx, 1024 (busy wait)
+        let wait = a.here();
+        a.bytes(&[0xff, 0xc9]); // dec ecx
+        a.jcc(0x75, wait); // jnz wait
+    }
     a.bytes(&[0xff, 0xc3]); // inc ebx
-    a.bytes(&[0x81, 0xfb]).bytes(&COUNT.to_le_bytes()); // cmp ebx, COUNT
-    a.jcc(0x75, top); // jnz top
-    a.reset();
+    match count {
+        Some(n) => {
+            a.bytes(&[0x81, 0xfb]).bytes(&n.to_le_bytes()); // cmp ebx, n
+            a.jcc(0x75, top); // jnz top
+            a.reset();
+        }
+        None => {
+            a.jmp(top);
+        }
+    }
     a.code
 }
 
@@ -851,37 +873,10 @@ fn linux_guest_continues_in_a_new_process() {
 /// The value of the counter at which [`ready_counting_guest`] writes the ready register.
 const READY_AT: u32 = COUNT / 2;
 
-/// [`counting_guest`], writing 52 to the exit device's ready register (0xC000_1004, what
-/// warm `ember exec`'s agent writes) once the counter reaches [`READY_AT`], before it prints
-/// that value: a deterministic point to snapshot at, whatever the host's speed.
+/// [`counting_guest`] without the busy wait, writing the ready register once the counter
+/// reaches [`READY_AT`]: a point to snapshot at that does not depend on the host's speed.
 fn ready_counting_guest() -> Vec<u8> {
-    let mut a = Asm::new();
-    a.mov_al(123).mmio_write8(0xc000_0000);
-    a.bytes(&[0x31, 0xdb]); // xor ebx, ebx
-    let top = a.here();
-    a.bytes(&[0x81, 0xfb]).bytes(&READY_AT.to_le_bytes()); // cmp ebx, READY_AT
-    a.bytes(&[0x75, 17]); // jne over the next 17 bytes
-    a.mov_eax(52).mmio_write32(0xc000_1004); // 5 + 12 bytes
-    a.bytes(&[0x89, 0xde]); // mov esi, ebx
-    a.bytes(&[0xb9, 8, 0, 0, 0]); // mov ecx, 8
-    a.mov_dx(0x3f8);
-    let digit = a.here();
-    a.bytes(&[0xc1, 0xc6, 0x04]); // rol esi, 4
-    a.bytes(&[0x89, 0xf0]); // mov eax, esi
-    a.bytes(&[0x83, 0xe0, 0x0f]); // and eax, 0xf
-    a.bytes(&[0x04, b'0']); // add al, '0'
-    a.bytes(&[0x3c, b'9']); // cmp al, '9'
-    a.bytes(&[0x76, 0x02]); // jbe +2
-    a.bytes(&[0x04, 7]); // add al, 7
-    a.out_dx_al();
-    a.bytes(&[0xff, 0xc9]); // dec ecx
-    a.jcc(0x75, digit);
-    a.mov_al(b'\n').out_dx_al();
-    a.bytes(&[0xff, 0xc3]); // inc ebx
-    a.bytes(&[0x81, 0xfb]).bytes(&COUNT.to_le_bytes()); // cmp ebx, COUNT
-    a.jcc(0x75, top);
-    a.reset();
-    a.code
+    counting_code(Some(COUNT), Some(READY_AT), false)
 }
 
 fn counted(out: &Finished) -> Vec<u32> {
@@ -1166,32 +1161,7 @@ fn linux_vsock_listener_is_reached_after_a_restore() {
 /// A guest that prints a counter in hex, one line per value, for ever (with a short busy
 /// wait between lines): only a signal, a snapshot or `--timeout` ends it.
 fn endless_counting_guest() -> Vec<u8> {
-    let mut a = Asm::new();
-    a.mov_al(123).mmio_write8(0xc000_0000);
-    a.bytes(&[0x31, 0xdb]); // xor ebx, ebx
-    let top = a.here();
-    a.bytes(&[0x89, 0xde]); // mov esi, ebx
-    a.bytes(&[0xb9, 8, 0, 0, 0]); // mov ecx, 8
-    a.mov_dx(0x3f8);
-    let digit = a.here();
-    a.bytes(&[0xc1, 0xc6, 0x04]); // rol esi, 4
-    a.bytes(&[0x89, 0xf0]); // mov eax, esi
-    a.bytes(&[0x83, 0xe0, 0x0f]); // and eax, 0xf
-    a.bytes(&[0x04, b'0']); // add al, '0'
-    a.bytes(&[0x3c, b'9']); // cmp al, '9'
-    a.bytes(&[0x76, 0x02]); // jbe +2
-    a.bytes(&[0x04, 7]); // add al, 7
-    a.out_dx_al();
-    a.bytes(&[0xff, 0xc9]); // dec ecx
-    a.jcc(0x75, digit);
-    a.mov_al(b'\n').out_dx_al();
-    a.bytes(&[0xb9, 0x00, 0x04, 0, 0]); // mov ecx, 1024
-    let wait = a.here();
-    a.bytes(&[0xff, 0xc9]); // dec ecx
-    a.jcc(0x75, wait);
-    a.bytes(&[0xff, 0xc3]); // inc ebx
-    a.jmp(top);
-    a.code
+    counting_code(None, None, true)
 }
 
 /// ember's stdout, read on a thread into a shared buffer while it runs (join the thread
