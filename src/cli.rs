@@ -1058,19 +1058,22 @@ mod tests {
         );
     }
 
+    /// `ember bench --kernel KERNEL EXTRA...`'s options.
+    fn bench_options(kernel: &str, extra: &[&str]) -> crate::bench::BenchOptions {
+        let mut args = vec!["bench", "--kernel", kernel];
+        args.extend_from_slice(extra);
+        let Command::Bench(b) = parse(&args).unwrap().command else {
+            panic!("not bench")
+        };
+        b.to_options().unwrap()
+    }
+
     #[test]
     fn bench_adds_the_guest_command_once() {
         let k = std::env::temp_dir().join(format!("ember-cli-k-{}", std::process::id()));
         std::fs::write(&k, b"\x7fELF").unwrap();
         let ks = k.to_str().unwrap();
-        let parse_opts = |extra: &[&str]| {
-            let mut args = vec!["bench", "--kernel", ks];
-            args.extend_from_slice(extra);
-            let Command::Bench(b) = parse(&args).unwrap().command else {
-                panic!("not bench")
-            };
-            b.to_options().unwrap()
-        };
+        let parse_opts = |extra: &[&str]| bench_options(ks, extra);
         assert_eq!(
             parse_opts(&[]).guest.cmdline,
             format!("{DEFAULT_CMDLINE} ember.cmd=true")
@@ -1090,14 +1093,7 @@ mod tests {
         let k = std::env::temp_dir().join(format!("ember-cli-snap-k-{}", std::process::id()));
         std::fs::write(&k, b"\x7fELF").unwrap();
         let ks = k.to_str().unwrap();
-        let parse_opts = |extra: &[&str]| {
-            let mut args = vec!["bench", "--kernel", ks];
-            args.extend_from_slice(extra);
-            let Command::Bench(b) = parse(&args).unwrap().command else {
-                panic!("not bench")
-            };
-            b.to_options().unwrap()
-        };
+        let parse_opts = |extra: &[&str]| bench_options(ks, extra);
         let o = parse_opts(&["--snapshot", "--compare", "firecracker"]);
         assert_eq!(
             o.guest.cmdline,

@@ -316,6 +316,7 @@ impl ExecBench {
             .collect();
         Json::obj([
             ("bench", Json::Str("exec".into())),
+            ("host", super::host_json()),
             (
                 "command",
                 Json::Arr(self.opts.command.iter().cloned().map(Json::Str).collect()),

@@ -38,6 +38,19 @@ use json::Json;
 use peers::{GuestSpec, PeerLookup};
 use runner::{Job, Progress, RunContext, RunRecord, Target};
 
+/// The host a bench ran on, for its JSON: PVM or not, CPUs, load average at the end.
+pub(crate) fn host_json() -> Json {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get() as u64);
+    let loadavg = std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default();
+    Json::obj([
+        ("pvm", Json::from(crate::host::HostInfo::detect().pvm)),
+        ("cpus", Json::from(cpus)),
+        ("loadavg_at_end", Json::from(loadavg)),
+    ])
+}
+
 /// Errors of `ember bench` and of the bench instruments in `ember run`.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
@@ -409,11 +422,6 @@ impl BenchResults {
     /// Everything as JSON: options, host, every raw run, statistics and ratios.
     pub fn to_json(&self) -> Json {
         let g = &self.options.guest;
-        let host = crate::host::HostInfo::detect();
-        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get() as u64);
-        let loadavg = std::fs::read_to_string("/proc/loadavg")
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default();
         let ember = self.summaries.iter().find(|s| s.vmm == "ember");
         let ratios = Json::obj(
             self.summaries
@@ -423,14 +431,7 @@ impl BenchResults {
         );
         Json::obj([
             ("format", Json::from("ember-bench/1")),
-            (
-                "host",
-                Json::obj([
-                    ("pvm", Json::from(host.pvm)),
-                    ("cpus", Json::from(cpus)),
-                    ("loadavg_at_end", Json::from(loadavg)),
-                ]),
-            ),
+            ("host", host_json()),
             (
                 "config",
                 Json::obj([

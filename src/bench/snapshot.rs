@@ -1773,22 +1773,10 @@ impl SnapshotResults {
     /// Everything as JSON: options, host, versions, every row.
     pub fn to_json(&self) -> Json {
         let g = &self.options.guest;
-        let host = crate::host::HostInfo::detect();
-        let cpus = std::thread::available_parallelism().map_or(0, |n| n.get() as u64);
-        let loadavg = std::fs::read_to_string("/proc/loadavg")
-            .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-            .unwrap_or_default();
         let watch = self.options.snapshot.unwrap_or_default().watch;
         Json::obj([
             ("format", Json::from("ember-bench-snapshot/1")),
-            (
-                "host",
-                Json::obj([
-                    ("pvm", Json::from(host.pvm)),
-                    ("cpus", Json::from(cpus)),
-                    ("loadavg_at_end", Json::from(loadavg)),
-                ]),
-            ),
+            ("host", super::host_json()),
             (
                 "config",
                 Json::obj([
