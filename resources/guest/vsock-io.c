@@ -813,11 +813,32 @@ static void job(u32 port, const char *dir)
 
 // `warm PORT DIR [TTY...]`: the default guest's init side of warm exec (resources/guest/init,
 // 4b). Everything a restored VM would otherwise pay for in processes after the archive's
-// arrival is prepared before the "ready" store: the exit device is mapped and the ttys are
-// opened. Then `job PORT DIR`; then "ok\n" on fd 3 (init waits for it; if this process
+// arrival is prepared before the "ready" store: the exit device is mapped, the ttys are
+// opened, and init's process for the command is forked (init says "go\n" on fd 4 when it
+// is). Then `job PORT DIR`; then "ok\n" on fd 3 (init waits for it; if this process
 // dies first, init reads EOF instead), then one decimal status line from fd 4 (written by
 // init when the command has ended), tcdrain() on every TTY, and the status stored to the
 // exit device's status register: init needs no stty and no devmem process.
+// Reads one line (at most sizeof(line) - 1 bytes, without its newline) from fd into line;
+// its length (0: EOF before anything).
+static u64 read_line(int fd, char *line, u64 cap, const char *what)
+{
+	u64 len = 0;
+	for (;;) {
+		i64 n = sys3(SYS_read, fd, line + len, 1);
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			die(what, n);
+		if (n == 0 || line[len] == '\n')
+			break;
+		if (++len == cap - 1)
+			break;
+	}
+	line[len] = 0;
+	return len;
+}
+
 static void warm(u32 port, const char *dir, int ntty, char **ttys)
 {
 	static int tty_fd[8];
@@ -836,28 +857,17 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 		tty_fd[i] = (int)fd;
 	}
 	exit_dev = map_exit_device();
+	// init says "go" once the command's process is forked and waiting (so that the
+	// snapshot, taken at the ready write, already holds it: no fork after a restore).
+	read_line(4, line, sizeof(line), "read \"go\" from fd 4");
+	if (!streq(line, "go"))
+		die("init did not say \"go\" on fd 4", 0);
 	job_unpack(job_accept(exit_dev, port));
 	write_all(3, "ok\n", 3);
 	sys3(SYS_close, 3, 0, 0);
-	for (;;) {
-		i64 n = sys3(SYS_read, 4, line + len, sizeof(line) - 1 - len);
-		if (n == -EINTR)
-			continue;
-		if (n < 0)
-			die("read the status from fd 4", n);
-		if (n == 0 || line[len + (u64)n - 1] == '\n') {
-			len += (u64)n;
-			break;
-		}
-		len += (u64)n;
-		if (len == sizeof(line) - 1)
-			break;
-	}
+	len = read_line(4, line, sizeof(line), "read the status from fd 4");
 	if (len == 0)
 		die("no status on fd 4 (init closed it)", 0);
-	if (line[len - 1] == '\n')
-		len--;
-	line[len] = 0;
 	status = num(line);
 	for (i = 0; i < ntty; i++) {
 		i64 e;
