@@ -729,4 +729,41 @@ mod tests {
             .contains("at most 4"));
         std::fs::remove_file(p).unwrap();
     }
+
+    #[test]
+    fn share_parsing_and_validation() {
+        let s: ShareConfig = "/srv/d,tag=src,ro,cache=never".parse().unwrap();
+        assert_eq!(s.dir, PathBuf::from("/srv/d"));
+        assert_eq!(s.tag.as_deref(), Some("src"));
+        assert!(s.readonly);
+        assert_eq!(s.cache, ShareCache::Never);
+        let d: ShareConfig = "/srv/d".parse().unwrap();
+        assert_eq!(
+            (d.tag(1), d.readonly, d.cache),
+            ("share1".into(), false, ShareCache::Auto)
+        );
+        for bad in [
+            "",
+            "tag=x",
+            "/d,cache=sometimes",
+            "/d,rw",
+            "/d,ro,ro",
+            "/d,ro=1",
+        ] {
+            assert!(bad.parse::<ShareConfig>().is_err(), "{bad:?} accepted");
+        }
+        let dir = std::env::temp_dir();
+        let ok = ShareConfig::new(&dir);
+        assert!(ShareConfig::validate_all(&[ok.clone(), ok.clone()]).is_ok());
+        let mut same = ok.clone();
+        same.tag = Some("share0".into());
+        let e = ShareConfig::validate_all(&[ok.clone(), same]).unwrap_err();
+        assert!(e.to_string().contains("two shares"), "{e}");
+        let mut long = ok.clone();
+        long.tag = Some("x".repeat(37));
+        assert!(ShareConfig::validate_all(&[long]).is_err());
+        let missing = ShareConfig::new("/nonexistent/ember-share");
+        let e = ShareConfig::validate_all(&[missing]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ember-share"), "{e}");
+    }
 }
