@@ -14,8 +14,9 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi
 
 # Packages: guest build (kernel + busybox), network tests (iproute2), peers for bench.
+# libseccomp-dev and libcap-ng-dev: to build virtiofsd (--share).
 PKGS=(linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio
-      e2fsprogs iproute2 qemu-system-x86)
+      e2fsprogs iproute2 qemu-system-x86 libseccomp-dev libcap-ng-dev)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -29,6 +30,14 @@ fi
 if ! command -v cargo >/dev/null; then
     echo "cargo not found: install Rust with rustup (https://rustup.rs) first" >&2
     exit 1
+fi
+
+# virtiofsd serves --share (virtio-fs). cargo install is idempotent: it does nothing when
+# this version is installed already. Pinned, so CI does not change under us.
+VIRTIOFSD_VERSION=1.14.0
+if ! "${CARGO_HOME:-$HOME/.cargo}/bin/virtiofsd" --version 2>/dev/null | grep -q "$VIRTIOFSD_VERSION"; then
+    log "installing virtiofsd $VIRTIOFSD_VERSION (cargo install)"
+    cargo install --locked --quiet virtiofsd --version "$VIRTIOFSD_VERSION"
 fi
 
 log "building the default guest (cached)"
@@ -56,7 +65,7 @@ cargo test --lib --bins \
 # CI machine has two cores. Each file gets one retry, because CI machines are shared and a
 # starved guest can miss a deadline; a second failure fails the run.
 failed=()
-for t in boot_linux boot_disk exec_linux acpi_linux netdev bench; do
+for t in boot_linux boot_disk exec_linux acpi_linux netdev virtiofs_linux bench; do
     log "real boots: $t"
     if ! cargo test --test "$t" -- --test-threads=1; then
         log "$t failed; retrying once"

@@ -24,6 +24,7 @@ use crate::devices::legacy::exit_device::{ExitDevice, ReadySignal};
 use crate::devices::legacy::i8042::I8042;
 use crate::devices::legacy::serial::{ConsoleOutput, SerialDevice, SerialInput};
 use crate::devices::virtio::block::{Block, BlockError, DiskFile};
+use crate::devices::virtio::fs::{FsError, VirtioFs};
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::net::device::Net;
 use crate::devices::virtio::net::tap::Tap;
@@ -91,6 +92,9 @@ pub enum BuildError {
     /// A snapshot to restore could not be read or restored.
     #[error("cannot restore the snapshot")]
     Snapshot(#[from] SnapshotError),
+    /// A virtio-fs device (its virtiofsd) could not be set up.
+    #[error("cannot set up a --share directory")]
+    Fs(#[from] FsError),
     /// The rng device could not be created.
     #[error("cannot set up the rng device")]
     Rng(#[from] RngError),
@@ -185,7 +189,12 @@ pub fn build_vm(
     //    copy-on-write (a page is read when it is first touched).
     let (mem, mapped_images, guest) = match restore {
         None => {
-            let mem = create_guest_memory(config.mem_bytes())?;
+            // virtiofsd maps guest memory too: it must be a shared memory file then.
+            let mem = if config.shares.is_empty() {
+                create_guest_memory(config.mem_bytes())?
+            } else {
+                crate::memory::create_shared_guest_memory(config.mem_bytes())?
+            };
             // Before the images are mapped into it; dropped before it is unmapped.
             let mapped_images = crate::image_file::MappedImages::new(&mem);
             let images = ImageLoader::spawn(
@@ -194,7 +203,12 @@ pub fn build_vm(
                 &config.kernel,
                 config.initrd.as_deref(),
                 config.initrd_append.as_deref(),
-                config.image_cache.as_ref(),
+                // Images mapped over guest memory would replace the shared memory file's
+                // pages there with private ones that virtiofsd does not see: copy instead.
+                config
+                    .image_cache
+                    .as_ref()
+                    .filter(|_| config.shares.is_empty()),
             );
             (mem, mapped_images, Start::Boot(images))
         }
@@ -273,6 +287,23 @@ pub fn build_vm(
             &mut event_manager,
             Arc::new(Mutex::new(rng)),
         )?;
+    }
+    for (i, share) in config.shares.iter().enumerate() {
+        let tag = share.tag(i);
+        let fs = VirtioFs::new(share, &tag)?;
+        let slot = attach_virtio_device(
+            &vm,
+            &mem,
+            &mut devices,
+            &mut event_manager,
+            Arc::new(Mutex::new(fs)),
+        )?;
+        log::debug!(
+            "virtio-fs: {} as tag {tag} at {:#x}, IRQ {}",
+            share.dir.display(),
+            slot.addr,
+            slot.irq
+        );
     }
     // With ACPI: the platform registers, its power button, and the VM generation ID (its
     // random ID written into guest memory now, or a snapshot's read from it; a new one
@@ -640,6 +671,11 @@ fn read_snapshot(
 ) -> Result<Box<FileState>, SnapshotError> {
     if !config.net.is_empty() {
         return Err(SnapshotError::NotRestorable(crate::snapshot::file::NO_NET));
+    }
+    if !config.shares.is_empty() {
+        return Err(SnapshotError::NotRestorable(
+            crate::snapshot::file::NO_SHARE,
+        ));
     }
     let saved = match read {
         Some(s) => s,

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::bench::peers::COMPARE_SYNTAX;
 use crate::config::{
-    default_guest_dir, ConfigError, ConsoleSink, DiskConfig, VmConfig, DEFAULT_CMDLINE,
+    default_guest_dir, ConfigError, ConsoleSink, DiskConfig, ShareConfig, VmConfig, DEFAULT_CMDLINE,
 };
 use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
@@ -372,6 +372,13 @@ pub struct RunArgs {
     /// send `CONNECT <port>\n`; guest connections to host port P go to PATH_P.
     #[arg(long, value_name = VsockConfig::SYNTAX, value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
+    /// Export a host directory to the guest over virtio-fs (repeatable); in the guest:
+    /// `mount -t virtiofs TAG /mnt`. TAG defaults to share0, share1, ... in order. `ro`:
+    /// writes are refused on the host side. `cache=`: guest caching (auto: default; always:
+    /// for a directory only the guest changes; never). Served by virtiofsd (`cargo install
+    /// virtiofsd`), sandboxed to the directory.
+    #[arg(long, value_name = ShareConfig::SYNTAX, value_parser = parse_share)]
+    pub share: Vec<ShareConfig>,
     /// Rate limit of the virtio-rng device (on by default: 1 MiB/s, bursts of 64 KiB).
     #[arg(long, value_name = "rate=N[,burst=N]", value_parser = parse_rng, conflicts_with = "no_rng")]
     pub rng: Option<RngConfig>,
@@ -684,6 +691,10 @@ fn parse_net(s: &str) -> Result<NetConfig, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
+fn parse_share(s: &str) -> Result<ShareConfig, String> {
+    s.parse().map_err(|e: ConfigError| e.to_string())
+}
+
 fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
@@ -722,6 +733,7 @@ impl RunArgs {
         c.root = self.root.clone();
         c.net = self.net.clone();
         c.vsock = self.vsock.clone();
+        c.shares = self.share.clone();
         c.rng = if self.no_rng {
             None
         } else {

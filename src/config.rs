@@ -247,6 +247,9 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// The virtio-rng device (on unless `--no-rng`).
     pub rng: Option<RngConfig>,
+    /// Host directories exported to the guest over virtio-fs (`--share`), one device each,
+    /// in order.
+    pub shares: Vec<ShareConfig>,
     /// Give the guest ACPI tables and the ACPI platform (power off, reset, power button).
     pub acpi: bool,
     /// Where kernel and initrd copies are kept to be mapped into guest memory instead of
@@ -275,6 +278,7 @@ impl VmConfig {
             net: Vec::new(),
             vsock: None,
             rng: Some(RngConfig::default()),
+            shares: Vec::new(),
             acpi: true,
             image_cache: ImageCache::from_env(),
         }
@@ -337,6 +341,7 @@ impl VmConfig {
         if let Some(r) = &self.rng {
             r.validate()?;
         }
+        ShareConfig::validate_all(&self.shares)?;
         Ok(())
     }
 
@@ -400,6 +405,149 @@ impl VmConfig {
             });
         }
         Ok(())
+    }
+}
+
+/// The guest-side caching of a `--share` (virtiofsd's `--cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub enum ShareCache {
+    /// Cache data and metadata for a short while (the default): right for a directory the
+    /// host may change while the guest runs.
+    #[default]
+    Auto,
+    /// Cache everything until the guest drops it: fastest, for a directory only the guest
+    /// changes.
+    Always,
+    /// No caching: every access goes to the host.
+    Never,
+}
+
+impl ShareCache {
+    /// The name used by `cache=` (and by virtiofsd's `--cache`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Auto => "auto",
+            Self::Always => "always",
+            Self::Never => "never",
+        }
+    }
+}
+
+/// `--share HOST_DIR[,tag=NAME][,ro][,cache=auto|always|never]`: a host directory exported
+/// to the guest over virtio-fs (`mount -t virtiofs TAG /mnt` in the guest).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ShareConfig {
+    /// The host directory.
+    pub dir: PathBuf,
+    /// The mount tag; `None`: `share0`, `share1`, ... by position (see [`Self::tag`]).
+    pub tag: Option<String>,
+    /// Read-only: refused by the host side (virtiofsd `--readonly`), whatever the guest does.
+    pub readonly: bool,
+    /// Guest caching.
+    pub cache: ShareCache,
+}
+
+/// Longest mount tag: the virtio-fs configuration space has 36 bytes for it.
+pub const MAX_SHARE_TAG: usize = 36;
+
+impl ShareConfig {
+    /// Syntax help for `--share`.
+    pub const SYNTAX: &'static str = "HOST_DIR[,tag=NAME][,ro][,cache=auto|always|never]";
+
+    /// A read-write share of `dir` with the default tag and caching.
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            tag: None,
+            readonly: false,
+            cache: ShareCache::Auto,
+        }
+    }
+
+    /// The mount tag of the share at position `index` of [`VmConfig::shares`].
+    pub fn tag(&self, index: usize) -> String {
+        self.tag.clone().unwrap_or_else(|| format!("share{index}"))
+    }
+
+    /// Checks every share: an existing directory each, valid and distinct tags.
+    pub fn validate_all(shares: &[ShareConfig]) -> Result<(), ConfigError> {
+        let mut tags: Vec<String> = Vec::new();
+        for (i, s) in shares.iter().enumerate() {
+            let tag = s.tag(i);
+            if tag.is_empty() || tag.len() > MAX_SHARE_TAG || tag.contains(['\0', ',', ' ']) {
+                return Err(ConfigError::Device(format!(
+                    "--share tag={tag:?}: a tag must be 1 to {MAX_SHARE_TAG} bytes without \
+                     spaces or commas"
+                )));
+            }
+            if tags.contains(&tag) {
+                return Err(ConfigError::Device(format!(
+                    "--share: two shares have the tag {tag:?}; give each its own tag=NAME"
+                )));
+            }
+            tags.push(tag);
+            match std::fs::metadata(&s.dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(ConfigError::Device(format!(
+                        "--share {}: not a directory (share the directory that holds it)",
+                        s.dir.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(ConfigError::Device(format!(
+                        "--share {}: {}",
+                        s.dir.display(),
+                        io_why(&e)
+                    )))
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for ShareConfig {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let syntax = Self::SYNTAX;
+        let mut parts = s.split(',');
+        let dir = parts.next().unwrap_or_default();
+        if dir.is_empty() || dir.contains('=') {
+            return Err(ConfigError::Device(format!(
+                "--share {s:?}: the host directory comes first (syntax: {syntax})"
+            )));
+        }
+        let mut c = Self::new(dir);
+        let mut seen: Vec<&str> = Vec::new();
+        for part in parts.filter(|p| !p.is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            if seen.contains(&k) {
+                return Err(ConfigError::Device(format!(
+                    "--share {s:?}: {k} is given twice"
+                )));
+            }
+            seen.push(k);
+            match (k, v) {
+                ("tag", t) => c.tag = Some(t.to_string()),
+                ("ro", "") => c.readonly = true,
+                ("cache", "auto") => c.cache = ShareCache::Auto,
+                ("cache", "always") => c.cache = ShareCache::Always,
+                ("cache", "never") => c.cache = ShareCache::Never,
+                ("cache", v) => {
+                    return Err(ConfigError::Device(format!(
+                        "--share cache={v:?}: use cache=auto, cache=always or cache=never"
+                    )))
+                }
+                _ => {
+                    return Err(ConfigError::Device(format!(
+                        "--share {s:?}: unknown option {part:?} (syntax: {syntax})"
+                    )))
+                }
+            }
+        }
+        Ok(c)
     }
 }
 
@@ -580,5 +728,42 @@ mod tests {
             .to_string()
             .contains("at most 4"));
         std::fs::remove_file(p).unwrap();
+    }
+
+    #[test]
+    fn share_parsing_and_validation() {
+        let s: ShareConfig = "/srv/d,tag=src,ro,cache=never".parse().unwrap();
+        assert_eq!(s.dir, PathBuf::from("/srv/d"));
+        assert_eq!(s.tag.as_deref(), Some("src"));
+        assert!(s.readonly);
+        assert_eq!(s.cache, ShareCache::Never);
+        let d: ShareConfig = "/srv/d".parse().unwrap();
+        assert_eq!(
+            (d.tag(1), d.readonly, d.cache),
+            ("share1".into(), false, ShareCache::Auto)
+        );
+        for bad in [
+            "",
+            "tag=x",
+            "/d,cache=sometimes",
+            "/d,rw",
+            "/d,ro,ro",
+            "/d,ro=1",
+        ] {
+            assert!(bad.parse::<ShareConfig>().is_err(), "{bad:?} accepted");
+        }
+        let dir = std::env::temp_dir();
+        let ok = ShareConfig::new(&dir);
+        assert!(ShareConfig::validate_all(&[ok.clone(), ok.clone()]).is_ok());
+        let mut same = ok.clone();
+        same.tag = Some("share0".into());
+        let e = ShareConfig::validate_all(&[ok.clone(), same]).unwrap_err();
+        assert!(e.to_string().contains("two shares"), "{e}");
+        let mut long = ok.clone();
+        long.tag = Some("x".repeat(37));
+        assert!(ShareConfig::validate_all(&[long]).is_err());
+        let missing = ShareConfig::new("/nonexistent/ember-share");
+        let e = ShareConfig::validate_all(&[missing]).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/ember-share"), "{e}");
     }
 }

@@ -83,6 +83,56 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     })
 }
 
+/// Maps `size` bytes of guest RAM from an anonymous memory file (`memfd_create`),
+/// `MAP_SHARED | MAP_NORESERVE`, in the layout of [`create_guest_memory`]: for a VM whose
+/// devices run in another process (virtiofsd behind a vhost-user virtio-fs device), which
+/// maps the same file. Every region records the file and its offset in it.
+pub fn create_shared_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    if size == 0 || size % 4096 != 0 {
+        return Err(MemoryError::InvalidSize(size));
+    }
+    let map_err = |len: u64| {
+        move |source: std::io::Error| MemoryError::MapFile {
+            size_mib: len >> 20,
+            source,
+        }
+    };
+    // SAFETY: the name is a NUL-terminated string literal; the call only returns a new fd.
+    let fd = unsafe { libc::memfd_create(c"ember-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(map_err(size)(std::io::Error::last_os_error()));
+    }
+    // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
+    let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    file.set_len(size).map_err(map_err(size))?;
+    let file = Arc::new(file);
+    let mut regions = Vec::new();
+    let mut offset = 0u64;
+    for (start, len) in ram_ranges(size) {
+        let bytes = usize::try_from(len).map_err(|_| {
+            map_err(len)(std::io::Error::other(
+                "region larger than the address space",
+            ))
+        })?;
+        let mapping = MmapRegionBuilder::new_with_bitmap(bytes, ())
+            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(len)(std::io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(mapping, start).ok_or_else(|| {
+            map_err(len)(std::io::Error::other(format!(
+                "region at {:#x} would overflow the guest address space",
+                start.0
+            )))
+        })?;
+        regions.push(Arc::new(region));
+        offset += len;
+    }
+    GuestMemoryMmap::from_arc_regions(regions)
+        .map_err(|e| map_err(size)(std::io::Error::other(e.to_string())))
+}
+
 /// Maps `size` bytes of guest RAM from `file` (a snapshot's memory file: the RAM of
 /// [`ram_ranges`] region after region, the same layout as [`create_guest_memory`]),
 /// `MAP_PRIVATE | MAP_NORESERVE`: copy-on-write and lazy. A page is read from the file (the

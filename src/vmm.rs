@@ -871,6 +871,11 @@ fn snapshottable(
         if !parts.config.net.is_empty() {
             return Err(SnapshotError::NotRestorable(crate::snapshot::file::NO_NET));
         }
+        if !parts.config.shares.is_empty() {
+            return Err(SnapshotError::NotRestorable(
+                crate::snapshot::file::NO_SHARE,
+            ));
+        }
     } else if !parts.virtio.is_empty() {
         return Err(SnapshotError::NotRestorable(
             crate::snapshot::file::NO_VIRTIO,

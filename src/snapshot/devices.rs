@@ -244,6 +244,14 @@ pub struct RngState {
     pub bytes_served: u64,
 }
 
+/// virtio-fs: only its tag. Never written: a VM with a share is refused by snapshots
+/// ([`NO_SHARE`](crate::snapshot::file::NO_SHARE)); the daemon's open files cannot be carried.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FsState {
+    /// The mount tag.
+    pub tag: String,
+}
+
 /// A virtio device's own state, by kind.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum VirtioDeviceState {
@@ -255,6 +263,8 @@ pub enum VirtioDeviceState {
     Vsock(VsockState),
     /// virtio-rng.
     Rng(RngState),
+    /// virtio-fs.
+    Fs(FsState),
 }
 
 impl VirtioDeviceState {
@@ -265,6 +275,7 @@ impl VirtioDeviceState {
             Self::Net(_) => "virtio-net",
             Self::Vsock(_) => "virtio-vsock",
             Self::Rng(_) => "virtio-rng",
+            Self::Fs(_) => "virtio-fs",
         }
     }
 }

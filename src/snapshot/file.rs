@@ -47,6 +47,11 @@ pub const NO_NET: &str = "it has virtio-net devices, which snapshots do not carr
                           (re-attaching a NIC to its TAP in the restoring run is not done): \
                           use no --net";
 
+/// Why a VM with a `--share` (virtio-fs) is refused by snapshots.
+pub const NO_SHARE: &str = "it has --share directories (virtio-fs), which snapshots do not \
+                            carry (virtiofsd's open files and inodes live in another \
+                            process): use no --share";
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {
         path: path.to_path_buf(),

@@ -14,7 +14,8 @@
 //!   the transport and the device.
 //!
 //! Devices: [`block`] (virtio-blk on a raw image file), [`net`] (virtio-net on a TAP),
-//! [`vsock`] (virtio-vsock to host Unix sockets), [`rng`] (virtio-rng from getrandom).
+//! [`vsock`] (virtio-vsock to host Unix sockets), [`rng`] (virtio-rng from getrandom),
+//! [`fs`] (virtio-fs: a host directory, served by virtiofsd over vhost-user).
 //!
 //! # Life of a device
 //!
@@ -64,6 +65,7 @@
 //! resets it. `clippy.toml` forbids `pop_descriptor_chain` in ember.
 
 pub mod block;
+pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;

@@ -35,6 +35,29 @@ impl<'a> TestRing<'a> {
         r
     }
 
+    /// The driver's view of a ring already set up at `base` by [`Self::new`], continuing
+    /// from its counters (see [`Self::counters`]); nothing is written.
+    pub fn new_at(
+        mem: &'a GuestMemory,
+        base: u64,
+        size: u16,
+        next_desc: u16,
+        avail_idx: u16,
+    ) -> Self {
+        Self {
+            mem,
+            size,
+            base: GuestAddress(base),
+            next_desc,
+            avail_idx,
+        }
+    }
+
+    /// The next descriptor to fill and the available index, for [`Self::new_at`].
+    pub fn counters(&self) -> (u16, u16) {
+        (self.next_desc, self.avail_idx)
+    }
+
     fn avail(&self) -> GuestAddress {
         self.base.unchecked_add(0x1000)
     }
