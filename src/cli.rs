@@ -130,12 +130,19 @@ pub struct ExecArgs {
     /// own value.
     #[arg(long, value_name = EnvVar::SYNTAX)]
     pub env: Vec<std::ffi::OsString>,
-    /// The command's working directory in the guest.
-    #[arg(long, value_name = "DIR", default_value = crate::exec::DEFAULT_GUEST_DIR)]
-    pub workdir: String,
+    /// The command's working directory in the guest (default: ember's working directory
+    /// when it is inside a --share, else /root).
+    #[arg(long, value_name = "DIR")]
+    pub workdir: Option<String>,
     /// Extra kernel command-line words (repeatable), after ember's exec command line.
     #[arg(long, value_name = "STRING")]
     pub append: Vec<String>,
+    /// Share a host directory with the guest (virtio-fs, repeatable): it is mounted in the
+    /// guest at the same absolute path as on the host, and when ember's working directory is
+    /// inside it the command runs there (unless --workdir says otherwise). `ro`: the host
+    /// refuses writes. Runs with a share boot the guest (no warm path yet).
+    #[arg(long, value_name = ShareConfig::SYNTAX, value_parser = parse_share)]
+    pub share: Vec<ShareConfig>,
     /// Boot the guest for this command instead of restoring the cached snapshot of a booted
     /// guest (the warm path; see docs/exec.md), and leave the snapshot cache alone.
     #[arg(long)]
@@ -204,7 +211,12 @@ impl ExecArgs {
             .map(|e| EnvVar::parse(e))
             .collect::<Result<_, _>>()?;
         spec.files = self.file.clone();
-        spec.workdir = self.workdir.clone();
+        spec.shares = crate::exec::SharedDir::resolve_all(&self.share)?;
+        spec.workdir = match &self.workdir {
+            Some(w) => w.clone(),
+            None => crate::exec::SharedDir::workdir_inside(&spec.shares)
+                .unwrap_or_else(|| crate::exec::DEFAULT_GUEST_DIR.to_string()),
+        };
         Ok(spec)
     }
 
@@ -221,6 +233,7 @@ impl ExecArgs {
         }
         c.vcpus = self.vcpus;
         c.mem_mib = self.mem;
+        c.shares = self.share.clone();
         Ok(c)
     }
 }

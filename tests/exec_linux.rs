@@ -126,9 +126,17 @@ fn files_env_argv_stderr_and_status() {
         "",
     ];
     let my_var = "it's \"q\" $x \\ back\nslash";
-    let script = "pwd; sha256sum data.bin; /opt/tree/sub/tool.sh; head -n 1 /dev/vda; \
-                  printf '<%s>\\n' \"$@\"; printf '[%s]\\n' \"$MY_VAR\" \"$FROM_HOST\"; \
-                  echo to-stderr >&2; exit 42";
+    // A shared directory (virtio-fs, mounted at its host path): read a file, write one back.
+    std::fs::create_dir_all(tmp.0.join("shared")).unwrap();
+    let shared = tmp.0.join("shared").canonicalize().unwrap();
+    std::fs::write(shared.join("in.txt"), "from the host\n").unwrap();
+    let script = format!(
+        "pwd; sha256sum data.bin; /opt/tree/sub/tool.sh; head -n 1 /dev/vda; \
+         printf '<%s>\\n' \"$@\"; printf '[%s]\\n' \"$MY_VAR\" \"$FROM_HOST\"; \
+         cat {s}/in.txt; echo from the guest >{s}/out.txt; \
+         echo to-stderr >&2; exit 42",
+        s = shared.display()
+    );
     let mut c = exec();
     c.env("FROM_HOST", "host value")
         .arg("--file")
@@ -137,9 +145,11 @@ fn files_env_argv_stderr_and_status() {
         .arg(format!("{}:/opt/", tree.display()))
         .arg("--disk")
         .arg(format!("{},ro", disk.display()))
+        .arg("--share")
+        .arg(&shared)
         .arg("--env")
         .arg(format!("MY_VAR={my_var}"))
-        .args(["--env", "FROM_HOST", "--", "sh", "-c", script, "sh"])
+        .args(["--env", "FROM_HOST", "--", "sh", "-c", &script, "sh"])
         .args(args);
     let f = run(c, LIMIT);
     eprintln!("files/env/argv: {:.1}s", f.elapsed.as_secs_f64());
@@ -148,7 +158,7 @@ fn files_env_argv_stderr_and_status() {
     for a in args {
         expected.push_str(&format!("<{a}>\n"));
     }
-    expected.push_str(&format!("[{my_var}]\n[host value]\n"));
+    expected.push_str(&format!("[{my_var}]\n[host value]\nfrom the host\n"));
     assert_eq!(
         String::from_utf8_lossy(&f.stdout),
         expected,
@@ -157,6 +167,11 @@ fn files_env_argv_stderr_and_status() {
     );
     assert_eq!(f.stderr, "to-stderr\n");
     assert_eq!(f.code, Some(42));
+    assert_eq!(
+        std::fs::read_to_string(shared.join("out.txt")).unwrap_or_default(),
+        "from the guest\n",
+        "the guest's file is not in the shared directory"
+    );
 }
 
 /// A command that does not exist ends with 127, as in a shell, with the shell's message on

@@ -252,6 +252,7 @@ fn vsock_io_unpacks_the_exec_archive() {
             },
         ],
         workdir: "/root".into(),
+        shares: Vec::new(),
     };
     let archive = spec.archive().unwrap();
 

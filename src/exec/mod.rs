@@ -95,6 +95,17 @@ pub enum ExecError {
     /// `--workdir` is not absolute.
     #[error("--workdir {0:?} must be an absolute guest path")]
     BadWorkdir(String),
+    /// A `--share` whose path is one the guest's init mounts over or ember owns.
+    #[error(
+        "--share {path}: the guest mounts shares at their host path, and {dir} is ember's or is \
+         mounted over by the guest's init; share another directory"
+    )]
+    ReservedShare {
+        /// The host directory.
+        path: String,
+        /// The reserved directory it is in.
+        dir: &'static str,
+    },
     /// The guest path is not valid UTF-8.
     #[error("--file guest path {0:?} is not valid UTF-8")]
     NonUtf8Path(PathBuf),
@@ -223,6 +234,74 @@ pub struct ExecSpec {
     pub files: Vec<FileSpec>,
     /// The working directory in the guest.
     pub workdir: String,
+    /// Host directories shared with the guest (`--share`), mounted by its init.
+    pub shares: Vec<SharedDir>,
+}
+
+/// A `--share` as the guest's init mounts it: tag, guest path (the host directory's absolute
+/// path), read-only or not.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedDir {
+    /// The virtio-fs tag.
+    pub tag: String,
+    /// Where it is mounted in the guest: the same absolute path as on the host.
+    pub path: String,
+    /// Mounted read-only (the host refuses writes either way).
+    pub readonly: bool,
+}
+
+impl SharedDir {
+    /// The mounts of `shares` (`VmConfig::shares` order: tags `share0`, ... by position).
+    pub fn resolve_all(shares: &[crate::config::ShareConfig]) -> Result<Vec<Self>, ExecError> {
+        shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let dir = s.dir.canonicalize().map_err(|source| ExecError::ReadFile {
+                    path: s.dir.clone(),
+                    source,
+                })?;
+                let path = dir
+                    .to_str()
+                    .filter(|p| !p.contains('\n'))
+                    .ok_or_else(|| ExecError::NonUtf8Path(dir.clone()))?
+                    .to_string();
+                if path == "/" {
+                    return Err(ExecError::ReservedShare { path, dir: "/" });
+                }
+                // Shares are mounted after init's own mounts, so /tmp is fine; these are not.
+                for reserved in [EMBER_DIR, "/proc", "/sys", "/dev"] {
+                    if path == reserved || path.starts_with(&format!("{reserved}/")) {
+                        return Err(ExecError::ReservedShare {
+                            path,
+                            dir: reserved,
+                        });
+                    }
+                }
+                Ok(SharedDir {
+                    tag: s.tag(i),
+                    path,
+                    readonly: s.readonly,
+                })
+            })
+            .collect()
+    }
+
+    /// ember's working directory, when it is inside one of `shares` (the command then runs
+    /// there, as `make` in a checkout would on the host).
+    pub fn workdir_inside(shares: &[SharedDir]) -> Option<String> {
+        Self::workdir_within(shares, &std::env::current_dir().ok()?)
+    }
+
+    /// `cwd`, when it is inside one of `shares`.
+    pub fn workdir_within(shares: &[SharedDir], cwd: &Path) -> Option<String> {
+        let cwd = cwd.canonicalize().ok()?;
+        let cwd = cwd.to_str()?;
+        shares
+            .iter()
+            .any(|s| cwd == s.path || cwd.starts_with(&format!("{}/", s.path)))
+            .then(|| cwd.to_string())
+    }
 }
 
 impl ExecSpec {
@@ -233,6 +312,7 @@ impl ExecSpec {
             env: Vec::new(),
             files: Vec::new(),
             workdir: DEFAULT_GUEST_DIR.to_string(),
+            shares: Vec::new(),
         }
     }
 
@@ -246,6 +326,9 @@ impl ExecSpec {
         w.add_dir(EMBER_DIR, 0o755)?;
         w.add_file("/ember/cmd", 0o755, 0, script)?;
         w.add_file("/ember/env", 0o644, 0, env_script(&self.workdir, &self.env))?;
+        if !self.shares.is_empty() {
+            w.add_file("/ember/mounts", 0o644, 0, mounts_file(&self.shares))?;
+        }
         w.add_dir(DEFAULT_GUEST_DIR, 0o700)?;
         for f in &self.files {
             add_host_path(&mut w, &f.host, &f.guest_path()?, true)?;
@@ -321,6 +404,17 @@ pub fn env_script(workdir: &str, env: &[EnvVar]) -> Vec<u8> {
         s.push(b'\n');
     }
     s
+}
+
+/// The `/ember/mounts` file: one `ro|rw TAG PATH` line per share (the path last, so that it
+/// may hold spaces; it holds no newline).
+pub fn mounts_file(shares: &[SharedDir]) -> Vec<u8> {
+    let mut s = String::new();
+    for m in shares {
+        let mode = if m.readonly { "ro" } else { "rw" };
+        s.push_str(&format!("{mode} {} {}\n", m.tag, m.path));
+    }
+    s.into_bytes()
 }
 
 /// Adds a host file, symlink or directory tree at `guest`. The top-level path is followed
@@ -723,5 +817,45 @@ mod tests {
             assert_eq!(s.code, 125, "{r:?}");
             assert!(s.message.is_some());
         }
+    }
+
+    #[test]
+    fn shares_mount_at_their_host_path() {
+        let dir = std::env::temp_dir().join(format!("ember-share-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        let canon = dir.canonicalize().unwrap().to_str().unwrap().to_string();
+        let mut ro = crate::config::ShareConfig::new(dir.join("sub"));
+        ro.readonly = true;
+        ro.tag = Some("data".into());
+        let shares = SharedDir::resolve_all(&[crate::config::ShareConfig::new(&dir), ro]).unwrap();
+        assert_eq!(shares[0].tag, "share0");
+        assert_eq!(shares[0].path, canon);
+        assert_eq!(
+            String::from_utf8(mounts_file(&shares)).unwrap(),
+            format!("rw share0 {canon}\nro data {canon}/sub\n")
+        );
+        let mut spec = ExecSpec::new(os(&["true"]));
+        spec.shares = shares.clone();
+        let archive = spec.archive().unwrap();
+        assert!(archive.windows(12).any(|w| w == b"ember/mounts"));
+        // Only paths the guest's init would hide, and a missing directory, are refused.
+        for bad in ["/", "/proc", "/dev/shm"] {
+            let e = SharedDir::resolve_all(&[crate::config::ShareConfig::new(bad)]);
+            assert!(
+                matches!(e, Err(ExecError::ReservedShare { .. })),
+                "{bad}: {e:?}"
+            );
+        }
+        assert!(
+            SharedDir::resolve_all(&[crate::config::ShareConfig::new(dir.join("nope"))]).is_err()
+        );
+        // The working directory follows ember's when it is inside a share.
+        let sub = dir.join("sub");
+        assert_eq!(
+            SharedDir::workdir_within(&shares, &sub),
+            Some(format!("{canon}/sub"))
+        );
+        assert_eq!(SharedDir::workdir_within(&shares[1..], &dir), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -57,6 +57,9 @@ pub fn eligible(config: &VmConfig, cold: bool) -> Result<SnapshotCache, &'static
     if cold {
         return Err("--cold");
     }
+    if !config.shares.is_empty() {
+        return Err("--share is given (snapshots do not carry shared directories yet)");
+    }
     if !config.disks.is_empty() {
         return Err(
             "--disk is given (a restored guest would hold the disk's blocks as they were \
