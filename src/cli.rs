@@ -373,7 +373,15 @@ pub struct RunArgs {
     #[arg(long, value_name = VsockConfig::SYNTAX, value_parser = parse_vsock)]
     pub vsock: Option<VsockConfig>,
     /// Rate limit of the virtio-rng device (on by default: 1 MiB/s, bursts of 64 KiB).
-    #[arg(long, value_name = "rate=N[,burst=N]", value_parser = parse_rng, conflicts_with = "no_rng")]
+    /// `--rng` alone means on with those defaults.
+    #[arg(
+        long,
+        value_name = "rate=N[,burst=N]",
+        value_parser = parse_rng,
+        conflicts_with = "no_rng",
+        num_args = 0..=1,
+        default_missing_value = ""
+    )]
     pub rng: Option<RngConfig>,
     /// No virtio-rng device.
     #[arg(long)]
@@ -1000,6 +1008,28 @@ mod tests {
         let e = parse(&["run", "--kernel", "/k", "--vsock", "cid=3"]).unwrap_err();
         assert!(e.to_string().contains("uds= is required"), "{e}");
         assert!(parse(&["run", "--kernel", "/k", "--rng", "rate=1", "--no-rng"]).is_err());
+        // `--rng` alone (last, or before another flag): on, with the defaults; one option
+        // given keeps the other's default.
+        for args in [
+            &["run", "--kernel", "/k", "--rng"][..],
+            &["run", "--rng", "--kernel", "/k"],
+            &["run", "--kernel", "/k", "--rng="],
+        ] {
+            let Command::Run(a) = parse(args).unwrap().command else {
+                panic!("not run")
+            };
+            assert_eq!(a.rng, Some(RngConfig::default()), "{args:?}");
+            assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));
+        }
+        let Command::Run(a) = parse(&["run", "--kernel", "/k", "--rng", "burst=1K"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        let rng = a.to_config().unwrap().rng.unwrap();
+        assert_eq!((rng.rate, rng.burst), (RngConfig::default().rate, 1024));
+        assert!(parse(&["run", "--kernel", "/k", "--rng", "--no-rng"]).is_err());
     }
 
     #[test]
