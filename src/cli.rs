@@ -523,8 +523,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Boot the same guest with a peer VMM in the same bench, alternating runs, and print
-    /// ratios (repeatable). A peer that is not installed is skipped with a note.
-    #[arg(long, value_name = "PEER", help = format!("Compare with a peer VMM: {COMPARE_SYNTAX} (repeatable); a peer that is not installed is skipped with a note"))]
+    /// ratios (repeatable). A peer that is not installed is an error (before anything
+    /// boots) that says how to install it or to give its path.
+    #[arg(long, value_name = "PEER", help = format!("Compare with a peer VMM: {COMPARE_SYNTAX} (repeatable); a peer that is not installed is an error"))]
     pub compare: Vec<String>,
     /// Profile the guest in every ember boot and write the merged flat profile to FILE
     /// (default ember-profile.txt; folded stacks to FILE.folded).
