@@ -264,10 +264,25 @@ mapfile -t applets < <("$busybox_bin" --list-full | grep -v '^bin/busybox$' | so
 [[ ${#applets[@]} -gt 50 ]] || die "busybox --list-full returned too few applets"
 dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt run)
 
+# The initramfs's fstab mounts no tmpfs over /tmp: its root is a writable tmpfs already, and
+# a tmpfs there would hide what `ember exec --file X:/tmp/...` put into /tmp (the kernel
+# unpacks the exec archive before init runs). rootfs.ext4 keeps the whole fstab.
+initramfs_fstab=$work/fstab.initramfs
+grep -Ev '^[[:space:]]*[^#[:space:]]+[[:space:]]+/tmp[[:space:]]' "$script_dir/fstab" \
+	>"$initramfs_fstab" || true
+grep -Eq '^[[:space:]]*[^#[:space:]]+[[:space:]]+/proc[[:space:]]' "$initramfs_fstab" ||
+	die "fstab: no /proc line left for the initramfs"
+
 log "writing initramfs.cpio (uncompressed newc, busybox + ${#applets[@]} applet links)"
 list=$work/initramfs.list
 {
-	for d in "${dirs[@]}"; do echo "dir /$d 0755 0 0"; done
+	for d in "${dirs[@]}"; do
+		if [[ $d == tmp ]]; then
+			echo "dir /tmp 1777 0 0"
+		else
+			echo "dir /$d 0755 0 0"
+		fi
+	done
 	echo "nod /dev/console 0600 0 0 c 5 1"
 	# init's power-button watcher blocks opening the first, says "ready" through the
 	# second (see init, 3b).
@@ -281,7 +296,7 @@ list=$work/initramfs.list
 	echo "file /bin/vsock-io $vsock_io 0755 0 0"
 	for a in "${applets[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
 	echo "file /init $script_dir/init 0755 0 0"
-	echo "file /etc/fstab $script_dir/fstab 0644 0 0"
+	echo "file /etc/fstab $initramfs_fstab 0644 0 0"
 } >"$list"
 "$kentry/gen_init_cpio" "$list" >"$stage/initramfs.cpio"
 
