@@ -393,7 +393,15 @@ pub struct RunArgs {
     #[arg(long, value_name = ShareConfig::SYNTAX, value_parser = parse_share)]
     pub share: Vec<ShareConfig>,
     /// Rate limit of the virtio-rng device (on by default: 1 MiB/s, bursts of 64 KiB).
-    #[arg(long, value_name = "rate=N[,burst=N]", value_parser = parse_rng, conflicts_with = "no_rng")]
+    /// `--rng` alone means on with those defaults.
+    #[arg(
+        long,
+        value_name = "rate=N[,burst=N]",
+        value_parser = parse_rng,
+        conflicts_with = "no_rng",
+        num_args = 0..=1,
+        default_missing_value = ""
+    )]
     pub rng: Option<RngConfig>,
     /// No virtio-rng device.
     #[arg(long)]
@@ -535,8 +543,9 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Boot the same guest with a peer VMM in the same bench, alternating runs, and print
-    /// ratios (repeatable). A peer that is not installed is skipped with a note.
-    #[arg(long, value_name = "PEER", help = format!("Compare with a peer VMM: {COMPARE_SYNTAX} (repeatable); a peer that is not installed is skipped with a note"))]
+    /// ratios (repeatable). A peer that is not installed is an error (before anything
+    /// boots) that says how to install it or to give its path.
+    #[arg(long, value_name = "PEER", help = format!("Compare with a peer VMM: {COMPARE_SYNTAX} (repeatable); a peer that is not installed is an error"))]
     pub compare: Vec<String>,
     /// Profile the guest in every ember boot and write the merged flat profile to FILE
     /// (default ember-profile.txt; folded stacks to FILE.folded).
@@ -1025,6 +1034,28 @@ mod tests {
         let e = parse(&["run", "--kernel", "/k", "--vsock", "cid=3"]).unwrap_err();
         assert!(e.to_string().contains("uds= is required"), "{e}");
         assert!(parse(&["run", "--kernel", "/k", "--rng", "rate=1", "--no-rng"]).is_err());
+        // `--rng` alone (last, or before another flag): on, with the defaults; one option
+        // given keeps the other's default.
+        for args in [
+            &["run", "--kernel", "/k", "--rng"][..],
+            &["run", "--rng", "--kernel", "/k"],
+            &["run", "--kernel", "/k", "--rng="],
+        ] {
+            let Command::Run(a) = parse(args).unwrap().command else {
+                panic!("not run")
+            };
+            assert_eq!(a.rng, Some(RngConfig::default()), "{args:?}");
+            assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));
+        }
+        let Command::Run(a) = parse(&["run", "--kernel", "/k", "--rng", "burst=1K"])
+            .unwrap()
+            .command
+        else {
+            panic!("not run")
+        };
+        let rng = a.to_config().unwrap().rng.unwrap();
+        assert_eq!((rng.rate, rng.burst), (RngConfig::default().rate, 1024));
+        assert!(parse(&["run", "--kernel", "/k", "--rng", "--no-rng"]).is_err());
     }
 
     #[test]

@@ -170,7 +170,10 @@ fn bench(args: &BenchArgs) -> ExitCode {
         Ok(r) => r,
         Err(e) => {
             ember::print_error_chain(&e);
-            return ExitCode::from(code::VMM_ERROR);
+            return ExitCode::from(match e {
+                ember::bench::BenchError::Usage(_) => code::USAGE,
+                _ => code::VMM_ERROR,
+            });
         }
     };
     let ok = results

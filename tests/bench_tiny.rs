@@ -223,3 +223,69 @@ fn profiler_finds_the_spin_loop_and_its_callers() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `ember bench --compare qemu` (and `--snapshot --compare firecracker`) with the peer not
+/// installed: an error before anything boots (status 2, no run started), saying how to
+/// install it or give its path. Needs no /dev/kvm: nothing may boot. PATH is a directory
+/// without either peer, whatever this host has installed.
+#[test]
+fn a_missing_peer_is_an_error_before_any_boot() {
+    let dir = temp_dir("bench-missing-peer");
+    let empty = dir.join("empty-path");
+    std::fs::create_dir_all(&empty).unwrap();
+    let mut a = Asm::new();
+    a.print("ember-init: hello\n").reset();
+    let elf = write_tiny_guest(&dir, "hello.elf", &a.code, &[]);
+    let elf = elf.to_str().unwrap();
+    for (args, want) in [
+        (
+            &[
+                "bench",
+                "--kernel",
+                elf,
+                "--mem",
+                "16",
+                "--runs",
+                "1",
+                "--compare",
+                "qemu",
+            ][..],
+            &[
+                "qemu-system-x86_64 is not installed",
+                "apt-get install qemu-system-x86",
+                "--compare qemu=PATH",
+            ][..],
+        ),
+        (
+            &[
+                "bench",
+                "--kernel",
+                elf,
+                "--mem",
+                "16",
+                "--runs",
+                "1",
+                "--snapshot",
+                "--compare",
+                "firecracker",
+            ],
+            &["firecracker is not installed", "--compare firecracker=PATH"],
+        ),
+    ] {
+        let mut cmd = ember_command(args);
+        cmd.env("PATH", &empty);
+        let out = wait_ember(cmd.spawn().expect("cannot start ember"), T);
+        out.expect_code(2);
+        for w in want {
+            assert!(
+                out.stderr.contains(w),
+                "{args:?}: {w:?} missing: {}",
+                out.stderr
+            );
+        }
+        // No run started: no progress lines, no report.
+        assert!(!out.stderr.contains("[1/"), "{}", out.stderr);
+        assert!(!out.stderr.contains("ember #1"), "{}", out.stderr);
+        assert_eq!(out.stdout, "", "{args:?}");
+    }
+}

@@ -81,9 +81,9 @@ fn host_sha256(path: &std::path::Path) -> Option<String> {
     Some(s.split_whitespace().next()?.to_string())
 }
 
-/// --file (a file and a directory tree), --disk, --env (given and passed through), argv
-/// with awkward characters, the default working directory, stderr on its own channel, and
-/// status 42, in one boot.
+/// --file (a file, the same file into /tmp, and a directory tree), --disk, --env (given and
+/// passed through), argv with awkward characters, the default working directory, stderr on
+/// its own channel, and status 42, in one boot (cold: --disk).
 #[test]
 fn files_env_argv_stderr_and_status() {
     let Some(_) = guest_or_skip("files_env_argv_stderr_and_status") else {
@@ -131,7 +131,8 @@ fn files_env_argv_stderr_and_status() {
     let shared = tmp.0.join("shared").canonicalize().unwrap();
     std::fs::write(shared.join("in.txt"), "from the host\n").unwrap();
     let script = format!(
-        "pwd; sha256sum data.bin; /opt/tree/sub/tool.sh; head -n 1 /dev/vda; \
+        "pwd; sha256sum data.bin; sha256sum /tmp/payload.bin; stat -c %a /tmp; \
+         /opt/tree/sub/tool.sh; head -n 1 /dev/vda; \
          printf '<%s>\\n' \"$@\"; printf '[%s]\\n' \"$MY_VAR\" \"$FROM_HOST\"; \
          cat {s}/in.txt; echo from the guest >{s}/out.txt; \
          echo to-stderr >&2; exit 42",
@@ -141,6 +142,8 @@ fn files_env_argv_stderr_and_status() {
     c.env("FROM_HOST", "host value")
         .arg("--file")
         .arg(&data)
+        .arg("--file")
+        .arg(format!("{}:/tmp/payload.bin", data.display()))
         .arg("--file")
         .arg(format!("{}:/opt/", tree.display()))
         .arg("--disk")
@@ -154,7 +157,12 @@ fn files_env_argv_stderr_and_status() {
     let f = run(c, LIMIT);
     eprintln!("files/env/argv: {:.1}s", f.elapsed.as_secs_f64());
 
-    let mut expected = format!("/root\n{sha}  data.bin\ntool ran in /root\ndisk-marker\n");
+    // The file under /tmp is there (init mounts no tmpfs over the initramfs's /tmp), and
+    // /tmp keeps its mode.
+    let mut expected = format!(
+        "/root\n{sha}  data.bin\n{sha}  /tmp/payload.bin\n1777\ntool ran in /root\n\
+         disk-marker\n"
+    );
     for a in args {
         expected.push_str(&format!("<{a}>\n"));
     }
@@ -262,7 +270,7 @@ fn timeout_stops_a_running_command() {
 /// The warm path end to end, in a cache of its own: a first exec boots the guest, snapshots
 /// it when its init is ready and runs its command (status 3); then three execs run at once,
 /// each restoring that snapshot, with their own commands, `--file`, `--env`, `--workdir` and
-/// exit statuses. Each restored guest reads fresh random bytes (no two the same: the VM
+/// exit statuses (one `--file` into /tmp). Each restored guest reads fresh random bytes (no two the same: the VM
 /// generation ID makes each reseed), has the host's wall-clock time (set from the job's
 /// header), and reports that it was restored (`--bench-report`).
 #[test]
@@ -306,12 +314,17 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
     let script = tmp.0.join("job.sh");
     std::fs::write(
         &script,
-        format!("echo \"job $JOB_NAME in $PWD\"\n{probe}\nexit 0\n"),
+        format!(
+            "echo \"job $JOB_NAME in $PWD\"\ncmp /opt/job.sh /tmp/job.sh && \
+             echo \"tmp $(stat -c %a /tmp)\"\n{probe}\nexit 0\n"
+        ),
     )
     .unwrap();
     let mut a = warm_exec("a");
     a.arg("--file")
         .arg(format!("{}:/opt/job.sh", script.display()))
+        .arg("--file")
+        .arg(format!("{}:/tmp/", script.display()))
         .args([
             "--env",
             "JOB_NAME=a",
@@ -359,6 +372,7 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
     let a_out = String::from_utf8_lossy(&a.stdout).into_owned();
     let mut a_lines = a_out.lines();
     assert_eq!(a_lines.next(), Some("job a in /opt"), "{a:?}");
+    assert_eq!(a_lines.next(), Some("tmp 1777"), "{a:?}");
     let secs =
         |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let (host_start, host_end) = (secs(started), secs(std::time::SystemTime::now()));

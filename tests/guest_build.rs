@@ -2,7 +2,8 @@
 //! verify-config.sh (the fragment-vs-.config check of build.sh), when busybox is installed
 //! the /init command-line parser and tty drain (resources/guest/test-init.sh), and, when a C
 //! compiler works, the newc unpacker of vsock-io.c (`vsock-io unpack`, what init's warm
-//! exec helper does with the archive `ember exec` sends), run on the host.
+//! exec helper does with the archive `ember exec` sends), run on the host; and progress.sh,
+//! the kernel build's progress line and log.
 
 use std::ffi::OsString;
 use std::fs;
@@ -159,6 +160,167 @@ fn init_cmdline_parsing() {
         .output()
         .expect("run test-init.sh");
     assert!(out.status.success(), "test-init.sh failed:\n{}", text(&out));
+}
+
+/// Runs `bash -c SCRIPT` with resources/guest/progress.sh sourced and LOG set; stderr piped
+/// (not a tty).
+fn with_progress(tmp: &TempDir, script: &str) -> (Output, PathBuf) {
+    let log = tmp.0.join("build.log");
+    let out = Command::new("bash")
+        .arg("-c")
+        .arg(format!("source \"$1\"; LOG=$2; {script}"))
+        .arg("bash")
+        .arg(guest_dir().join("progress.sh"))
+        .arg(&log)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bash");
+    (out, log)
+}
+
+/// A stand-in for `make vmlinux`: N Kbuild lines, a compiler warning on stderr, a last line
+/// without a newline, then exit status S.
+const FAKE_MAKE: &str = r#"fake_make() {
+    local i
+    for ((i = 1; i <= $1; i++)); do printf '  CC      dir/file%d.o\n' "$i"; done
+    echo 'dir/file1.c:1: warning: something' >&2
+    printf '  LD      vmlinux\nlast line'
+    return "$2"
+}"#;
+
+/// The kernel build (build.sh, through progress.sh) shows one progress line instead of the
+/// make lines, and keeps every line in the log, in order.
+#[test]
+fn progress_replaces_the_make_lines_and_keeps_them_in_the_log() {
+    let tmp = TempDir::new("progress");
+    // No periodic line (the interval is longer than any run), so the output is exact.
+    let (out, log) = with_progress(
+        &tmp,
+        &format!(
+            "{FAKE_MAKE}\nprogress_interval=100000\n\
+             run_logged \"$LOG\" 'compiling vmlinux' fake_make 300 0; echo \"status $?\""
+        ),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "status 0\n",
+        "{stderr}"
+    );
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("==> compiling vmlinux: done, 301 files in 0m"),
+        "{stderr}"
+    );
+    let logged = fs::read_to_string(&log).unwrap();
+    let mut want: String = (1..=300)
+        .map(|i| format!("  CC      dir/file{i}.o\n"))
+        .collect();
+    // The warning went through the same pipe; it is in the log, wherever stdio buffering
+    // put it.
+    let logged_lines: Vec<&str> = logged.lines().collect();
+    assert!(
+        logged_lines.contains(&"dir/file1.c:1: warning: something"),
+        "{logged}"
+    );
+    let without_warning: String = logged
+        .lines()
+        .filter(|l| !l.contains("warning"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    want.push_str("  LD      vmlinux\nlast line\n");
+    assert_eq!(without_warning, want);
+}
+
+/// A failing step: run_logged returns the command's status, and log_tail prints the end of
+/// the log (the error) with the log's path.
+#[test]
+fn progress_reports_a_failure_with_the_log_tail() {
+    let tmp = TempDir::new("progress-fail");
+    let (out, log) = with_progress(
+        &tmp,
+        &format!(
+            "{FAKE_MAKE}\nprogress_interval=100000\n\
+             run_logged \"$LOG\" 'compiling vmlinux' fake_make 50 2 || {{ \
+             st=$?; log_tail \"$LOG\" 3; echo \"status $st\"; }}"
+        ),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "status 2\n",
+        "{stderr}"
+    );
+    let path = log.display().to_string();
+    assert!(
+        stderr.contains(&format!("---- last 3 lines of {path} ----\n")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("  LD      vmlinux\nlast line\n---- end of"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("dir/file7.o"), "{stderr}");
+}
+
+/// On a terminal the progress line is rewritten in place (carriage return, clear to end of
+/// line) and never wraps; the last line gives the totals. Needs python3 (for a pty).
+#[test]
+fn progress_on_a_tty_is_one_line_rewritten_in_place() {
+    let Ok(probe) = Command::new("python3").arg("-c").arg("import pty").output() else {
+        eprintln!("skipping: python3 not installed");
+        return;
+    };
+    assert!(probe.status.success());
+    let tmp = TempDir::new("progress-tty");
+    let log = tmp.0.join("build.log");
+    // The fake make sleeps past a second boundary, so that at least one update is drawn.
+    let script = format!(
+        "source \"$1\"; {FAKE_MAKE}\nslow_make() {{ fake_make 20 0; sleep 1.2; \
+         printf '\\n  CC      %0100d.o\\n' 7; sleep 1.2; }}\n\
+         run_logged \"$2\" 'compiling vmlinux' slow_make"
+    );
+    let py = r#"
+import os, pty, subprocess, sys
+m, s = pty.openpty()
+p = subprocess.Popen(sys.argv[1:], stdin=subprocess.DEVNULL, stdout=s, stderr=s)
+os.close(s)
+out = b""
+while True:
+    try:
+        b = os.read(m, 4096)
+    except OSError:
+        break
+    if not b:
+        break
+    out += b
+p.wait()
+sys.stdout.buffer.write(out)
+sys.exit(p.returncode)
+"#;
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(py)
+        .args(["bash", "-c", &script, "bash"])
+        .arg(guest_dir().join("progress.sh"))
+        .arg(&log)
+        .output()
+        .expect("run python3");
+    let tty = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{tty:?}");
+    let draws: Vec<&str> = tty.split("\r\x1b[K").filter(|d| !d.is_empty()).collect();
+    assert!(draws.len() >= 2, "{tty:?}");
+    for d in &draws[..draws.len() - 1] {
+        assert!(d.starts_with("==> compiling vmlinux: "), "{d:?}");
+        assert!(!d.contains('\n') && d.chars().count() <= 79, "{d:?}");
+    }
+    let last = draws[draws.len() - 1];
+    assert!(
+        last.starts_with("==> compiling vmlinux: done, 22 files in 0m"),
+        "{tty:?}"
+    );
+    assert!(!tty.contains("dir/file3.o\r\n"), "{tty:?}");
 }
 
 /// Builds resources/guest/vsock-io.c with the command line in its header (as build.sh

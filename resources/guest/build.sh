@@ -5,6 +5,10 @@
 #   target/guest/rootfs.ext4     small ext4 image with the same userland (/init, /sbin/init)
 # plus target/guest/kernel.config and target/guest/build-info.txt.
 #
+# The kernel build's own output (thousands of make lines) goes to a log, kept as build.log in
+# the kernel's cache entry (on failure: kernel-<hash>.failed.log beside it, its tail
+# printed); the terminal shows one progress line (progress.sh).
+#
 # Results are cached outside the clone, keyed by a hash of all inputs:
 #   ${EMBER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/ember}/guest/<hash>/
 # A cache hit only copies files (seconds). A miss builds in a temporary directory next to
@@ -56,6 +60,8 @@ for arg in "$@"; do
 done
 
 script_dir=$(cd -- "$(dirname -- "${BASH_SOURCE[0]}")" && pwd -P)
+# shellcheck source=progress.sh
+source "$script_dir/progress.sh"
 repo_root=$(cd -- "$script_dir/../.." && pwd -P)
 out_dir=$repo_root/target/guest
 
@@ -107,7 +113,8 @@ busybox_bin=$(dpkg -L "$busybox_pkg" | grep -m1 -E '/bin/busybox$' || true)
 
 # ---- cache keys ------------------------------------------------------------------------
 # The kernel has its own key (everything but the userland files), so that changing only the
-# init or fstab rebuilds the images in seconds; the full key covers all inputs.
+# init or fstab rebuilds the images in seconds; the full key covers all inputs. progress.sh
+# is no input: it only changes what the build prints.
 shopt -s nullglob
 patches=("$script_dir"/patches/*.patch)
 shopt -u nullglob
@@ -196,8 +203,19 @@ trap cleanup EXIT
 start=$SECONDS
 jobs=${EMBER_GUEST_JOBS:-$(nproc)}
 
+# The kernel build's log; on failure it is moved next to the cache entry (the build tree is
+# removed) and its tail printed.
+klog=$work/kernel-build.log
+kernel_failed() { # kernel_failed WHAT
+	local kept=$cache_dir/kernel-$khash.failed.log
+	mv -f "$klog" "$kept" 2>/dev/null || kept=$klog
+	log_tail "$kept"
+	die "$1 failed (full log: $kept)"
+}
+
 build_kernel() { # build_kernel STAGE_DIR
-	local stage=$1 ksrc=$work/linux-source-6.1 p
+	local stage=$1 ksrc=$work/linux-source-6.1 p prev
+	: >"$klog"
 	log "building kernel $khash ($kernel_pkg $kernel_version) in $work"
 	log "unpacking $kernel_tarball"
 	tar -C "$work" -xf "$kernel_tarball"
@@ -208,21 +226,29 @@ build_kernel() { # build_kernel STAGE_DIR
 	done
 
 	log "configuring: tinyconfig + config.fragment + olddefconfig"
-	make -C "$ksrc" -s tinyconfig >/dev/null
+	make -C "$ksrc" -s tinyconfig </dev/null >>"$klog" 2>&1 || kernel_failed "make tinyconfig"
 	(cd "$ksrc" && scripts/kconfig/merge_config.sh -m .config "$script_dir/config.fragment") \
-		>"$work/merge_config.log" 2>&1 || {
-		cat "$work/merge_config.log" >&2
-		die "merge_config.sh failed"
-	}
-	make -C "$ksrc" -s olddefconfig >/dev/null
+		</dev/null >>"$klog" 2>&1 || kernel_failed "merge_config.sh"
+	make -C "$ksrc" -s olddefconfig </dev/null >>"$klog" 2>&1 || kernel_failed "make olddefconfig"
 	log "verifying the fragment against the final .config"
 	"$script_dir/verify-config.sh" "$script_dir/config.fragment" "$ksrc/.config" ||
 		die "the final kernel .config does not match config.fragment (see above)"
 
-	log "compiling vmlinux with make -j$jobs (a few minutes)"
-	# Kbuild's progress lines (CC ..., LD ...) go to stderr along with the ==> lines.
-	make -C "$ksrc" -j"$jobs" vmlinux >&2
-	[[ -x $ksrc/usr/gen_init_cpio ]] || make -C "$ksrc" -s usr/gen_init_cpio >&2
+	# Kbuild's lines (CC ..., LD ...) go to the log; the percentage is estimated from the
+	# number of those lines in the newest earlier kernel build's log, when there is one.
+	progress_total=0
+	prev=$(find "$cache_dir" -mindepth 2 -maxdepth 2 -path '*/kernel-*/build.log' \
+		-printf '%T@ %p\n' 2>/dev/null | sort -rn | sed -n '1s/^[^ ]* //p')
+	if [[ -n $prev ]]; then
+		progress_total=$(grep -c '^  [A-Z]' "$prev" || true)
+	fi
+	log "compiling vmlinux with make -j$jobs (a few minutes; log: $klog)"
+	run_logged "$klog" "compiling vmlinux" make -C "$ksrc" -j"$jobs" vmlinux ||
+		kernel_failed "make vmlinux"
+	if [[ ! -x $ksrc/usr/gen_init_cpio ]]; then
+		make -C "$ksrc" -s usr/gen_init_cpio </dev/null >>"$klog" 2>&1 ||
+			kernel_failed "make usr/gen_init_cpio"
+	fi
 	readelf -n "$ksrc/vmlinux" | grep -q 'Xen.*0x00000012' ||
 		die "vmlinux has no Xen PVH note (0x12)"
 	readelf -S "$ksrc/vmlinux" | grep -q '\.symtab' || die "vmlinux has no .symtab"
@@ -230,6 +256,8 @@ build_kernel() { # build_kernel STAGE_DIR
 	cp "$ksrc/vmlinux" "$stage/vmlinux"
 	cp "$ksrc/.config" "$stage/kernel.config"
 	cp "$ksrc/usr/gen_init_cpio" "$stage/gen_init_cpio"
+	cp "$klog" "$stage/build.log"
+	rm -f "$cache_dir/kernel-$khash.failed.log"
 	log "vmlinux built in $((SECONDS - start)) s"
 }
 
@@ -239,7 +267,7 @@ else
 	build_kernel "$work/kernel"
 	[[ $force -eq 0 ]] || rm -rf "$kentry"
 	publish "$work/kernel" "$kentry" "${kernel_artifacts[@]}"
-	log "kernel cached as $kentry"
+	log "kernel cached as $kentry (build log: $kentry/build.log)"
 	[[ ${EMBER_GUEST_KEEP_BUILD:-0} == 1 ]] || rm -rf "$work/linux-source-6.1"
 fi
 
@@ -264,10 +292,25 @@ mapfile -t applets < <("$busybox_bin" --list-full | grep -v '^bin/busybox$' | so
 [[ ${#applets[@]} -gt 50 ]] || die "busybox --list-full returned too few applets"
 dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt run)
 
+# The initramfs's fstab mounts no tmpfs over /tmp: its root is a writable tmpfs already, and
+# a tmpfs there would hide what `ember exec --file X:/tmp/...` put into /tmp (the kernel
+# unpacks the exec archive before init runs). rootfs.ext4 keeps the whole fstab.
+initramfs_fstab=$work/fstab.initramfs
+grep -Ev '^[[:space:]]*[^#[:space:]]+[[:space:]]+/tmp[[:space:]]' "$script_dir/fstab" \
+	>"$initramfs_fstab" || true
+grep -Eq '^[[:space:]]*[^#[:space:]]+[[:space:]]+/proc[[:space:]]' "$initramfs_fstab" ||
+	die "fstab: no /proc line left for the initramfs"
+
 log "writing initramfs.cpio (uncompressed newc, busybox + ${#applets[@]} applet links)"
 list=$work/initramfs.list
 {
-	for d in "${dirs[@]}"; do echo "dir /$d 0755 0 0"; done
+	for d in "${dirs[@]}"; do
+		if [[ $d == tmp ]]; then
+			echo "dir /tmp 1777 0 0"
+		else
+			echo "dir /$d 0755 0 0"
+		fi
+	done
 	echo "nod /dev/console 0600 0 0 c 5 1"
 	# init's power-button watcher blocks opening the first, says "ready" through the
 	# second (see init, 3b).
@@ -281,7 +324,7 @@ list=$work/initramfs.list
 	echo "file /bin/vsock-io $vsock_io 0755 0 0"
 	for a in "${applets[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
 	echo "file /init $script_dir/init 0755 0 0"
-	echo "file /etc/fstab $script_dir/fstab 0644 0 0"
+	echo "file /etc/fstab $initramfs_fstab 0644 0 0"
 } >"$list"
 "$kentry/gen_init_cpio" "$list" >"$stage/initramfs.cpio"
 

@@ -35,7 +35,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use json::Json;
-use peers::{GuestSpec, PeerLookup};
+use peers::GuestSpec;
 use runner::{Job, Progress, RunContext, RunRecord, Target};
 
 /// The host a bench ran on, for its JSON: PVM or not, CPUs, load average at the end.
@@ -206,11 +206,9 @@ pub fn run_bench(
             "--setup-only: peers are not run (their set-up is not visible from outside)".into(),
         );
     }
+    // A peer that was asked for and is not installed is an error, before anything boots.
     for spec in opts.compare.iter().filter(|_| !opts.setup_only) {
-        match peers::lookup(spec).map_err(BenchError::Usage)? {
-            PeerLookup::Found(p) => peers.push(p),
-            PeerLookup::Missing(note) => notes.push(note),
-        }
+        peers.push(peers::lookup(spec).map_err(BenchError::Usage)?);
     }
 
     // ember adds the host's switches itself; peers get them from us.

@@ -3,6 +3,8 @@
 //! machine and Firecracker, each given the same kernel, initrd, command line, vCPUs and
 //! memory, with the switches this host needs (see `docs` of [`crate::host`]).
 
+use std::ffi::OsStr;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -43,59 +45,105 @@ pub struct Peer {
     pub binary: PathBuf,
 }
 
-/// What `--compare` asked for and found.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PeerLookup {
-    /// Found: it will run.
-    Found(Peer),
-    /// Not installed: skipped, with a note saying why.
-    Missing(String),
-}
-
 /// The syntax of `--compare`.
 pub const COMPARE_SYNTAX: &str = "qemu[=PATH] or firecracker[=PATH]";
 
-/// Resolves a `--compare` value: `qemu`, `qemu=PATH`, `firecracker`, `firecracker=PATH`.
-/// A peer that is not installed is [`PeerLookup::Missing`], not an error; an unknown name is.
-pub fn lookup(spec: &str) -> Result<PeerLookup, String> {
-    let (name, path) = match spec.split_once('=') {
-        Some((n, p)) => (n.trim(), Some(PathBuf::from(p.trim()))),
-        None => (spec.trim(), None),
-    };
-    let kind = match name {
-        "qemu" => PeerKind::Qemu,
-        "firecracker" | "fc" => PeerKind::Firecracker,
-        other => {
-            return Err(format!(
-                "--compare {other:?}: unknown peer; use {COMPARE_SYNTAX}"
-            ))
-        }
-    };
-    let found = match path {
-        Some(p) => p.is_file().then_some(p),
-        None => find_in_path(kind.default_binary()),
-    };
-    Ok(match found {
-        Some(binary) => PeerLookup::Found(Peer { kind, binary }),
-        None => PeerLookup::Missing(format!(
-            "{} skipped: {} not found{}",
-            kind.name(),
-            spec.split_once('=')
-                .map_or(kind.default_binary(), |(_, p)| p.trim()),
-            if spec.contains('=') {
-                ""
-            } else {
-                " in PATH (give its path: --compare NAME=PATH)"
-            }
-        )),
-    })
+/// A parsed `--compare` value: which peer, and its path when given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerSpec {
+    /// Which peer.
+    pub kind: PeerKind,
+    /// `NAME=PATH`: its executable; `None`: looked up in `PATH`.
+    pub path: Option<PathBuf>,
 }
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+impl PeerKind {
+    /// How to install it, for the error when it is missing.
+    fn install_hint(self) -> &'static str {
+        match self {
+            PeerKind::Qemu => "apt-get install qemu-system-x86",
+            PeerKind::Firecracker => {
+                "a release binary from https://github.com/firecracker-microvm/firecracker/releases"
+            }
+        }
+    }
+}
+
+impl PeerSpec {
+    /// Parses `qemu`, `qemu=PATH`, `firecracker` (or `fc`), `firecracker=PATH`; an unknown
+    /// name is an error.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let (name, path) = match spec.split_once('=') {
+            Some((n, p)) => (n.trim(), Some(PathBuf::from(p.trim()))),
+            None => (spec.trim(), None),
+        };
+        let kind = match name {
+            "qemu" => PeerKind::Qemu,
+            "firecracker" | "fc" => PeerKind::Firecracker,
+            other => {
+                return Err(format!(
+                    "--compare {other:?}: unknown peer; use {COMPARE_SYNTAX}"
+                ))
+            }
+        };
+        Ok(PeerSpec { kind, path })
+    }
+
+    /// The peer's executable: the given path, or its usual name searched in this process's
+    /// `PATH`. A peer that was asked for but is not there is an error that says how to
+    /// install it or where to point `--compare`.
+    pub fn resolve(&self) -> Result<Peer, String> {
+        self.resolve_in(std::env::var_os("PATH").as_deref())
+    }
+
+    /// [`Self::resolve`] with `path_var` as `PATH`.
+    fn resolve_in(&self, path_var: Option<&OsStr>) -> Result<Peer, String> {
+        let (kind, name) = (self.kind, self.kind.name());
+        let binary = match &self.path {
+            Some(p) => {
+                if !is_executable_file(p) {
+                    return Err(format!(
+                        "--compare {name}={}: {} (give the path of {}, or install it: {})",
+                        p.display(),
+                        if p.exists() {
+                            "not an executable file"
+                        } else {
+                            "no such file"
+                        },
+                        kind.default_binary(),
+                        kind.install_hint()
+                    ));
+                }
+                p.clone()
+            }
+            None => find_in_path(kind.default_binary(), path_var).ok_or_else(|| {
+                format!(
+                    "--compare {name}: {} is not installed (not found in PATH); install it \
+                     ({}) or give its path: --compare {name}=PATH",
+                    kind.default_binary(),
+                    kind.install_hint()
+                )
+            })?,
+        };
+        Ok(Peer { kind, binary })
+    }
+}
+
+/// Resolves a `--compare` value (see [`PeerSpec::parse`] and [`PeerSpec::resolve`]): an
+/// unknown name and a peer that is not installed are errors, found before anything boots.
+pub fn lookup(spec: &str) -> Result<Peer, String> {
+    PeerSpec::parse(spec)?.resolve()
+}
+
+fn is_executable_file(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// The first executable `name` in the directories of `path_var` (a `PATH` value).
+fn find_in_path(name: &str, path_var: Option<&OsStr>) -> Option<PathBuf> {
+    std::env::split_paths(path_var?)
         .map(|d| d.join(name))
-        .find(|p| p.is_file())
+        .find(|p| is_executable_file(p))
 }
 
 /// The guest every VMM of a bench boots.
@@ -354,18 +402,60 @@ mod tests {
     #[test]
     fn lookup_names_and_missing_peers() {
         assert!(lookup("bochs").unwrap_err().contains("unknown peer"));
-        match lookup("firecracker=/nonexistent/fc").unwrap() {
-            PeerLookup::Missing(note) => assert!(note.contains("/nonexistent/fc"), "{note}"),
-            other => panic!("{other:?}"),
-        }
+        // A path given that is not there, or not executable: an error naming it.
+        let e = lookup("firecracker=/nonexistent/fc").unwrap_err();
+        assert!(e.contains("/nonexistent/fc: no such file"), "{e}");
         let sh = lookup("qemu=/bin/sh").unwrap();
         assert_eq!(
             sh,
-            PeerLookup::Found(Peer {
+            Peer {
                 kind: PeerKind::Qemu,
                 binary: "/bin/sh".into()
-            })
+            }
         );
+        assert_eq!(
+            PeerSpec::parse("fc").unwrap(),
+            PeerSpec {
+                kind: PeerKind::Firecracker,
+                path: None
+            }
+        );
+
+        // Not in PATH (a directory without it, an empty PATH, none at all): an error with
+        // both fixes.
+        let dir = std::env::temp_dir().join(format!("ember-peers-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let qemu = PeerSpec::parse("qemu").unwrap();
+        for path_var in [Some(dir.as_os_str()), Some(OsStr::new("")), None] {
+            let e = qemu.resolve_in(path_var).unwrap_err();
+            assert!(e.contains("qemu-system-x86_64 is not installed"), "{e}");
+            assert!(e.contains("apt-get install qemu-system-x86"), "{e}");
+            assert!(e.contains("--compare qemu=PATH"), "{e}");
+        }
+        let e = PeerSpec::parse("firecracker")
+            .unwrap()
+            .resolve_in(Some(dir.as_os_str()))
+            .unwrap_err();
+        assert!(e.contains("--compare firecracker=PATH"), "{e}");
+        // A file of that name that is not executable does not count, given or in PATH; an
+        // executable does.
+        let fake = dir.join("qemu-system-x86_64");
+        std::fs::write(&fake, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(qemu.resolve_in(Some(dir.as_os_str())).is_err());
+        let e = lookup(&format!("qemu={}", fake.display())).unwrap_err();
+        assert!(e.contains("not an executable file"), "{e}");
+        assert!(e.contains("apt-get install qemu-system-x86"), "{e}");
+        std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path_var = std::env::join_paths([Path::new("/nonexistent"), &dir]).unwrap();
+        assert_eq!(
+            qemu.resolve_in(Some(&path_var)).unwrap(),
+            Peer {
+                kind: PeerKind::Qemu,
+                binary: fake
+            }
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

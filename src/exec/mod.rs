@@ -47,8 +47,14 @@ pub const DEFAULT_GUEST_DIR: &str = "/root";
 const EMBER_DIR: &str = "/ember";
 
 /// Guest directories that `--file` may not write into: ember's own, and those the default
-/// guest's init mounts over (their archive contents would be hidden).
-const RESERVED_DIRS: [&str; 5] = [EMBER_DIR, "/proc", "/sys", "/dev", "/tmp"];
+/// guest's init mounts over (their archive contents would be hidden). Not `/tmp`: the
+/// initramfs root is already a writable tmpfs/ramfs, so the default guest's init leaves its
+/// `/tmp` alone (only a disk root gets a tmpfs there, see resources/guest/build.sh).
+const RESERVED_DIRS: [&str; 4] = [EMBER_DIR, "/proc", "/sys", "/dev"];
+
+/// The guest's `/tmp`, with its usual mode (world-writable, sticky) in the archive.
+const TMP_DIR: &str = "/tmp";
+const TMP_MODE: u32 = 0o1777;
 
 /// Errors while preparing the command's archive.
 #[derive(Debug, thiserror::Error)]
@@ -331,7 +337,14 @@ impl ExecSpec {
         }
         w.add_dir(DEFAULT_GUEST_DIR, 0o700)?;
         for f in &self.files {
-            add_host_path(&mut w, &f.host, &f.guest_path()?, true)?;
+            let guest = f.guest_path()?;
+            if guest.starts_with(&format!("{TMP_DIR}/")) {
+                // Before its entries: the archive's first mode wins, and the unpackers
+                // (the kernel's, vsock-io) give an existing directory the archive's mode;
+                // a parent made on the fly would leave the guest's /tmp 0755.
+                w.add_dir(TMP_DIR, TMP_MODE)?;
+            }
+            add_host_path(&mut w, &f.host, &guest, true)?;
         }
         Ok(w.finish())
     }
@@ -664,7 +677,13 @@ mod tests {
         for bad in ["", ":x", "a:"] {
             assert!(bad.parse::<FileSpec>().is_err(), "{bad}");
         }
-        for reserved in ["a:/tmp/a", "a:/ember/cmd", "a:/proc", "a:/dev/x"] {
+        for reserved in [
+            "a:/ember/cmd",
+            "a:/ember",
+            "a:/proc",
+            "a:/sys/x",
+            "a:/dev/x",
+        ] {
             let e = reserved
                 .parse::<FileSpec>()
                 .unwrap()
@@ -676,8 +695,14 @@ mod tests {
             );
         }
         // Only whole components are reserved.
-        let f: FileSpec = "a:/tmpfiles/a".parse().unwrap();
-        assert_eq!(f.guest_path().unwrap(), "/tmpfiles/a");
+        let f: FileSpec = "a:/devices/a".parse().unwrap();
+        assert_eq!(f.guest_path().unwrap(), "/devices/a");
+        // /tmp is where users put files: the default guest does not mount over it in an
+        // initramfs.
+        let f: FileSpec = "payload.bin:/tmp/payload.bin".parse().unwrap();
+        assert_eq!(f.guest_path().unwrap(), "/tmp/payload.bin");
+        let f: FileSpec = "x/payload.bin:/tmp/".parse().unwrap();
+        assert_eq!(f.guest_path().unwrap(), "/tmp/payload.bin");
     }
 
     /// The archive, unpacked by the host's cpio(1), holds the script, the environment and
@@ -710,6 +735,10 @@ mod tests {
         spec.files.push(FileSpec {
             host: src.join("tree"),
             guest: Some("/opt/t".into()),
+        });
+        spec.files.push(FileSpec {
+            host: src.join("tool.sh"),
+            guest: Some("/tmp/in/payload".into()),
         });
         let archive = spec.archive().unwrap();
 
@@ -747,6 +776,13 @@ mod tests {
             std::fs::read_link(out.join("opt/t/link")).unwrap(),
             Path::new("sub/data")
         );
+        assert_eq!(
+            std::fs::read(out.join("tmp/in/payload")).unwrap(),
+            b"echo hi\n"
+        );
+        // The guest's /tmp keeps its usual mode; the parents below it are 0755.
+        assert_eq!(mode("tmp"), 0o1777);
+        assert_eq!(mode("tmp/in"), 0o755);
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
