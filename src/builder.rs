@@ -175,7 +175,7 @@ pub fn build_vm(
         .map(DiskFile::open)
         .collect::<Result<Vec<_>, _>>()?;
     // A snapshot to start from is read and checked against `config` now, so that a bad one
-    // (or a VM with a NIC, which cannot be restored) stops here, before TAPs are opened.
+    // (or one with other NICs) stops here, before TAPs are opened.
     let restore = restore_from
         .map(|dir| read_snapshot(config, &dir, hooks.restore_state.take()).map(|s| (dir, s)))
         .transpose()?;
@@ -662,16 +662,12 @@ fn restore_snapshot(
 }
 
 /// Reads the snapshot in `dir` (its state file, unless the caller read it already: `read`)
-/// and checks that a VM built from `config` can take it. VMs with virtio-net are refused:
-/// their TAPs are not carried over yet.
+/// and checks that a VM built from `config` can take it.
 fn read_snapshot(
     config: &VmConfig,
     dir: &std::path::Path,
     read: Option<Box<FileState>>,
 ) -> Result<Box<FileState>, SnapshotError> {
-    if !config.net.is_empty() {
-        return Err(SnapshotError::NotRestorable(crate::snapshot::file::NO_NET));
-    }
     if !config.shares.is_empty() {
         return Err(SnapshotError::NotRestorable(
             crate::snapshot::file::NO_SHARE,

@@ -292,6 +292,11 @@ pub struct RestoreArgs {
     /// created with.
     #[arg(long, value_name = "PATH")]
     pub vsock_uds: Option<PathBuf>,
+    /// Put the snapshot's NIC on this TAP instead of the one it was on (repeatable: the
+    /// first --tap for the first NIC, and so on; a NIC without one keeps its TAP). The guest
+    /// keeps its MAC; frames in flight at the snapshot are lost, as on any network.
+    #[arg(long, value_name = "NAME")]
+    pub tap: Vec<String>,
     /// After SIGTERM (or SIGINT), how long the guest gets to shut down after ember pressed
     /// its power button before it is stopped hard. Default: 30 on PVM hosts, 5 otherwise.
     #[arg(long, value_name = "SECS", value_parser = parse_secs)]
@@ -327,6 +332,35 @@ impl RestoreArgs {
                 ))
             })?;
             vsock.uds = uds.clone();
+        }
+        if self.tap.len() > config.net.len() {
+            let had: Vec<&str> = config.net.iter().map(|n| n.tap.as_str()).collect();
+            return Err(ConfigError::Device(format!(
+                "--tap {}: the snapshot's VM has {} NIC(s){}: give at most one --tap per NIC, \
+                 in order",
+                self.tap[config.net.len()],
+                config.net.len(),
+                if had.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (on TAP {})", had.join(", "))
+                }
+            )));
+        }
+        for (n, tap) in config.net.iter_mut().zip(&self.tap) {
+            crate::devices::virtio::net::tap::validate_tap_name(tap)
+                .map_err(|why| ConfigError::Device(format!("--tap {tap}: {why}")))?;
+            // The MAC is the guest's: one derived from the old TAP's name stays.
+            n.mac = Some(n.mac());
+            n.tap = tap.clone();
+        }
+        for (i, n) in config.net.iter().enumerate() {
+            if config.net[..i].iter().any(|m| m.tap == n.tap) {
+                return Err(ConfigError::Device(format!(
+                    "--tap: two NICs would be on TAP {}: give each NIC its own TAP",
+                    n.tap
+                )));
+            }
         }
         Ok(())
     }
@@ -440,7 +474,7 @@ pub struct RunArgs {
     /// Experimental (issue 13, docs/snapshot-pvm.md): this many seconds (decimals allowed)
     /// after the guest's init started (its boot-timer write), pause the guest, save its KVM
     /// state, copy its memory and move it into a new KVM VM in this process. Needs --no-rng
-    /// and no other virtio device (with --snapshot-to: no --net).
+    /// and no other virtio device (--snapshot-to carries them).
     #[arg(long, value_name = "SECS", hide = true, value_parser = parse_timeout)]
     pub snapshot_restore_after: Option<f64>,
     /// Experimental switches of that restore, comma-separated: no-clock (no KVM_SET_CLOCK),
@@ -452,8 +486,8 @@ pub struct RunArgs {
     pub snapshot_restore_opts: Option<crate::snapshot::kvm_state::RestoreOptions>,
     /// Write a snapshot of the VM (files `state` and `memory`) into DIR when --snapshot-on
     /// says (or, experimental, at --snapshot-restore-after), then do what --snapshot-then
-    /// says. `ember restore DIR` starts the guest again from it. VMs with --net cannot be
-    /// snapshotted yet.
+    /// says. `ember restore DIR` starts the guest again from it (`--tap` there moves a NIC
+    /// onto another TAP).
     #[arg(long, value_name = "DIR")]
     pub snapshot_to: Option<PathBuf>,
     /// When to write the --snapshot-to snapshot: `ready` (the guest writes the exit device's
@@ -1242,6 +1276,57 @@ mod tests {
         assert_eq!(
             c.vsock.map(|v| (v.cid, v.uds)),
             Some((3, "/run/v.sock".into()))
+        );
+        // --tap: one per NIC, in order; the guest's MAC stays.
+        let tap = |args: &[&str], nics: &[&str]| {
+            let mut all = vec!["restore"];
+            all.extend(args);
+            all.push("/snap");
+            let Command::Restore(a) = parse(&all).unwrap().command else {
+                panic!("not restore")
+            };
+            let mut c = VmConfig::new("/k");
+            c.net = nics
+                .iter()
+                .map(|t| NetConfig {
+                    tap: t.to_string(),
+                    mac: None,
+                })
+                .collect();
+            a.apply(&mut c).map(|()| c.net).map_err(|e| e.to_string())
+        };
+        let net = tap(&["--tap", "tapB"], &["tapA", "tapX"]).unwrap();
+        assert_eq!(
+            net,
+            vec![
+                NetConfig {
+                    tap: "tapB".into(),
+                    mac: Some(crate::devices::virtio::net::MacAddr::derive("tapA")),
+                },
+                NetConfig {
+                    tap: "tapX".into(),
+                    mac: None,
+                },
+            ]
+        );
+        let net = tap(&["--tap", "tapB", "--tap", "tapC"], &["tapA", "tapX"]).unwrap();
+        assert_eq!((net[0].tap.as_str(), net[1].tap.as_str()), ("tapB", "tapC"));
+        let e = tap(&["--tap", "tapB"], &[]).unwrap_err();
+        assert!(
+            e.contains("--tap tapB: the snapshot's VM has 0 NIC(s): give at most one --tap"),
+            "{e}"
+        );
+        let e = tap(&["--tap", "tapB", "--tap", "tapC"], &["tapA"]).unwrap_err();
+        assert!(
+            e.contains("--tap tapC: the snapshot's VM has 1 NIC(s) (on TAP tapA)"),
+            "{e}"
+        );
+        let e = tap(&["--tap", "tapX"], &["tapA", "tapX"]).unwrap_err();
+        assert!(e.contains("two NICs would be on TAP tapX"), "{e}");
+        let e = tap(&["--tap", "this-name-is-too-long"], &["tapA"]).unwrap_err();
+        assert!(
+            e.contains("--tap this-name-is-too-long: ") && e.contains("15"),
+            "{e}"
         );
         // The directory is required; a bad sink is refused with the choices.
         assert!(parse(&["restore"]).is_err());

@@ -855,9 +855,9 @@ impl Vmm {
 }
 
 /// The parts a snapshot is taken from, or why a VM with `parts` cannot be snapshotted: into
-/// a snapshot directory (`to_file`), which carries virtio-rng, virtio-blk and virtio-vsock
-/// (with no connection open: the device refuses otherwise) but not virtio-net, or into a new
-/// KVM VM in this process, which carries no virtio device (they hold the old memory).
+/// a snapshot directory (`to_file`), which carries every device (virtio-vsock with no
+/// connection open: the device refuses otherwise), or into a new KVM VM in this process,
+/// which carries no virtio device (they hold the old memory).
 fn snapshottable(
     parts: Option<&RestoreParts>,
     to_file: bool,
@@ -868,9 +868,6 @@ fn snapshottable(
         ));
     };
     if to_file {
-        if !parts.config.net.is_empty() {
-            return Err(SnapshotError::NotRestorable(crate::snapshot::file::NO_NET));
-        }
         if !parts.config.shares.is_empty() {
             return Err(SnapshotError::NotRestorable(
                 crate::snapshot::file::NO_SHARE,

@@ -115,77 +115,6 @@ fn seq_text(n: u32) -> Vec<u8> {
         .collect()
 }
 
-/// Whether this test may create network namespaces and TAPs; prints why not.
-fn netns_capable(test: &str) -> bool {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIP {test}: needs root (network namespace and TAP)");
-        return false;
-    }
-    if !Command::new("ip")
-        .arg("-V")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        eprintln!("SKIP {test}: the `ip` tool (iproute2) is not installed");
-        return false;
-    }
-    true
-}
-
-/// A network namespace, deleted on drop.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Option<Self> {
-        let name = format!("ember-{tag}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(Self { name })
-    }
-
-    /// Runs `ip ARGS` inside the namespace; panics on failure.
-    fn ip(&self, args: &[&str]) {
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.name, "ip"])
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "ip {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// Runs `f` on a thread that entered the namespace (sockets it creates live there).
-    fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
-        let path = PathBuf::from("/run/netns").join(&self.name);
-        std::thread::spawn(move || {
-            let ns = std::fs::File::open(&path).unwrap();
-            // SAFETY: setns(2) on an open namespace fd; it only moves this thread.
-            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-            f()
-        })
-        .join()
-        .unwrap()
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-    }
-}
-
 /// A minimal newc cpio archive writer.
 fn cpio(files: &[(&str, u32, &[u8])]) -> Vec<u8> {
     fn entry(out: &mut Vec<u8>, ino: u32, name: &str, mode: u32, data: &[u8]) {
@@ -653,4 +582,391 @@ fn missing_tap_without_cap_net_admin_is_explained() {
         stderr.contains("TAP embernotap0 does not exist") && stderr.contains("ip tuntap add"),
         "{stderr}"
     );
+}
+
+/// The guest's side of [`linux_network_goes_on_after_a_restore_on_another_tap`]: the network
+/// up (a ping to the host), then a loop that connects to host port 5010 once a second
+/// (refused until the restored run's host listens there), then TCP both ways and a ping, and
+/// last a connection to port 5012, which the host answers once it has pinged the guest.
+const SNAPNET_SCRIPT: &str = r#"#!/bin/sh
+fail() { echo "SNAPNET-FAIL: $*"; exit 1; }
+ip addr add 172.30.0.2/24 dev eth0 || fail "ip addr"
+ip link set eth0 up || fail "ip link"
+ping -c 1 -W 30 172.30.0.1 >/dev/null || fail "ping before the snapshot"
+echo SNAPNET-UP
+i=0
+until nc 172.30.0.1 5010 </dev/null >/tmp/got 2>/dev/null; do
+  i=$((i+1))
+  [ $i -lt 900 ] || fail "no host listener on port 5010"
+  sleep 1
+done
+echo "SNAPNET-TRIES $i"
+sha256sum </tmp/got >/tmp/got.sum
+read sum _ </tmp/got.sum
+echo "SNAPNET-GOT $sum"
+seq 1 3000 | nc 172.30.0.1 5011 >/dev/null || fail "nc guest->host"
+echo SNAPNET-SENT
+ping -c 2 -W 20 172.30.0.1 >/dev/null || fail "ping after the restore"
+echo SNAPNET-PING-OK
+nc 172.30.0.1 5012 </dev/null >/tmp/host || fail "nc 5012"
+read host </tmp/host
+echo "SNAPNET-HOST $host"
+echo SNAPNET-ALL-OK
+"#;
+
+/// Sends one ICMP echo request (sequence `seq`) to `to` from this thread's network namespace
+/// through a raw socket (no `ping` tool needed) and waits up to `wait` for its reply.
+fn icmp_echo(to: [u8; 4], seq: u16, wait: Duration) -> bool {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: socket(2) with constant arguments; the fd is owned below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_ICMP) };
+    assert!(fd >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh fd that nothing else owns.
+    let sock = unsafe { OwnedFd::from_raw_fd(fd) };
+    let id = (std::process::id() & 0xffff) as u16;
+    let mut msg = vec![8u8, 0, 0, 0];
+    msg.extend_from_slice(&id.to_be_bytes());
+    msg.extend_from_slice(&seq.to_be_bytes());
+    msg.extend_from_slice(b"ember-netsnap-ping");
+    let mut sum: u32 = msg
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    msg[2..4].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    let addr = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(to),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: sendto(2) with a valid buffer and a sockaddr_in of the size given.
+    let sent = unsafe {
+        libc::sendto(
+            sock.as_raw_fd(),
+            msg.as_ptr().cast(),
+            msg.len(),
+            0,
+            (&addr as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if sent < 0 {
+        return false;
+    }
+    let until = Instant::now() + wait;
+    let mut buf = [0u8; 1500];
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = left.as_millis().clamp(1, 10_000) as i32;
+        // SAFETY: poll(2) on one valid pollfd.
+        if unsafe { libc::poll(&mut pfd, 1, ms) } <= 0 {
+            continue;
+        }
+        // SAFETY: recv(2) into a buffer of the length given.
+        let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
+        let Ok(n) = usize::try_from(n) else { continue };
+        // An IPv4 header, then the ICMP message: an echo reply with our id and sequence?
+        let ihl = usize::from(buf[0] & 0x0f) * 4;
+        if n >= ihl + 8
+            && buf[12..16] == to
+            && buf[ihl] == 0
+            && buf[ihl + 4..ihl + 6] == id.to_be_bytes()
+            && buf[ihl + 6..ihl + 8] == seq.to_be_bytes()
+        {
+            return true;
+        }
+    }
+    false
+}
+
+/// What the host side of [`linux_network_goes_on_after_a_restore_on_another_tap`] saw after
+/// the restore.
+struct HostFigures {
+    /// When the guest's retried connection was accepted, from the restore's start.
+    accepted: Duration,
+    /// The host's neighbour entry of the guest then.
+    neigh: String,
+    /// What the guest sent on port 5011.
+    uploaded: Vec<u8>,
+    /// When the host's first ping was answered, from the restore's start.
+    pinged: Duration,
+    /// Pings sent until one was answered.
+    ping_tries: u16,
+}
+
+/// Bytes the restored run's host sends the guest on port 5010 (busybox nc is slow here).
+const SNAPNET_PAYLOAD: usize = 16 << 10;
+const SNAPNET_MAC: &str = "02:00:00:00:00:43";
+
+/// virtio-net across a snapshot, with a real Linux guest: booted with a NIC on TAP embnetA
+/// in one network namespace, it brings its network up (pings the host) and is snapshotted
+/// on SIGUSR2 (`--snapshot-on sigusr2`) while it retries a TCP connection to the host; `ember
+/// restore --tap embnetB` restores it onto another TAP in a second namespace whose host end
+/// has the same address and another MAC (the restored NIC gives the guest a gratuitous ARP
+/// for it). There the guest's retried connection gets 16 KiB whose sha256 it reports, it
+/// sends `seq 1 3000` back over a second connection and pings the host, and the host pings
+/// it (ICMP through a raw socket) before it lets the guest end. The host sees the guest's
+/// MAC unchanged. Ignored: it boots Linux (about 20-70 s on a PVM host). Run it alone:
+/// `cargo test --test netdev -- --ignored --nocapture linux_network` (one Linux boot at a
+/// time). Needs root and iproute2.
+#[test]
+#[ignore]
+fn linux_network_goes_on_after_a_restore_on_another_tap() {
+    let test = "linux_network_goes_on_after_a_restore_on_another_tap";
+    if !kvm_available(test) || !netns_capable(test) {
+        return;
+    }
+    let Some((kernel, initrd)) = default_guest(test) else {
+        return;
+    };
+    let dir = temp_dir("netsnap");
+    let mut initramfs = std::fs::read(&initrd).unwrap();
+    initramfs.resize(initramfs.len().next_multiple_of(4), 0);
+    initramfs.extend(cpio(&[(
+        "snapnet-test.sh",
+        0o100755,
+        SNAPNET_SCRIPT.as_bytes(),
+    )]));
+    let initrd = dir.join("initramfs.cpio");
+    std::fs::write(&initrd, &initramfs).unwrap();
+    let snap = dir.join("snap");
+    let snap_arg = snap.to_str().unwrap();
+
+    // Two namespaces, each with a TAP whose host end is HOST_IP.
+    let net = |tag: &str, tap: &str| {
+        let ns = Netns::new(tag).expect("cannot create a network namespace");
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns.ip(&["tuntap", "add", tap, "mode", "tap"]);
+        ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", tap]);
+        ns.ip(&["link", "set", tap, "up"]);
+        ns
+    };
+    let (ns_a, ns_b) = (net("netsnapA", "embnetA"), net("netsnapB", "embnetB"));
+
+    // 1. Boot on embnetA; SIGUSR2 once the guest's network is up.
+    let start = Instant::now();
+    let mut child = ns_a
+        .ember(&[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--net",
+            &format!("tap=embnetA,mac={SNAPNET_MAC}"),
+            "--timeout",
+            "400",
+            "--append",
+            "quiet rodata=off retain_initrd 8250.nr_uarts=1 random.trust_cpu=on",
+            "--append",
+            "ember.cmd=\"sh /snapnet-test.sh\"",
+            "--snapshot-to",
+            snap_arg,
+            "--snapshot-on",
+            "sigusr2",
+        ])
+        .spawn()
+        .expect("cannot start ember");
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let reader = {
+        let mut pipe = child.stdout.take().unwrap();
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = pipe.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                seen.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buf[..n]));
+            }
+        })
+    };
+    let has_line = |s: &str, l: &str| s.lines().any(|x| x.trim_end() == l);
+    while !has_line(&seen.lock().unwrap(), "SNAPNET-UP") {
+        let s = seen.lock().unwrap().clone();
+        if start.elapsed() > BOOT_TIMEOUT || s.contains("SNAPNET-FAIL") {
+            let _ = child.kill();
+            let out = wait_ember(child, Duration::from_secs(10));
+            panic!("the guest's network never came up:\n{s}\n{out:?}");
+        }
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("ember ended ({st}) before the guest's network came up:\n{s}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let up_after = start.elapsed();
+    // A few of the guest's refused connections before the snapshot.
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill(2) on our own child (ember: `ip netns exec` execs it), not yet waited for.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR2) }, 0);
+    let out1 = wait_ember(child, Duration::from_secs(120));
+    let first_total = start.elapsed();
+    reader.join().unwrap();
+    let stdout1 = seen.lock().unwrap().clone();
+    assert!(!out1.timed_out, "{out1:?}");
+    out1.expect_code(0);
+    assert!(
+        out1.stderr.contains("snapshot written to"),
+        "no snapshot: {out1:?}"
+    );
+    assert!(
+        !stdout1.contains("SNAPNET-TRIES") && !stdout1.contains("SNAPNET-FAIL"),
+        "the guest was not in its connect loop at the snapshot:\n{stdout1}"
+    );
+
+    // 2. The host side in the second namespace, then the restore onto embnetB.
+    let data = payload(SNAPNET_PAYLOAD, 0x5a5a);
+    let (h2g_l, g2h_l, fin_l) = ns_b.enter(|| {
+        let l = |port| {
+            let l = TcpListener::bind((HOST_IP, port)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            l
+        };
+        (l(5010), l(5011), l(5012))
+    });
+    assert!(
+        ns_b.enter(|| icmp_echo([172, 30, 0, 1], 0, Duration::from_secs(5))),
+        "icmp_echo gets no answer from the host's own address"
+    );
+    let restore_start = Instant::now();
+    let deadline = restore_start + Duration::from_secs(300);
+    let child = ns_b
+        .ember(&[
+            "restore",
+            "--no-stdin",
+            "--timeout",
+            "300",
+            "--tap",
+            "embnetB",
+            snap_arg,
+        ])
+        .spawn()
+        .expect("cannot start ember");
+    // In order, as the guest goes: its retried connection (16 KiB down), its upload, then the
+    // host's pings until one is answered, then the connection that lets the guest end.
+    let host = {
+        let (d, ns_name) = (data.clone(), ns_b.name.clone());
+        ns_b.enter_async(move || -> Result<HostFigures, String> {
+            let mut s = accept_tcp(&h2g_l, deadline).ok_or("no connection on port 5010")?;
+            let accepted = restore_start.elapsed();
+            // The host's neighbour entry of the guest now (the TAP's entries go when the
+            // restored ember ends and the TAP goes down).
+            let neigh = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &ns_name,
+                    "ip",
+                    "neigh",
+                    "show",
+                    "172.30.0.2",
+                ])
+                .output()
+                .map_err(|e| e.to_string())?;
+            let neigh = String::from_utf8_lossy(&neigh.stdout).into_owned();
+            s.write_all(&d)
+                .map_err(|e| format!("sending on 5010: {e}"))?;
+            s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            let _ = s.read(&mut [0u8; 1]);
+            let mut s = accept_tcp(&g2h_l, deadline).ok_or("no connection on port 5011")?;
+            // Until all that is expected (busybox nc may not shut down its write half at the
+            // end of its input; closing here ends it).
+            let (uploaded, _) =
+                read_all(&mut s, seq_text(3000).len()).ok_or("reading port 5011")?;
+            drop(s);
+            let mut tries = 0;
+            while !icmp_echo([172, 30, 0, 2], tries, Duration::from_secs(2)) {
+                tries += 1;
+                if Instant::now() > deadline {
+                    return Err(format!("the guest answered none of {tries} pings"));
+                }
+            }
+            let pinged = restore_start.elapsed();
+            let mut s = accept_tcp(&fin_l, deadline).ok_or("no connection on port 5012")?;
+            s.write_all(b"pinged\n").map_err(|e| e.to_string())?;
+            s.shutdown(Shutdown::Write).map_err(|e| e.to_string())?;
+            Ok(HostFigures {
+                accepted,
+                neigh,
+                uploaded,
+                pinged,
+                ping_tries: tries + 1,
+            })
+        })
+    };
+    let out2 = wait_ember(child, Duration::from_secs(330));
+    let ctx = format!(
+        "\n--- first stdout ---\n{stdout1}\n--- restored stdout ---\n{}\n--- restored stderr \
+         ---\n{}",
+        out2.stdout, out2.stderr
+    );
+    let line = |prefix: &str| {
+        out2.stdout
+            .lines()
+            .find_map(|l| l.trim_end().strip_prefix(prefix).map(str::to_string))
+    };
+    assert!(!out2.timed_out, "the restored guest did not finish{ctx}");
+    assert!(line("SNAPNET-FAIL").is_none(), "guest check failed{ctx}");
+    let host = host
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("host side after the restore: {e}{ctx}"));
+    assert_eq!(
+        line("SNAPNET-GOT ").as_deref(),
+        Some(sha256_hex(&data).as_str()),
+        "what the restored guest received differs{ctx}"
+    );
+    assert!(
+        host.uploaded == seq_text(3000),
+        "what the restored guest sent differs{ctx}"
+    );
+    assert!(line("SNAPNET-PING-OK").is_some(), "{ctx}");
+    assert_eq!(line("SNAPNET-HOST ").as_deref(), Some("pinged"), "{ctx}");
+    assert!(line("SNAPNET-ALL-OK").is_some(), "{ctx}");
+    assert!(
+        out2.stderr
+            .contains("was on TAP embnetA at the snapshot and is on TAP embnetB now")
+            && out2
+                .stderr
+                .contains("telling the guest that 172.30.0.1 is at"),
+        "{ctx}"
+    );
+    // The frames the host got from the restored guest carry its MAC.
+    let neigh = &host.neigh;
+    assert!(
+        neigh.contains(SNAPNET_MAC),
+        "host neighbour entry of the guest while it was connected: {neigh:?}{ctx}"
+    );
+    assert!(out2.stdout.contains("ember-init: exit status 0"), "{ctx}");
+    out2.expect_code(0);
+
+    // Figures for the record (not asserted: this host's speed varies).
+    eprintln!(
+        "netsnap: network up {up_after:.1?} after the first ember started, {first_total:.1?} \
+         run in all; restored: the guest's retried connection accepted {:.2?} after `ember \
+         restore` started ({}), the host's first answered ping at {:.2?} ({} ping(s)), \
+         restored run {:.1?} in all",
+        host.accepted,
+        line("SNAPNET-TRIES ").map_or("?".into(), |t| format!("its try {t}")),
+        host.pinged,
+        host.ping_tries,
+        out2.elapsed
+    );
+    for l in out1.stderr.lines().chain(out2.stderr.lines()).filter(|l| {
+        l.contains("snapshot") || l.contains("restor") || l.contains("TAP") || l.contains("vCPUs")
+    }) {
+        eprintln!("  {l}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -536,11 +536,12 @@ fn damaged_or_mismatched_snapshot_is_refused() {
 /// A VM with virtio-vsock (which this guest never activates) is snapshotted to files and
 /// restored with another CID and another Unix socket path (host-side settings): the counter
 /// goes on. Restoring it without --vsock is refused (status 2, the devices named), and so is
-/// any restore of a VM with virtio-net (status 2, before its TAP is opened: this one does not
-/// exist), as is a move into a new KVM VM with any virtio device (the default virtio-rng).
+/// a restore with a NIC the snapshot's VM did not have (status 2, before its TAP is opened:
+/// this one does not exist), as is a move into a new KVM VM with any virtio device (the
+/// default virtio-rng). (`restore_moves_a_nic_onto_another_tap` restores a VM with a NIC.)
 #[test]
-fn restore_with_vsock_goes_on_and_with_virtio_net_is_refused() {
-    let name = "restore_with_vsock_goes_on_and_with_virtio_net_is_refused";
+fn restore_with_vsock_goes_on_and_with_another_nic_count_is_refused() {
+    let name = "restore_with_vsock_goes_on_and_with_another_nic_count_is_refused";
     if !kvm_available(name) {
         return;
     }
@@ -578,14 +579,18 @@ fn restore_with_vsock_goes_on_and_with_virtio_net_is_refused() {
     );
     assert!(out.stdout.is_empty(), "the guest ran: {out:?}");
 
-    // With a NIC: refused, saying why.
+    // With a NIC the snapshot's VM did not have: refused, saying why, before the TAP (which
+    // does not exist) is opened.
     let mut net = without.clone();
     net.extend(["--vsock", &vsock_b, "--net", "tap=embernotap9"]);
     let out = run_ember(&net, None, Duration::from_secs(60));
     out.expect_code(2);
     assert!(
-        out.stderr.contains("virtio-net") && out.stderr.contains("use no --net"),
-        "no virtio-net message: {}",
+        out.stderr.contains(
+            "the snapshot was taken with NIC count 0, but this VM has 1 (TAP embernotap9); \
+             give one --net per NIC of the snapshot"
+        ) && !out.stderr.contains("does not exist"),
+        "no NIC count message: {}",
         out.stderr
     );
     assert!(out.stdout.is_empty(), "the guest ran: {out:?}");
@@ -620,6 +625,94 @@ fn restore_with_vsock_goes_on_and_with_virtio_net_is_refused() {
         out.stderr.contains("virtio devices") && out.stderr.contains("--no-rng"),
         "no --no-rng hint: {}",
         out.stderr
+    );
+}
+
+/// A VM with a NIC (which this guest never activates) on TAP embsnapA, in a network
+/// namespace, is snapshotted to files. `ember restore --tap embsnapB` puts the NIC on another
+/// TAP (its MAC, derived from the old TAP's name, kept) and the counter goes on; a plain
+/// `ember restore` puts it back on embsnapA (free again: the first process ended) and the
+/// guest goes on from the same point. Refused with status 2 before the guest runs: more
+/// --tap than NICs, and `ember run --restore-from` with a NIC on embsnapB whose (derived)
+/// MAC is not the guest's. Needs root and iproute2 for the namespace and TAPs (skips
+/// otherwise).
+#[test]
+fn restore_moves_a_nic_onto_another_tap() {
+    let name = "restore_moves_a_nic_onto_another_tap";
+    if !kvm_available(name) || !netns_capable(name) {
+        return;
+    }
+    let ns = Netns::new("snapnic").expect("cannot create a network namespace");
+    for tap in ["embsnapA", "embsnapB"] {
+        ns.ip(&["tuntap", "add", tap, "mode", "tap"]);
+    }
+    let dir = temp_dir(name);
+    let elf = write_tiny_guest(&dir, "guest.elf", &counting_guest(), &[]);
+    let snap = dir.join("snap");
+    let snap_arg = snap.to_str().unwrap();
+    let run = |args: &[&str]| {
+        let child = ns.ember(args).spawn().expect("cannot start ember");
+        wait_ember(child, Duration::from_secs(120))
+    };
+    let common = ["--kernel", elf.to_str().unwrap(), "--mem", "16"];
+    let mut first = vec!["run"];
+    first.extend(common);
+    first.extend([
+        "--net",
+        "tap=embsnapA",
+        "--snapshot-restore-after",
+        "0.3",
+        "--snapshot-to",
+        snap_arg,
+    ]);
+    let out1 = run(&first);
+    assert!(!out1.timed_out, "{out1:?}");
+    assert!(
+        out1.stderr.contains("snapshot written to"),
+        "no snapshot of a VM with a NIC: {out1:?}"
+    );
+
+    let refused = |out: Finished, want: &str| {
+        out.expect_code(2);
+        assert!(
+            out.stderr.contains(want),
+            "wanted {want:?} in: {}",
+            out.stderr
+        );
+        assert!(out.stdout.is_empty(), "the guest ran: {out:?}");
+    };
+    refused(
+        run(&[
+            "restore", "--tap", "embsnapB", "--tap", "embsnapC", snap_arg,
+        ]),
+        "--tap embsnapC: the snapshot's VM has 1 NIC(s) (on TAP embsnapA): give at most one \
+         --tap per NIC",
+    );
+    let mut other_mac = vec!["run"];
+    other_mac.extend(common);
+    other_mac.extend(["--net", "tap=embsnapB", "--restore-from", snap_arg]);
+    refused(
+        run(&other_mac),
+        "a NIC keeps the guest's MAC: give --net tap=embsnapB,mac=",
+    );
+
+    let out2 = run(&["restore", "--no-stdin", "--tap", "embsnapB", snap_arg]);
+    assert!(!out2.timed_out, "the restored guest hung: {out2:?}");
+    out2.expect_code(0);
+    assert!(
+        out2.stderr
+            .contains("was on TAP embsnapA at the snapshot and is on TAP embsnapB now"),
+        "no TAP move logged: {}",
+        out2.stderr
+    );
+    assert_counted_on(&out1, &out2);
+    let out3 = run(&["restore", "--no-stdin", snap_arg]);
+    let _ = std::fs::remove_dir_all(&dir);
+    out3.expect_code(0);
+    assert!(!out3.stderr.contains("is on TAP"), "{}", out3.stderr);
+    assert!(
+        out3.stdout == out2.stdout,
+        "the restore on the snapshot's own TAP did not go on from the same point"
     );
 }
 

@@ -14,7 +14,7 @@
 //! | ACPI platform | sleep status (WAK_STS), pending GED events ([`AcpiState`]) | |
 //! | virtio-mmio transport | status, feature selectors, offered and acked features, queue select, interrupt status, config generation, NEEDS_RESET, each queue ([`MmioTransportState`]) | device type, offered features and queue count must match |
 //! | virtio-blk | disk path, size, read-only, GET_ID serial ([`BlockState`]) | the disk given at restore must be the same file, same size and mode |
-//! | virtio-net | TAP name, MAC ([`NetState`]) | same TAP name and MAC; a frame read from the TAP but not yet given to the guest is dropped (the network may lose frames) |
+//! | virtio-net | TAP name, MAC, the TAP's host-side MAC ([`NetState`]); its rx and tx queues | same MAC (the guest's); the TAP may be another (`ember restore --tap`: a host-side setting; when its host end has another MAC the guest gets a gratuitous ARP for the TAP's IPv4 address); a frame read from the TAP but not yet given to the guest is dropped, as is what waits in the old TAP's queue (the network may lose frames); tx frames are never half sent |
 //! | virtio-vsock | guest CID ([`VsockState`]); its three queues (the event queue too) | a snapshot is **refused while any vsock connection is open** (host sockets cannot be saved); the restoring run's CID and Unix socket path may differ (host-side settings): after the restore the device sends the guest a TRANSPORT_RESET event, on which it re-reads its CID and resets connected sockets (listening ones survive) |
 //! | virtio-rng | tokens left in the rate limiter's bucket, bytes served ([`RngState`]) | |
 //!
@@ -217,13 +217,18 @@ pub struct BlockState {
     pub id: Vec<u8>,
 }
 
-/// virtio-net: what identifies the NIC.
+/// virtio-net: what identifies the NIC. Frames ember held are not carried (a network may
+/// lose frames); a restore may put the NIC on another TAP, never give it another MAC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetState {
     /// The TAP interface.
     pub tap: String,
     /// The guest's MAC address.
     pub mac: MacAddr,
+    /// The MAC address of the TAP's host end (the one the guest's neighbour entries for the
+    /// host name), when it could be read: a restore onto a TAP with another one tells the
+    /// guest the new one.
+    pub host_mac: Option<MacAddr>,
 }
 
 /// virtio-vsock: the guest's CID when the snapshot was taken. There are no connections to
@@ -771,6 +776,7 @@ mod tests {
                 device: VirtioDeviceState::Net(NetState {
                     tap: "tap0".into(),
                     mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                    host_mac: Some(MacAddr([0x5e, 0, 0, 0, 0, 2])),
                 }),
             }],
         };

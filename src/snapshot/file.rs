@@ -11,16 +11,18 @@
 //!   [`write_memory_sparse`](super::write_memory_sparse)); a restore maps it copy-on-write
 //!   ([`map_memory`]) instead of reading it.
 //!
-//! virtio-rng, virtio-blk and virtio-vsock are carried over: each transport's registers and
-//! queues with its device's state (see [`devices`](super::devices)); the restoring run builds
-//! its devices from the configuration as usual (disks reopened by path, with the same locks;
-//! the vsock Unix socket at this run's path) and restores each transport once guest memory
-//! holds the snapshot's RAM. A vsock snapshot is refused while a vsock connection is open;
-//! after a restore the guest gets a vsock TRANSPORT_RESET event (see
-//! [`vsock::device`](crate::devices::virtio::vsock::device)). A VM with virtio-net is
-//! refused ([`NO_NET`]): TAPs are not carried over yet. `ember restore` takes the
-//! configuration from the state file; `ember run --restore-from` must be given the same VM
-//! flags (the vsock CID and socket path may differ). Either way
+//! virtio-rng, virtio-blk, virtio-net and virtio-vsock are carried over: each transport's
+//! registers and queues with its device's state (see [`devices`](super::devices)); the
+//! restoring run builds its devices from the configuration as usual (disks reopened by path,
+//! with the same locks; each NIC's TAP opened, the snapshot's or the one `ember restore
+//! --tap` names; the vsock Unix socket at this run's path) and restores each transport once
+//! guest memory holds the snapshot's RAM. A vsock snapshot is refused while a vsock
+//! connection is open; after a restore the guest gets a vsock TRANSPORT_RESET event (see
+//! [`vsock::device`](crate::devices::virtio::vsock::device)). Frames a NIC held in ember's
+//! buffers are lost (see [`net::device`](crate::devices::virtio::net::device)). `ember
+//! restore` takes the configuration from the state file; `ember run --restore-from` must be
+//! given the same VM flags (the vsock CID and socket path, and the TAPs, may differ; each
+//! NIC's MAC may not). Either way
 //! [`SnapshotMeta::check`](super::SnapshotMeta::check) refuses another configuration (a
 //! disk whose size changed included).
 
@@ -39,13 +41,7 @@ pub type FileState = SnapshotState<KvmState>;
 /// (`--snapshot-restore-after` without `--snapshot-to`).
 pub const NO_VIRTIO: &str = "it has virtio devices, which cannot be moved into a new KVM VM \
                              in this process yet: use --no-rng and no --disk/--net/--vsock \
-                             (--snapshot-to/--restore-from carry virtio-rng, virtio-blk and \
-                             virtio-vsock)";
-
-/// Why a VM with virtio-net is refused by `--snapshot-to`/`--restore-from`.
-pub const NO_NET: &str = "it has virtio-net devices, which snapshots do not carry yet \
-                          (re-attaching a NIC to its TAP in the restoring run is not done): \
-                          use no --net";
+                             (--snapshot-to/--restore-from carry them)";
 
 /// Why a VM with a `--share` (virtio-fs) is refused by snapshots.
 pub const NO_SHARE: &str = "it has --share directories (virtio-fs), which snapshots do not \

@@ -97,8 +97,9 @@ pub fn device_list(config: &VmConfig) -> Vec<String> {
             disk.path.display()
         ));
     }
+    // By MAC (the guest's), not by TAP (a host-side setting a restore may change).
     for n in &config.net {
-        d.push(format!("virtio-net tap={}", n.tap));
+        d.push(format!("virtio-net mac={}", n.mac()));
     }
     // Without its CID or socket path: host-side settings a restore may change.
     if config.vsock.is_some() {
@@ -111,24 +112,31 @@ pub fn device_list(config: &VmConfig) -> Vec<String> {
 }
 
 impl SnapshotMeta {
-    /// The metadata of a VM built from `config` (the disks' sizes are read now).
+    /// The metadata of a VM built from `config` (the disks' sizes are read now). Each NIC's
+    /// MAC is written out even where `config` derives it from the TAP name, so that a
+    /// restore onto another TAP keeps the guest's address.
     pub fn new(config: &VmConfig) -> Result<Self, SnapshotError> {
+        let mut config = config.clone();
+        for n in &mut config.net {
+            n.mac = Some(n.mac());
+        }
         Ok(Self {
-            config: config.clone(),
             disk_sizes: config
                 .disks
                 .iter()
                 .map(|d| disk_size(&d.path))
                 .collect::<Result<_, _>>()?,
-            devices: device_list(config),
+            devices: device_list(&config),
+            config,
         })
     }
 
     /// Checks that a VM built from `now` can take this snapshot: the same vCPU count, memory
     /// size, kernel command line, disks (same files, modes and sizes, in the same order) and
-    /// devices (a VM with virtio-vsock only into one with virtio-vsock). Host-side settings
-    /// (where the console goes, stdin, the image cache, the vsock Unix socket path) and the
-    /// vsock CID (the restored guest re-reads it) may differ.
+    /// devices (a VM with virtio-vsock only into one with virtio-vsock; as many NICs, each
+    /// with the MAC it had). Host-side settings (where the console goes, stdin, the image
+    /// cache, the vsock Unix socket path, each NIC's TAP) and the vsock CID (the restored
+    /// guest re-reads it) may differ.
     pub fn check(&self, now: &VmConfig) -> Result<(), SnapshotError> {
         let then = &self.config;
         let mismatch = |what: &str, snapshot: String, now: String| {
@@ -183,6 +191,40 @@ impl SnapshotMeta {
                 );
             }
         }
+        // NICs before the device list, with messages that say what to give.
+        if then.net.len() != now.net.len() {
+            let taps = |c: &VmConfig| match c.net.len() {
+                0 => "0".to_string(),
+                n => {
+                    let t: Vec<&str> = c.net.iter().map(|n| n.tap.as_str()).collect();
+                    format!("{n} (TAP {})", t.join(", "))
+                }
+            };
+            return Err(SnapshotError::Mismatch {
+                what: "NIC count".into(),
+                snapshot: taps(then),
+                now: format!(
+                    "{}; give one --net per NIC of the snapshot (`ember restore DIR --tap NAME` \
+                     moves a NIC onto another TAP)",
+                    taps(now)
+                ),
+            });
+        }
+        for (i, (a, b)) in then.net.iter().zip(&now.net).enumerate() {
+            if a.mac() != b.mac() {
+                return mismatch(
+                    &format!("NIC {i} MAC"),
+                    a.mac().to_string(),
+                    format!(
+                        "{} (TAP {}); a NIC keeps the guest's MAC: give --net tap={},mac={}",
+                        b.mac(),
+                        b.tap,
+                        b.tap,
+                        a.mac()
+                    ),
+                );
+            }
+        }
         let devices = device_list(now);
         if self.devices != devices {
             return mismatch("devices", self.devices.join(", "), devices.join(", "));
@@ -202,8 +244,8 @@ pub struct RestoreParts {
     /// Every device irqfd, with its line.
     pub irqfds: Vec<(EventFd, u32)>,
     /// Every virtio-mmio transport with its device, in slot order (a snapshot file carries
-    /// virtio-rng, virtio-blk and virtio-vsock; they hold the VM's memory, so a move into a
-    /// new KVM VM in this process refuses them).
+    /// them all; they hold the VM's memory, so a move into a new KVM VM in this process
+    /// refuses them).
     pub virtio: Vec<Arc<Mutex<MmioTransport>>>,
     /// COM1, whose registers a snapshot carries.
     pub com1: Arc<Mutex<SerialDevice>>,
@@ -433,7 +475,7 @@ mod tests {
 
     use super::*;
     use crate::config::DiskConfig;
-    use crate::devices::virtio::net::NetConfig;
+    use crate::devices::virtio::net::{MacAddr, NetConfig};
     use crate::devices::virtio::vsock::VsockConfig;
 
     fn config(disk: &Path) -> VmConfig {
@@ -469,11 +511,13 @@ mod tests {
                 "i8042".into(),
                 "ACPI platform".into(),
                 format!("virtio-blk vda ({})", disk.display()),
-                "virtio-net tap=tap0".into(),
+                format!("virtio-net mac={}", MacAddr::derive("tap0")),
                 "virtio-vsock".into(),
                 "virtio-rng".into(),
             ]
         );
+        // The derived MAC is written out: a restore onto another TAP keeps it.
+        assert_eq!(meta.config.net[0].mac, Some(MacAddr::derive("tap0")));
         let path = dir.join(format::STATE_FILE);
         format::write_state(&path, &meta).unwrap();
         let back: SnapshotMeta = format::read_state(&path).unwrap();
@@ -491,6 +535,10 @@ mod tests {
             uds: "/run/other.sock".into(),
         });
         back.check(&vsock).unwrap();
+        // So may a NIC's TAP, with the guest's MAC kept (`ember restore --tap`).
+        let mut tap = back.config.clone();
+        tap.net[0].tap = "tap9".into();
+        back.check(&tap).unwrap();
 
         let refused = |edit: &dyn Fn(&mut VmConfig), want: &str| {
             let mut now = c.clone();
@@ -508,7 +556,35 @@ mod tests {
         refused(&|n| n.disks.clear(), "disk count");
         refused(&|n| n.disks[0].read_only = true, "disk vda");
         refused(&|n| n.rng = None, "devices");
-        refused(&|n| n.net[0].tap = "tap1".into(), "devices");
+        // Another TAP whose derived MAC is another: refused, saying which MAC to give.
+        refused(
+            &|n| n.net[0].tap = "tap1".into(),
+            &format!(
+                "NIC 0 MAC {}, but this VM has {} (TAP tap1); a NIC keeps the guest's MAC: \
+                 give --net tap=tap1,mac={}",
+                MacAddr::derive("tap0"),
+                MacAddr::derive("tap1"),
+                MacAddr::derive("tap0")
+            ),
+        );
+        refused(
+            &|n| n.net[0].mac = Some(MacAddr([2, 0, 0, 0, 0, 9])),
+            "NIC 0 MAC",
+        );
+        // Another NIC count, either way.
+        refused(
+            &|n| n.net.clear(),
+            "NIC count 1 (TAP tap0), but this VM has 0;",
+        );
+        refused(
+            &|n| {
+                n.net.push(NetConfig {
+                    tap: "tap1".into(),
+                    mac: None,
+                });
+            },
+            "NIC count 1 (TAP tap0), but this VM has 2 (TAP tap0, tap1)",
+        );
         // A VM with vsock into one without, and the reverse.
         refused(
             &|n| n.vsock = None,

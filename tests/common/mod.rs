@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -372,5 +373,97 @@ pub fn build_vsock_io(dir: &Path) -> Option<Vec<u8>> {
             eprintln!("SKIP: no C compiler to build resources/guest/vsock-io.c ({e})");
             None
         }
+    }
+}
+
+/// Whether this test may create network namespaces and TAPs; prints why not.
+pub fn netns_capable(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIP {test}: needs root (network namespace and TAP)");
+        return false;
+    }
+    if !Command::new("ip")
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        eprintln!("SKIP {test}: the `ip` tool (iproute2) is not installed");
+        return false;
+    }
+    true
+}
+
+/// A network namespace, deleted on drop.
+pub struct Netns {
+    /// Its name (`ip netns exec NAME ...`).
+    pub name: String,
+}
+
+impl Netns {
+    /// A fresh namespace `ember-TAG-PID` (an old one of that name is deleted first).
+    pub fn new(tag: &str) -> Option<Self> {
+        let name = format!("ember-{tag}-{}", std::process::id());
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(Self { name })
+    }
+
+    /// Runs `ip ARGS` inside the namespace; panics on failure.
+    pub fn ip(&self, args: &[&str]) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name, "ip"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "ip {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `ember ARGS` inside the namespace (`ip netns exec`, which execs ember: the child's
+    /// PID is ember's), as [`ember_command`] sets it up.
+    pub fn ember(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name])
+            .arg(ember_bin())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs `f` on a thread that entered the namespace (sockets it creates live there).
+    pub fn enter<T: Send + 'static>(&self, f: impl FnOnce() -> T + Send + 'static) -> T {
+        self.enter_async(f).join().unwrap()
+    }
+
+    /// [`Self::enter`], without waiting for `f`: its thread.
+    pub fn enter_async<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> std::thread::JoinHandle<T> {
+        let path = PathBuf::from("/run/netns").join(&self.name);
+        std::thread::spawn(move || {
+            let ns = std::fs::File::open(&path).unwrap();
+            // SAFETY: setns(2) on an open namespace fd; it only moves this thread.
+            let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            f()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .output();
     }
 }

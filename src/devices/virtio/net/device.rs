@@ -6,6 +6,36 @@
 //!   the guest has receive buffers. A packet waiting for buffers stays in one host buffer
 //!   (the TAP's own queue, bounded by the kernel, holds the rest); a packet that no buffers
 //!   the guest can offer would hold is dropped and counted.
+//!
+//! # Snapshots
+//!
+//! What is saved is the NIC's TAP name, its MAC and the TAP's host-side MAC ([`NetState`])
+//! and, through the transport, its two queues with the receive buffers the driver had posted
+//! and the frames it had queued for sending. A snapshot is taken between event-loop turns,
+//! when every chain the device took is back in the used ring; what ember holds in its own
+//! buffers is not saved and is lost, as a network may lose any frame (TCP retransmits): a
+//! frame read from the TAP that waits for receive buffers, and what waits in the TAP's
+//! kernel queue (the kernel drops it when the old process closes the TAP). A transmit frame
+//! is never half sent: each one is read from its chain and written to the TAP within one
+//! turn.
+//!
+//! The restoring run builds the NIC from its own configuration: its TAP may be another one
+//! (`ember restore --tap`), opened and watched by the event loop as on a boot, while the
+//! MAC must be the snapshot's (it is the guest's: [`VirtioDevice::restore_state`] refuses
+//! another). The restored device starts with nothing buffered and reads its new TAP at its
+//! first turn (the activation a restore performs): rx resumes into the buffers the driver
+//! had posted, and tx sends what the driver queued, notified or not. A pending interrupt is
+//! raised again by the transport.
+//!
+//! The guest's neighbour entries for the host's addresses name the old TAP's host-side MAC,
+//! and the new TAP drops frames sent to another MAC than its own: a guest would not reach
+//! the host until an entry is refreshed (the host's first ARP request to it does that; on
+//! its own, the guest took over two minutes here). So when the new TAP's host end has
+//! another MAC and an IPv4 address, the restored device gives the guest, before anything
+//! from the TAP, a gratuitous ARP request from that address with the new MAC (what the host
+//! would send if it announced itself), which updates the guest's entry for it; IPv6
+//! neighbours are not announced. The guest itself is not announced to the network
+//! (VIRTIO_NET_F_GUEST_ANNOUNCE needs a control queue, which ember does not offer).
 
 use std::io::{self, Read, Write};
 use std::num::Wrapping;
@@ -230,6 +260,33 @@ impl Net {
         Ok(used)
     }
 
+    /// The TAP's host end has MAC `new`, where the guest knew `old`: puts a gratuitous ARP
+    /// request from the TAP's IPv4 address with `new` where a frame from the TAP waits for
+    /// the guest's buffers, so that it is the first frame the guest gets. Without an IPv4
+    /// address (a TAP in a bridge: the guest talks to the bridge's MAC, which did not
+    /// change) there is nothing to announce.
+    fn announce_host(&mut self, old: MacAddr, new: MacAddr) {
+        let name = self.tap.name();
+        match self.tap.host_ipv4() {
+            Ok(Some(ip)) => {
+                let n = write_gratuitous_arp(&mut self.rx_buf, new, ip);
+                self.rx_len = Some(n);
+                log::info!(
+                    "virtio-net {name}: the TAP's host end has MAC {new}, where the guest knew \
+                     {old}: telling the guest that {ip} is at {new} (a gratuitous ARP)"
+                );
+            }
+            Ok(None) => log::debug!(
+                "virtio-net {name}: the TAP's host end has MAC {new} ({old} at the snapshot) \
+                 and no IPv4 address: nothing to announce"
+            ),
+            Err(e) => log::warn!(
+                "virtio-net {name}: cannot read the TAP's IPv4 address ({e}): the guest may \
+                 not reach the host until its neighbour entries are refreshed"
+            ),
+        }
+    }
+
     /// Runs the queues and interrupts the guest if it wants to know.
     fn run_queues(&mut self, tx: bool) {
         let mut failed = None;
@@ -266,6 +323,26 @@ impl Net {
             a.broken.mark(&name, &a.interrupt, &why);
         }
     }
+}
+
+/// Writes into `buf` a packet (a zeroed virtio-net header, then a broadcast Ethernet frame
+/// padded to 60 bytes) with a gratuitous ARP request: `ip` is at `mac`. Returns its length.
+fn write_gratuitous_arp(buf: &mut [u8], mac: MacAddr, ip: std::net::Ipv4Addr) -> usize {
+    let ip = ip.octets();
+    let mut frame = Vec::with_capacity(60);
+    frame.extend_from_slice(&[0xff; 6]); // destination: broadcast
+    frame.extend_from_slice(&mac.0);
+    frame.extend_from_slice(&[0x08, 0x06]); // ARP
+    frame.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet, IPv4, request
+    frame.extend_from_slice(&mac.0); // sender
+    frame.extend_from_slice(&ip);
+    frame.extend_from_slice(&[0; 6]); // target: the same address (gratuitous)
+    frame.extend_from_slice(&ip);
+    frame.resize(60, 0);
+    let n = NET_HDR_SIZE + frame.len();
+    buf[..NET_HDR_SIZE].fill(0);
+    buf[NET_HDR_SIZE..n].copy_from_slice(&frame);
+    n
 }
 
 /// Reads one tx chain (header + frame) into `buf`; returns its length.
@@ -419,16 +496,22 @@ impl VirtioDevice for Net {
         }
     }
 
-    /// A frame read from the TAP and not yet given to the guest is not saved: it is lost,
-    /// as a network may lose any frame.
+    /// The TAP name, the MAC and the TAP's host-side MAC. A frame read from the TAP and not
+    /// yet given to the guest is not saved: it is lost, as a network may lose any frame (see
+    /// the module's Snapshots).
     fn save_state(&self) -> VirtioDeviceState {
         VirtioDeviceState::Net(NetState {
             tap: self.tap.name().to_string(),
             mac: self.mac,
+            host_mac: self.tap.host_mac().ok(),
         })
     }
 
-    /// Nothing to restore: checks that the NIC has the TAP and MAC the guest had.
+    /// Checks that the NIC has the MAC the guest had (its TAP may be another: a host-side
+    /// setting), drops anything buffered from before, has the first turn read the TAP
+    /// (frames may be waiting on it already), and when the TAP's host end has another MAC
+    /// than at the snapshot, queues a gratuitous ARP for the guest first
+    /// (`announce_host`).
     fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
         let VirtioDeviceState::Net(s) = state else {
             return Err(crate::devices::virtio::wrong_state_kind(
@@ -436,22 +519,34 @@ impl VirtioDevice for Net {
                 state,
             ));
         };
-        let err = |why: String| SnapshotError::Device {
-            device: format!("virtio-net on TAP {}", self.tap.name()),
-            why,
-        };
-        if s.tap != self.tap.name() {
-            return Err(err(format!(
-                "the snapshot's NIC in this place was on TAP {}: give the same --net devices in \
-                 the same order",
-                s.tap
-            )));
-        }
         if s.mac != self.mac {
-            return Err(err(format!(
-                "its MAC is {:02x?}, {:02x?} in the snapshot",
-                self.mac.0, s.mac.0
-            )));
+            return Err(SnapshotError::Device {
+                device: format!("virtio-net on TAP {}", self.tap.name()),
+                why: format!(
+                    "its MAC is {}, {} in the snapshot (the guest's address, which a restore \
+                     keeps: give --net tap={},mac={}, or use `ember restore`)",
+                    self.mac,
+                    s.mac,
+                    self.tap.name(),
+                    s.mac
+                ),
+            });
+        }
+        if s.tap != self.tap.name() {
+            log::info!(
+                "virtio-net: the NIC with MAC {} was on TAP {} at the snapshot and is on TAP {} \
+                 now",
+                self.mac,
+                s.tap,
+                self.tap.name()
+            );
+        }
+        self.rx_len = None;
+        self.tap_readable = true;
+        if let (Some(old), Ok(new)) = (s.host_mac, self.tap.host_mac()) {
+            if old != new {
+                self.announce_host(old, new);
+            }
         }
         Ok(())
     }
@@ -693,5 +788,276 @@ mod tests {
         net.run_queues(false);
         assert_eq!(rx.used_idx(), 0, "a broken device delivers nothing");
         assert_eq!(net.stats().rx_frames, 0);
+    }
+
+    /// A NIC with address `mac` on a stand-in TAP named `name` (as in [`net_on`]), not
+    /// active; with the test's end of the stand-in.
+    fn stand_in(name: &str, mac: MacAddr) -> (Net, std::os::unix::net::UnixDatagram) {
+        let (ours, theirs) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        ours.set_nonblocking(true).unwrap();
+        theirs.set_nonblocking(true).unwrap();
+        let file = std::fs::File::from(std::os::fd::OwnedFd::from(ours));
+        (Net::new(Tap::from_file(file, name), mac).unwrap(), theirs)
+    }
+
+    /// What a restoring transport does with a freshly built NIC: the device state restored,
+    /// then the device activated on the saved queues (as `activate`, less the TAP offload
+    /// ioctl, which the stand-in cannot take), then the activation turn.
+    fn restore_on(
+        net: &mut Net,
+        m: &GuestMemory,
+        device: &VirtioDeviceState,
+        queues: &[(usize, QueueState)],
+    ) -> Arc<Interrupt> {
+        net.restore_state(device).unwrap();
+        let q = |i: usize| Queue::try_from(queues[i].1).unwrap();
+        assert_eq!((queues[0].0, queues[1].0), (0, 1));
+        let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
+        net.active = Some(Active {
+            mem: m.clone(),
+            rxq: q(0),
+            txq: q(1),
+            interrupt: interrupt.clone(),
+            mergeable: true,
+            broken: Broken::default(),
+        });
+        net.run_queues(true);
+        interrupt
+    }
+
+    /// Through the state file format and back, as a restore would see it.
+    fn through_file(s: &VirtioDeviceState) -> VirtioDeviceState {
+        let bytes = crate::snapshot::format::encode_state(s).unwrap();
+        crate::snapshot::format::decode_state(std::path::Path::new("state"), &bytes)
+            .unwrap()
+            .1
+    }
+
+    /// The frame of a received packet in guest buffer `k` (see [`offer`]), `len` bytes with
+    /// the header.
+    fn received(m: &GuestMemory, k: u64, len: usize) -> Vec<u8> {
+        let mut got = vec![0u8; len];
+        m.read_slice(&mut got, GuestAddress(BUF_BASE + k * 0x1_0000))
+            .unwrap();
+        got.split_off(NET_HDR_SIZE)
+    }
+
+    const MAC: MacAddr = MacAddr([2, 0, 0, 0, 0, 7]);
+
+    #[test]
+    fn state_round_trip_keeps_the_mac_and_may_change_the_tap() {
+        let (a, _) = stand_in("embstandinA", MAC);
+        let saved = through_file(&a.save_state());
+        assert_eq!(
+            saved,
+            VirtioDeviceState::Net(NetState {
+                tap: "embstandinA".into(),
+                mac: MAC,
+                // A stand-in TAP has no host end.
+                host_mac: None,
+            })
+        );
+        assert!(
+            a.saved_queues().is_empty(),
+            "inactive: no queues of its own"
+        );
+        // Another TAP (a host-side setting): accepted.
+        let (mut b, _) = stand_in("embstandinB", MAC);
+        b.restore_state(&saved).unwrap();
+        assert_eq!((b.tap_name(), b.mac()), ("embstandinB", MAC));
+        // Another MAC: refused, both named, with the fix.
+        let (mut c, _) = stand_in("embstandinA", MacAddr([2, 0, 0, 0, 0, 8]));
+        let e = c.restore_state(&saved).unwrap_err().to_string();
+        assert!(
+            e.contains("its MAC is 02:00:00:00:00:08, 02:00:00:00:00:07 in the snapshot")
+                && e.contains("mac=02:00:00:00:00:07"),
+            "{e}"
+        );
+        // Another device's state: refused.
+        let rng = VirtioDeviceState::Rng(crate::snapshot::devices::RngState::default());
+        let e = c.restore_state(&rng).unwrap_err().to_string();
+        assert!(e.contains("virtio-net") && e.contains("virtio-rng"), "{e}");
+    }
+
+    #[test]
+    fn a_frame_held_at_the_snapshot_is_never_delivered_after_the_restore() {
+        let m = mem();
+        let mut rx = TestRing::new(&m, 0, 16);
+        let tx = TestRing::new(&m, 0x4000, 16);
+        let (mut a, peer_a, _) = net_on(&m, &rx, &tx);
+        // A frame from the host and no receive buffer: ember holds it.
+        let old = packet(300);
+        peer_a.send(&old).unwrap();
+        a.tap_readable = true;
+        a.run_queues(false);
+        assert_eq!(a.rx_len, Some(300), "the frame waits in ember's buffer");
+        let device = through_file(&a.save_state());
+        let queues = a.saved_queues();
+
+        // Restored into that very device (what restore_state leaves behind): the held frame
+        // is dropped, not given to the buffers the guest posts next.
+        a.restore_state(&device).unwrap();
+        assert_eq!(a.rx_len, None);
+        offer(&mut rx, 0, &[2048]);
+        a.run_queues(false);
+        assert_eq!(
+            rx.used_idx(),
+            0,
+            "the held frame was delivered after the restore"
+        );
+        assert_eq!(a.stats().rx_frames, 0);
+
+        // Restored into a fresh NIC on another TAP, on which a frame waits already (no
+        // epoll edge is needed: the activation turn reads the TAP): that frame, and only
+        // it, reaches the guest's buffer.
+        let (mut b, peer_b) = stand_in("testtap1", MacAddr([2, 0, 0, 0, 0, 1]));
+        let new = packet(200);
+        peer_b.send(&new).unwrap();
+        let interrupt = restore_on(&mut b, &m, &device, &queues);
+        assert_eq!(rx.used_idx(), 1);
+        assert_eq!(rx.used_entry(0), (0, 200));
+        assert_eq!(received(&m, 0, 200), new[NET_HDR_SIZE..]);
+        assert_eq!(b.stats().rx_frames, 1);
+        assert_eq!(interrupt.status() & 1, 1, "the guest was interrupted");
+    }
+
+    #[test]
+    fn tx_and_rx_go_on_after_a_restore_on_another_tap() {
+        let m = mem();
+        let mut rx = TestRing::new(&m, 0, 16);
+        let mut tx = TestRing::new(&m, 0x4000, 16);
+        offer(&mut rx, 0, &[2048, 2048, 2048]);
+        let (mut a, peer_a, _) = net_on(&m, &rx, &tx);
+        let tx_buf = |k: u64| 0x30_0000 + k * 0x1000;
+        let send = |tx: &mut TestRing<'_>, k: u64, len: usize| {
+            let p = packet(len);
+            m.write_slice(&p, GuestAddress(tx_buf(k))).unwrap();
+            tx.add_chain(&[(tx_buf(k), len as u32, false)]);
+            p
+        };
+        // Before the snapshot: one frame each way.
+        let f1 = send(&mut tx, 0, 100);
+        a.run_queues(true);
+        let mut got = [0u8; 4096];
+        assert_eq!(peer_a.recv(&mut got).unwrap(), 100);
+        assert_eq!(&got[..100], &f1[..]);
+        let f2 = packet(150);
+        peer_a.send(&f2).unwrap();
+        a.tap_readable = true;
+        a.run_queues(false);
+        assert_eq!((rx.used_idx(), rx.used_entry(0)), (1, (0, 150)));
+        // The guest queues a frame whose notification the old process never handles.
+        let f3 = send(&mut tx, 1, 120);
+        let device = through_file(&a.save_state());
+        let queues = a.saved_queues();
+        drop(a);
+
+        // Restored on another TAP: the queued frame goes out on the new TAP at the first
+        // turn, frames from the new TAP fill the next posted buffers, and nothing reaches
+        // the old TAP.
+        let (mut b, peer_b) = stand_in("testtap1", MacAddr([2, 0, 0, 0, 0, 1]));
+        let interrupt = restore_on(&mut b, &m, &device, &queues);
+        assert_eq!(peer_b.recv(&mut got).unwrap(), 120);
+        assert_eq!(&got[..120], &f3[..]);
+        assert_eq!(tx.used_idx(), 2);
+        assert_eq!(
+            interrupt.status() & 1,
+            1,
+            "the guest was told of the used tx chain"
+        );
+        let f4 = packet(180);
+        peer_b.send(&f4).unwrap();
+        b.tap_readable = true; // the TAP's epoll edge
+        b.run_queues(false);
+        assert_eq!((rx.used_idx(), rx.used_entry(1)), (2, (1, 180)));
+        assert_eq!(received(&m, 1, 180), f4[NET_HDR_SIZE..]);
+        let f5 = send(&mut tx, 2, 90);
+        b.run_queues(true);
+        assert_eq!(peer_b.recv(&mut got).unwrap(), 90);
+        assert_eq!(&got[..90], &f5[..]);
+        assert_eq!(
+            b.stats(),
+            NetStats {
+                rx_frames: 1,
+                rx_bytes: 180,
+                tx_frames: 2,
+                tx_bytes: 210,
+                ..NetStats::default()
+            }
+        );
+        peer_a.set_nonblocking(true).unwrap();
+        assert!(
+            peer_a.recv(&mut got).is_err(),
+            "the old TAP got a frame after the snapshot"
+        );
+    }
+
+    #[test]
+    fn gratuitous_arp_says_the_address_is_at_the_mac() {
+        let mut buf = vec![0xaau8; MAX_PACKET_SIZE];
+        let mac = MacAddr([0x5e, 1, 2, 3, 4, 5]);
+        let n = write_gratuitous_arp(&mut buf, mac, std::net::Ipv4Addr::new(10, 0, 0, 1));
+        let mut want = vec![0u8; NET_HDR_SIZE];
+        want.extend_from_slice(&[0xff; 6]);
+        want.extend_from_slice(&mac.0);
+        want.extend_from_slice(&[0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        want.extend_from_slice(&mac.0);
+        want.extend_from_slice(&[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 10, 0, 0, 1]);
+        want.resize(NET_HDR_SIZE + 60, 0);
+        assert_eq!(&buf[..n], &want[..]);
+    }
+
+    /// On real TAPs (root only: a network namespace of its own): the TAP's host-side MAC is
+    /// saved; a restore onto the same TAP, or onto another one without an IPv4 address,
+    /// announces nothing; onto another TAP with an address, the guest's first frame is a
+    /// gratuitous ARP from that address with the new TAP's MAC.
+    #[test]
+    fn a_restore_onto_a_tap_with_another_host_mac_announces_it() {
+        let ran = crate::devices::virtio::net::tap::tests::in_new_netns(|| {
+            let m = mem();
+            let mut rx = TestRing::new(&m, 0, 16);
+            let tx = TestRing::new(&m, 0x4000, 16);
+            let queues = [(0, rx.queue().state()), (1, tx.queue().state())];
+            let a = Net::new(Tap::open("embsnapA").unwrap(), MAC).unwrap();
+            let old_mac = a.tap.host_mac().unwrap();
+            let saved = through_file(&a.save_state());
+            assert_eq!(
+                saved,
+                VirtioDeviceState::Net(NetState {
+                    tap: "embsnapA".into(),
+                    mac: MAC,
+                    host_mac: Some(old_mac),
+                })
+            );
+            drop(a);
+            let mut same = Net::new(Tap::open("embsnapA").unwrap(), MAC).unwrap();
+            same.restore_state(&saved).unwrap();
+            assert_eq!(same.rx_len, None, "same TAP: nothing to announce");
+            let b_tap = Tap::open("embsnapB").unwrap();
+            let new_mac = b_tap.host_mac().unwrap();
+            assert_ne!(new_mac, old_mac);
+            let mut b = Net::new(b_tap, MAC).unwrap();
+            b.restore_state(&saved).unwrap();
+            assert_eq!(b.rx_len, None, "no IPv4 address: nothing to announce");
+            let status = std::process::Command::new("ip")
+                .args(["addr", "add", "10.11.13.1/24", "dev", "embsnapB"])
+                .status();
+            if !status.is_ok_and(|s| s.success()) {
+                eprintln!("skipped the announcement: `ip` not usable");
+                return;
+            }
+            offer(&mut rx, 0, &[2048]);
+            let interrupt = restore_on(&mut b, &m, &saved, &queues);
+            assert_eq!(rx.used_idx(), 1);
+            assert_eq!(rx.used_entry(0), (0, (NET_HDR_SIZE + 60) as u32));
+            let mut want = vec![0u8; MAX_PACKET_SIZE];
+            let n =
+                write_gratuitous_arp(&mut want, new_mac, std::net::Ipv4Addr::new(10, 11, 13, 1));
+            assert_eq!(received(&m, 0, n), want[NET_HDR_SIZE..n]);
+            assert_eq!(interrupt.status() & 1, 1);
+        });
+        if !ran {
+            eprintln!("SKIP a_restore_onto_a_tap_with_another_host_mac_announces_it");
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use super::header::NET_HDR_SIZE;
-use super::NetError;
+use super::{MacAddr, NetError};
 
 /// `TUNSETVNETHDRSZ` (`_IOW('T', 216, int)`), missing from the libc crate.
 const TUNSETVNETHDRSZ: libc::Ioctl = 0x4004_54d8;
@@ -47,6 +47,30 @@ impl IfReq {
             .position(|&b| b == 0)
             .unwrap_or(self.name.len());
         String::from_utf8_lossy(&self.name[..end]).into_owned()
+    }
+}
+
+/// `struct ifreq` with an address (`ifr_addr`, `ifr_hwaddr`: a `struct sockaddr`), padded to
+/// the kernel's 40 bytes.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+struct IfReqAddr {
+    name: [u8; libc::IFNAMSIZ],
+    family: libc::sa_family_t,
+    data: [u8; 14],
+    _pad: [u8; 8],
+}
+
+const _: () = assert!(std::mem::size_of::<IfReqAddr>() == 40);
+
+impl IfReqAddr {
+    fn new(name: &str) -> Self {
+        Self {
+            name: IfReq::new(name).name,
+            family: 0,
+            data: [0; 14],
+            _pad: [0; 8],
+        }
     }
 }
 
@@ -174,6 +198,43 @@ impl Tap {
         Ok(true)
     }
 
+    /// The MAC address of the TAP's host end (`SIOCGIFHWADDR` on the TAP's own fd), which
+    /// the guest's neighbour entries for the host's addresses name.
+    pub fn host_mac(&self) -> io::Result<MacAddr> {
+        let mut req = IfReqAddr::new(&self.name);
+        // SAFETY: SIOCGIFHWADDR fills the sockaddr of a live, 40-byte ifreq; the fd is ours.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut mac = [0u8; 6];
+        mac.copy_from_slice(&req.data[..6]);
+        Ok(MacAddr(mac))
+    }
+
+    /// The primary IPv4 address of the TAP's host end (`SIOCGIFADDR`), `None` when it has
+    /// none (a TAP in a bridge, say).
+    pub fn host_ipv4(&self) -> io::Result<Option<std::net::Ipv4Addr>> {
+        let sock = std::net::UdpSocket::bind("0.0.0.0:0")?;
+        let mut req = IfReqAddr::new(&self.name);
+        // SAFETY: SIOCGIFADDR fills the sockaddr of a live, 40-byte ifreq; the fd is a
+        // socket.
+        let rc = unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFADDR, &mut req) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::EADDRNOTAVAIL) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        if i32::from(req.family) != libc::AF_INET {
+            return Ok(None);
+        }
+        // A sockaddr_in: port (2 bytes), then the address.
+        let [_, _, a, b, c, d, ..] = req.data;
+        Ok(Some(std::net::Ipv4Addr::new(a, b, c, d)))
+    }
+
     /// Reads one packet (virtio-net header + frame) into `buf`. A buffer shorter than the
     /// packet gets it truncated (the caller passes [`super::header::MAX_PACKET_SIZE`]).
     pub fn read_packet(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -209,7 +270,7 @@ fn tunsetiff_error(name: &str, e: io::Error) -> NetError {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::header::{tun_f, NetHeader};
     use super::*;
     use vm_memory::ByteValued;
@@ -270,6 +331,7 @@ mod tests {
             assert!(matches!(e, NetError::TapBusy(_)), "{e}");
             // Host traffic out of the TAP arrives as header + frame: make the host ARP for a
             // neighbour behind it.
+            assert_eq!(tap.host_ipv4().unwrap(), None, "no address yet");
             let status = std::process::Command::new("ip")
                 .args(["addr", "add", "10.11.12.1/24", "dev", "embertap0"])
                 .status();
@@ -277,6 +339,10 @@ mod tests {
                 eprintln!("skipped frame check: `ip` not usable");
                 return;
             }
+            assert_eq!(
+                tap.host_ipv4().unwrap(),
+                Some(std::net::Ipv4Addr::new(10, 11, 12, 1))
+            );
             let sock = std::net::UdpSocket::bind("10.11.12.1:0").unwrap();
             let _ = sock.send_to(b"x", "10.11.12.2:9");
             let mut buf = vec![0u8; 65562];
@@ -305,6 +371,11 @@ mod tests {
                 &buf[NET_HDR_SIZE..NET_HDR_SIZE + 6],
                 &[0xff; 6],
                 "broadcast"
+            );
+            // Sent by the TAP's host end, whose MAC host_mac() reads.
+            assert_eq!(
+                &buf[NET_HDR_SIZE + 6..NET_HDR_SIZE + 12],
+                &tap.host_mac().unwrap().0
             );
             // Writing a frame with a header works; a header with a bogus GSO type is refused
             // by the kernel (the device counts it as a TX error, nothing more).
