@@ -105,32 +105,7 @@ pub fn create_shared_guest_memory(size: u64) -> Result<GuestMemory, MemoryError>
     // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
     let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
     file.set_len(size).map_err(map_err(size))?;
-    let file = Arc::new(file);
-    let mut regions = Vec::new();
-    let mut offset = 0u64;
-    for (start, len) in ram_ranges(size) {
-        let bytes = usize::try_from(len).map_err(|_| {
-            map_err(len)(std::io::Error::other(
-                "region larger than the address space",
-            ))
-        })?;
-        let mapping = MmapRegionBuilder::new_with_bitmap(bytes, ())
-            .with_file_offset(FileOffset::from_arc(file.clone(), offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| map_err(len)(std::io::Error::other(e.to_string())))?;
-        let region = GuestRegionMmap::new(mapping, start).ok_or_else(|| {
-            map_err(len)(std::io::Error::other(format!(
-                "region at {:#x} would overflow the guest address space",
-                start.0
-            )))
-        })?;
-        regions.push(Arc::new(region));
-        offset += len;
-    }
-    GuestMemoryMmap::from_arc_regions(regions)
-        .map_err(|e| map_err(size)(std::io::Error::other(e.to_string())))
+    map_file_regions(Arc::new(file), size, libc::MAP_SHARED)
 }
 
 /// Maps `size` bytes of guest RAM from `file` (a snapshot's memory file: the RAM of
@@ -162,7 +137,22 @@ pub fn guest_memory_from_file(file: std::fs::File, size: u64) -> Result<GuestMem
             expected: size,
         });
     }
-    let file = Arc::new(file);
+    map_file_regions(Arc::new(file), size, libc::MAP_PRIVATE)
+}
+
+/// Maps the RAM regions of [`ram_ranges`]`(size)` from `file`, region after region, with
+/// `share` (`MAP_SHARED` or `MAP_PRIVATE`) and `MAP_NORESERVE`, read-write.
+fn map_file_regions(
+    file: Arc<std::fs::File>,
+    size: u64,
+    share: libc::c_int,
+) -> Result<GuestMemory, MemoryError> {
+    let map_err = |len: u64| {
+        move |source: std::io::Error| MemoryError::MapFile {
+            size_mib: len >> 20,
+            source,
+        }
+    };
     let mut regions = Vec::new();
     let mut offset = 0u64;
     for (start, len) in ram_ranges(size) {
@@ -174,7 +164,7 @@ pub fn guest_memory_from_file(file: std::fs::File, size: u64) -> Result<GuestMem
         let mapping = MmapRegionBuilder::new_with_bitmap(bytes, ())
             .with_file_offset(FileOffset::from_arc(file.clone(), offset))
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_mmap_flags(share | libc::MAP_NORESERVE)
             .build()
             .map_err(|e| map_err(len)(std::io::Error::other(e.to_string())))?;
         let region = GuestRegionMmap::new(mapping, start).ok_or_else(|| {
