@@ -464,16 +464,29 @@ pub fn firecracker_row(
     run: usize,
     on_progress: &mut dyn FnMut(&str),
 ) -> SnapshotRow {
+    row_in_workdir(peer.kind.name(), ctx, run, |dir, row| {
+        firecracker_steps(peer, ctx, dir, row, on_progress)
+    })
+}
+
+/// A row of `vmm`: `steps` run in a scratch directory of the bench's work directory, which
+/// is removed afterwards (every process of the row has been killed and reaped by then: the
+/// guards are dropped); an error of the steps becomes the row's error.
+fn row_in_workdir(
+    vmm: &str,
+    ctx: &SnapshotContext,
+    run: usize,
+    steps: impl FnOnce(&Path, &mut SnapshotRow) -> Result<(), String>,
+) -> SnapshotRow {
     let mut row = SnapshotRow {
-        vmm: peer.kind.name().to_string(),
+        vmm: vmm.to_string(),
         run,
         ..Default::default()
     };
-    let dir = ctx.workdir.join(format!("{}-{run}", row.vmm));
+    let dir = ctx.workdir.join(format!("{vmm}-{run}"));
     let result = std::fs::create_dir_all(&dir)
         .map_err(|e| format!("cannot create {}: {e}", dir.display()))
-        .and_then(|()| firecracker_steps(peer, ctx, &dir, &mut row, on_progress));
-    // Every process of the row has been killed and reaped by now (the guards are dropped).
+        .and_then(|()| steps(&dir, &mut row));
     runner::remove_workdir(&dir);
     if let Err(e) = result {
         row.error = Some(e);
@@ -492,21 +505,9 @@ pub fn ember_row(
     run: usize,
     on_progress: &mut dyn FnMut(&str),
 ) -> SnapshotRow {
-    let mut row = SnapshotRow {
-        vmm: "ember".into(),
-        run,
-        ..Default::default()
-    };
-    let dir = ctx.workdir.join(format!("{}-{run}", row.vmm));
-    let result = std::fs::create_dir_all(&dir)
-        .map_err(|e| format!("cannot create {}: {e}", dir.display()))
-        .and_then(|()| ember_steps(ember, ctx, &dir, &mut row, on_progress));
-    // Every process of the row has been killed and reaped by now (the guards are dropped).
-    runner::remove_workdir(&dir);
-    if let Err(e) = result {
-        row.error = Some(e);
-    }
-    row
+    row_in_workdir("ember", ctx, run, |dir, row| {
+        ember_steps(ember, ctx, dir, row, on_progress)
+    })
 }
 
 /// The arguments of the booting `ember run`: the bench's guest (with ember's own command
