@@ -101,6 +101,12 @@ pub struct ExecArgs {
     /// in docs/exec.md.
     #[arg(long, value_name = "PATH")]
     pub kernel: Option<PathBuf>,
+    /// A kernel build tree: boot DIR/vmlinux (else DIR/arch/x86/boot/bzImage) with the
+    /// default guest's initramfs. When DIR/.config exists, the options exec needs are checked
+    /// first (a missing one is named; without the warm path's CONFIG_VIRTIO_VSOCKETS and
+    /// CONFIG_VMGENID the guest is booted for each command).
+    #[arg(long, value_name = "DIR", conflicts_with = "kernel")]
+    pub kernel_tree: Option<PathBuf>,
     /// Base initramfs; ember appends its archive (command, env, files) to it. Default with
     /// the default kernel: target/guest/initramfs.cpio.
     #[arg(long, value_name = "PATH")]
@@ -147,6 +153,13 @@ pub struct ExecArgs {
     /// guest (the warm path; see docs/exec.md), and leave the snapshot cache alone.
     #[arg(long)]
     pub cold: bool,
+    /// Write the result as JSON to FILE when ember exits: its exit status, the command's
+    /// status, the reason (command-exited, timeout, signal, kernel-panic, ...), duration, the
+    /// path (warm-restore, warm-boot, cold), boot phases, and kernel oops/WARN/BUG/panic lines
+    /// seen on the console (see docs/exec.md). Not written when the command line itself is
+    /// rejected.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
     /// Write how the warm path went (restored or booted, times) as JSON to FILE (used by
     /// `ember bench --exec`).
     #[arg(long, value_name = "FILE", hide = true)]
@@ -222,7 +235,26 @@ impl ExecArgs {
 
     /// The VM configuration (before [`ExecSpec::apply`]).
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
-        let (kernel, initrd) = resolve_guest(self.kernel.as_ref(), self.initrd.as_ref(), None)?;
+        let (kernel, initrd) = match &self.kernel_tree {
+            // The tree's kernel with the default guest's initramfs (its init runs the command).
+            Some(dir) => {
+                let kernel = crate::exec::kernel_tree::pick_kernel(dir)
+                    .map_err(|e| ConfigError::Device(e.to_string()))?;
+                let initrd = self.initrd.clone().or_else(|| {
+                    default_guest_dir()
+                        .map(|d| d.join("initramfs.cpio"))
+                        .filter(|p| p.is_file())
+                });
+                let initrd = initrd.ok_or_else(|| {
+                    ConfigError::Device(
+                        "--kernel-tree boots the default guest's initramfs (its init runs the                          command), which is not built: run `bash resources/guest/build.sh`                          in the ember source tree, or pass --initrd PATH"
+                            .into(),
+                    )
+                })?;
+                (kernel, Some(initrd))
+            }
+            None => resolve_guest(self.kernel.as_ref(), self.initrd.as_ref(), None)?,
+        };
         let mut c = VmConfig::new(kernel);
         c.initrd = initrd;
         c.disks = self.disk.clone();
@@ -1341,5 +1373,46 @@ mod tests {
         assert!(parse(&["run", "--kernel", "/k", "--vcpus", "-1"]).is_err());
         assert!(parse(&["run", "--kernel", "/k", "--mem", "lots"]).is_err());
         assert!(parse(&["run", "--bogus"]).is_err());
+    }
+
+    #[test]
+    fn exec_kernel_tree_and_json() {
+        let a = exec_args(&["exec", "--json", "/r.json", "--", "true"]);
+        assert_eq!(a.json.as_deref(), Some(std::path::Path::new("/r.json")));
+        assert!(parse(&[
+            "exec",
+            "--kernel",
+            "/k",
+            "--kernel-tree",
+            "/t",
+            "--",
+            "true"
+        ])
+        .is_err());
+        // The tree's kernel: vmlinux, else the bzImage; neither: both paths named.
+        let dir = std::env::temp_dir().join(format!("ember-cli-ktree-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("arch/x86/boot")).unwrap();
+        let tree = dir.to_str().unwrap();
+        let a = exec_args(&[
+            "exec",
+            "--kernel-tree",
+            tree,
+            "--initrd",
+            "/i",
+            "--",
+            "true",
+        ]);
+        let e = a.to_config().unwrap_err().to_string();
+        assert!(
+            e.contains("vmlinux") && e.contains("arch/x86/boot/bzImage"),
+            "{e}"
+        );
+        std::fs::write(dir.join("arch/x86/boot/bzImage"), b"bz").unwrap();
+        let c = a.to_config().unwrap();
+        assert_eq!(c.kernel, dir.join("arch/x86/boot/bzImage"));
+        assert_eq!(c.initrd.as_deref(), Some(std::path::Path::new("/i")));
+        std::fs::write(dir.join("vmlinux"), b"elf").unwrap();
+        assert_eq!(a.to_config().unwrap().kernel, dir.join("vmlinux"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

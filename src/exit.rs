@@ -125,6 +125,7 @@ pub struct VmExit {
     evt: EventFd,
     reason: Mutex<Option<ExitReason>>,
     panic_seen: AtomicBool,
+    problems: crate::kernel_problems::KernelProblems,
 }
 
 impl VmExit {
@@ -134,6 +135,7 @@ impl VmExit {
             evt: EventFd::new(EFD_NONBLOCK)?,
             reason: Mutex::new(None),
             panic_seen: AtomicBool::new(false),
+            problems: Default::default(),
         })
     }
 
@@ -161,6 +163,12 @@ impl VmExit {
     /// Notes that the guest kernel printed its panic message.
     pub fn note_panic(&self) {
         self.panic_seen.store(true, Ordering::SeqCst);
+    }
+
+    /// The kernel problem signatures (oops, WARN, BUG, panic) the guest printed on its
+    /// console.
+    pub fn kernel_problems(&self) -> &crate::kernel_problems::KernelProblems {
+        &self.problems
     }
 
     /// The recorded reason, if any.

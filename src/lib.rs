@@ -40,6 +40,7 @@ pub mod exit;
 pub mod host;
 pub mod image_file;
 pub mod kernel;
+pub mod kernel_problems;
 pub mod logger;
 pub mod memory;
 pub mod profiler;

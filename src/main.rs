@@ -9,7 +9,6 @@ use clap::Parser;
 
 use ember::bench::runner::Progress;
 use ember::cli::{BenchArgs, Cli, Command, ExecArgs, RestoreArgs, RunArgs};
-use ember::exec::exit_status;
 use ember::exit::{code, ExitReason};
 use ember::host::HostInfo;
 use ember::vmm::RunOptions;
@@ -54,19 +53,52 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 }
 
 /// `ember exec`: boot, run the command, exit with its status (see `ember exec --help`).
+/// With `--json FILE`, the result is written on every way out from here (the watchdog's
+/// too, through `status_of`).
 fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
-    let failed = |e: &dyn std::error::Error| {
-        ember::print_error_chain(e);
-        ExitCode::from(code::EXEC_NO_STATUS)
-    };
+    use ember::exec::report::{Ending, ExecPath, ResultWriter, VmWatch};
+    let watch = VmWatch::default();
+    let mut writer = args.json.as_ref().map(|file| ResultWriter {
+        file: file.clone(),
+        // Until the configuration is known: a kernel that has no symbols.
+        kernel: args
+            .kernel
+            .clone()
+            .or_else(|| args.kernel_tree.as_ref().map(|d| d.join("vmlinux")))
+            .unwrap_or_default(),
+        start,
+        watch: watch.clone(),
+    });
     let spec = match args.to_spec() {
         Ok(s) => s,
-        Err(e) => return failed(&e),
+        Err(e) => return exec_failed(writer.as_ref(), "setup-error", &e),
     };
     let mut config = match args.to_config() {
         Ok(c) => c,
-        Err(e) => return failed(&e),
+        Err(e) => return exec_failed(writer.as_ref(), "setup-error", &e),
     };
+    if let Some(w) = &mut writer {
+        w.kernel = config.kernel.clone();
+    }
+    let failed = |reason, e: &dyn std::error::Error| exec_failed(writer.as_ref(), reason, e);
+    // A kernel tree's .config: refuse a kernel that lacks what exec needs, before booting.
+    let mut force_cold = None;
+    if let Some(dir) = &args.kernel_tree {
+        match ember::exec::kernel_tree::check_config(dir, !args.share.is_empty()) {
+            Ok(c) if !c.missing_warm.is_empty() => {
+                force_cold = Some(format!(
+                    "the kernel tree's .config lacks {} (the warm path needs them)",
+                    c.missing_warm.join(", ")
+                ));
+            }
+            Ok(c) if !c.checked => log::info!(
+                "--kernel-tree {}: no .config in it: the options exec needs were not checked",
+                dir.display()
+            ),
+            Ok(_) => {}
+            Err(e) => return failed("setup-error", &e),
+        }
+    }
     let opts = RunOptions {
         // checked: a deadline past the clock's end is no deadline (the flag is capped anyway).
         deadline: args
@@ -75,48 +107,97 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         // A stop signal ends the VM at once: there is nothing in a throwaway guest to shut
         // down gracefully, so the power button is never pressed.
         shutdown: Some(Box::new(|| false)),
-        // The status the watchdog ends the process with when the event loop is stuck.
+        // The status the watchdog ends the process with when the event loop is stuck (and
+        // the --json result, which the run loop will not get to write).
         status_of: Some(Box::new({
             let timeout = args.timeout;
-            move |outcome| exit_status(outcome, timeout).code
+            let writer = writer.clone();
+            move |outcome| {
+                let ending = Ending::of_run(outcome, timeout);
+                if let Some(w) = &writer {
+                    w.write(&ending, None);
+                }
+                ending.status
+            }
         })),
         ..Default::default()
     };
-    let result = match ember::exec::warm::eligible(&config, args.cold) {
-        Ok(cache) => ember::exec::warm::run(&config, &spec, &cache, start, opts)
-            .map(|(outcome, report)| (outcome, Some(report)))
-            .map_err(|e| Box::new(e) as Box<dyn std::error::Error>),
-        Err(why) => {
-            log::info!("cold exec (booting the guest for this command): {why}");
-            if let Err(e) = spec.apply(&mut config) {
-                return failed(&e);
-            }
-            ember::run_vm(&config, start, Default::default(), opts)
-                .map(|outcome| (outcome, None))
+    let eligible = match force_cold {
+        Some(why) => Err(why),
+        None => ember::exec::warm::eligible(&config, args.cold).map_err(str::to_string),
+    };
+    let result = match eligible {
+        Ok(cache) => {
+            watch.set_path(ExecPath::WarmBoot);
+            ember::exec::warm::run(&config, &spec, &cache, start, opts, &watch)
+                .map(|(outcome, report)| (outcome, Some(report)))
                 .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
         }
-    };
-    let result = result.map(|(outcome, report)| {
-        if let Some(path) = &args.bench_report {
-            use ember::bench::json::Json;
-            let warm = report.as_ref().map_or(Json::Null, |r| r.to_json());
-            let text = Json::obj([("warm", warm)]).to_pretty();
-            if let Err(e) = std::fs::write(path, text) {
-                log::error!("cannot write {}: {e}", path.display());
+        Err(why) => {
+            log::info!("cold exec (booting the guest for this command): {why}");
+            watch.set_path(ExecPath::Cold);
+            if let Err(e) = spec.apply(&mut config) {
+                return failed("setup-error", &e);
             }
+            run_cold(&config, start, opts, &watch)
         }
-        outcome
-    });
+    };
     match result {
-        Ok(outcome) => {
-            let status = exit_status(&outcome, args.timeout);
-            if let Some(msg) = &status.message {
+        Ok((outcome, report)) => {
+            let warm = report.as_ref().map(|r| r.to_json());
+            if let Some(path) = &args.bench_report {
+                use ember::bench::json::Json;
+                let text = Json::obj([("warm", warm.clone().unwrap_or(Json::Null))]).to_pretty();
+                if let Err(e) = std::fs::write(path, text) {
+                    log::error!("cannot write {}: {e}", path.display());
+                }
+            }
+            let ending = Ending::of_run(&outcome, args.timeout);
+            if let Some(msg) = &ending.message {
                 log::error!("{msg}");
             }
-            ExitCode::from(status.code)
+            if let Some(w) = &writer {
+                w.write(&ending, warm);
+            }
+            ExitCode::from(ending.status)
         }
-        Err(e) => failed(e.as_ref()),
+        Err(e) => failed("vm-error", e.as_ref()),
     }
+}
+
+/// Says why exec failed in ember, writes the `--json` result, and picks the status (125).
+fn exec_failed(
+    writer: Option<&ember::exec::report::ResultWriter>,
+    reason: &'static str,
+    e: &dyn std::error::Error,
+) -> ExitCode {
+    ember::print_error_chain(e);
+    if let Some(w) = writer {
+        w.write(&ember::exec::report::Ending::of_error(reason, e), None);
+    }
+    ExitCode::from(code::EXEC_NO_STATUS)
+}
+
+/// The cold exec VM: built (and watched for `--json`), then run.
+fn run_cold(
+    config: &ember::config::VmConfig,
+    start: Instant,
+    mut opts: RunOptions,
+    watch: &ember::exec::report::VmWatch,
+) -> Result<
+    (
+        ember::vmm::RunOutcome,
+        Option<ember::exec::warm::WarmReport>,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    match ember::event_loop::block_signals_to_fd() {
+        Ok(fd) => opts.signal_fd = Some(fd),
+        Err(e) => log::warn!("cannot handle signals: {e}"),
+    }
+    let vmm = ember::builder::build_vm(config, start, Default::default())?;
+    watch.attach(&vmm, ember::exec::report::ExecPath::Cold);
+    Ok((vmm.run(opts), None))
 }
 
 fn bench(args: &BenchArgs) -> ExitCode {

@@ -228,3 +228,145 @@ fn usage_errors_exit_125() {
         "help documents the statuses"
     );
 }
+
+/// Reads the `--json` result ember wrote.
+fn read_json(path: &std::path::Path) -> ember::bench::json::Json {
+    let text = std::fs::read_to_string(path).expect("ember wrote no --json result");
+    ember::bench::json::Json::parse(&text).expect("--json result is JSON")
+}
+
+/// `--json`: a guest that prints a WARNING (function named on the line), an oops whose RIP is
+/// an address only (symbolized from the kernel's ELF symbols) and a panic line, then writes
+/// its status: the result has the status, the path, boot phases, and the three problems.
+#[test]
+fn json_result_reports_status_and_kernel_problems() {
+    use ember::bench::json::Json;
+    if !kvm_or_skip("json_result_reports_status_and_kernel_problems") {
+        return;
+    }
+    let dir = TempDir::new("json");
+    let rip = common::TINY_LOAD + 0x10;
+    let console = format!(
+        "hello from the command\n\
+         [    1.000000] WARNING: CPU: 0 PID: 1 at drivers/foo/bar.c:42 foo_probe+0x1a/0x40\r\n\
+         [    1.100000] BUG: unable to handle page fault for address: 0000000000001000\r\n\
+         [    1.100001] Oops: 0000 [#1] SMP\r\n\
+         [    1.100002] RIP: 0010:{rip:#x}\r\n\
+         [    1.200000] Kernel panic - not syncing: Fatal exception\r\n"
+    );
+    let mut code = Asm::new();
+    tiny::out_bytes(&mut code, COM1, console.as_bytes());
+    tiny::write_status(&mut code, 3).halt_loop();
+    let kernel =
+        common::write_tiny_guest(&dir.0, "oops", &code.code, &[("tiny_fault_fn", 0, 0x100)]);
+    let json = dir.0.join("result.json");
+    let mut cmd = common_exec::ember();
+    cmd.arg("exec")
+        .arg("--kernel")
+        .arg(&kernel)
+        .arg("--json")
+        .arg(&json)
+        .args(["--", "true"]);
+    let f = run(cmd, LIMIT);
+    assert_eq!(f.code, Some(3), "{f:?}");
+    let j = read_json(&json);
+    assert_eq!(j.get("status").and_then(Json::as_u64), Some(3), "{j}");
+    assert_eq!(j.get("command_status").and_then(Json::as_u64), Some(3));
+    assert_eq!(
+        j.get("reason").and_then(Json::as_str),
+        Some("command-exited")
+    );
+    assert_eq!(j.get("path").and_then(Json::as_str), Some("cold"));
+    assert!(j.get("duration_ms").and_then(Json::as_f64).is_some());
+    let boot = j.get("boot").expect("boot phases");
+    for phase in [
+        "vm_created",
+        "kernel_loaded",
+        "first_kvm_run",
+        "first_serial_byte",
+    ] {
+        assert!(
+            boot.get(phase).and_then(Json::as_f64).is_some(),
+            "{phase}: {j}"
+        );
+    }
+    let problems = j.get("kernel_problems").and_then(Json::as_array).unwrap();
+    let got: Vec<(&str, Option<&str>)> = problems
+        .iter()
+        .map(|p| {
+            (
+                p.get("kind").and_then(Json::as_str).unwrap(),
+                p.get("function").and_then(Json::as_str),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("warning", Some("foo_probe")),
+            ("bug", Some("tiny_fault_fn")),
+            ("panic", None)
+        ],
+        "{j}"
+    );
+    assert_eq!(
+        problems[1].get("line").and_then(Json::as_str),
+        Some("BUG: unable to handle page fault for address: 0000000000001000")
+    );
+    assert_eq!(
+        problems[1].get("address").and_then(Json::as_str),
+        Some(format!("{rip:#x}").as_str())
+    );
+}
+
+/// `--json` is written when the VM is stopped by the timeout, and when ember fails before
+/// booting (here: a kernel tree without a kernel, named with both paths looked for).
+#[test]
+fn json_result_on_timeout_and_setup_errors() {
+    use ember::bench::json::Json;
+    let dir = TempDir::new("json-err");
+    let json = dir.0.join("err.json");
+    let tree = dir.0.join("linux");
+    std::fs::create_dir_all(&tree).unwrap();
+    let mut cmd = common_exec::ember();
+    cmd.arg("exec")
+        .arg("--kernel-tree")
+        .arg(&tree)
+        .arg("--json")
+        .arg(&json)
+        .args(["--", "true"]);
+    let f = run(cmd, LIMIT);
+    assert_eq!(f.code, Some(125), "{f:?}");
+    assert!(
+        f.stderr.contains("arch/x86/boot/bzImage") && f.stderr.contains("vmlinux"),
+        "{f:?}"
+    );
+    let j = read_json(&json);
+    assert_eq!(j.get("status").and_then(Json::as_u64), Some(125), "{j}");
+    assert_eq!(j.get("command_status"), Some(&Json::Null));
+    assert_eq!(j.get("reason").and_then(Json::as_str), Some("setup-error"));
+    assert!(j
+        .get("message")
+        .and_then(Json::as_str)
+        .is_some_and(|m| m.contains("bzImage")));
+
+    if !kvm_or_skip("json_result_on_timeout_and_setup_errors") {
+        return;
+    }
+    let json = dir.0.join("timeout.json");
+    let json_arg = json.to_str().unwrap().to_string();
+    let f = run(
+        exec_tiny(
+            &dir,
+            "spin",
+            tiny::spin(&mut Asm::new()),
+            &["--timeout", "1", "--json", &json_arg],
+        ),
+        LIMIT,
+    );
+    assert_eq!(f.code, Some(124), "{f:?}");
+    let j = read_json(&json);
+    assert_eq!(j.get("status").and_then(Json::as_u64), Some(124), "{j}");
+    assert_eq!(j.get("reason").and_then(Json::as_str), Some("timeout"));
+    assert_eq!(j.get("command_status"), Some(&Json::Null));
+}

@@ -29,6 +29,8 @@ use crate::cpio::{CpioError, CpioWriter};
 use crate::exit::{code, ExitReason};
 use crate::vmm::RunOutcome;
 
+pub mod kernel_tree;
+pub mod report;
 pub mod warm;
 
 /// The guest command line of `ember exec` (before `--append` and ember's host switches):

@@ -212,13 +212,15 @@ impl WarmReport {
 
 /// Runs `spec` on the warm path: restores the cached snapshot for `base`, or boots and
 /// snapshots the guest when it is ready (see the module documentation). A cached snapshot
-/// that cannot be restored is removed, and the guest booted instead.
+/// that cannot be restored is removed, and the guest booted instead. `watch` is told which
+/// VM runs (for `--json`).
 pub fn run(
     base: &VmConfig,
     spec: &ExecSpec,
     cache: &SnapshotCache,
     start: Instant,
     mut opts: RunOptions,
+    watch: &super::report::VmWatch,
 ) -> Result<(RunOutcome, WarmReport), WarmError> {
     let mut report = WarmReport::default();
     let runtime = RuntimeDir::new()?;
@@ -240,6 +242,7 @@ pub fn run(
         };
         match build_vm(&config, start, hooks) {
             Ok(vmm) => {
+                watch.attach(&vmm, super::report::ExecPath::WarmRestore);
                 report.restored = true;
                 report.built = Some(start.elapsed());
                 log::info!(
@@ -268,6 +271,7 @@ pub fn run(
 
     // No usable snapshot: boot, and snapshot the guest when it is ready for the command.
     let vmm = build_vm(&config, start, BuildHooks::default())?;
+    watch.attach(&vmm, super::report::ExecPath::WarmBoot);
     report.built = Some(start.elapsed());
     let timeline = vmm.timeline().clone();
     let ready_at = Arc::new(std::sync::Mutex::new(None));

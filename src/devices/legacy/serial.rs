@@ -18,6 +18,7 @@ use super::console::{ConsoleHandle, ConsoleWriter};
 use super::EventFdTrigger;
 use crate::devices::bus::{lock, BusDevice};
 use crate::exit::VmExit;
+use crate::kernel_problems::ProblemScanner;
 use crate::snapshot::devices::SerialState;
 use crate::snapshot::format::SnapshotError;
 use crate::timeline::{Phase, Timeline};
@@ -26,8 +27,8 @@ use crate::timeline::{Phase, Timeline};
 /// [`ExitReason::Panic`](crate::exit::ExitReason::Panic): the guest's claim, printed by the
 /// guest, which ember takes at its word (any guest can print it).
 const PANIC_MARKER: &[u8] = b"Kernel panic - not syncing";
-/// Longest line prefix kept for spotting the panic message.
-const LINE_KEEP: usize = 160;
+/// Longest line prefix kept for spotting the panic message and other kernel problems.
+const LINE_KEEP: usize = crate::kernel_problems::LINE_MAX;
 
 /// Where guest output goes: a [`ConsoleWriter`] plus the bookkeeping ember does on console
 /// output (first-byte timestamp, panic message detection). Holds at most one line prefix.
@@ -37,6 +38,7 @@ pub struct ConsoleOutput {
     timeline: Option<Arc<Timeline>>,
     exit: Option<Arc<VmExit>>,
     line: Vec<u8>,
+    problems: ProblemScanner,
 }
 
 impl std::fmt::Debug for ConsoleOutput {
@@ -48,7 +50,9 @@ impl std::fmt::Debug for ConsoleOutput {
 impl ConsoleOutput {
     /// Output to `out` (through a writer thread), named `name` ("stdout") in messages. With
     /// `timeline`, the first byte is recorded; with `exit`, a kernel panic message is noted
-    /// so that the following reset reports a panic.
+    /// so that the following reset reports a panic, and kernel problem signatures (oops,
+    /// WARN, BUG, panic: [`crate::kernel_problems`]) are recorded in its
+    /// [`VmExit::kernel_problems`].
     pub fn new(
         out: Box<dyn Write + Send>,
         name: &'static str,
@@ -60,6 +64,7 @@ impl ConsoleOutput {
             timeline,
             exit,
             line: Vec::with_capacity(LINE_KEEP),
+            problems: ProblemScanner::default(),
         })
     }
 
@@ -84,6 +89,7 @@ impl Write for ConsoleOutput {
                     {
                         exit.note_panic();
                     }
+                    self.problems.line(&self.line, exit.kernel_problems());
                     self.line.clear();
                 } else if self.line.len() < LINE_KEEP {
                     self.line.push(b);
