@@ -45,7 +45,8 @@ pub struct Finished {
     pub stdout: Vec<u8>,
     /// Everything on stderr.
     pub stderr: String,
-    /// The highest VmHWM (KiB) seen in /proc/PID/status while it ran.
+    /// Peak resident memory (KiB): wait4's ru_maxrss, or the highest VmHWM seen in
+    /// /proc/PID/status while it ran if that was higher.
     pub hwm_kib: u64,
     /// Wall time from spawn to exit.
     pub elapsed: Duration,
@@ -57,12 +58,16 @@ pub struct Running {
     started: Instant,
     out: Option<std::thread::JoinHandle<Vec<u8>>>,
     err: Option<std::thread::JoinHandle<Vec<u8>>>,
+    /// Reaped by `finish` (with wait4, behind std's back): nothing left to kill or wait for.
+    reaped: bool,
 }
 
 impl Drop for Running {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if !self.reaped {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -90,6 +95,7 @@ impl Running {
             started: Instant::now(),
             out,
             err,
+            reaped: false,
         }
     }
 
@@ -105,16 +111,28 @@ impl Running {
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
     }
 
-    /// Waits for the end, at most `limit` (then kills it and panics), sampling VmHWM.
+    /// Waits for the end, at most `limit` (then kills it and panics). The peak RSS is the
+    /// kernel's (`wait4`'s ru_maxrss), so a short run's peak is not missed between samples;
+    /// VmHWM is also sampled while it runs.
     pub fn finish(mut self, limit: Duration) -> Finished {
+        use std::os::unix::process::ExitStatusExt;
         let mut hwm = 0;
+        let pid = libc::pid_t::try_from(self.child.id()).expect("pid");
         let status = loop {
             if let Some(kib) = vm_hwm_kib(self.child.id()) {
                 hwm = hwm.max(kib);
             }
-            if let Some(st) = self.child.try_wait().expect("wait") {
-                break st;
+            let mut raw = 0;
+            // SAFETY: rusage is plain data; wait4 on our own unreaped child, not blocking.
+            let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: valid pointers to `raw` and `usage` for the call's duration.
+            let r = unsafe { libc::wait4(pid, &mut raw, libc::WNOHANG, &mut usage) };
+            if r == pid {
+                self.reaped = true;
+                hwm = hwm.max(u64::try_from(usage.ru_maxrss).unwrap_or(0));
+                break std::process::ExitStatus::from_raw(raw);
             }
+            assert!(r == 0, "wait4: {}", std::io::Error::last_os_error());
             if self.started.elapsed() > limit {
                 let _ = self.child.kill();
                 panic!("ember still running after {limit:?}: killed it");
