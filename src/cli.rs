@@ -442,6 +442,18 @@ pub struct RunArgs {
     /// target/guest/rootfs.ext4 --root /dev/vda`.
     #[arg(long, value_name = "DEV")]
     pub root: Option<String>,
+    /// Boot with a host directory as the root file system, over virtio-fs (as virtme-ng does
+    /// with the host's /): shares DIR as the first share (tag `rootfs`, served by virtiofsd
+    /// like --share), adds `root=rootfs rootfstype=virtiofs rw` (`ro`: read-only on the host
+    /// side too) and leaves out the default initramfs. The kernel runs DIR/init when there
+    /// is one, else DIR/sbin/init; `--append init=/PATH` names another program in DIR.
+    #[arg(
+        long,
+        value_name = ShareConfig::ROOT_SYNTAX,
+        value_parser = parse_root_share,
+        conflicts_with_all = ["root", "initrd"]
+    )]
+    pub root_share: Option<ShareConfig>,
     /// A virtio-net NIC on a host TAP interface (repeatable): tap=NAME[,mac=XX:XX:XX:XX:XX:XX].
     /// The TAP is opened (or created, with CAP_NET_ADMIN); without mac= a stable address is
     /// derived from the host and TAP name. See docs/network.md.
@@ -783,6 +795,10 @@ fn parse_share(s: &str) -> Result<ShareConfig, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
 
+fn parse_root_share(s: &str) -> Result<ShareConfig, String> {
+    ShareConfig::parse_root(s).map_err(|e| e.to_string())
+}
+
 fn parse_vsock(s: &str) -> Result<VsockConfig, String> {
     s.parse().map_err(|e: ConfigError| e.to_string())
 }
@@ -794,12 +810,14 @@ fn parse_rng(s: &str) -> Result<RngConfig, String> {
 impl RunArgs {
     /// The VM configuration these flags describe.
     pub fn to_config(&self) -> Result<VmConfig, ConfigError> {
-        // With --root the guest boots from disk, not from the default initramfs.
-        let (kernel, initrd) = resolve_guest(
-            self.kernel.as_ref(),
-            self.initrd.as_ref(),
-            self.root.as_deref(),
-        )?;
+        // With --root (or --root-share) the guest boots from its root file system, not from
+        // the default initramfs.
+        let root = match &self.root_share {
+            Some(_) => Some(crate::config::ROOT_SHARE_TAG.to_string()),
+            None => self.root.clone(),
+        };
+        let (kernel, initrd) =
+            resolve_guest(self.kernel.as_ref(), self.initrd.as_ref(), root.as_deref())?;
         let mut c = VmConfig::new(kernel);
         c.initrd = initrd;
         c.cmdline = self.cmdline.clone();
@@ -818,10 +836,18 @@ impl RunArgs {
         c.host_tuning = !self.no_host_tuning;
         c.boot_timer = self.boot_timer;
         c.disks = self.disk.clone();
-        c.root = self.root.clone();
+        c.root = root;
         c.net = self.net.clone();
         c.vsock = self.vsock.clone();
         c.shares = self.share.clone();
+        if let Some(r) = &self.root_share {
+            // The root share comes first; the others keep the tags their positions among the
+            // --share flags gave them (share0, share1, ...).
+            for (i, s) in c.shares.iter_mut().enumerate() {
+                s.tag = Some(s.tag(i));
+            }
+            c.shares.insert(0, r.clone());
+        }
         c.rng = if self.no_rng {
             None
         } else {
@@ -1022,6 +1048,16 @@ mod tests {
     }
 
     #[test]
+    fn root_share_conflicts() {
+        for (other, v) in [("--root", "/dev/vda"), ("--initrd", "/i")] {
+            let e = parse(&["run", "--kernel", "/k", "--root-share", "/r", other, v]).unwrap_err();
+            assert!(e.to_string().contains("cannot be used with"), "{e}");
+        }
+        let e = parse(&["run", "--root-share", "/r,tag=x"]).unwrap_err();
+        assert!(e.to_string().contains("DIR[,ro]"), "{e}");
+    }
+
+    #[test]
     fn root_drops_the_default_initramfs() {
         let dir = std::env::temp_dir().join(format!("ember-cli-guest-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -1054,6 +1090,47 @@ mod tests {
         assert_eq!(
             a.to_config().unwrap().initrd.as_deref(),
             Some(std::path::Path::new("/i"))
+        );
+        // --root-share: the default kernel without its initramfs, the root share first with
+        // the other shares keeping their tags, and the virtiofs root on the command line.
+        let Command::Run(a) = parse(&[
+            "run",
+            "--share",
+            "/s0",
+            "--root-share",
+            "/r,ro",
+            "--share",
+            "/s1,tag=x",
+            "--share",
+            "/s2",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!("not run")
+        };
+        let c = a.to_config().unwrap();
+        assert_eq!(c.initrd, None);
+        assert_eq!(c.kernel, dir.join("vmlinux"));
+        assert_eq!(c.root.as_deref(), Some("rootfs"));
+        let shares: Vec<_> = c
+            .shares
+            .iter()
+            .enumerate()
+            .map(|(i, s)| (s.dir.display().to_string(), s.tag(i), s.readonly))
+            .collect();
+        assert_eq!(
+            shares,
+            [
+                ("/r".to_string(), "rootfs".to_string(), true),
+                ("/s0".to_string(), "share0".to_string(), false),
+                ("/s1".to_string(), "x".to_string(), false),
+                ("/s2".to_string(), "share2".to_string(), false),
+            ]
+        );
+        assert_eq!(
+            c.root_cmdline().unwrap(),
+            "root=rootfs rootfstype=virtiofs ro"
         );
         std::env::remove_var("EMBER_GUEST_DIR");
         std::fs::remove_dir_all(dir).unwrap();

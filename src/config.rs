@@ -239,7 +239,9 @@ pub struct VmConfig {
     /// Block devices, in order: the first is /dev/vda in the guest, then vdb, ...
     pub disks: Vec<DiskConfig>,
     /// Root device for the guest (`root=`), e.g. `/dev/vda`; adds `root=.. rootfstype=ext4
-    /// rw` (or `ro` for a read-only disk) to the command line.
+    /// rw` (or `ro` for a read-only disk) to the command line. When it is the tag of one of
+    /// [`shares`](Self::shares) (`--root-share`: [`ROOT_SHARE_TAG`]), that share is the root
+    /// file system: `root=TAG rootfstype=virtiofs rw` (see [`Self::root_cmdline`]).
     pub root: Option<String>,
     /// virtio-net devices, one per TAP (`--net`).
     pub net: Vec<NetConfig>,
@@ -302,6 +304,7 @@ impl VmConfig {
                 why,
             })?;
         }
+        self.root_share_init()?;
         Ok(())
     }
 
@@ -340,6 +343,26 @@ impl VmConfig {
         }
         if let Some(r) = &self.rng {
             r.validate()?;
+        }
+        if let Some(s) = self.root_share() {
+            match std::fs::metadata(&s.dir) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    return Err(ConfigError::Device(format!(
+                        "--root-share {}: not a directory (give the directory that holds the \
+                         guest's root file system)",
+                        s.dir.display()
+                    )))
+                }
+                Err(e) => {
+                    return Err(ConfigError::Device(format!(
+                        "--root-share {}: {} (give the directory that holds the guest's root \
+                         file system)",
+                        s.dir.display(),
+                        io_why(&e)
+                    )))
+                }
+            }
         }
         ShareConfig::validate_all(&self.shares)?;
         Ok(())
@@ -384,10 +407,76 @@ impl VmConfig {
             })
     }
 
+    /// The share [`root`](Self::root) names by its tag (`--root-share`): the guest's root
+    /// file system, mounted by the kernel over virtio-fs. `None` for a disk root.
+    pub fn root_share(&self) -> Option<&ShareConfig> {
+        let root = self.root.as_deref()?;
+        if root.starts_with("/dev/") {
+            return None;
+        }
+        self.shares
+            .iter()
+            .enumerate()
+            .find(|(i, s)| s.tag(*i) == root)
+            .map(|(_, s)| s)
+    }
+
+    /// The program the kernel must be told to run from a root share: `Some("/init")` when
+    /// the directory has an /init (what an initramfs runs; the kernel itself only looks for
+    /// /sbin/init, /etc/init, /bin/init and /bin/sh on a root file system), `None` when the
+    /// command line names one with `init=` (it must exist in the directory) or the kernel
+    /// finds /sbin/init, or when the root is no share. An error names the paths looked for.
+    pub fn root_share_init(&self) -> Result<Option<&'static str>, ConfigError> {
+        let Some(share) = self.root_share() else {
+            return Ok(None);
+        };
+        let dir = &share.dir;
+        let path = |p: &str| dir.join(p.trim_start_matches('/'));
+        // symlink_metadata: a symbolic link is resolved by the guest, in its own root (an
+        // absolute /sbin/init -> /bin/busybox names the directory's busybox, not the host's).
+        let exists = |p: &str| std::fs::symlink_metadata(path(p)).is_ok();
+        if let Some(init) = crate::host::param_value(&self.cmdline, "init") {
+            if !init.trim_start_matches('/').is_empty() && exists(init) {
+                return Ok(None);
+            }
+            return Err(ConfigError::Device(format!(
+                "--root-share {}: init={init} names {}, which does not exist (init= is a path \
+                 inside the shared directory)",
+                dir.display(),
+                path(init).display()
+            )));
+        }
+        if exists("init") {
+            return Ok(Some("/init"));
+        }
+        if exists("sbin/init") {
+            return Ok(None);
+        }
+        Err(ConfigError::Device(format!(
+            "--root-share {}: no init to run: neither {} nor {} exists (share a root file \
+             system, or name its init program with --append init=/PATH)",
+            dir.display(),
+            path("init").display(),
+            path("sbin/init").display()
+        )))
+    }
+
     /// The command-line words `--root` adds: `root=R rootfstype=ext4 rw` (`ro` when the root
-    /// disk is read-only).
+    /// disk is read-only); for a root share `root=TAG rootfstype=virtiofs rw` (`ro` for a
+    /// read-only share), and `init=/init` when [`Self::root_share_init`] says so.
     pub fn root_cmdline(&self) -> Option<String> {
         let root = self.root.as_deref()?;
+        if let Some(share) = self.root_share() {
+            let mut words = format!(
+                "root={root} rootfstype=virtiofs {}",
+                if share.readonly { "ro" } else { "rw" }
+            );
+            if let Ok(Some(init)) = self.root_share_init() {
+                words.push_str(" init=");
+                words.push_str(init);
+            }
+            return Some(words);
+        }
         let ro = matches!(self.root_disk(root), Ok(Some(d)) if d.read_only);
         Some(format!(
             "root={root} rootfstype=ext4 {}",
@@ -450,6 +539,9 @@ pub struct ShareConfig {
 /// Longest mount tag: the virtio-fs configuration space has 36 bytes for it.
 pub const MAX_SHARE_TAG: usize = 36;
 
+/// The mount tag of the `--root-share` share (`root=rootfs rootfstype=virtiofs`).
+pub const ROOT_SHARE_TAG: &str = "rootfs";
+
 impl ShareConfig {
     /// Syntax help for `--share`.
     pub const SYNTAX: &'static str = "HOST_DIR[,tag=NAME][,ro][,cache=auto|always|never]";
@@ -462,6 +554,34 @@ impl ShareConfig {
             readonly: false,
             cache: ShareCache::Auto,
         }
+    }
+
+    /// Syntax help for `--root-share`.
+    pub const ROOT_SYNTAX: &'static str = "DIR[,ro]";
+
+    /// Parses `--root-share DIR[,ro]`: a share with the tag [`ROOT_SHARE_TAG`].
+    pub fn parse_root(s: &str) -> Result<Self, ConfigError> {
+        let syntax = Self::ROOT_SYNTAX;
+        let mut parts = s.split(',');
+        let dir = parts.next().unwrap_or_default();
+        if dir.is_empty() || dir.contains('=') {
+            return Err(ConfigError::Device(format!(
+                "--root-share {s:?}: the host directory comes first (syntax: {syntax})"
+            )));
+        }
+        let mut c = Self::new(dir);
+        c.tag = Some(ROOT_SHARE_TAG.to_string());
+        for part in parts.filter(|p| !p.is_empty()) {
+            match part {
+                "ro" => c.readonly = true,
+                _ => {
+                    return Err(ConfigError::Device(format!(
+                        "--root-share {s:?}: unknown option {part:?} (syntax: {syntax})"
+                    )))
+                }
+            }
+        }
+        Ok(c)
     }
 
     /// The mount tag of the share at position `index` of [`VmConfig::shares`].
@@ -765,5 +885,86 @@ mod tests {
         let missing = ShareConfig::new("/nonexistent/ember-share");
         let e = ShareConfig::validate_all(&[missing]).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/ember-share"), "{e}");
+    }
+
+    #[test]
+    fn root_share_cmdline_and_refusals() {
+        let base = std::env::temp_dir().join(format!("ember-cfg-rootshare-{}", std::process::id()));
+        let dir = base.join("root");
+        std::fs::create_dir_all(dir.join("sbin")).unwrap();
+        let kernel = base.join("vmlinux");
+        std::fs::write(&kernel, b"\x7fELF").unwrap();
+        let mut c = VmConfig::new(&kernel);
+        c.shares = vec![
+            ShareConfig::parse_root(dir.to_str().unwrap()).unwrap(),
+            ShareConfig::new(&base),
+        ];
+        c.root = Some(ROOT_SHARE_TAG.into());
+        assert_eq!(c.root_share(), Some(&c.shares[0]));
+
+        // No init: refused, naming both paths looked for and init=.
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains(&format!("{}/init", dir.display())), "{e}");
+        assert!(e.contains(&format!("{}/sbin/init", dir.display())), "{e}");
+        assert!(e.contains("init=/PATH"), "{e}");
+
+        // /sbin/init (a dangling symbolic link counts: the guest resolves it in its root):
+        // the kernel finds it itself.
+        std::os::unix::fs::symlink("/bin/busybox-not-on-host", dir.join("sbin/init")).unwrap();
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.root_cmdline().unwrap(),
+            "root=rootfs rootfstype=virtiofs rw"
+        );
+        // /init wins, as in an initramfs: the kernel would not look for it.
+        std::fs::write(dir.join("init"), b"#!/bin/sh\n").unwrap();
+        assert_eq!(c.root_share_init(), Ok(Some("/init")));
+        assert_eq!(
+            c.root_cmdline().unwrap(),
+            "root=rootfs rootfstype=virtiofs rw init=/init"
+        );
+        // init= on the command line is the user's choice, when the directory has it.
+        c.cmdline.push_str(" init=/sbin/init");
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(
+            c.root_cmdline().unwrap(),
+            "root=rootfs rootfstype=virtiofs rw"
+        );
+        c.cmdline.push_str(" init=/bin/missing");
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("init=/bin/missing") && e.contains("does not exist"),
+            "{e}"
+        );
+        c.cmdline = DEFAULT_CMDLINE.to_string();
+
+        // Read-only share: a read-only root.
+        c.shares[0] = ShareConfig::parse_root(&format!("{},ro", dir.display())).unwrap();
+        assert!(c.shares[0].readonly);
+        assert_eq!(
+            c.root_cmdline().unwrap(),
+            "root=rootfs rootfstype=virtiofs ro init=/init"
+        );
+
+        // A missing directory is named as the root share's.
+        c.shares[0] = ShareConfig::parse_root("/nonexistent/ember-root").unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(
+            e.starts_with("--root-share /nonexistent/ember-root: no such file"),
+            "{e}"
+        );
+        c.shares[0] = ShareConfig::parse_root(kernel.to_str().unwrap()).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("not a directory"), "{e}");
+
+        // A disk root is no share, whatever the tags.
+        c.root = Some("/dev/vda".into());
+        assert_eq!(c.root_share(), None);
+
+        for bad in ["", ",ro", "/d,tag=x", "/d,rw", "tag=x"] {
+            let e = ShareConfig::parse_root(bad).unwrap_err().to_string();
+            assert!(e.contains(ShareConfig::ROOT_SYNTAX), "{bad:?}: {e}");
+        }
+        std::fs::remove_dir_all(base).unwrap();
     }
 }

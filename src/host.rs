@@ -104,6 +104,15 @@ pub fn has_param(cmdline: &str, key: &str) -> bool {
     })
 }
 
+/// The value of the last `key=VALUE` word of `cmdline` (the one the kernel uses), quotes
+/// removed; `None` when there is none.
+pub fn param_value<'a>(cmdline: &'a str, key: &str) -> Option<&'a str> {
+    word_spans(cmdline)
+        .filter_map(|(a, b)| cmdline[a..b].strip_prefix(key)?.strip_prefix('='))
+        .last()
+        .map(|v| v.trim_matches('"'))
+}
+
 /// The name of a command-line word: what comes before its first `=`.
 fn param_key(word: &str) -> &str {
     word.split('=').next().unwrap_or(word)
@@ -234,5 +243,14 @@ mod tests {
         ));
         assert!(!has_param("ember.cmdx=1 ember.cmd", "ember.cmd"));
         assert!(!has_param("", "ember.cmd"));
+    }
+
+    #[test]
+    fn reads_parameter_values() {
+        assert_eq!(param_value("a init=/bin/sh b", "init"), Some("/bin/sh"));
+        assert_eq!(param_value("init=/a init=\"/b\"", "init"), Some("/b"));
+        assert_eq!(param_value("ember.cmd=\"x init=/c\" q", "init"), None);
+        assert_eq!(param_value("rdinit=/x initx=1", "init"), None);
+        assert_eq!(param_value("init=", "init"), Some(""));
     }
 }

@@ -3,7 +3,9 @@
 //! mounts a read-write share of 1 000 files, hashes them all (the hashes must match the
 //! host's), writes a file that must appear on the host, and mounts a read-only share
 //! read-write on its side: its writes must still be refused (the host enforces `ro`). One
-//! boot checks all of it: tens of seconds on a PVM host. Skipped without virtiofsd.
+//! boot checks all of it: tens of seconds on a PVM host. A second boot runs the guest from a
+//! `--root-share` directory (the default guest's initramfs unpacked) with no initramfs.
+//! Skipped without virtiofsd.
 
 mod common;
 
@@ -114,5 +116,61 @@ fn shares_in_a_linux_guest() {
     assert!(out.stdout.contains("RO_RM_REFUSED"), "{out:?}");
     assert!(!ro.join("new").exists());
     assert!(ro.join("keep").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--root-share DIR`: the default guest's initramfs unpacked into a host directory is the
+/// guest's root file system over virtio-fs (no initramfs). The guest's /init (found in the
+/// share: ember adds `init=/init`) runs the command, which reads a file the host put there
+/// and writes one the host must then see.
+#[test]
+fn root_share_boots_from_a_host_directory() {
+    let test = "root_share_boots_from_a_host_directory";
+    if !kvm_available(test) || !virtiofsd_installed() {
+        return;
+    }
+    let Some((kernel, initrd)) = default_guest(test) else {
+        return;
+    };
+    let dir = temp_dir("virtiofs-root-share");
+    let root = dir.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    // dev/console is a device node (only root may create one; devtmpfs provides /dev).
+    let unpacked = Command::new("cpio")
+        .args(["-idm", "--quiet", "-f", "dev/console"])
+        .stdin(std::fs::File::open(&initrd).unwrap())
+        .current_dir(&root)
+        .status()
+        .expect("cpio (apt-get install cpio)");
+    assert!(unpacked.success(), "cpio failed: {unpacked}");
+    assert!(root.join("init").is_file() && root.join("bin/busybox").is_file());
+    std::fs::write(root.join("etc/hostname-test"), "ROOT_SHARE_FROM_HOST\n").unwrap();
+
+    let root_share = root.display().to_string();
+    let out = run_ember(
+        &[
+            "run",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--mem",
+            "256",
+            "--root-share",
+            &root_share,
+            "--append",
+            "quiet rodata=off 8250.nr_uarts=1 random.trust_cpu=on",
+            "--append",
+            "ember.cmd=\"echo hi >/from-guest; cat /etc/hostname-test\"",
+        ],
+        None,
+        BOOT_TIMEOUT,
+    );
+    assert!(!out.timed_out, "guest did not finish in time: {out:?}");
+    out.expect_code(0);
+    // The guest ran from the share: it read the host's file and its write is on the host.
+    assert!(out.stdout.contains("ROOT_SHARE_FROM_HOST"), "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(root.join("from-guest")).expect("from-guest"),
+        "hi\n"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
