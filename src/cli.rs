@@ -1064,36 +1064,24 @@ mod tests {
         std::fs::write(dir.join("vmlinux"), b"x").unwrap();
         std::fs::write(dir.join("initramfs.cpio"), b"x").unwrap();
         std::env::set_var("EMBER_GUEST_DIR", &dir);
-        let Command::Run(a) = parse(&["run"]).unwrap().command else {
-            panic!("not run")
-        };
+        let a = run_args(&["run"]);
         assert_eq!(
             a.to_config().unwrap().initrd,
             Some(dir.join("initramfs.cpio"))
         );
-        let Command::Run(a) = parse(&["run", "--disk", "/r.img", "--root", "/dev/vda"])
-            .unwrap()
-            .command
-        else {
-            panic!("not run")
-        };
+        let a = run_args(&["run", "--disk", "/r.img", "--root", "/dev/vda"]);
         let c = a.to_config().unwrap();
         assert_eq!(c.initrd, None);
         assert_eq!(c.kernel, dir.join("vmlinux"));
         // An explicit --initrd is kept.
-        let Command::Run(a) = parse(&["run", "--root", "/dev/vda", "--initrd", "/i"])
-            .unwrap()
-            .command
-        else {
-            panic!("not run")
-        };
+        let a = run_args(&["run", "--root", "/dev/vda", "--initrd", "/i"]);
         assert_eq!(
             a.to_config().unwrap().initrd.as_deref(),
             Some(std::path::Path::new("/i"))
         );
         // --root-share: the default kernel without its initramfs, the root share first with
         // the other shares keeping their tags, and the virtiofs root on the command line.
-        let Command::Run(a) = parse(&[
+        let a = run_args(&[
             "run",
             "--share",
             "/s0",
@@ -1103,12 +1091,7 @@ mod tests {
             "/s1,tag=x",
             "--share",
             "/s2",
-        ])
-        .unwrap()
-        .command
-        else {
-            panic!("not run")
-        };
+        ]);
         let c = a.to_config().unwrap();
         assert_eq!(c.initrd, None);
         assert_eq!(c.kernel, dir.join("vmlinux"));
@@ -1160,16 +1143,9 @@ mod tests {
         assert_eq!(c.net[1].mac.unwrap().to_string(), "02:00:00:00:00:09");
         assert_eq!(c.vsock.as_ref().map(|v| v.cid), Some(7));
         assert_eq!(c.rng.map(|r| r.rate), Some(4096));
-        let Command::Run(a) = parse(&["run", "--kernel", "/k", "--no-rng"])
-            .unwrap()
-            .command
-        else {
-            panic!("not run")
-        };
+        let a = run_args(&["run", "--kernel", "/k", "--no-rng"]);
         assert_eq!(a.to_config().unwrap().rng, None);
-        let Command::Run(a) = parse(&["run", "--kernel", "/k"]).unwrap().command else {
-            panic!("not run")
-        };
+        let a = run_args(&["run", "--kernel", "/k"]);
         assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));
         // Bad values are refused by the parser, with the reason.
         let e = parse(&["run", "--kernel", "/k", "--net", "tap=t,mac=1:2"]).unwrap_err();
@@ -1184,18 +1160,11 @@ mod tests {
             &["run", "--rng", "--kernel", "/k"],
             &["run", "--kernel", "/k", "--rng="],
         ] {
-            let Command::Run(a) = parse(args).unwrap().command else {
-                panic!("not run")
-            };
+            let a = run_args(args);
             assert_eq!(a.rng, Some(RngConfig::default()), "{args:?}");
             assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));
         }
-        let Command::Run(a) = parse(&["run", "--kernel", "/k", "--rng", "burst=1K"])
-            .unwrap()
-            .command
-        else {
-            panic!("not run")
-        };
+        let a = run_args(&["run", "--kernel", "/k", "--rng", "burst=1K"]);
         let rng = a.to_config().unwrap().rng.unwrap();
         assert_eq!((rng.rate, rng.burst), (RngConfig::default().rate, 1024));
         assert!(parse(&["run", "--kernel", "/k", "--rng", "--no-rng"]).is_err());
@@ -1255,6 +1224,14 @@ mod tests {
             !a.to_config().unwrap().stdin,
             "bench children take no input"
         );
+    }
+
+    /// The flags of `ember ARGS` (`ARGS` starting with `run`).
+    fn run_args(args: &[&str]) -> RunArgs {
+        let Command::Run(a) = parse(args).unwrap().command else {
+            panic!("not run")
+        };
+        *a
     }
 
     /// `ember bench --kernel KERNEL EXTRA...`'s options.
