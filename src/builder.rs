@@ -212,6 +212,14 @@ pub fn build_vm(
             );
             (mem, mapped_images, Start::Boot(images))
         }
+        Some((dir, saved)) if !config.shares.is_empty() => {
+            // virtiofsd maps guest memory: a shared memory file, with a copy of the
+            // snapshot's memory (a private mapping of the file would hide ember's and the
+            // guest's writes from the daemon).
+            let mem = crate::snapshot::file::copy_memory_shared(&dir, config.mem_bytes())?;
+            let mapped_images = crate::image_file::MappedImages::new(&mem);
+            (mem, mapped_images, Start::Snapshot(dir, saved))
+        }
         Some((dir, saved)) => {
             let (mem, file) = crate::snapshot::file::map_memory(&dir, config.mem_bytes())?;
             // Its SIGBUS handler mends (and reports) the pages that vanish should another
@@ -611,7 +619,7 @@ fn restore_snapshot(
     shared: &VcpuShared,
 ) -> Result<Vec<Vcpu>, BuildError> {
     log::debug!(
-        "restoring the snapshot in {} (guest memory mapped from its memory file)",
+        "restoring the snapshot in {} (guest memory from its memory file)",
         dir.display()
     );
     if let (Some(platform), Some(state)) = (acpi_platform, &saved.devices.acpi) {
@@ -668,11 +676,6 @@ fn read_snapshot(
     dir: &std::path::Path,
     read: Option<Box<FileState>>,
 ) -> Result<Box<FileState>, SnapshotError> {
-    if !config.shares.is_empty() {
-        return Err(SnapshotError::NotRestorable(
-            crate::snapshot::file::NO_SHARE,
-        ));
-    }
     let saved = match read {
         Some(s) => s,
         None => Box::new(crate::snapshot::file::read_state(dir)?),

@@ -88,24 +88,109 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
 /// devices run in another process (virtiofsd behind a vhost-user virtio-fs device), which
 /// maps the same file. Every region records the file and its offset in it.
 pub fn create_shared_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    let file = shared_memory_file(size)?;
+    map_file_regions(Arc::new(file), size, libc::MAP_SHARED)
+}
+
+/// A new anonymous memory file (`memfd_create`) of `size` bytes, all zeros.
+fn shared_memory_file(size: u64) -> Result<std::fs::File, MemoryError> {
     if size == 0 || size % 4096 != 0 {
         return Err(MemoryError::InvalidSize(size));
     }
-    let map_err = |len: u64| {
-        move |source: std::io::Error| MemoryError::MapFile {
-            size_mib: len >> 20,
-            source,
-        }
+    let map_err = |source: std::io::Error| MemoryError::MapFile {
+        size_mib: size >> 20,
+        source,
     };
     // SAFETY: the name is a NUL-terminated string literal; the call only returns a new fd.
     let fd = unsafe { libc::memfd_create(c"ember-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {
-        return Err(map_err(size)(std::io::Error::last_os_error()));
+        return Err(map_err(std::io::Error::last_os_error()));
     }
     // SAFETY: `fd` was just returned by memfd_create and is owned by nothing else.
     let file = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    file.set_len(size).map_err(map_err(size))?;
-    map_file_regions(Arc::new(file), size, libc::MAP_SHARED)
+    file.set_len(size).map_err(map_err)?;
+    Ok(file)
+}
+
+/// Guest RAM of `size` bytes in a new shared memory file, as [`create_shared_guest_memory`],
+/// holding a copy of `src` (a snapshot's memory file, in the same layout): for a restored VM
+/// whose devices run in another process (virtio-fs), which must see the pages ember and the
+/// guest see — a private mapping of the snapshot's file would not do. Only the data of a
+/// sparse `src` is read (`SEEK_DATA`/`SEEK_HOLE`); its holes stay zero pages that take no
+/// memory. `src` must be exactly `size` bytes.
+pub fn shared_guest_memory_from_file(
+    src: &std::fs::File,
+    size: u64,
+) -> Result<GuestMemory, MemoryError> {
+    use std::os::unix::fs::FileExt;
+    let map_err = |source: std::io::Error| MemoryError::MapFile {
+        size_mib: size >> 20,
+        source,
+    };
+    let found = src.metadata().map_err(map_err)?.len();
+    if found != size {
+        return Err(MemoryError::FileSize {
+            found,
+            expected: size,
+        });
+    }
+    let dst = shared_memory_file(size)?;
+    let mut buf = vec![0u8; 1 << 20];
+    for (start, end) in data_extents(src, size).map_err(map_err)? {
+        let mut at = start;
+        while at < end {
+            let want = usize::try_from((end - at).min(buf.len() as u64)).unwrap_or(buf.len());
+            let n = src.read_at(&mut buf[..want], at).map_err(map_err)?;
+            if n == 0 {
+                return Err(map_err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the memory file shrank while it was read",
+                )));
+            }
+            dst.write_all_at(&buf[..n], at).map_err(map_err)?;
+            at += n as u64;
+        }
+    }
+    map_file_regions(Arc::new(dst), size, libc::MAP_SHARED)
+}
+
+/// The `(start, end)` byte ranges of `file`'s first `size` bytes that hold data (all of it
+/// when the file system cannot say where its holes are).
+fn data_extents(file: &std::fs::File, size: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |off: u64, whence: libc::c_int| -> std::io::Result<Option<u64>> {
+        let off = libc::off_t::try_from(off).map_err(std::io::Error::other)?;
+        // SAFETY: lseek on a valid, open fd only moves its offset (not used elsewhere: reads
+        // are positioned).
+        let r = unsafe { libc::lseek(file.as_raw_fd(), off, whence) };
+        if r >= 0 {
+            return Ok(Some(r as u64));
+        }
+        let e = std::io::Error::last_os_error();
+        match e.raw_os_error() {
+            // No data at or after `off`.
+            Some(libc::ENXIO) => Ok(None),
+            _ => Err(e),
+        }
+    };
+    let mut extents = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let start = match seek(at, libc::SEEK_DATA) {
+            Ok(Some(s)) => s,
+            Ok(None) => break,
+            // No SEEK_DATA on this file system: all of it.
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(vec![(0, size)]),
+            Err(e) => return Err(e),
+        };
+        if start >= size {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(size).min(size);
+        extents.push((start, end));
+        at = end;
+    }
+    Ok(extents)
 }
 
 /// Maps `size` bytes of guest RAM from `file` (a snapshot's memory file: the RAM of
@@ -307,5 +392,50 @@ mod tests {
             Err(MemoryError::InvalidSize(0))
         ));
         assert!(create_guest_memory(4097).is_err());
+    }
+
+    #[test]
+    fn a_memory_file_is_copied_into_shared_memory_data_and_holes() {
+        use std::os::unix::fs::FileExt;
+        use vm_memory::Bytes;
+        let p = std::env::temp_dir().join(format!("ember-shmem-copy-{}", std::process::id()));
+        let f = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&p)
+            .unwrap();
+        let size = 8u64 << 20;
+        f.set_len(size).unwrap();
+        // Data at the start, in the middle across an extent's edge, and in the last page.
+        f.write_all_at(b"first", 0).unwrap();
+        f.write_all_at(&[7u8; 5000], (3 << 20) - 100).unwrap();
+        f.write_all_at(b"last", size - 4).unwrap();
+        let extents = data_extents(&f, size).unwrap();
+        assert!(!extents.is_empty() && extents.iter().all(|(a, b)| a < b && *b <= size));
+        let mem = shared_guest_memory_from_file(&f, size).unwrap();
+        let read = |at: u64, n: usize| {
+            let mut b = vec![0u8; n];
+            mem.read_slice(&mut b, GuestAddress(at)).unwrap();
+            b
+        };
+        assert_eq!(read(0, 5), b"first");
+        assert_eq!(read((3 << 20) - 100, 5000), vec![7u8; 5000]);
+        assert_eq!(read(size - 4, 4), b"last");
+        assert_eq!(read(5 << 20, 4096), vec![0u8; 4096]);
+        // Shared: each region records its file, which another process could map.
+        assert!(mem.iter().all(|r| r.file_offset().is_some()));
+        // A change to guest memory does not reach the snapshot's file.
+        mem.write_slice(b"GUEST", GuestAddress(0)).unwrap();
+        let mut b = [0u8; 5];
+        f.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"first");
+        // A file of another size is refused.
+        assert!(matches!(
+            shared_guest_memory_from_file(&f, size * 2),
+            Err(MemoryError::FileSize { .. })
+        ));
+        let _ = std::fs::remove_file(p);
     }
 }

@@ -867,13 +867,9 @@ fn snapshottable(
             "it was not built with its restore parts",
         ));
     };
-    if to_file {
-        if !parts.config.shares.is_empty() {
-            return Err(SnapshotError::NotRestorable(
-                crate::snapshot::file::NO_SHARE,
-            ));
-        }
-    } else if !parts.virtio.is_empty() {
+    // Into a file, each device says whether it can be saved as it is (virtio-fs: only while
+    // its guest has not mounted it).
+    if !to_file && !parts.virtio.is_empty() {
         return Err(SnapshotError::NotRestorable(
             crate::snapshot::file::NO_VIRTIO,
         ));

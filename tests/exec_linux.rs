@@ -272,7 +272,10 @@ fn timeout_stops_a_running_command() {
 /// each restoring that snapshot, with their own commands, `--file`, `--env`, `--workdir` and
 /// exit statuses (one `--file` into /tmp). Each restored guest reads fresh random bytes (no two the same: the VM
 /// generation ID makes each reseed), has the host's wall-clock time (set from the job's
-/// header), and reports that it was restored (`--bench-report`).
+/// header), and reports that it was restored (`--bench-report`). Every exec shares a
+/// directory of its own (`--share`): the snapshot holds the unmounted virtio-fs device, and
+/// each restore hands it to a new virtiofsd serving that exec's directory (read-only for
+/// one, the working directory for another).
 #[test]
 fn warm_execs_restore_one_snapshot_in_parallel() {
     let Some(_) = guest_or_skip("warm_execs_restore_one_snapshot_in_parallel") else {
@@ -295,8 +298,24 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
     // Random bytes and the wall clock, as the guest sees them.
     let probe = "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s";
 
+    let share = |name: &str| {
+        let d = tmp.0.join(format!("share-{name}"));
+        std::fs::create_dir_all(&d).unwrap();
+        d.canonicalize().unwrap()
+    };
+    let (share_first, share_a, share_b) = (share("first"), share("a"), share("b"));
+    std::fs::write(share_a.join("in.txt"), "share a\n").unwrap();
+
     let mut c = warm_exec("first");
-    c.args(["--", "sh", "-c", &format!("{probe}; exit 3")]);
+    c.arg("--share").arg(&share_first).args([
+        "--",
+        "sh",
+        "-c",
+        &format!(
+            "echo first >{}/out.txt; {probe}; exit 3",
+            share_first.display()
+        ),
+    ]);
     let first = run(c, LIMIT);
     eprintln!(
         "first (boot + snapshot): {:.1}s",
@@ -316,12 +335,16 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
         &script,
         format!(
             "echo \"job $JOB_NAME in $PWD\"\ncmp /opt/job.sh /tmp/job.sh && \
-             echo \"tmp $(stat -c %a /tmp)\"\n{probe}\nexit 0\n"
+             echo \"tmp $(stat -c %a /tmp)\"\ncat {a}/in.txt\n\
+             touch {a}/new 2>/dev/null || echo ro-refused\n{probe}\nexit 0\n",
+            a = share_a.display()
         ),
     )
     .unwrap();
     let mut a = warm_exec("a");
-    a.arg("--file")
+    a.arg("--share")
+        .arg(format!("{},ro", share_a.display()))
+        .arg("--file")
         .arg(format!("{}:/opt/job.sh", script.display()))
         .arg("--file")
         .arg(format!("{}:/tmp/", script.display()))
@@ -334,15 +357,19 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
             "sh",
             "job.sh",
         ]);
+    // b runs in its share, ember's working directory.
     let mut b = warm_exec("b");
-    b.args([
+    b.current_dir(&share_b).arg("--share").arg(".").args([
         "--",
         "sh",
         "-c",
-        &format!("{probe}; echo b-err >&2; exit 7"),
+        &format!("pwd >out.txt; {probe}; echo b-err >&2; exit 7"),
     ]);
+    let share_c = share("c");
     let mut n = warm_exec("c");
-    n.args(["--", "no-such-command"]);
+    n.arg("--share")
+        .arg(&share_c)
+        .args(["--", "no-such-command"]);
     // Without the time in the job's header, a restored guest's clock would read the
     // snapshot's time plus its own run time: 15 s behind after this wait.
     std::thread::sleep(Duration::from_secs(15));
@@ -373,6 +400,15 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
     let mut a_lines = a_out.lines();
     assert_eq!(a_lines.next(), Some("job a in /opt"), "{a:?}");
     assert_eq!(a_lines.next(), Some("tmp 1777"), "{a:?}");
+    assert_eq!(a_lines.next(), Some("share a"), "{a:?}");
+    assert_eq!(a_lines.next(), Some("ro-refused"), "{a:?}");
+    assert!(
+        !share_a.join("new").exists(),
+        "a read-only share was written"
+    );
+    let out = |d: &std::path::Path| std::fs::read_to_string(d.join("out.txt")).unwrap_or_default();
+    assert_eq!(out(&share_first), "first\n");
+    assert_eq!(out(&share_b), format!("{}\n", share_b.display()));
     let secs =
         |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
     let (host_start, host_end) = (secs(started), secs(std::time::SystemTime::now()));

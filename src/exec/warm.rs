@@ -18,6 +18,11 @@
 //! the host's wall-clock time, which the guest's agent sets (the guest's clock would
 //! otherwise read the time of the snapshot).
 //!
+//! Shared directories (`--share`) are part of the snapshot as devices the guest has probed
+//! but not mounted (it mounts them after the command arrives): a restore starts a virtiofsd
+//! for this exec's directories and hands it the device's queues, so the snapshot of a guest
+//! with one share serves every exec with one share, whatever the directory.
+//!
 //! The warm path is taken when the guest is the default guest's initramfs (its init knows
 //! the protocol), no `--disk` is given (the guest's page cache of a disk would be the one of
 //! snapshot time), `--cold` is not given and a cache directory is known. [`eligible`] says
@@ -56,9 +61,6 @@ const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
 pub fn eligible(config: &VmConfig, cold: bool) -> Result<SnapshotCache, &'static str> {
     if cold {
         return Err("--cold");
-    }
-    if !config.shares.is_empty() {
-        return Err("--share is given (snapshots do not carry shared directories yet)");
     }
     if !config.disks.is_empty() {
         return Err(
@@ -452,6 +454,10 @@ mod tests {
     fn cold_when_asked_or_with_disks_or_another_initramfs() {
         let mut c = VmConfig::new("/k");
         assert_eq!(eligible(&c, true).unwrap_err(), "--cold");
+        // A share alone does not make it cold (here the initramfs does).
+        c.shares.push(crate::config::ShareConfig::new("/s"));
+        assert!(eligible(&c, false).unwrap_err().contains("initramfs"));
+        c.shares.clear();
         c.disks.push(crate::config::DiskConfig::new("/d"));
         assert!(eligible(&c, false).unwrap_err().contains("--disk"));
         c.disks.clear();

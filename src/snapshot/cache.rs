@@ -35,7 +35,8 @@ pub struct CacheKey {
 
 impl CacheKey {
     /// The key of a VM built from `config`. Host-side settings that the guest cannot see
-    /// (where the consoles go, the vsock socket path, the image cache) are left out; files
+    /// (where the consoles go, the vsock socket path, the image cache, which directory a
+    /// share serves and how) are left out; files
     /// that cannot be read make the error.
     pub fn new(config: &VmConfig) -> std::io::Result<Self> {
         let mut text = format!(
@@ -64,6 +65,14 @@ impl CacheKey {
         c.image_cache = None;
         if let Some(v) = &mut c.vsock {
             v.uds = PathBuf::new();
+        }
+        // A share is its tag to the guest until it mounts it (after the snapshot): the
+        // directory, read-only and cache mode are virtiofsd's settings, given at restore.
+        for (i, s) in c.shares.iter_mut().enumerate() {
+            *s = crate::config::ShareConfig {
+                tag: Some(s.tag(i)),
+                ..crate::config::ShareConfig::new("")
+            };
         }
         let _ = writeln!(text, "config {c:?}");
         Ok(Self { text })
@@ -270,6 +279,24 @@ mod tests {
         let mut cmdline = c.clone();
         cmdline.cmdline.push_str(" x");
         assert_ne!(CacheKey::new(&cmdline).unwrap().name(), k.name());
+        // A share is its tag: another directory, ro or cache mode is the same guest; another
+        // tag or another count is not.
+        let mut share = c.clone();
+        share.shares.push(crate::config::ShareConfig::new("/a"));
+        let ks = CacheKey::new(&share).unwrap();
+        assert_ne!(ks.name(), k.name());
+        let mut other_dir = share.clone();
+        other_dir.shares[0].dir = "/b".into();
+        other_dir.shares[0].readonly = true;
+        other_dir.shares[0].cache = crate::config::ShareCache::Never;
+        assert_eq!(CacheKey::new(&other_dir).unwrap(), ks);
+        let mut explicit = share.clone();
+        explicit.shares[0].tag = Some("share0".into());
+        assert_eq!(CacheKey::new(&explicit).unwrap(), ks);
+        explicit.shares[0].tag = Some("data".into());
+        assert_ne!(CacheKey::new(&explicit).unwrap(), ks);
+        share.shares.push(crate::config::ShareConfig::new("/a"));
+        assert_ne!(CacheKey::new(&share).unwrap(), ks);
         // A kernel rebuilt in place is another kernel.
         std::thread::sleep(std::time::Duration::from_millis(20));
         std::fs::write(&c.kernel, b"kernel 2").unwrap();

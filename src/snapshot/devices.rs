@@ -249,8 +249,10 @@ pub struct RngState {
     pub bytes_served: u64,
 }
 
-/// virtio-fs: only its tag. Never written: a VM with a share is refused by snapshots
-/// ([`NO_SHARE`](crate::snapshot::file::NO_SHARE)); the daemon's open files cannot be carried.
+/// virtio-fs: only its tag. Saved only while the guest has not used the share (no request on
+/// its queues: not mounted); a restore hands the queues to a new virtiofsd, which may serve
+/// another directory. A mounted share is refused
+/// ([`NO_SHARE`](crate::snapshot::file::NO_SHARE)): the daemon's open files cannot be carried.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FsState {
     /// The mount tag.

@@ -43,10 +43,10 @@ pub const NO_VIRTIO: &str = "it has virtio devices, which cannot be moved into a
                              in this process yet: use --no-rng and no --disk/--net/--vsock \
                              (--snapshot-to/--restore-from carry them)";
 
-/// Why a VM with a `--share` (virtio-fs) is refused by snapshots.
-pub const NO_SHARE: &str = "it has --share directories (virtio-fs), which snapshots do not \
-                            carry (virtiofsd's open files and inodes live in another \
-                            process): use no --share";
+/// Why a VM whose guest has used a `--share` (virtio-fs) is refused by snapshots.
+pub const NO_SHARE: &str = "its guest has mounted a --share directory (virtio-fs): virtiofsd's \
+                            open files and inodes live in another process and cannot be \
+                            carried; snapshot the guest before it mounts the share";
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> SnapshotError + '_ {
     move |source| SnapshotError::Io {
@@ -125,6 +125,24 @@ pub fn map_memory(dir: &Path, size: u64) -> Result<(GuestMemory, std::fs::File),
     );
     let mem = crate::memory::guest_memory_from_file(file, size)?;
     Ok((mem, watched))
+}
+
+/// Guest memory of `size` bytes in a new shared memory file holding a copy of the memory file
+/// of `dir` ([`crate::memory::shared_guest_memory_from_file`]): for a VM with virtio-fs
+/// shares, whose daemon maps guest memory too. Costs a read of the file's data (not of its
+/// holes) at restore, instead of the lazy private mapping of [`map_memory`].
+pub fn copy_memory_shared(dir: &Path, size: u64) -> Result<GuestMemory, SnapshotError> {
+    let p = dir.join(MEMORY_FILE);
+    let file = crate::user_file::open_regular(&p).map_err(io(&p))?;
+    let meta = file.metadata().map_err(io(&p))?;
+    if meta.len() != size {
+        return Err(SnapshotError::MemorySize {
+            path: p,
+            found: meta.len(),
+            expected: size,
+        });
+    }
+    Ok(crate::memory::shared_guest_memory_from_file(&file, size)?)
 }
 
 #[cfg(test)]

@@ -108,6 +108,10 @@ pub fn device_list(config: &VmConfig) -> Vec<String> {
     if config.rng.is_some() {
         d.push("virtio-rng".into());
     }
+    // By tag (what the guest mounts), not by directory: a restore may share another one.
+    for (i, share) in config.shares.iter().enumerate() {
+        d.push(format!("virtio-fs tag={}", share.tag(i)));
+    }
     d
 }
 

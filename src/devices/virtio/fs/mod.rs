@@ -39,7 +39,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{QueueState, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend as _};
+use vm_memory::{Address as _, GuestAddress, GuestMemoryBackend as _};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -195,6 +195,10 @@ struct Active {
     interrupt: Arc<Interrupt>,
     /// The queues handed to the daemon (for a reset: which rings to stop).
     enabled: Vec<usize>,
+    /// Guest memory and each queue's (avail ring, used ring) addresses: a snapshot checks
+    /// that the guest never used the queues.
+    mem: crate::memory::GuestMemory,
+    rings: Vec<(GuestAddress, GuestAddress)>,
 }
 
 /// A virtio-fs device backed by a virtiofsd process.
@@ -354,6 +358,11 @@ impl VirtioFs {
         f.set_mem_table(&regions)
             .map_err(err("refused SET_MEM_TABLE"))?;
         let mut enabled = Vec::new();
+        let rings = ctx
+            .queues
+            .iter()
+            .map(|q| (GuestAddress(q.avail_ring()), GuestAddress(q.used_ring())))
+            .collect();
         for (i, q) in ctx.queues.iter().enumerate() {
             if !q.ready() {
                 continue;
@@ -407,6 +416,8 @@ impl VirtioFs {
         Ok(Active {
             interrupt: ctx.interrupt,
             enabled,
+            mem: ctx.mem,
+            rings,
         })
     }
 
@@ -500,13 +511,18 @@ impl VirtioDevice for VirtioFs {
     }
 
     fn saved_queues(&self) -> Vec<(usize, QueueState)> {
+        // The transport's copies are right as long as the guest never used the queues
+        // (next_avail 0), which check_snapshot makes sure of.
         Vec::new()
     }
 
     fn check_snapshot(&self) -> Result<(), SnapshotError> {
-        Err(SnapshotError::NotRestorable(
-            crate::snapshot::file::NO_SHARE,
-        ))
+        match &self.active {
+            Some(a) if guest_used_queues(a) => Err(SnapshotError::NotRestorable(
+                crate::snapshot::file::NO_SHARE,
+            )),
+            _ => Ok(()),
+        }
     }
 
     fn save_state(&self) -> VirtioDeviceState {
@@ -515,11 +531,32 @@ impl VirtioDevice for VirtioFs {
         })
     }
 
-    fn restore_state(&mut self, _state: &VirtioDeviceState) -> Result<(), SnapshotError> {
-        Err(SnapshotError::NotRestorable(
-            crate::snapshot::file::NO_SHARE,
-        ))
+    fn restore_state(&mut self, state: &VirtioDeviceState) -> Result<(), SnapshotError> {
+        let VirtioDeviceState::Fs(s) = state else {
+            return Err(super::wrong_state_kind("virtio-fs", state));
+        };
+        if s.tag != self.tag {
+            return Err(SnapshotError::Mismatch {
+                what: "virtio-fs tag".into(),
+                snapshot: s.tag.clone(),
+                now: self.tag.clone(),
+            });
+        }
+        Ok(())
     }
+}
+
+/// Whether the guest ever made a request on `a`'s queues (a ring index that is not 0, or
+/// one that cannot be read): a mounted share, whose daemon state a snapshot cannot carry.
+fn guest_used_queues(a: &Active) -> bool {
+    use vm_memory::Bytes;
+    a.rings.iter().any(|&(avail, used)| {
+        let idx = |ring: GuestAddress| {
+            ring.checked_add(2)
+                .and_then(|at| a.mem.read_obj::<u16>(at).ok())
+        };
+        idx(avail) != Some(0) || idx(used) != Some(0)
+    })
 }
 
 impl MutEventSubscriber for VirtioFs {

@@ -70,12 +70,29 @@ fn daemon_available() -> bool {
 }
 
 impl Session {
+    /// A device for `share`, activated (queues handed to its daemon) and mounted (FUSE_INIT).
     fn start(share: &ShareConfig) -> Self {
-        let mut dev = VirtioFs::new(share, "t0").expect("virtiofsd starts");
+        let mut s = Self::activated(share, "t0");
+        s.init();
+        s
+    }
+
+    /// A device for `share` with tag `tag`, activated as the driver does at probe time, but
+    /// not mounted: no request made yet.
+    fn activated(share: &ShareConfig, tag: &str) -> Self {
         let mem = create_shared_guest_memory(16 << 20).unwrap();
         let hi = TestRing::new(&mem, HIPRIO_RING, RING_SIZE);
         let req = TestRing::new(&mem, REQ_RING, RING_SIZE);
         let queues = vec![hi.queue(), req.queue()];
+        Self::hand_queues(
+            VirtioFs::new(share, tag).expect("virtiofsd starts"),
+            mem,
+            queues,
+        )
+    }
+
+    /// Activates `dev` with `queues` in `mem`, as the transport and the event loop do.
+    fn hand_queues(mut dev: VirtioFs, mem: GuestMemory, queues: Vec<virtio_queue::Queue>) -> Self {
         let evts: Vec<Arc<EventFd>> = (0..NUM_QUEUES)
             .map(|_| Arc::new(EventFd::new(EFD_NONBLOCK).unwrap()))
             .collect();
@@ -92,7 +109,7 @@ impl Session {
         let ctx = dev.pending.take().unwrap();
         let active = dev.hand_over(ctx).expect("vhost-user hand-over");
         dev.active = Some(active);
-        let mut s = Self {
+        Self {
             dev,
             mem,
             req: TestRingOwned {
@@ -101,15 +118,17 @@ impl Session {
             },
             kick: evts[1].clone(),
             unique: 0,
-        };
-        // FUSE_INIT: protocol 7.31.
+        }
+    }
+
+    /// FUSE_INIT (protocol 7.31): what the guest's mount sends first.
+    fn init(&mut self) {
         let mut body = Vec::new();
         for v in [7u32, 31, 0x20000, 0] {
             body.extend_from_slice(&v.to_le_bytes());
         }
-        let (err, _) = s.call(INIT, 0, &body);
+        let (err, _) = self.call(INIT, 0, &body);
         assert_eq!(err, 0, "FUSE_INIT");
-        s
     }
 
     /// Sends one request; returns (error, reply body).
@@ -449,4 +468,109 @@ fn read_only_share_refuses_writes_on_the_host_side() {
     assert!(share.join("hello").exists());
     drop(s);
     let _ = std::fs::remove_dir_all(&top);
+}
+
+/// A snapshot of a share the guest has not mounted yet restores onto a new daemon, which may
+/// serve another directory (warm `ember exec --share`); a mounted share is refused, and so is
+/// a restore under another tag.
+#[test]
+fn an_unmounted_share_moves_to_a_new_daemon_and_directory() {
+    if !daemon_available() {
+        return;
+    }
+    let (top, first) = layout();
+    let second = top.join("second");
+    std::fs::create_dir_all(&second).unwrap();
+    std::fs::write(second.join("only-here"), b"from the second directory").unwrap();
+
+    let old = Session::activated(&ShareConfig::new(&first), "t0");
+    old.dev
+        .check_snapshot()
+        .expect("an unmounted share can be saved");
+    let state = old.dev.save_state();
+    // The transport's copies of the queues: what a restore activates the device with.
+    let queues = || {
+        vec![
+            TestRing::new_at(&old.mem, HIPRIO_RING, RING_SIZE, 0, 0).queue(),
+            TestRing::new_at(&old.mem, REQ_RING, RING_SIZE, 0, 0).queue(),
+        ]
+    };
+
+    let mut wrong = VirtioFs::new(&ShareConfig::new(&second), "t1").unwrap();
+    let e = wrong.restore_state(&state).unwrap_err();
+    assert!(e.to_string().contains("tag"), "{e}");
+
+    let mut dev = VirtioFs::new(&ShareConfig::new(&second), "t0").unwrap();
+    dev.restore_state(&state).unwrap();
+    let mut s = Session::hand_queues(dev, old.mem.clone(), queues());
+    drop(old);
+    s.init();
+    let (node, ..) = s
+        .lookup(ROOT, "only-here")
+        .expect("the new directory is served");
+    let fh = s.open(node, libc::O_RDONLY as u32).unwrap();
+    assert_eq!(s.read(node, fh, 100).unwrap(), b"from the second directory");
+    assert_eq!(s.lookup(ROOT, "hello").unwrap_err(), -libc::ENOENT);
+
+    // Mounted now: a snapshot would lose the daemon's inodes.
+    let e = s.dev.check_snapshot().unwrap_err();
+    assert!(e.to_string().contains("mounted"), "{e}");
+    let _ = std::fs::remove_dir_all(top);
+}
+
+/// Set in the child process of
+/// [`files_the_guest_makes_belong_to_the_user_running_ember`]: the share to write into.
+const AS_USER_CHILD: &str = "EMBER_FS_TEST_AS_USER_CHILD";
+/// The user the child runs as (`nobody`).
+const CHILD_UID: u32 = 65534;
+
+/// Files the guest creates (as its root: uid 0 in the FUSE request) appear on the host owned
+/// by the user who runs ember, not by root: an unprivileged virtiofsd cannot take the guest's
+/// ids. Run as root, the test runs the device (and so virtiofsd) in a child process as
+/// `nobody`.
+#[test]
+fn files_the_guest_makes_belong_to_the_user_running_ember() {
+    use std::os::unix::process::CommandExt;
+    if let Some(share) = std::env::var_os(AS_USER_CHILD) {
+        let mut s = Session::start(&ShareConfig::new(std::path::PathBuf::from(share)));
+        let (node, fh) = s.create(ROOT, "made-by-the-guest").unwrap();
+        assert_eq!(s.write(node, fh, b"guest data").unwrap(), 10);
+        s.release(node, fh);
+        return;
+    }
+    if !daemon_available() {
+        return;
+    }
+    // SAFETY: getuid has no preconditions.
+    if unsafe { libc::getuid() } != 0 {
+        eprintln!("note: not root: cannot run the device as another user; skipped");
+        return;
+    }
+    let (top, share) = layout();
+    let lchown = |p: &std::path::Path| {
+        std::os::unix::fs::lchown(p, Some(CHILD_UID), Some(CHILD_UID)).unwrap();
+    };
+    lchown(&share);
+    // The daemon, where `nobody` can run it (root's ~/.cargo/bin is private).
+    let daemon = top.join("virtiofsd");
+    std::fs::copy(find_virtiofsd().unwrap(), &daemon).unwrap();
+    let status = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "devices::virtio::fs::tests::files_the_guest_makes_belong_to_the_user_running_ember",
+            "--test-threads=1",
+        ])
+        .env(AS_USER_CHILD, &share)
+        .env(VIRTIOFSD_ENV, &daemon)
+        .uid(CHILD_UID)
+        .gid(CHILD_UID)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(status.success(), "the child as uid {CHILD_UID}: {status}");
+    let made = share.join("made-by-the-guest");
+    assert_eq!(std::fs::read(&made).unwrap(), b"guest data");
+    let meta = std::fs::metadata(&made).unwrap();
+    assert_eq!((meta.uid(), meta.gid()), (CHILD_UID, CHILD_UID));
+    let _ = std::fs::remove_dir_all(top);
 }
