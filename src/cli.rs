@@ -548,7 +548,49 @@ pub struct RunArgs {
     /// the run that wrote it (--mem, --vcpus, --disk...).
     #[arg(long, value_name = "DIR", hide = true)]
     pub restore_from: Option<PathBuf>,
+    /// The VM from a Firecracker configuration file (JSON: boot-source, machine-config,
+    /// drives, network-interfaces, vsock, entropy, logger, metrics; see docs/api.md), instead
+    /// of the flags that describe the VM (--kernel, --disk, --net...). With --api-sock the
+    /// VM starts at once and the API serves it running.
+    #[arg(long, value_name = "FILE", conflicts_with_all = VM_FLAGS)]
+    pub config_file: Option<PathBuf>,
+    /// Serve Firecracker's REST API on this Unix socket (which must not exist): the VM is
+    /// configured and started through it (PUT /boot-source, /drives/ID, /machine-config...,
+    /// then PUT /actions InstanceStart), unless --config-file gives it. See docs/api.md.
+    #[arg(long, value_name = "PATH", conflicts_with_all = VM_FLAGS)]
+    pub api_sock: Option<PathBuf>,
+    /// No API socket (Firecracker's flag; ember serves none unless --api-sock is given):
+    /// needs --config-file.
+    #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
+    pub no_api: bool,
+    /// The instance ID in `GET /` and in log lines (Firecracker's --id).
+    #[arg(long, value_name = "ID", default_value = "anonymous-instance")]
+    pub id: String,
+    /// Largest API request body in bytes (Firecracker's --http-api-max-payload-size).
+    #[arg(long, value_name = "BYTES", default_value_t = crate::api::http::DEFAULT_MAX_PAYLOAD as u32,
+          value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
+    pub http_api_max_payload_size: u32,
 }
+
+/// The flags that describe the VM, which --config-file and --api-sock replace.
+const VM_FLAGS: [&str; 16] = [
+    "kernel",
+    "initrd",
+    "cmdline",
+    "append",
+    "vcpus",
+    "mem",
+    "disk",
+    "root",
+    "root_share",
+    "net",
+    "vsock",
+    "share",
+    "rng",
+    "no_rng",
+    "restore_from",
+    "snapshot_restore_after",
+];
 
 /// `--snapshot-restore-opts`: see [`RunArgs::snapshot_restore_opts`].
 fn parse_restore_opts(s: &str) -> Result<crate::snapshot::kvm_state::RestoreOptions, String> {

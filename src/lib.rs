@@ -27,6 +27,7 @@
 //! Measuring: [`timeline`] records boot phases; [`bench`](mod@bench) (`ember bench`) boots a guest
 //! many times and compares with peer VMMs; [`profiler`] samples guest stacks.
 
+pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod builder;
@@ -43,6 +44,7 @@ pub mod kernel;
 pub mod kernel_problems;
 pub mod logger;
 pub mod memory;
+pub mod metrics;
 pub mod profiler;
 pub mod snapshot;
 pub mod symbols;

@@ -33,12 +33,9 @@ impl Log for StderrLogger {
                 String::new()
             };
             let target = record.target();
-            return self.write(
-                record.level(),
-                format_args!("{target}: {}{more}", record.args()),
-            );
+            return self.write(record, format_args!("{target}: {}{more}", record.args()));
         }
-        self.write(record.level(), *record.args());
+        self.write(record, *record.args());
     }
 
     fn flush(&self) {}
@@ -62,8 +59,12 @@ fn is_guest_driven(target: &str) -> bool {
 }
 
 impl StderrLogger {
-    fn write(&self, level: Level, args: std::fmt::Arguments<'_>) {
-        let level = match level {
+    fn write(&self, record: &Record<'_>, args: std::fmt::Arguments<'_>) {
+        if let Some(sink) = FILE_SINK.get() {
+            sink.write(record, args);
+            return;
+        }
+        let level = match record.level() {
             Level::Error => "error: ",
             Level::Warn => "warning: ",
             Level::Info => "",
@@ -76,6 +77,148 @@ impl StderrLogger {
 }
 
 static LOGGER: StderrLogger = StderrLogger;
+
+/// Where log lines go once `PUT /logger` (or a config file's `logger`) named a file or FIFO.
+#[derive(Debug)]
+struct FileSink {
+    file: std::fs::File,
+    id: String,
+    show_level: bool,
+    show_origin: bool,
+    module: Option<String>,
+    /// Lines that could not be written (a full FIFO, an I/O error).
+    lost: AtomicU64,
+}
+
+static FILE_SINK: OnceLock<FileSink> = OnceLock::new();
+
+impl FileSink {
+    fn write(&self, record: &Record<'_>, args: std::fmt::Arguments<'_>) {
+        if let Some(m) = &self.module {
+            if !record.module_path().unwrap_or("").starts_with(m.as_str()) {
+                return;
+            }
+        }
+        let thread = std::thread::current();
+        let mut tag = format!("{}:{}", self.id, thread.name().unwrap_or("?"));
+        if self.show_level {
+            tag.push(':');
+            tag.push_str(match record.level() {
+                Level::Error => "ERROR",
+                Level::Warn => "WARN",
+                Level::Info => "INFO",
+                Level::Debug => "DEBUG",
+                Level::Trace => "TRACE",
+            });
+        }
+        if self.show_origin {
+            tag.push_str(&format!(
+                ":{}:{}",
+                record.file().unwrap_or("?"),
+                record.line().unwrap_or(0)
+            ));
+        }
+        // One write per line, so lines from several threads do not interleave.
+        let line = format!("{} [{tag}] {args}\n", utc_timestamp());
+        if (&self.file).write_all(line.as_bytes()).is_err() {
+            self.lost.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Log lines lost since the logger went to a file (`logger.missed_log_count` of the metrics).
+pub fn lost_lines() -> u64 {
+    FILE_SINK
+        .get()
+        .map_or(0, |s| s.lost.load(Ordering::Relaxed))
+}
+
+/// The time now as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnn` (UTC), as Firecracker's log lines start.
+pub fn utc_timestamp() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let secs = now.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:09}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        now.subsec_nanos()
+    )
+}
+
+/// The (year, month, day) of a count of days since 1970-01-01 (the proleptic Gregorian
+/// calendar; Howard Hinnant's algorithm).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+/// Sends the log to the file or FIFO of Firecracker's `logger` settings, at its level
+/// (`Error`, `Warning`, `Info`, `Debug`, `Trace`, `Off`; any case), with the instance `id`
+/// in each line. Once per process: a second call is refused.
+pub fn configure(
+    settings: &crate::api::model::Logger,
+    id: &str,
+) -> Result<(), crate::api::resources::Refused> {
+    use crate::api::resources::Refused;
+    let level = match settings
+        .level
+        .as_deref()
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        None | Some("info") => LevelFilter::Info,
+        Some("error") => LevelFilter::Error,
+        Some("warning") | Some("warn") => LevelFilter::Warn,
+        Some("debug") => LevelFilter::Debug,
+        Some("trace") => LevelFilter::Trace,
+        Some("off") => LevelFilter::Off,
+        Some(other) => {
+            return Err(Refused(format!(
+                "logger level {other:?} is not one of Error, Warning, Info, Debug, Trace, Off"
+            )))
+        }
+    };
+    if let Some(path) = &settings.log_path {
+        if FILE_SINK.get().is_some() {
+            return Err(Refused(
+                "the logger has a log_path already; it can be set once".into(),
+            ));
+        }
+        // Read and write, non-blocking: opening a FIFO then does not wait for a reader, and a
+        // full FIFO loses lines (counted) instead of stopping ember.
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|e| Refused(format!("logger: cannot open log_path {path}: {e}")))?;
+        let _ = FILE_SINK.set(FileSink {
+            file,
+            id: id.to_string(),
+            show_level: settings.show_level.unwrap_or(false),
+            show_origin: settings.show_log_origin.unwrap_or(false),
+            module: settings.module.clone(),
+            lost: AtomicU64::new(0),
+        });
+    }
+    log::set_max_level(level);
+    Ok(())
+}
 
 /// Installs the logger at `level` (once; later calls only change the level).
 pub fn init(level: LevelFilter) {

@@ -338,6 +338,9 @@ fn bench_snapshot(args: &BenchArgs, opts: &ember::bench::BenchOptions) -> ExitCo
 }
 
 fn run(args: &RunArgs, start: Instant) -> ExitCode {
+    if args.config_file.is_some() || args.api_sock.is_some() {
+        return firecracker_mode(args, start);
+    }
     let config = match args.to_config() {
         Ok(c) => c,
         Err(e) => {
@@ -493,4 +496,180 @@ fn run_status(result: Result<ember::vmm::RunOutcome, Box<dyn std::error::Error>>
             ExitCode::from(code::USAGE)
         }
     }
+}
+
+/// `ember run --config-file FILE` and/or `--api-sock PATH`: the VM described by a
+/// Firecracker configuration file, or configured and started through Firecracker's API (see
+/// `ember::api` and docs/api.md). With both, the VM starts at once and the API serves it.
+fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
+    use ember::api::{http::HttpServer, resources::VmResources, Api, VmmHandle};
+    let refused = |msg: String| {
+        eprintln!("ember: error: {msg}");
+        ExitCode::from(code::USAGE)
+    };
+    let resources = match &args.config_file {
+        Some(path) => match load_config_file(path, &args.id) {
+            Ok(r) => r,
+            Err(msg) => return refused(msg),
+        },
+        None => VmResources::default(),
+    };
+    let server = match &args.api_sock {
+        Some(p) => match HttpServer::bind(p, args.http_api_max_payload_size as usize) {
+            Ok(s) => Some(s),
+            Err(e) => return refused(e.to_string()),
+        },
+        None => None,
+    };
+    // Before any thread exists: stop and control signals go to signalfds of the main thread.
+    let mut opts = RunOptions {
+        shutdown_timeout: args.shutdown_timeout.map_or_else(
+            || HostInfo::detect().default_shutdown_timeout(),
+            Duration::from_secs,
+        ),
+        deadline: args
+            .timeout
+            .and_then(|t| start.checked_add(Duration::from_secs_f64(t))),
+        ..Default::default()
+    };
+    match ember::event_loop::block_signals_to_fd() {
+        Ok(fd) => opts.signal_fd = Some(fd),
+        Err(e) => log::warn!("cannot handle signals: {e}"),
+    }
+    match ember::event_loop::block_control_signals_to_fd() {
+        Ok(fd) => opts.control_fd = Some(fd),
+        Err(e) => log::warn!("SIGUSR1 will not be handled: {e}"),
+    }
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let serve = |server: HttpServer, mut api: Api| {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("api".into())
+            .spawn(move || server.serve(&stop, &mut |req| api.handle(req)))
+    };
+    let run_built = |vmm: ember::vmm::Vmm, mut opts: RunOptions, link| {
+        opts.api = link;
+        let _raw = std::io::IsTerminal::is_terminal(&std::io::stdin())
+            .then(|| ember::terminal::RawTerminal::enable(libc::STDIN_FILENO))
+            .flatten();
+        let outcome = vmm.run(opts);
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        run_status(Ok(outcome))
+    };
+
+    if args.config_file.is_some() {
+        // The file describes the whole VM: start it now.
+        let config = match resources.to_vm_config() {
+            Ok(c) => c,
+            Err(e) => return refused(format!("{}: {e}", path_of(args))),
+        };
+        let vmm = match ember::builder::build_vm(&config, start, Default::default()) {
+            Ok(v) => v,
+            Err(e) => return run_status(Err(Box::new(e))),
+        };
+        let mut link = None;
+        if let Some(server) = server {
+            let (handle, l) = match VmmHandle::pair() {
+                Ok(p) => p,
+                Err(e) => return refused(format!("API: {e}")),
+            };
+            if let Err(e) = serve(server, Api::started(args.id.clone(), resources, handle)) {
+                return refused(format!("cannot start the API thread: {e}"));
+            }
+            link = Some(l);
+        }
+        return run_built(vmm, opts, link);
+    }
+
+    // API only: wait for InstanceStart.
+    let Some(server) = server else {
+        return refused("--no-api needs --config-file".into());
+    };
+    log::info!(
+        "API socket {}: configure the microVM and PUT /actions InstanceStart",
+        server.path().display()
+    );
+    let (start_tx, start_rx) = std::sync::mpsc::channel();
+    if let Err(e) = serve(server, Api::new(args.id.clone(), resources, start_tx)) {
+        return refused(format!("cannot start the API thread: {e}"));
+    }
+    loop {
+        match start_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(call) => match ember::builder::build_vm(&call.config, start, Default::default()) {
+                Ok(vmm) => {
+                    let (handle, link) = match VmmHandle::pair() {
+                        Ok(p) => p,
+                        Err(e) => {
+                            let _ = call.reply.send(Err(e.to_string()));
+                            continue;
+                        }
+                    };
+                    let _ = call.reply.send(Ok(handle));
+                    return run_built(vmm, opts, Some(link));
+                }
+                Err(e) => {
+                    let _ = call.reply.send(Err(ember::error_chain_line(&e)));
+                }
+            },
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                if let Some(sig) = opts.signal_fd.as_ref().and_then(pending_signal) {
+                    log::info!("signal {sig} before the microVM started: exiting");
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    return ExitCode::SUCCESS;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return refused("the API thread ended".into());
+            }
+        }
+    }
+}
+
+fn path_of(args: &RunArgs) -> String {
+    args.config_file
+        .as_ref()
+        .map_or_else(String::new, |p| p.display().to_string())
+}
+
+/// Reads and checks a Firecracker configuration file; logger and metrics take effect now.
+fn load_config_file(
+    path: &std::path::Path,
+    id: &str,
+) -> Result<ember::api::resources::VmResources, String> {
+    let text = std::fs::read(path)
+        .map_err(|e| format!("--config-file {}: cannot read it: {e}", path.display()))?;
+    let doc: ember::api::model::VmConfigFile = serde_json::from_slice(&text).map_err(|e| {
+        format!(
+            "--config-file {}: not a Firecracker configuration: {e}",
+            path.display()
+        )
+    })?;
+    let r = ember::api::resources::VmResources::from_file(&doc)
+        .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+    if let Some(l) = &r.logger {
+        ember::logger::configure(l, id)
+            .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+    }
+    if let Some(m) = &r.metrics {
+        ember::metrics::configure(&m.metrics_path)
+            .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
+    }
+    Ok(r)
+}
+
+/// A stop signal waiting on `fd` (a non-blocking signalfd), if any.
+fn pending_signal(fd: &std::os::fd::OwnedFd) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: signalfd_siginfo is plain data; read writes at most its size into it.
+    let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+    let size = std::mem::size_of::<libc::signalfd_siginfo>();
+    // SAFETY: `info` is valid for `size` bytes; the fd is a signalfd owned by the caller.
+    let n = unsafe {
+        libc::read(
+            fd.as_raw_fd(),
+            (&mut info as *mut libc::signalfd_siginfo).cast(),
+            size,
+        )
+    };
+    (usize::try_from(n).ok() == Some(size)).then_some(info.ssi_signo)
 }

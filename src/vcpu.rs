@@ -389,9 +389,15 @@ impl Vcpu {
             }
         };
         let mut inner = lock(&self.pause.inner);
+        let served = inner.generation;
         inner.paused = Some(paused);
         self.pause.cv.notify_all();
         while self.pause.requested.load(Ordering::Acquire) && !self.stop.load(Ordering::Acquire) {
+            // Another pause request came while parked (a resume and a pause before this
+            // thread woke up, or a second pause): park again, with a fresh state for it.
+            if inner.generation != served {
+                break;
+            }
             inner = self
                 .pause
                 .cv
@@ -636,6 +642,9 @@ struct PauseInner {
     caps: Option<Arc<KvmCaps>>,
     /// Set by the vCPU thread once it is parked.
     paused: Option<PausedVcpu>,
+    /// Counts pause requests: a parked thread that sees it change parks again and hands out
+    /// a new state, so a request is never left waiting for one.
+    generation: u64,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -684,6 +693,7 @@ impl VcpuHandle {
             let mut inner = lock(&self.pause.inner);
             inner.caps = Some(caps);
             inner.paused = None;
+            inner.generation = inner.generation.wrapping_add(1);
         }
         self.pause.requested.store(true, Ordering::Release);
         let deadline = Instant::now() + timeout;

@@ -107,6 +107,9 @@ pub struct RunOptions {
     /// ends the process itself when the event loop is stuck. Default: `ember run`'s
     /// ([`ExitReason::exit_code`]).
     pub status_of: Option<StatusOf>,
+    /// Requests from the API server (`ember run --api-sock`): pause, resume, Ctrl+Alt+Del,
+    /// snapshots; carried out between two turns of the event loop.
+    pub api: Option<crate::api::ApiLink>,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -510,6 +513,16 @@ impl Vmm {
                     control.clone(),
                 ))));
         }
+        let api = opts.api.take();
+        if let Some(link) = &api {
+            match link.wake.try_clone() {
+                Ok(fd) => {
+                    self.event_manager
+                        .add_subscriber(Arc::new(Mutex::new(crate::event_loop::Wakeup(fd))));
+                }
+                Err(e) => log::error!("API: cannot watch for requests: {e}"),
+            }
+        }
         let mut paused = false;
         loop {
             watch.leave_turn();
@@ -539,6 +552,21 @@ impl Vmm {
                     self.guest_ready(0, action);
                 } else {
                     log::info!("SIGUSR2 ignored (no --snapshot-on sigusr2, or taken already)");
+                }
+            }
+            if let Some(link) = &api {
+                while let Ok(call) = link.calls.try_recv() {
+                    let deaf = listener_irq.is_some_and(|irq| !self.guest_listens(irq));
+                    let r = if deaf && call.request == crate::api::VmmRequest::CtrlAltDel {
+                        Err(
+                            "SendCtrlAltDel: the guest has not enabled its ACPI power button \
+                             (no ACPI in its kernel, or it has not booted that far)"
+                                .to_string(),
+                        )
+                    } else {
+                        self.api_request(&call.request, &mut paused, &mut opts.shutdown)
+                    };
+                    let _ = call.reply.send(r);
                 }
             }
             let mut wait = Duration::from_millis(500);
@@ -678,6 +706,107 @@ impl Vmm {
         if let Some(reason) = end {
             self.exit.request(reason);
         }
+    }
+
+    /// Carries out a request of the API server; `Err` is the `fault_message` of its answer.
+    fn api_request(
+        &mut self,
+        request: &crate::api::VmmRequest,
+        paused: &mut bool,
+        shutdown: &mut Option<ShutdownRequester>,
+    ) -> Result<(), String> {
+        use crate::api::VmmRequest;
+        match request {
+            VmmRequest::Pause if *paused => Ok(()),
+            VmmRequest::Pause => {
+                let caps = open_kvm()
+                    .map_err(|e| e.to_string())
+                    .and_then(|kvm| KvmCaps::probe(&kvm).map_err(|e| e.to_string()))
+                    .map_err(|e| format!("cannot pause the microVM: {e}"))?;
+                self.pause_all(&Arc::new(caps))
+                    .map_err(|e| format!("cannot pause the microVM: {e}"))?;
+                *paused = true;
+                log::info!("API: the guest is paused");
+                Ok(())
+            }
+            VmmRequest::Resume => {
+                if *paused {
+                    self.vcpus.iter().for_each(VcpuHandle::resume);
+                    *paused = false;
+                    log::info!("API: the guest runs again");
+                }
+                Ok(())
+            }
+            VmmRequest::CtrlAltDel => match shutdown.as_mut().map(|press| press()) {
+                Some(true) => {
+                    log::info!("API: SendCtrlAltDel: pressed the ACPI power button");
+                    Ok(())
+                }
+                _ => Err(
+                    "SendCtrlAltDel: the microVM has no ACPI power button (started \
+                          with --no-acpi?), so the guest cannot be asked to shut down"
+                        .into(),
+                ),
+            },
+            VmmRequest::SnapshotCreate {
+                snapshot_path,
+                mem_file_path,
+            } => {
+                if !*paused {
+                    return Err("the microVM must be paused for a snapshot".into());
+                }
+                // save_snapshot pauses the (parked) vCPUs again, which hand out their state
+                // once more, and leaves them paused; a failure resumes them: pause again.
+                let result = self.snapshot_to_paths(snapshot_path, mem_file_path);
+                if result.is_err() {
+                    *paused = false;
+                    let _ = self.api_request(&VmmRequest::Pause, paused, shutdown);
+                }
+                result
+            }
+        }
+    }
+
+    /// Writes a snapshot with its state file at `state` and its memory file at `memory`
+    /// (Firecracker's `/snapshot/create` paths): written as a snapshot directory beside
+    /// `state`, whose two files are then renamed into place. The vCPUs stay paused.
+    fn snapshot_to_paths(
+        &mut self,
+        state: &std::path::Path,
+        memory: &std::path::Path,
+    ) -> Result<(), String> {
+        let parent = state
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(std::path::Path::new("."));
+        let tmp = parent.join(format!(".ember-snapshot-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let result = self
+            .save_snapshot(&tmp)
+            .map_err(|e| format!("snapshot failed: {}", crate::error_chain_line(&e)))
+            .and_then(|()| {
+                let mv = |from: &str, to: &std::path::Path| {
+                    std::fs::rename(tmp.join(from), to).map_err(|e| {
+                        format!(
+                            "snapshot: cannot move the {from} file to {} ({e}); it must be on \
+                             the file system of {}",
+                            to.display(),
+                            parent.display()
+                        )
+                    })
+                };
+                mv(crate::snapshot::format::STATE_FILE, state)?;
+                mv(crate::snapshot::format::MEMORY_FILE, memory)
+            });
+        let _ = std::fs::remove_dir_all(&tmp);
+        if result.is_ok() {
+            log::info!(
+                "API: snapshot written: state {}, memory {}",
+                state.display(),
+                memory.display()
+            );
+        }
+        result
     }
 
     /// SIGUSR1: pauses every vCPU, or resumes them when paused.

@@ -1,0 +1,437 @@
+// SPDX-License-Identifier: Apache-2.0
+//! Firecracker's interface: its config file (`ember run --config-file`) and its REST API on
+//! a Unix socket (`ember run --api-sock`), so that tools written for Firecracker drive ember.
+//!
+//! - [`model`]: the request bodies (serde types; unknown fields refused, as Firecracker does);
+//! - [`resources`]: what is set before the start, checked as it is set, and turned into
+//!   ember's one [`VmConfig`](crate::config::VmConfig) at `InstanceStart`;
+//! - [`http`]: the HTTP/1.1 server (bounded connections, headers and bodies);
+//! - [`Api`]: the routes, with Firecracker's pre-/post-boot rules and `fault_message` errors.
+//!
+//! Threads: the API serves on a thread of its own. The VM is built and run on the main
+//! thread: `InstanceStart` hands the configuration over ([`StartCall`]) and waits for the
+//! build; after that, requests that act on the running VM (pause, resume, Ctrl+Alt+Del,
+//! snapshots) go to the VM's event loop as [`VmmCall`]s, which wake it through an eventfd and
+//! are answered when the loop has carried them out. docs/api.md lists the subset and every
+//! difference from Firecracker.
+
+pub mod http;
+pub mod model;
+pub mod resources;
+
+use std::sync::mpsc::{Receiver, Sender};
+use std::time::Duration;
+
+use vmm_sys_util::eventfd::EventFd;
+
+use self::http::{Request, Response};
+use self::model::*;
+use self::resources::{Refused, VmResources};
+use crate::config::VmConfig;
+
+/// The version of Firecracker's API that ember implements (`GET /version`).
+pub const FIRECRACKER_API_VERSION: &str = "1.17.0";
+
+/// How long an API request waits for the VM's event loop.
+const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the API asks of the running VM's event loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmRequest {
+    /// `PATCH /vm {"state": "Paused"}`.
+    Pause,
+    /// `PATCH /vm {"state": "Resumed"}`.
+    Resume,
+    /// `PUT /actions {"action_type": "SendCtrlAltDel"}`: the ACPI power button.
+    CtrlAltDel,
+    /// `PUT /snapshot/create`: the VM must be paused.
+    SnapshotCreate {
+        /// Where the state goes.
+        snapshot_path: std::path::PathBuf,
+        /// Where guest memory goes.
+        mem_file_path: std::path::PathBuf,
+    },
+}
+
+/// A request to the event loop and where its answer goes.
+#[derive(Debug)]
+pub struct VmmCall {
+    /// What to do.
+    pub request: VmmRequest,
+    /// `Ok` or the `fault_message`.
+    pub reply: Sender<Result<(), String>>,
+}
+
+/// The event loop's end of the API: the calls, and the eventfd that wakes the loop for them.
+#[derive(Debug)]
+pub struct ApiLink {
+    /// Calls from the API thread.
+    pub calls: Receiver<VmmCall>,
+    /// Written once per call.
+    pub wake: EventFd,
+}
+
+/// The API thread's end: sends calls and waits for their answers.
+#[derive(Debug)]
+pub struct VmmHandle {
+    tx: Sender<VmmCall>,
+    wake: EventFd,
+}
+
+impl VmmHandle {
+    /// A connected pair.
+    pub fn pair() -> std::io::Result<(Self, ApiLink)> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let wake = EventFd::new(libc::EFD_NONBLOCK)?;
+        let handle = Self {
+            tx,
+            wake: wake.try_clone()?,
+        };
+        Ok((handle, ApiLink { calls: rx, wake }))
+    }
+
+    /// Sends `request` and waits for the event loop's answer.
+    pub fn call(&self, request: VmmRequest) -> Result<(), String> {
+        let (reply, answer) = std::sync::mpsc::channel();
+        self.tx
+            .send(VmmCall { request, reply })
+            .map_err(|_| "the VM has ended".to_string())?;
+        let _ = self.wake.write(1);
+        match answer.recv_timeout(VMM_REPLY_TIMEOUT) {
+            Ok(r) => r,
+            Err(_) => Err(format!(
+                "the VM's event loop did not answer within {VMM_REPLY_TIMEOUT:?}"
+            )),
+        }
+    }
+}
+
+/// `InstanceStart`: the configuration for the main thread to build and run, and where the
+/// result of the build goes (the handle for later calls, or why it failed).
+#[derive(Debug)]
+pub struct StartCall {
+    /// The VM.
+    pub config: VmConfig,
+    /// The build's result.
+    pub reply: Sender<Result<VmmHandle, String>>,
+}
+
+/// The instance's state as `GET /` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Before `InstanceStart`.
+    NotStarted,
+    /// Running.
+    Running,
+    /// Paused (`PATCH /vm`).
+    Paused,
+}
+
+/// The API's state and routes.
+#[derive(Debug)]
+pub struct Api {
+    /// Set before the start (and reported by `GET /vm/config` after it).
+    pub resources: VmResources,
+    /// `--id`.
+    pub id: String,
+    phase: Phase,
+    start: Option<Sender<StartCall>>,
+    vmm: Option<VmmHandle>,
+}
+
+const AFTER_START: &str = "The requested operation is not supported after starting the microVM.";
+
+fn body<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
+    serde_json::from_slice(&req.body).map_err(|e| {
+        let what = if req.body.is_empty() {
+            "the request has no body".to_string()
+        } else {
+            e.to_string()
+        };
+        Response::fault(400, &format!("{} {}: {what}", req.method, req.path))
+    })
+}
+
+fn done(r: Result<(), Refused>) -> Response {
+    match r {
+        Ok(()) => Response::no_content(),
+        Err(e) => Response::fault(400, &e.0),
+    }
+}
+
+fn json<T: serde::Serialize>(v: &T) -> Response {
+    match serde_json::to_string(v) {
+        Ok(s) => Response::json(s),
+        Err(e) => Response::fault(500, &e.to_string()),
+    }
+}
+
+impl Api {
+    /// An API before the start; `start` takes `InstanceStart`.
+    pub fn new(id: String, resources: VmResources, start: Sender<StartCall>) -> Self {
+        Self {
+            resources,
+            id,
+            phase: Phase::NotStarted,
+            start: Some(start),
+            vmm: None,
+        }
+    }
+
+    /// An API whose VM was started from a config file already.
+    pub fn started(id: String, resources: VmResources, vmm: VmmHandle) -> Self {
+        Self {
+            resources,
+            id,
+            phase: Phase::Running,
+            start: None,
+            vmm: Some(vmm),
+        }
+    }
+
+    /// The state `GET /` reports.
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// Answers one request.
+    pub fn handle(&mut self, req: Request) -> Response {
+        let resp = self.route(&req).unwrap_or_else(|r| r);
+        crate::metrics::api_server::requests.inc();
+        if resp.status >= 400 {
+            crate::metrics::api_server::errors.inc();
+            log::info!(
+                "API: {} {}: {} {}",
+                req.method,
+                req.path,
+                resp.status,
+                resp.body.as_deref().unwrap_or("")
+            );
+        } else {
+            log::debug!("API: {} {}: {}", req.method, req.path, resp.status);
+        }
+        resp
+    }
+
+    fn pre_boot(&self) -> Result<(), Response> {
+        if self.phase == Phase::NotStarted {
+            Ok(())
+        } else {
+            Err(Response::fault(400, AFTER_START))
+        }
+    }
+
+    fn route(&mut self, req: &Request) -> Result<Response, Response> {
+        let path = req.path.trim_end_matches('/');
+        let (base, id) = match path.strip_prefix("/drives/") {
+            Some(id) => ("/drives/", id),
+            None => match path.strip_prefix("/network-interfaces/") {
+                Some(id) => ("/network-interfaces/", id),
+                None => (if path.is_empty() { "/" } else { path }, ""),
+            },
+        };
+        let r = &mut self.resources;
+        Ok(match (req.method.as_str(), base) {
+            ("GET", "/") => json(&InstanceInfo {
+                app_name: "ember".into(),
+                id: self.id.clone(),
+                state: match self.phase {
+                    Phase::NotStarted => "Not started",
+                    Phase::Running => "Running",
+                    Phase::Paused => "Paused",
+                }
+                .into(),
+                vmm_version: env!("CARGO_PKG_VERSION").into(),
+            }),
+            ("GET", "/version") => json(&Version {
+                firecracker_version: FIRECRACKER_API_VERSION.into(),
+            }),
+            ("GET", "/machine-config") => json(&r.machine),
+            ("GET", "/vm/config") => json(&r.to_file()),
+            ("PUT", "/boot-source") => {
+                self.pre_boot()?;
+                done(self.resources.set_boot_source(body(req)?))
+            }
+            ("PUT", "/machine-config") => {
+                self.pre_boot()?;
+                done(self.resources.set_machine_config(body(req)?))
+            }
+            ("PATCH", "/machine-config") => {
+                self.pre_boot()?;
+                done(self.resources.update_machine_config(body(req)?))
+            }
+            ("PUT", "/drives/") => {
+                self.pre_boot()?;
+                done(self.resources.put_drive(id, body(req)?))
+            }
+            ("PATCH", "/drives/") => {
+                self.pre_boot().map_err(|_| {
+                    Response::fault(
+                        400,
+                        "PATCH /drives after the start is not supported by ember (the drive's \
+                         image cannot be swapped under a running guest yet)",
+                    )
+                })?;
+                done(self.resources.patch_drive(id, body(req)?))
+            }
+            ("PUT", "/network-interfaces/") => {
+                self.pre_boot()?;
+                done(self.resources.put_net(id, body(req)?))
+            }
+            ("PATCH", "/network-interfaces/") => {
+                self.pre_boot().map_err(|_| {
+                    Response::fault(
+                        400,
+                        "PATCH /network-interfaces after the start is not supported by ember \
+                         (rate limiters are fixed at the start)",
+                    )
+                })?;
+                done(self.resources.patch_net(id, body(req)?))
+            }
+            ("PUT", "/vsock") => {
+                self.pre_boot()?;
+                done(self.resources.set_vsock(body(req)?))
+            }
+            ("PUT", "/entropy") => {
+                self.pre_boot()?;
+                done(self.resources.set_entropy(body(req)?))
+            }
+            ("PUT", "/logger") => {
+                self.pre_boot()?;
+                let l: Logger = body(req)?;
+                done(crate::logger::configure(&l, &self.id).map(|()| {
+                    self.resources.logger = Some(l);
+                }))
+            }
+            ("PUT", "/metrics") => {
+                self.pre_boot()?;
+                let m: Metrics = body(req)?;
+                done(crate::metrics::configure(&m.metrics_path).map(|()| {
+                    self.resources.metrics = Some(m);
+                }))
+            }
+            ("PUT", "/actions") => {
+                let a: InstanceAction = body(req)?;
+                self.action(&a.action_type)
+            }
+            ("PATCH", "/vm") => {
+                let s: VmState = body(req)?;
+                let (request, phase) = match s.state.as_str() {
+                    "Paused" => (VmmRequest::Pause, Phase::Paused),
+                    "Resumed" => (VmmRequest::Resume, Phase::Running),
+                    other => {
+                        return Err(Response::fault(
+                            400,
+                            &format!("state {other:?} is not one of \"Paused\", \"Resumed\""),
+                        ))
+                    }
+                };
+                self.vmm_call(request)?;
+                self.phase = phase;
+                Response::no_content()
+            }
+            ("PUT", "/snapshot/create") => {
+                let s: SnapshotCreate = body(req)?;
+                if s.snapshot_type.as_deref().is_some_and(|t| t != "Full") {
+                    return Err(Response::fault(
+                        400,
+                        "snapshot_type \"Diff\" is not supported by ember: give \"Full\"",
+                    ));
+                }
+                if self.phase != Phase::Paused {
+                    return Err(Response::fault(
+                        400,
+                        "the microVM must be paused for a snapshot: PATCH /vm {\"state\": \
+                         \"Paused\"} first",
+                    ));
+                }
+                self.vmm_call(VmmRequest::SnapshotCreate {
+                    snapshot_path: s.snapshot_path.into(),
+                    mem_file_path: s.mem_file_path.into(),
+                })?;
+                Response::no_content()
+            }
+            ("PUT", "/snapshot/load") => Response::fault(
+                400,
+                "PUT /snapshot/load is not supported by ember's API yet: restore with `ember \
+                 restore DIR`",
+            ),
+            (m, p) => {
+                let unsupported = [
+                    "/balloon",
+                    "/balloon/statistics",
+                    "/mmds",
+                    "/mmds/config",
+                    "/cpu-config",
+                    "/hotplug/memory",
+                    "/serial",
+                ];
+                let msg = if unsupported.contains(&p) {
+                    format!("{p} is not supported by ember (see docs/api.md)")
+                } else {
+                    format!("Invalid request method and/or path: {m} {}.", req.path)
+                };
+                Response::fault(400, &msg)
+            }
+        })
+    }
+
+    fn vmm_call(&self, request: VmmRequest) -> Result<(), Response> {
+        let Some(vmm) = &self.vmm else {
+            return Err(Response::fault(
+                400,
+                "The requested operation is not supported before starting the microVM.",
+            ));
+        };
+        vmm.call(request).map_err(|e| Response::fault(400, &e))
+    }
+
+    fn action(&mut self, action: &str) -> Response {
+        match action {
+            "InstanceStart" => {
+                if self.phase != Phase::NotStarted {
+                    return Response::fault(400, AFTER_START);
+                }
+                let config = match self.resources.to_vm_config() {
+                    Ok(c) => c,
+                    Err(e) => return Response::fault(400, &e.0),
+                };
+                if let Err(e) = config.validate() {
+                    return Response::fault(400, &crate::error_chain_line(&e));
+                }
+                let Some(start) = &self.start else {
+                    return Response::fault(400, AFTER_START);
+                };
+                let (reply, answer) = std::sync::mpsc::channel();
+                if start.send(StartCall { config, reply }).is_err() {
+                    return Response::fault(500, "the VMM thread has ended");
+                }
+                match answer.recv() {
+                    Ok(Ok(handle)) => {
+                        self.vmm = Some(handle);
+                        self.phase = Phase::Running;
+                        self.start = None;
+                        Response::no_content()
+                    }
+                    Ok(Err(e)) => Response::fault(400, &format!("cannot start the microVM: {e}")),
+                    Err(_) => Response::fault(500, "the VMM thread has ended"),
+                }
+            }
+            "SendCtrlAltDel" => match self.vmm_call(VmmRequest::CtrlAltDel) {
+                Ok(()) => Response::no_content(),
+                Err(r) => r,
+            },
+            "FlushMetrics" => match crate::metrics::flush() {
+                Ok(()) => Response::no_content(),
+                Err(e) => Response::fault(400, &e.0),
+            },
+            other => Response::fault(
+                400,
+                &format!(
+                    "action_type {other:?} is not one of \"InstanceStart\", \"SendCtrlAltDel\", \
+                     \"FlushMetrics\""
+                ),
+            ),
+        }
+    }
+}

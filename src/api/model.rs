@@ -1,0 +1,460 @@
+// SPDX-License-Identifier: Apache-2.0
+//! The request and response bodies of Firecracker's API (its `firecracker.yaml`, version
+//! 1.17), as serde types. Unknown fields are refused, as Firecracker refuses them
+//! (`deny_unknown_fields`): a misspelt field is an error, not a silently ignored setting.
+//! The same types make up the `--config-file` document ([`VmConfigFile`]).
+
+use serde::{Deserialize, Serialize};
+
+/// `PUT /boot-source`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// Host path of the kernel image (ELF vmlinux or bzImage).
+    pub kernel_image_path: String,
+    /// Kernel command line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub boot_args: Option<String>,
+    /// Host path of the initrd.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd_path: Option<String>,
+}
+
+/// `PUT /machine-config` (and the answer of `GET /machine-config`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// vCPUs (1 to 32).
+    pub vcpu_count: u8,
+    /// Guest memory in MiB.
+    pub mem_size_mib: u64,
+    /// Simultaneous multithreading: ember offers one thread per core (only `false`).
+    #[serde(default)]
+    pub smt: bool,
+    /// Dirty page tracking for diff snapshots: accepted, ember's snapshots are full.
+    #[serde(default)]
+    pub track_dirty_pages: bool,
+    /// A CPU template: only `None` (ember filters CPUID by itself for the host).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_template: Option<String>,
+    /// Huge pages: only `None`.
+    #[serde(default = "huge_pages_none")]
+    pub huge_pages: String,
+}
+
+fn huge_pages_none() -> String {
+    "None".into()
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        Self {
+            vcpu_count: 1,
+            mem_size_mib: 128,
+            smt: false,
+            track_dirty_pages: false,
+            cpu_template: None,
+            huge_pages: huge_pages_none(),
+        }
+    }
+}
+
+/// `PATCH /machine-config`: the fields to change.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfigUpdate {
+    /// vCPUs.
+    #[serde(default)]
+    pub vcpu_count: Option<u8>,
+    /// Guest memory in MiB.
+    #[serde(default)]
+    pub mem_size_mib: Option<u64>,
+    /// SMT.
+    #[serde(default)]
+    pub smt: Option<bool>,
+    /// Dirty page tracking.
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    /// CPU template.
+    #[serde(default)]
+    pub cpu_template: Option<String>,
+    /// Huge pages.
+    #[serde(default)]
+    pub huge_pages: Option<String>,
+}
+
+/// A token bucket of a rate limiter: `size` tokens (bytes or operations) refilled every
+/// `refill_time` milliseconds, plus a first `one_time_burst`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenBucket {
+    /// Tokens per refill period.
+    pub size: u64,
+    /// Extra tokens usable once, at the start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub one_time_burst: Option<u64>,
+    /// The refill period in milliseconds.
+    pub refill_time: u64,
+}
+
+impl TokenBucket {
+    /// The sustained rate in tokens per second, or `None` for a bucket that limits nothing
+    /// (size or refill time 0, as Firecracker treats them).
+    pub fn per_second(&self) -> Option<u64> {
+        if self.size == 0 || self.refill_time == 0 {
+            return None;
+        }
+        Some(
+            u64::try_from(u128::from(self.size) * 1000 / u128::from(self.refill_time))
+                .unwrap_or(u64::MAX)
+                .max(1),
+        )
+    }
+}
+
+/// A rate limiter: a bandwidth bucket (bytes) and an operations bucket.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimiter {
+    /// Bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bandwidth: Option<TokenBucket>,
+    /// Operations (requests or frames).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<TokenBucket>,
+}
+
+/// `PUT /drives/{drive_id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Drive {
+    /// The drive's ID (the URL's).
+    pub drive_id: String,
+    /// Host path of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_on_host: Option<String>,
+    /// The guest's root file system: attached first (`/dev/vda`), with `root=` added.
+    pub is_root_device: bool,
+    /// The root partition's UUID (`root=PARTUUID=...`) instead of the whole device.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partuuid: Option<String>,
+    /// Read-only for the guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub is_read_only: Option<bool>,
+    /// `Unsafe` or `Writeback`: ember honours the guest's flushes either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_type: Option<String>,
+    /// `Sync` or `Async`: ember's engine is synchronous either way.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub io_engine: Option<String>,
+    /// The drive's rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+    /// A vhost-user block backend's socket: not supported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<String>,
+}
+
+/// `PATCH /drives/{drive_id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialDrive {
+    /// The drive's ID.
+    pub drive_id: String,
+    /// A new image.
+    #[serde(default)]
+    pub path_on_host: Option<String>,
+    /// A new rate limiter.
+    #[serde(default)]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkInterface {
+    /// The interface's ID (the URL's).
+    pub iface_id: String,
+    /// The host TAP device.
+    pub host_dev_name: String,
+    /// The guest's MAC address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guest_mac: Option<String>,
+    /// Receive rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// Transmit rate limiter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PATCH /network-interfaces/{iface_id}`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PartialNetworkInterface {
+    /// The interface's ID.
+    pub iface_id: String,
+    /// New receive rate limiter.
+    #[serde(default)]
+    pub rx_rate_limiter: Option<RateLimiter>,
+    /// New transmit rate limiter.
+    #[serde(default)]
+    pub tx_rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /vsock`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Vsock {
+    /// The guest's CID (3 or more).
+    pub guest_cid: u32,
+    /// The host-side Unix socket.
+    pub uds_path: String,
+    /// Deprecated in Firecracker; accepted and ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vsock_id: Option<String>,
+}
+
+/// `PUT /entropy`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entropy {
+    /// The device's rate limiter (bandwidth only: virtio-rng has no operation count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiter>,
+}
+
+/// `PUT /logger`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Logger {
+    /// A file or FIFO the log lines go to (stderr when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_path: Option<String>,
+    /// `Error`, `Warning`, `Info`, `Debug`, `Trace` or `Off`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub level: Option<String>,
+    /// Put the level in each line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_level: Option<bool>,
+    /// Put the source file and line in each line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub show_log_origin: Option<bool>,
+    /// Only lines of this module.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<String>,
+}
+
+/// `PUT /metrics`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metrics {
+    /// A file or FIFO the metrics lines go to.
+    pub metrics_path: String,
+}
+
+/// `PUT /actions`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InstanceAction {
+    /// `InstanceStart`, `SendCtrlAltDel` or `FlushMetrics`.
+    pub action_type: String,
+}
+
+/// `PATCH /vm`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmState {
+    /// `Paused` or `Resumed`.
+    pub state: String,
+}
+
+/// `GET /`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceInfo {
+    /// The application: `ember`.
+    pub app_name: String,
+    /// The instance ID (`--id`).
+    pub id: String,
+    /// `Not started`, `Running` or `Paused`.
+    pub state: String,
+    /// ember's version.
+    pub vmm_version: String,
+}
+
+/// `GET /version`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Version {
+    /// The version of Firecracker's API that ember implements.
+    pub firecracker_version: String,
+}
+
+/// An error body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Fault {
+    /// What went wrong.
+    pub fault_message: String,
+}
+
+/// `PUT /snapshot/create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// Where the guest memory goes.
+    pub mem_file_path: String,
+    /// Where the VM state goes.
+    pub snapshot_path: String,
+    /// `Full` (ember has no diff snapshots).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub snapshot_type: Option<String>,
+}
+
+/// The memory backend of `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemBackend {
+    /// `File` (`Uffd` is not supported).
+    pub backend_type: String,
+    /// The memory file.
+    pub backend_path: String,
+}
+
+/// A NIC moved onto another TAP at `PUT /snapshot/load`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOverride {
+    /// The interface.
+    pub iface_id: String,
+    /// Its new TAP.
+    pub host_dev_name: String,
+}
+
+/// `PUT /snapshot/load`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotLoad {
+    /// The VM state file.
+    pub snapshot_path: String,
+    /// The memory file (deprecated in Firecracker for `mem_backend`).
+    #[serde(default)]
+    pub mem_file_path: Option<String>,
+    /// The memory backend.
+    #[serde(default)]
+    pub mem_backend: Option<MemBackend>,
+    /// Diff snapshots: not supported.
+    #[serde(default)]
+    pub enable_diff_snapshots: Option<bool>,
+    /// Dirty page tracking: accepted.
+    #[serde(default)]
+    pub track_dirty_pages: Option<bool>,
+    /// Resume the guest once loaded (else it stays paused until `PATCH /vm`).
+    #[serde(default)]
+    pub resume_vm: Option<bool>,
+    /// NICs moved onto other TAPs.
+    #[serde(default)]
+    pub network_overrides: Option<Vec<NetworkOverride>>,
+}
+
+/// The `--config-file` document, and the answer of `GET /vm/config`: every pre-boot
+/// resource in one object, keyed as in Firecracker. Parts ember does not have (`balloon`,
+/// `mmds-config`, `cpu-config`) must be absent or null.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfigFile {
+    /// `boot-source`.
+    #[serde(rename = "boot-source", default)]
+    pub boot_source: Option<BootSource>,
+    /// `machine-config`.
+    #[serde(rename = "machine-config", default)]
+    pub machine_config: Option<MachineConfig>,
+    /// `drives`.
+    #[serde(default)]
+    pub drives: Vec<Drive>,
+    /// `network-interfaces`.
+    #[serde(rename = "network-interfaces", default)]
+    pub network_interfaces: Vec<NetworkInterface>,
+    /// `vsock`.
+    #[serde(default)]
+    pub vsock: Option<Vsock>,
+    /// `entropy`.
+    #[serde(default)]
+    pub entropy: Option<Entropy>,
+    /// `logger`.
+    #[serde(default)]
+    pub logger: Option<Logger>,
+    /// `metrics`.
+    #[serde(default)]
+    pub metrics: Option<Metrics>,
+    /// `balloon`: refused when set.
+    #[serde(default)]
+    pub balloon: Option<serde_json::Value>,
+    /// `mmds-config`: refused when set.
+    #[serde(rename = "mmds-config", default)]
+    pub mmds_config: Option<serde_json::Value>,
+    /// `cpu-config`: refused when set.
+    #[serde(rename = "cpu-config", default)]
+    pub cpu_config: Option<serde_json::Value>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn firecracker_getting_started_bodies_parse() {
+        let b: BootSource = serde_json::from_str(
+            r#"{"kernel_image_path": "./vmlinux", "boot_args": "console=ttyS0 reboot=k panic=1 pci=off"}"#,
+        )
+        .unwrap();
+        assert_eq!(b.kernel_image_path, "./vmlinux");
+        let d: Drive = serde_json::from_str(
+            r#"{"drive_id": "rootfs", "path_on_host": "./rootfs.ext4", "is_root_device": true, "is_read_only": false}"#,
+        )
+        .unwrap();
+        assert!(d.is_root_device);
+        let m: MachineConfig =
+            serde_json::from_str(r#"{"vcpu_count": 2, "mem_size_mib": 1024}"#).unwrap();
+        assert_eq!((m.vcpu_count, m.mem_size_mib, m.smt), (2, 1024, false));
+        assert_eq!(m.huge_pages, "None");
+    }
+
+    #[test]
+    fn unknown_fields_and_wrong_types_are_refused() {
+        let e =
+            serde_json::from_str::<BootSource>(r#"{"kernel_image_path": "k", "boot_arg": "typo"}"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("unknown field `boot_arg`"), "{e}");
+        assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": "2"}"#).is_err());
+        assert!(
+            serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 300, "mem_size_mib": 1}"#)
+                .is_err()
+        );
+        let e = serde_json::from_str::<VmConfigFile>(r#"{"boot_source": {}}"#).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn token_bucket_rates() {
+        let b = TokenBucket {
+            size: 1000,
+            one_time_burst: None,
+            refill_time: 100,
+        };
+        assert_eq!(b.per_second(), Some(10_000));
+        assert_eq!(
+            TokenBucket {
+                refill_time: 0,
+                ..b
+            }
+            .per_second(),
+            None
+        );
+        assert_eq!(TokenBucket { size: 0, ..b }.per_second(), None);
+        let huge = TokenBucket {
+            size: u64::MAX,
+            one_time_burst: None,
+            refill_time: 1,
+        };
+        assert_eq!(huge.per_second(), Some(u64::MAX));
+    }
+}
