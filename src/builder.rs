@@ -117,6 +117,9 @@ pub struct BuildHooks {
     /// The state file of `restore_from`, when the caller has read it already (`ember
     /// restore` takes the configuration from it); read from the directory when `None`.
     pub restore_state: Option<Box<FileState>>,
+    /// Start with every vCPU paused before its first instruction (the run loop must be told:
+    /// [`RunOptions::start_paused`](crate::vmm::RunOptions::start_paused)).
+    pub start_paused: bool,
 }
 
 impl std::fmt::Debug for BuildHooks {
@@ -393,6 +396,16 @@ pub fn build_vm(
         com2: legacy.com2,
         acpi: acpi_platform,
     };
+    if hooks.start_paused {
+        let kvm = open_kvm()?;
+        let caps = Arc::new(
+            crate::snapshot::kvm_state::KvmCaps::probe(&kvm)
+                .map_err(|e| BuildError::Snapshot(SnapshotError::Caps(e)))?,
+        );
+        for v in &vcpus {
+            v.pause_before_start(caps.clone());
+        }
+    }
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)

@@ -554,6 +554,12 @@ fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
             .flatten();
         let outcome = vmm.run(opts);
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        // The API thread is not waited for: its socket is removed here.
+        if let Some(p) = &args.api_sock {
+            let _ = std::fs::remove_file(p);
+        }
+        // The last metrics (as Firecracker writes them at exit); none configured: nothing.
+        let _ = ember::metrics::flush();
         run_status(Ok(outcome))
     };
 
@@ -595,8 +601,9 @@ fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
     }
     loop {
         match start_rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(call) => match ember::builder::build_vm(&call.config, start, Default::default()) {
+            Ok(call) => match build_for_api(&call, start) {
                 Ok(vmm) => {
+                    opts.start_paused = call.restore.as_ref().is_some_and(|(_, resume)| !resume);
                     let (handle, link) = match VmmHandle::pair() {
                         Ok(p) => p,
                         Err(e) => {
@@ -615,6 +622,9 @@ fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
                 if let Some(sig) = opts.signal_fd.as_ref().and_then(pending_signal) {
                     log::info!("signal {sig} before the microVM started: exiting");
                     stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                    if let Some(p) = &args.api_sock {
+                        let _ = std::fs::remove_file(p);
+                    }
                     return ExitCode::SUCCESS;
                 }
             }
@@ -623,6 +633,24 @@ fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
             }
         }
     }
+}
+
+/// Builds the VM of an `InstanceStart` or `PUT /snapshot/load` (whose link directory is
+/// removed once the VM is built: the memory file is open by then).
+fn build_for_api(
+    call: &ember::api::StartCall,
+    start: Instant,
+) -> Result<ember::vmm::Vmm, ember::builder::BuildError> {
+    let hooks = ember::builder::BuildHooks {
+        restore_from: call.restore.as_ref().map(|(dir, _)| dir.clone()),
+        start_paused: call.restore.as_ref().is_some_and(|(_, resume)| !resume),
+        ..Default::default()
+    };
+    let built = ember::builder::build_vm(&call.config, start, hooks);
+    if let Some((dir, _)) = &call.restore {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    built
 }
 
 fn path_of(args: &RunArgs) -> String {

@@ -263,6 +263,17 @@ impl Vcpu {
         Ok(Self::with_fd(index, fd, shared))
     }
 
+    /// Makes the vCPU park (paused, its state saved with `caps`) before its first guest
+    /// instruction once started: for a VM that starts paused (Firecracker's
+    /// `/snapshot/load` with `resume_vm: false`). [`VcpuHandle::resume`] lets it run.
+    pub fn pause_before_start(&self, caps: Arc<KvmCaps>) {
+        let mut inner = lock(&self.pause.inner);
+        inner.caps = Some(caps);
+        inner.paused = None;
+        inner.generation = inner.generation.wrapping_add(1);
+        self.pause.requested.store(true, Ordering::Release);
+    }
+
     /// Starts the vCPU on its own thread `ember-vcpuN`.
     pub fn start(self) -> Result<VcpuHandle, VcpuError> {
         install_kick_handler()?;

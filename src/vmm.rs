@@ -110,6 +110,9 @@ pub struct RunOptions {
     /// Requests from the API server (`ember run --api-sock`): pause, resume, Ctrl+Alt+Del,
     /// snapshots; carried out between two turns of the event loop.
     pub api: Option<crate::api::ApiLink>,
+    /// The vCPUs were built paused ([`BuildHooks::start_paused`](crate::builder::BuildHooks::start_paused)):
+    /// the guest waits for a resume (SIGUSR1, or the API's `PATCH /vm`).
+    pub start_paused: bool,
 }
 
 impl std::fmt::Debug for RunOptions {
@@ -523,7 +526,7 @@ impl Vmm {
                 Err(e) => log::error!("API: cannot watch for requests: {e}"),
             }
         }
-        let mut paused = false;
+        let mut paused = opts.start_paused;
         loop {
             watch.leave_turn();
             if self.exit.is_set() {

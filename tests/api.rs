@@ -94,7 +94,6 @@ impl Instance {
             std::thread::sleep(Duration::from_millis(20));
         }
         let out = self.child.wait_with_output().unwrap();
-        let _ = std::fs::remove_dir_all(&self.dir);
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -398,7 +397,60 @@ fn api_configures_starts_and_controls_a_vm() {
         "{metrics_text}"
     );
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-    let sock = vm.sock.clone();
+
+    // A second ember loads the snapshot (paused, then resumed; the first one still runs,
+    // and shares the read-only drive).
+    let Some(vm2) = Instance::start("api-flow-load", &[]) else {
+        return;
+    };
+    let load = |extra: &str| {
+        format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "File", "backend_path": "{}"}}{extra}}}"#,
+            state.display(),
+            mem.display()
+        )
+    };
+    vm2.expect(
+        "PUT",
+        "/snapshot/load",
+        Some(&load(r#", "enable_diff_snapshots": true"#)),
+        400,
+    );
+    vm2.expect(
+        "PUT",
+        "/snapshot/load",
+        Some(&format!(
+            r#"{{"snapshot_path": "{}", "mem_backend": {{"backend_type": "Uffd", "backend_path": "/x"}}}}"#,
+            state.display()
+        )),
+        400,
+    );
+    vm2.expect(
+        "PUT",
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/nonexistent", "mem_file_path": "/x"}"#),
+        400,
+    );
+    vm2.expect(
+        "PUT",
+        "/snapshot/load",
+        Some(&load(r#", "resume_vm": false"#)),
+        204,
+    );
+    assert_eq!(vm2.state(), "Paused");
+    let c: serde_json::Value =
+        serde_json::from_str(&vm2.expect("GET", "/vm/config", None, 200)).unwrap();
+    assert_eq!(c["machine-config"]["vcpu_count"], 2, "{c}");
+    assert_eq!(c["machine-config"]["mem_size_mib"], 16, "{c}");
+    vm2.expect("PUT", "/snapshot/load", Some(&load("")), 400);
+    vm2.expect("PATCH", "/vm", Some(r#"{"state": "Resumed"}"#), 204);
+    assert_eq!(vm2.state(), "Running");
+    let dir2 = vm2.dir.clone();
+    let (_, _, stderr2) = vm2.finish();
+    assert!(stderr2.contains("restored the snapshot"), "{stderr2}");
+    let _ = std::fs::remove_dir_all(dir2);
+
+    let (sock, dir) = (vm.sock.clone(), vm.dir.clone());
     let (code, stdout, stderr) = vm.finish();
     assert!(
         stdout.contains("up"),
@@ -407,6 +459,7 @@ fn api_configures_starts_and_controls_a_vm() {
     assert!(code.is_some(), "ember was killed: {stderr}");
     assert!(log_text.contains(":INFO] "), "log lines: {log_text:?}");
     assert!(!sock.exists(), "the API socket was left behind");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Malformed and hostile clients: bounded, answered, and the VM unaffected.
@@ -485,8 +538,10 @@ fn api_socket_survives_floods_and_bad_requests() {
         let _ = raw(&vm.sock, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
     }
     assert_eq!(vm.state(), "Running");
+    let dir = vm.dir.clone();
     let (_, stdout, stderr) = vm.finish();
     assert!(stdout.contains("up"), "{stdout:?} {stderr}");
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// `--config-file`: Firecracker's document boots the VM; bad documents are refused with 2.

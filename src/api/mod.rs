@@ -112,6 +112,10 @@ impl VmmHandle {
 pub struct StartCall {
     /// The VM.
     pub config: VmConfig,
+    /// `PUT /snapshot/load`: restore the snapshot in this directory (its `state` and `memory`
+    /// are links to the files named in the request; remove it once the VM is built), and
+    /// whether the guest runs at once (else it starts paused).
+    pub restore: Option<(std::path::PathBuf, bool)>,
     /// The build's result.
     pub reply: Sender<Result<VmmHandle, String>>,
 }
@@ -351,11 +355,10 @@ impl Api {
                 })?;
                 Response::no_content()
             }
-            ("PUT", "/snapshot/load") => Response::fault(
-                400,
-                "PUT /snapshot/load is not supported by ember's API yet: restore with `ember \
-                 restore DIR`",
-            ),
+            ("PUT", "/snapshot/load") => {
+                self.pre_boot()?;
+                self.load_snapshot(body(req)?)
+            }
             (m, p) => {
                 let unsupported = [
                     "/balloon",
@@ -374,6 +377,101 @@ impl Api {
                 Response::fault(400, &msg)
             }
         })
+    }
+
+    /// Hands `config` (and a snapshot to restore) to the main thread and waits for the build.
+    fn start_vm(
+        &mut self,
+        config: VmConfig,
+        restore: Option<(std::path::PathBuf, bool)>,
+    ) -> Response {
+        let Some(start) = &self.start else {
+            return Response::fault(400, AFTER_START);
+        };
+        let paused = restore.as_ref().is_some_and(|(_, resume)| !resume);
+        let (reply, answer) = std::sync::mpsc::channel();
+        let call = StartCall {
+            config,
+            restore,
+            reply,
+        };
+        if start.send(call).is_err() {
+            return Response::fault(500, "the VMM thread has ended");
+        }
+        match answer.recv() {
+            Ok(Ok(handle)) => {
+                self.vmm = Some(handle);
+                self.phase = if paused {
+                    Phase::Paused
+                } else {
+                    Phase::Running
+                };
+                self.start = None;
+                Response::no_content()
+            }
+            Ok(Err(e)) => Response::fault(400, &format!("cannot start the microVM: {e}")),
+            Err(_) => Response::fault(500, "the VMM thread has ended"),
+        }
+    }
+
+    /// `PUT /snapshot/load` before the start: the VM of the snapshot, restored.
+    fn load_snapshot(&mut self, l: SnapshotLoad) -> Response {
+        if l.enable_diff_snapshots == Some(true) {
+            return Response::fault(
+                400,
+                "enable_diff_snapshots is not supported by ember (full snapshots only)",
+            );
+        }
+        let mem = match (&l.mem_file_path, &l.mem_backend) {
+            (Some(p), None) => p.clone(),
+            (None, Some(b)) if b.backend_type == "File" => b.backend_path.clone(),
+            (None, Some(b)) => {
+                return Response::fault(
+                    400,
+                    &format!(
+                        "mem_backend backend_type {:?} is not supported by ember: give \"File\"",
+                        b.backend_type
+                    ),
+                )
+            }
+            _ => return Response::fault(400, "give exactly one of mem_file_path and mem_backend"),
+        };
+        let dir = match link_snapshot_dir(&l.snapshot_path, &mem) {
+            Ok(d) => d,
+            Err(e) => return Response::fault(400, &e),
+        };
+        let config = crate::snapshot::file::read_state(&dir).map(|s| s.meta.config);
+        let mut config = match config {
+            Ok(c) => c,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Response::fault(
+                    400,
+                    &format!("cannot load the snapshot: {}", crate::error_chain_line(&e)),
+                );
+            }
+        };
+        for o in l.network_overrides.iter().flatten() {
+            // ember's snapshots know NICs by position, not by Firecracker's interface IDs:
+            // with one NIC the override is unambiguous.
+            match config.net.as_mut_slice() {
+                [nic] => nic.tap = o.host_dev_name.clone(),
+                _ => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Response::fault(
+                        400,
+                        &format!(
+                            "network_overrides for {}: ember applies an override only to a \
+                             snapshot with exactly one NIC (it has {})",
+                            o.iface_id,
+                            config.net.len()
+                        ),
+                    );
+                }
+            }
+        }
+        self.resources = VmResources::from_vm_config(&config);
+        self.start_vm(config, Some((dir, l.resume_vm.unwrap_or(false))))
     }
 
     fn vmm_call(&self, request: VmmRequest) -> Result<(), Response> {
@@ -399,23 +497,7 @@ impl Api {
                 if let Err(e) = config.validate() {
                     return Response::fault(400, &crate::error_chain_line(&e));
                 }
-                let Some(start) = &self.start else {
-                    return Response::fault(400, AFTER_START);
-                };
-                let (reply, answer) = std::sync::mpsc::channel();
-                if start.send(StartCall { config, reply }).is_err() {
-                    return Response::fault(500, "the VMM thread has ended");
-                }
-                match answer.recv() {
-                    Ok(Ok(handle)) => {
-                        self.vmm = Some(handle);
-                        self.phase = Phase::Running;
-                        self.start = None;
-                        Response::no_content()
-                    }
-                    Ok(Err(e)) => Response::fault(400, &format!("cannot start the microVM: {e}")),
-                    Err(_) => Response::fault(500, "the VMM thread has ended"),
-                }
+                self.start_vm(config, None)
             }
             "SendCtrlAltDel" => match self.vmm_call(VmmRequest::CtrlAltDel) {
                 Ok(()) => Response::no_content(),
@@ -434,4 +516,32 @@ impl Api {
             ),
         }
     }
+}
+
+/// A private directory whose `state` and `memory` are links to `state` and `memory` (made
+/// absolute): the snapshot directory ember restores from.
+fn link_snapshot_dir(state: &str, memory: &str) -> Result<std::path::PathBuf, String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let abs = |p: &str| -> Result<std::path::PathBuf, String> {
+        std::fs::canonicalize(p).map_err(|e| format!("snapshot file {p}: {e}"))
+    };
+    let (state, memory) = (abs(state)?, abs(memory)?);
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("ember-load-{}-{n}", std::process::id()));
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let link = |to: &std::path::Path, name: &str| {
+        std::os::unix::fs::symlink(to, dir.join(name))
+            .map_err(|e| format!("cannot link {}: {e}", to.display()))
+    };
+    if let Err(e) = link(&state, crate::snapshot::format::STATE_FILE)
+        .and_then(|()| link(&memory, crate::snapshot::format::MEMORY_FILE))
+    {
+        let _ = std::fs::remove_dir_all(&dir);
+        return Err(e);
+    }
+    Ok(dir)
 }

@@ -125,6 +125,54 @@ impl VmResources {
         }
     }
 
+    /// The resources that describe `c` (a loaded snapshot's VM), for `GET /vm/config`: drives
+    /// and NICs get IDs by position where ember has none (`drive0`, `net0`, ...).
+    pub fn from_vm_config(c: &VmConfig) -> Self {
+        Self {
+            boot_source: Some(BootSource {
+                kernel_image_path: c.kernel.display().to_string(),
+                boot_args: Some(c.cmdline.clone()),
+                initrd_path: c.initrd.as_ref().map(|p| p.display().to_string()),
+            }),
+            machine: MachineConfig {
+                vcpu_count: u8::try_from(c.vcpus).unwrap_or(u8::MAX),
+                mem_size_mib: c.mem_mib,
+                ..Default::default()
+            },
+            drives: c
+                .disks
+                .iter()
+                .enumerate()
+                .map(|(i, d)| Drive {
+                    drive_id: d.id.clone().unwrap_or_else(|| format!("drive{i}")),
+                    path_on_host: Some(d.path.display().to_string()),
+                    is_root_device: false,
+                    is_read_only: Some(d.read_only),
+                    ..Default::default()
+                })
+                .collect(),
+            nets: c
+                .net
+                .iter()
+                .enumerate()
+                .map(|(i, n)| NetworkInterface {
+                    iface_id: format!("net{i}"),
+                    host_dev_name: n.tap.clone(),
+                    guest_mac: Some(n.mac().to_string()),
+                    ..Default::default()
+                })
+                .collect(),
+            vsock: c.vsock.as_ref().map(|v| Vsock {
+                guest_cid: u32::try_from(v.cid).unwrap_or(u32::MAX),
+                uds_path: v.uds.display().to_string(),
+                vsock_id: None,
+            }),
+            entropy: c.rng.as_ref().map(|_| Entropy::default()),
+            logger: None,
+            metrics: None,
+        }
+    }
+
     /// `PUT /boot-source`.
     pub fn set_boot_source(&mut self, b: BootSource) -> Result<(), Refused> {
         check_path("the kernel image", &b.kernel_image_path)?;

@@ -104,6 +104,7 @@ pub fn run_instrumented(
             .map_err(BenchError::EventFd)?,
         restore_from: None,
         restore_state: None,
+        ..Default::default()
     };
     let mut vmm = crate::builder::build_vm(config, start, hooks)?;
 
