@@ -14,9 +14,9 @@ SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi
 
 # Packages: guest build (kernel + busybox), network tests (iproute2), peers for bench.
-# libseccomp-dev and libcap-ng-dev: to build virtiofsd (--share).
+# libseccomp-dev and libcap-ng-dev: to build virtiofsd (--share). curl: the API tests' client.
 PKGS=(linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio
-      e2fsprogs iproute2 qemu-system-x86 libseccomp-dev libcap-ng-dev)
+      e2fsprogs iproute2 qemu-system-x86 libseccomp-dev libcap-ng-dev curl)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -57,7 +57,7 @@ log "unit and tiny-guest tests"
 cargo test --lib --bins \
     --test cli --test tiny_guest --test boot_protocol --test guest_build \
     --test virtio_blk --test exec --test acpi --test bench_tiny \
-    --test hostile_guest --test hostile_virtio --test snapshot_kvm
+    --test hostile_guest --test hostile_virtio --test snapshot_kvm --test api
 
 # Real Linux boots: slow here (guest kernel code is emulated on PVM hosts), so each boot
 # checks several things. One boot at a time: a guest that gets only a fraction of a core
@@ -65,7 +65,7 @@ cargo test --lib --bins \
 # CI machine has two cores. Each file gets one retry, because CI machines are shared and a
 # starved guest can miss a deadline; a second failure fails the run.
 failed=()
-for t in boot_linux boot_disk exec_linux acpi_linux netdev virtiofs_linux bench; do
+for t in boot_linux boot_disk exec_linux acpi_linux netdev virtiofs_linux api_linux bench; do
     log "real boots: $t"
     if ! cargo test --test "$t" -- --test-threads=1; then
         log "$t failed; retrying once"
