@@ -60,6 +60,15 @@ pub enum KernelError {
         #[source]
         source: linux_loader::loader::Error,
     },
+    /// An ELF image whose program headers, or a bzImage whose setup header, cannot be a
+    /// kernel's (checked before loading).
+    #[error("kernel image {path} cannot be loaded: {why}")]
+    BadElf {
+        /// The path given.
+        path: PathBuf,
+        /// What is wrong, and the fix.
+        why: String,
+    },
     /// A bzImage too old for the 64-bit boot protocol.
     #[error("bzImage {0} is too old for the 64-bit boot protocol (needs boot protocol 2.12+)")]
     OldBzImage(PathBuf),
@@ -186,6 +195,7 @@ pub fn load_kernel(
     let highmem = Some(GuestAddress(HIMEM_START));
     let loaded = match format {
         KernelFormat::Elf => {
+            check_elf_segments(path, mem)?;
             let r = Elf::load(mem, None, &mut file, highmem).map_err(load_err)?;
             let (protocol, entry) = match r.pvh_boot_cap {
                 PvhBootCapability::PvhEntryPresent(addr) => (EntryProtocol::Pvh, addr.0),
@@ -207,6 +217,7 @@ pub fn load_kernel(
                     path: path.into(),
                     source,
                 })?;
+            check_bzimage_header(path, mem)?;
             let r = BzImage::load(mem, None, &mut file, highmem).map_err(load_err)?;
             let hdr = r
                 .setup_header
@@ -243,6 +254,175 @@ pub fn load_kernel(
         }
     };
     Ok((loaded?, file.stats().0))
+}
+
+/// Checks the setup header of the bzImage at `path` against the file and guest memory before
+/// linux-loader sees it: the boot protocol version (2.12+ for the 64-bit entry), the setup
+/// code and the protected-mode kernel within the file, and the memory the kernel needs to
+/// decompress itself (`init_size` from where it is loaded) within guest RAM.
+pub fn check_bzimage_header(path: &Path, mem: &GuestMemory) -> Result<(), KernelError> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::GuestMemoryBackend;
+    let bad = |why: String| KernelError::BadElf {
+        path: path.into(),
+        why,
+    };
+    let read = |source| KernelError::Read {
+        path: path.into(),
+        source,
+    };
+    let f = File::open(path).map_err(read)?;
+    let len = f.metadata().map_err(read)?.len();
+    let mut h = [0u8; 0x268];
+    if len < h.len() as u64 {
+        return Err(bad(format!(
+            "the file is {len} bytes, shorter than a bzImage's setup header: it is truncated"
+        )));
+    }
+    f.read_exact_at(&mut h, 0).map_err(read)?;
+    let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+    let version = u16::from_le_bytes([h[0x206], h[0x207]]);
+    if version < 0x020c {
+        return Err(KernelError::OldBzImage(path.into()));
+    }
+    let sects = match h[0x1f1] {
+        0 => 4,
+        n => u64::from(n),
+    };
+    let setup = (sects + 1) * 512;
+    if setup >= len {
+        return Err(bad(format!(
+            "its setup header says the setup code is {setup} bytes ({sects} sectors), but the \
+             file is {len} bytes: it is truncated or damaged"
+        )));
+    }
+    let kernel = u64::from(u32_at(0x1f4)) * 16;
+    // syssize is rounded up to 16-byte paragraphs: a few bytes of slack.
+    if kernel > len - setup + 16 {
+        return Err(bad(format!(
+            "its setup header says the kernel is {kernel} bytes, but the file has {} after \
+             the setup code: it is truncated or damaged",
+            len - setup
+        )));
+    }
+    let ram_end = mem.last_addr().0.saturating_add(1);
+    let need = HIMEM_START.saturating_add(u64::from(u32_at(0x260)));
+    if need > ram_end {
+        return Err(bad(format!(
+            "it needs {} bytes (init_size) from {HIMEM_START:#x} to decompress itself, beyond \
+             the guest's RAM ({ram_end:#x}): give the guest more memory with --mem, or the image \
+             is damaged",
+            u32_at(0x260)
+        )));
+    }
+    Ok(())
+}
+
+/// Most program headers a kernel ELF is expected to have (vmlinux has about five).
+const MAX_ELF_PHDRS: u64 = 64;
+
+/// Checks the program headers of the ELF kernel at `path` against the file and guest memory
+/// before linux-loader sees it, so that a damaged or hostile image gets a message that says
+/// which segment is wrong and why: headers past the end of the file, too many of them, a
+/// loadable segment past the end of the file, larger in the file than in memory, outside
+/// guest RAM or below 1 MiB, or two loadable segments that overlap.
+pub fn check_elf_segments(path: &Path, mem: &GuestMemory) -> Result<(), KernelError> {
+    use std::os::unix::fs::FileExt;
+    use vm_memory::GuestMemoryBackend;
+    let bad = |why: String| KernelError::BadElf {
+        path: path.into(),
+        why,
+    };
+    let read = |source| KernelError::Read {
+        path: path.into(),
+        source,
+    };
+    let f = File::open(path).map_err(read)?;
+    let len = f.metadata().map_err(read)?.len();
+    let mut eh = [0u8; 64];
+    if len < 64 {
+        return Err(bad(format!(
+            "the file is {len} bytes, shorter than an ELF header: it is truncated"
+        )));
+    }
+    f.read_exact_at(&mut eh, 0).map_err(read)?;
+    let u16_at = |b: &[u8], at: usize| u64::from(u16::from_le_bytes([b[at], b[at + 1]]));
+    let u64_at = |b: &[u8], at: usize| {
+        let mut x = [0u8; 8];
+        x.copy_from_slice(&b[at..at + 8]);
+        u64::from_le_bytes(x)
+    };
+    if eh[4] != 2 || eh[5] != 1 || u16_at(&eh, 18) != 62 {
+        return Err(bad(
+            "it is not a 64-bit little-endian x86-64 ELF (build the kernel for x86_64)".into(),
+        ));
+    }
+    let (phoff, phentsize, phnum) = (u64_at(&eh, 32), u16_at(&eh, 54), u16_at(&eh, 56));
+    if phnum == 0 || phnum > MAX_ELF_PHDRS {
+        return Err(bad(format!(
+            "it has {phnum} program headers (a kernel has 1 to {MAX_ELF_PHDRS})"
+        )));
+    }
+    if phentsize != 56 {
+        return Err(bad(format!(
+            "its program headers are {phentsize} bytes each, not 56"
+        )));
+    }
+    let table_end = phoff.checked_add(phnum * 56);
+    if table_end.is_none_or(|end| end > len) {
+        return Err(bad(format!(
+            "its {phnum} program headers at offset {phoff:#x} lie past the end of the file \
+                 ({len} bytes): it is truncated or damaged"
+        )));
+    }
+    let mut table = vec![0u8; usize::try_from(phnum * 56).unwrap_or(0)];
+    f.read_exact_at(&mut table, phoff).map_err(read)?;
+    let ram_end = mem.last_addr().0.saturating_add(1);
+    let mut loads: Vec<(u64, u64, usize)> = Vec::new();
+    for (i, ph) in table.chunks_exact(56).enumerate() {
+        if u32::from_le_bytes([ph[0], ph[1], ph[2], ph[3]]) != 1 {
+            continue; // not PT_LOAD
+        }
+        let (offset, paddr) = (u64_at(ph, 8), u64_at(ph, 24));
+        let (filesz, memsz) = (u64_at(ph, 32), u64_at(ph, 40));
+        if filesz > memsz {
+            return Err(bad(format!(
+                "loadable segment {i} has {filesz} bytes in the file but only {memsz} in \
+                 memory: it is damaged"
+            )));
+        }
+        if offset.checked_add(filesz).is_none_or(|end| end > len) {
+            return Err(bad(format!(
+                "loadable segment {i} (file offset {offset:#x}, {filesz} bytes) lies past the \
+                 end of the file ({len} bytes): it is truncated"
+            )));
+        }
+        let end = paddr.checked_add(memsz);
+        if paddr < HIMEM_START || end.is_none_or(|e| e > ram_end) {
+            return Err(bad(format!(
+                "loadable segment {i} (guest addresses {paddr:#x}, {memsz} bytes) is not within \
+                 guest RAM above 1 MiB (RAM ends at {ram_end:#x}): give the guest more memory \
+                 with --mem, or the image is damaged"
+            )));
+        }
+        if memsz > 0 {
+            loads.push((paddr, paddr + memsz, i));
+        }
+    }
+    if loads.is_empty() {
+        return Err(bad("it has no loadable segment".into()));
+    }
+    loads.sort_unstable();
+    for w in loads.windows(2) {
+        let ((a_start, a_end, a), (b_start, b_end, b)) = (w[0], w[1]);
+        if b_start < a_end {
+            return Err(bad(format!(
+                "loadable segments {a} ({a_start:#x}..{a_end:#x}) and {b} ({b_start:#x}..\
+                 {b_end:#x}) overlap in guest memory: it is damaged"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Where an initrd of `size` bytes goes: as high as the kernel allows (page aligned), above

@@ -303,3 +303,173 @@ fn bad_run_timeouts() {
         );
     }
 }
+
+/// A tiny ELF kernel with its first program header changed by `edit` (offsets: p_type 0,
+/// p_offset 8, p_vaddr 16, p_paddr 24, p_filesz 32, p_memsz 40) and its ELF header by
+/// `ehdr` (e_phoff 32, e_phnum 56).
+fn edited_elf(edit: &dyn Fn(&mut [u8]), ehdr: &dyn Fn(&mut [u8])) -> Vec<u8> {
+    let mut a = Asm::new();
+    a.reset();
+    let mut f = tiny_elf(&a.code, &[]);
+    edit(&mut f[64..120]);
+    ehdr(&mut f[0..64]);
+    f
+}
+
+/// A bzImage-shaped file (boot protocol 2.15, 64-bit entry) of 64 KiB with its setup header
+/// changed by `edit`: setup_sects 0x1f1, syssize 0x1f4, version 0x206, init_size 0x260.
+fn bzimage(edit: &dyn Fn(&mut [u8])) -> Vec<u8> {
+    let mut f = vec![0u8; 64 << 10];
+    f[0x1f1] = 4; // setup_sects
+    f[0x1f4..0x1f8].copy_from_slice(&(((64u32 << 10) - 5 * 512) / 16).to_le_bytes());
+    f[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    f[0x202..0x206].copy_from_slice(b"HdrS");
+    f[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes());
+    f[0x211] = 1; // loadflags: LOADED_HIGH
+    f[0x236..0x238].copy_from_slice(&3u16.to_le_bytes()); // xloadflags: 64-bit entry
+    f[0x260..0x264].copy_from_slice(&(1u32 << 20).to_le_bytes()); // init_size
+    edit(&mut f);
+    f
+}
+
+fn put_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+/// Hostile kernel, initrd and disk files (what a downloaded image could be): each is refused
+/// with status 2 and a message naming the file and what is wrong; none panics or runs.
+#[test]
+fn hostile_images_are_refused_with_status_2() {
+    if !kvm_available("hostile_images") {
+        return;
+    }
+    let dir = temp_dir("cli-hostile-images");
+    let none = |_: &mut [u8]| {};
+    let mut second = edited_elf(&none, &|e| e[56..58].copy_from_slice(&2u16.to_le_bytes()));
+    // A second PT_LOAD over the first (same address, 16 bytes).
+    let mut p2 = second[64..120].to_vec();
+    put_u64(&mut p2, 32, 16);
+    put_u64(&mut p2, 40, 16);
+    second[120..176].copy_from_slice(&p2);
+    let cases: Vec<(&str, Vec<u8>, &[&str])> = vec![
+        (
+            "header-only.elf",
+            second[..64].to_vec(),
+            &["past the end of the file", "truncated"],
+        ),
+        (
+            "short.elf",
+            second[..40].to_vec(),
+            &["shorter than an ELF header"],
+        ),
+        (
+            "filesz-past-end.elf",
+            edited_elf(
+                &|p| {
+                    put_u64(p, 32, 1 << 30);
+                    put_u64(p, 40, 1 << 30)
+                },
+                &none,
+            ),
+            &["segment 0", "past the end of the file"],
+        ),
+        (
+            "offset-past-end.elf",
+            edited_elf(&|p| put_u64(p, 8, u64::MAX - 4), &none),
+            &["segment 0", "past the end of the file"],
+        ),
+        (
+            "paddr-past-ram.elf",
+            edited_elf(&|p| put_u64(p, 24, 0xffff_ffff_0000), &none),
+            &["segment 0", "guest RAM", "--mem"],
+        ),
+        (
+            "paddr-below-1m.elf",
+            edited_elf(&|p| put_u64(p, 24, 0x1000), &none),
+            &["segment 0", "above 1 MiB"],
+        ),
+        (
+            "memsz-huge.elf",
+            edited_elf(&|p| put_u64(p, 40, u64::MAX), &none),
+            &["segment 0", "guest RAM"],
+        ),
+        (
+            "filesz-over-memsz.elf",
+            edited_elf(&|p| put_u64(p, 40, 1), &none),
+            &["segment 0", "only 1 in memory"],
+        ),
+        (
+            "phoff-past-end.elf",
+            edited_elf(&none, &|e| put_u64(e, 32, 1 << 40)),
+            &["program headers", "past the end of the file"],
+        ),
+        (
+            "phnum-huge.elf",
+            edited_elf(&none, &|e| {
+                e[56..58].copy_from_slice(&0xffffu16.to_le_bytes())
+            }),
+            &["65535 program headers"],
+        ),
+        (
+            "not-x86.elf",
+            edited_elf(&none, &|e| e[18..20].copy_from_slice(&183u16.to_le_bytes())),
+            &["x86-64"],
+        ),
+        ("overlapping.elf", second, &["segments 0", "overlap"]),
+        (
+            "setup-past-end.bzimage",
+            bzimage(&|h| h[0x1f1] = 200),
+            &["setup code", "truncated"],
+        ),
+        (
+            "old-protocol.bzimage",
+            bzimage(&|h| h[0x206..0x208].copy_from_slice(&0x0200u16.to_le_bytes())),
+            &["boot protocol"],
+        ),
+        (
+            "huge-syssize.bzimage",
+            bzimage(&|h| h[0x1f4..0x1f8].copy_from_slice(&u32::MAX.to_le_bytes())),
+            &["the kernel is", "truncated"],
+        ),
+        (
+            "huge-init-size.bzimage",
+            bzimage(&|h| h[0x260..0x264].copy_from_slice(&u32::MAX.to_le_bytes())),
+            &["init_size", "--mem"],
+        ),
+    ];
+    let mut report = Vec::new();
+    for (name, bytes, needles) in &cases {
+        let k = dir.join(name);
+        std::fs::write(&k, bytes).unwrap();
+        let out = run_ember(
+            &["run", "--kernel", k.to_str().unwrap(), "--mem", "16"],
+            None,
+            T,
+        );
+        report.push(format!("{name}: {:?} {}", out.code, out.stderr.trim()));
+        assert!(!out.stderr.contains("panicked"), "{name}: {}", out.stderr);
+        assert_eq!(out.code, Some(2), "{name}: {out:?}");
+        for n in *needles {
+            assert!(
+                out.stderr.contains(n),
+                "{name}: stderr lacks {n:?}: {}",
+                out.stderr
+            );
+        }
+    }
+    eprintln!("{}", report.join("\n"));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn disk_that_is_a_directory_or_missing() {
+    let dir = temp_dir("cli-disk-dir");
+    let k = tiny_kernel(&dir);
+    let d = dir.to_str().unwrap();
+    expect_error(&["run", "--kernel", &k, "--disk", d], &["directory", "--disk"]);
+    expect_error(
+        &["run", "--kernel", &k, "--disk", "/nonexistent/disk.img"],
+        &["/nonexistent/disk.img"],
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
