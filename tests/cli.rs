@@ -367,7 +367,7 @@ fn hostile_images_are_refused_with_status_2() {
             edited_elf(
                 &|p| {
                     put_u64(p, 32, 1 << 30);
-                    put_u64(p, 40, 1 << 30)
+                    put_u64(p, 40, 1 << 30);
                 },
                 &none,
             ),
@@ -406,7 +406,7 @@ fn hostile_images_are_refused_with_status_2() {
         (
             "phnum-huge.elf",
             edited_elf(&none, &|e| {
-                e[56..58].copy_from_slice(&0xffffu16.to_le_bytes())
+                e[56..58].copy_from_slice(&0xffffu16.to_le_bytes());
             }),
             &["65535 program headers"],
         ),
@@ -466,7 +466,10 @@ fn disk_that_is_a_directory_or_missing() {
     let dir = temp_dir("cli-disk-dir");
     let k = tiny_kernel(&dir);
     let d = dir.to_str().unwrap();
-    expect_error(&["run", "--kernel", &k, "--disk", d], &["directory", "--disk"]);
+    expect_error(
+        &["run", "--kernel", &k, "--disk", d],
+        &["directory", "--disk"],
+    );
     expect_error(
         &["run", "--kernel", &k, "--disk", "/nonexistent/disk.img"],
         &["/nonexistent/disk.img"],
