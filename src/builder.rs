@@ -101,6 +101,9 @@ pub enum BuildError {
     /// The VM generation ID could not be set up.
     #[error("cannot set up the VM generation ID")]
     VmGenId(#[from] VmGenIdError),
+    /// Root's privileges could not be dropped (`--uid`/`--gid`).
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// Extra pieces a caller can plug into the build (the profiler's kick hook, devices added
@@ -385,6 +388,9 @@ pub fn build_vm(
         com2: legacy.com2,
         acpi: acpi_platform,
     };
+    // /dev/kvm, the TAPs and the images are open: `--uid`/`--gid` take effect before any
+    // guest instruction runs.
+    crate::sandbox::drop_privileges()?;
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)
@@ -395,6 +401,7 @@ pub fn build_vm(
     }
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
+    vmm.set_kvm(kvm);
     vmm.set_mapped_images(mapped_images);
     vmm.set_ready_signal(ready);
     vmm.set_restore_parts(restore_parts);

@@ -11,6 +11,7 @@ use ember::bench::runner::Progress;
 use ember::cli::{BenchArgs, Cli, Command, ExecArgs, RestoreArgs, RunArgs};
 use ember::exit::{code, ExitReason};
 use ember::host::HostInfo;
+use ember::sandbox::{PathAccess, PathRule};
 use ember::vmm::RunOptions;
 
 fn main() -> ExitCode {
@@ -126,6 +127,17 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         Some(why) => Err(why),
         None => ember::exec::warm::eligible(&config, args.cold).map_err(str::to_string),
     };
+    // The warm path adds its cache and socket directories itself.
+    let mut paths = ember::sandbox::vm_paths(&config);
+    paths.extend(
+        [&args.json, &args.bench_report]
+            .into_iter()
+            .flatten()
+            .map(|f| ember::sandbox::output_file(f)),
+    );
+    if let Err(e) = ember::sandbox::install(args.sandbox.to_config(paths, None)) {
+        return failed("setup-error", &e);
+    }
     let result = match eligible {
         Ok(cache) => {
             watch.set_path(ExecPath::WarmBoot);
@@ -416,6 +428,13 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             opts.snapshot_on_signal = Some(action);
         }
     }
+    if let Err(e) = ember::sandbox::install(args.sandbox.to_config(
+        run_sandbox_paths(args, &config),
+        Some(&args.privileges),
+    )) {
+        ember::print_error_chain(&e);
+        return ExitCode::from(code::USAGE);
+    }
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {
         let inst = ember::bench::probe::Instruments {
             report: args.bench_report.clone(),
@@ -433,6 +452,31 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
     };
     run_status(result)
+}
+
+/// The paths an `ember run` VM uses after set-up (see [`ember::sandbox`]): its kernel and
+/// initrd, the snapshot directory, the reports it writes.
+fn run_sandbox_paths(args: &RunArgs, config: &ember::config::VmConfig) -> Vec<PathRule> {
+    let mut paths = ember::sandbox::vm_paths(config);
+    if let Some(dir) = &args.snapshot_to {
+        paths.push(ember::sandbox::writable_dir(dir));
+    }
+    if let Some(p) = &args.bench_report {
+        paths.push(ember::sandbox::output_file(p));
+    }
+    if let Some(p) = &args.profile_guest {
+        paths.push(ember::sandbox::output_file(p));
+        paths.push(ember::sandbox::output_file(&ember::profiler::folded_path(p)));
+    }
+    if args.bench_report.is_some() || args.profile_guest.is_some() {
+        // The instruments read the process's memory map and CPU times.
+        paths.push(PathRule::new("/proc/self", PathAccess::Read));
+    }
+    if args.snapshot_restore_after.is_some() {
+        // The in-process snapshot/restore experiment may put guest memory in a file there.
+        paths.push(PathRule::new(std::env::temp_dir(), PathAccess::CreateFiles));
+    }
+    paths
 }
 
 /// `ember restore DIR`: the VM of the snapshot in DIR, with this run's host-side settings;
@@ -463,6 +507,12 @@ fn restore(args: &RestoreArgs, start: Instant) -> ExitCode {
             .and_then(|t| start.checked_add(Duration::from_secs_f64(t))),
         ..Default::default()
     };
+    let paths = ember::sandbox::vm_paths(&config);
+    if let Err(e) =
+        ember::sandbox::install(args.sandbox.to_config(paths, Some(&args.privileges)))
+    {
+        return refused(&e);
+    }
     let hooks = ember::builder::BuildHooks {
         restore_from: Some(args.dir.clone()),
         restore_state: Some(Box::new(saved)),

@@ -173,6 +173,9 @@ pub struct Vmm {
     restore_parts: Option<RestoreParts>,
     /// The guest's "ready to take a command" signal.
     ready: Option<Arc<ReadySignal>>,
+    /// The /dev/kvm descriptor of the build, for snapshots and pauses: nothing opens
+    /// /dev/kvm again once the sandbox is entered (Landlock, a dropped uid).
+    kvm: Option<kvm_ioctls::Kvm>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -209,8 +212,23 @@ impl Vmm {
             vmgenid: None,
             restore_parts: None,
             ready: None,
+            kvm: None,
             vm,
             mem,
+        }
+    }
+
+    /// Keeps the /dev/kvm descriptor the VM was created with (see [`Self::kvm_caps`]).
+    pub fn set_kvm(&mut self, kvm: kvm_ioctls::Kvm) {
+        self.kvm = Some(kvm);
+    }
+
+    /// The KVM capabilities a pause or snapshot needs, from the kept /dev/kvm descriptor
+    /// (or a new one, for a VMM assembled without it).
+    fn kvm_caps(&self) -> Result<KvmCaps, SnapshotError> {
+        match &self.kvm {
+            Some(kvm) => KvmCaps::probe(kvm).map_err(SnapshotError::Caps),
+            None => KvmCaps::probe(&open_kvm()?).map_err(SnapshotError::Caps),
         }
     }
 
@@ -259,8 +277,15 @@ impl Vmm {
         opts: &RestoreOptions,
     ) -> Result<SnapshotReport, SnapshotError> {
         let parts = snapshottable(self.restore_parts.as_ref(), false)?;
-        let kvm = open_kvm()?;
-        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let opened;
+        let kvm = match &self.kvm {
+            Some(k) => k,
+            None => {
+                opened = open_kvm()?;
+                &opened
+            }
+        };
+        let caps = Arc::new(KvmCaps::probe(kvm).map_err(SnapshotError::Caps)?);
         let t0 = Instant::now();
         let resume_all = |vcpus: &[VcpuHandle]| vcpus.iter().for_each(VcpuHandle::resume);
         let (states, kvmclock_ctrl) = self.pause_all(&caps)?;
@@ -332,7 +357,7 @@ impl Vmm {
                 .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
         }
         step("unbind irqfds", &mut t);
-        let vm = Vm::new(&kvm, &mem, &self.timeline)?;
+        let vm = Vm::new(kvm, &mem, &self.timeline)?;
         step("new VM", &mut t);
         for (fd, irq) in &parts.irqfds {
             vm.fd()
@@ -490,6 +515,9 @@ impl Vmm {
         let pending = Arc::new(Mutex::new(Vec::new()));
         let watch = Arc::new(LoopWatch::default());
         let watchdog = self.start_watchdog(&mut opts, &pending, &watch);
+        // Set-up is over: from here this thread runs under its seccomp filter and Landlock
+        // rules (the vCPU, console and watchdog threads entered theirs already).
+        crate::sandbox::enter(crate::sandbox::ThreadKind::Vmm);
         if let Some(fd) = opts.signal_fd.take() {
             self.event_manager
                 .add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
@@ -688,12 +716,8 @@ impl Vmm {
             log::info!("SIGUSR1: the guest runs again");
             return;
         }
-        let caps = match open_kvm().map(|kvm| KvmCaps::probe(&kvm)) {
-            Ok(Ok(c)) => Arc::new(c),
-            Ok(Err(e)) => {
-                log::error!("SIGUSR1: cannot pause the guest: {e}");
-                return;
-            }
+        let caps = match self.kvm_caps() {
+            Ok(c) => Arc::new(c),
             Err(e) => {
                 log::error!("SIGUSR1: cannot pause the guest: {e}");
                 return;
@@ -737,8 +761,7 @@ impl Vmm {
     pub fn save_snapshot(&mut self, dir: &std::path::Path) -> Result<(), SnapshotError> {
         let parts = snapshottable(self.restore_parts.as_ref(), true)?;
         let meta = SnapshotMeta::new(&parts.config)?;
-        let kvm = open_kvm()?;
-        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let caps = Arc::new(self.kvm_caps()?);
         let (vcpus, kvmclock_ctrl) = self.pause_all(&caps)?;
         for (i, r) in kvmclock_ctrl.iter().enumerate() {
             if let Err(e) = r {

@@ -150,7 +150,10 @@ impl Watchdog {
         let stop_rx = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("ember-watchdog".into())
-            .spawn(move || run(&cfg, &stop_rx))?;
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Watchdog);
+                run(&cfg, &stop_rx);
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
