@@ -379,8 +379,14 @@ pub fn build_vm(
             &shared,
         )?,
     };
+    // The NICs' MACs are fixed now: one derived from the machine ID (/etc/machine-id) must
+    // not be derived again when a snapshot is taken, in the sandbox, which cannot read it.
+    let mut parts_config = config.clone();
+    for n in &mut parts_config.net {
+        n.mac = Some(n.mac());
+    }
     let restore_parts = crate::snapshot::RestoreParts {
-        config: config.clone(),
+        config: parts_config,
         shared: shared.clone(),
         irqfds: devices.take_irqfds(),
         virtio: devices.virtio_transports().to_vec(),

@@ -428,10 +428,10 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             opts.snapshot_on_signal = Some(action);
         }
     }
-    if let Err(e) = ember::sandbox::install(args.sandbox.to_config(
-        run_sandbox_paths(args, &config),
-        Some(&args.privileges),
-    )) {
+    if let Err(e) = ember::sandbox::install(
+        args.sandbox
+            .to_config(run_sandbox_paths(args, &config), Some(&args.privileges)),
+    ) {
         ember::print_error_chain(&e);
         return ExitCode::from(code::USAGE);
     }
@@ -466,7 +466,9 @@ fn run_sandbox_paths(args: &RunArgs, config: &ember::config::VmConfig) -> Vec<Pa
     }
     if let Some(p) = &args.profile_guest {
         paths.push(ember::sandbox::output_file(p));
-        paths.push(ember::sandbox::output_file(&ember::profiler::folded_path(p)));
+        paths.push(ember::sandbox::output_file(&ember::profiler::folded_path(
+            p,
+        )));
     }
     if args.bench_report.is_some() || args.profile_guest.is_some() {
         // The instruments read the process's memory map and CPU times.
@@ -474,7 +476,8 @@ fn run_sandbox_paths(args: &RunArgs, config: &ember::config::VmConfig) -> Vec<Pa
     }
     if args.snapshot_restore_after.is_some() {
         // The in-process snapshot/restore experiment may put guest memory in a file there.
-        paths.push(PathRule::new(std::env::temp_dir(), PathAccess::CreateFiles));
+        // (created, read and written back, and unlinked at once).
+        paths.push(PathRule::new(std::env::temp_dir(), PathAccess::ReadWrite));
     }
     paths
 }
@@ -508,9 +511,7 @@ fn restore(args: &RestoreArgs, start: Instant) -> ExitCode {
         ..Default::default()
     };
     let paths = ember::sandbox::vm_paths(&config);
-    if let Err(e) =
-        ember::sandbox::install(args.sandbox.to_config(paths, Some(&args.privileges)))
-    {
+    if let Err(e) = ember::sandbox::install(args.sandbox.to_config(paths, Some(&args.privileges))) {
         return refused(&e);
     }
     let hooks = ember::builder::BuildHooks {

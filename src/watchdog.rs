@@ -257,6 +257,9 @@ fn end_process(cfg: &WatchdogConfig, reason: ExitReason, stop_signal: Option<lib
     let speaker = std::thread::Builder::new()
         .name("ember-watchdog-log".into())
         .spawn(move || {
+            // Under the watchdog's filter already (inherited): this labels the thread for
+            // the SIGSYS report.
+            crate::sandbox::enter(crate::sandbox::ThreadKind::Watchdog);
             log::error!(
                 "the event loop is stuck in a device handler; exiting without a graceful \
                  shutdown"

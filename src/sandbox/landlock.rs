@@ -40,10 +40,7 @@ impl PathAccess {
             PathAccess::Read => AccessFs::from_read(HANDLED_ABI),
             PathAccess::ReadWrite => AccessFs::from_all(HANDLED_ABI) & !AccessFs::Execute,
             PathAccess::CreateFiles => {
-                AccessFs::MakeReg
-                    | AccessFs::WriteFile
-                    | AccessFs::RemoveFile
-                    | AccessFs::Truncate
+                AccessFs::MakeReg | AccessFs::WriteFile | AccessFs::RemoveFile | AccessFs::Truncate
             }
             PathAccess::Remove => AccessFs::RemoveDir | AccessFs::RemoveFile,
         }
@@ -136,11 +133,7 @@ impl Rules {
         clone
             .add_rule(PathBeneath::new(fd, rights))
             .map_err(|e| format!("{}: {e}", rule.path.display()))?;
-        log::debug!(
-            "Landlock: {:?} for {}",
-            rule.access,
-            rule.path.display()
-        );
+        log::debug!("Landlock: {:?} for {}", rule.access, rule.path.display());
         Ok(())
     }
 

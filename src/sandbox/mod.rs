@@ -16,9 +16,10 @@
 //! Without [`install`] (library users, unit tests) [`enter`] and [`drop_privileges`] do
 //! nothing.
 //!
-//! A thread kind is one variant of [`ThreadKind`] and one arm in
-//! [`seccomp::allowed_syscalls`]: a new kind of thread adds both (the compiler points at
-//! the arm) and calls [`enter`] first thing on its thread. A thread spawned by a thread that
+//! A thread kind is one variant of [`ThreadKind`] (with its name in [`ThreadKind::name`] and
+//! [`ThreadKind::ALL`]) and one arm in `allowed_syscalls` in [`seccomp`]: a new kind of
+//! thread adds them (the compiler points at the match arms) and calls [`enter`] first thing
+//! on its thread. A thread spawned by a thread that
 //! has entered already inherits its parent's filter and Landlock domain (Linux stacks them):
 //! it may call [`enter`] for a narrower filter of its own, when the parent's filter allows
 //! `seccomp` and `prctl` (the VMM thread's does).
@@ -127,7 +128,10 @@ impl std::str::FromStr for SelfTest {
             .map(|k| Self::Seccomp(*k))
             .ok_or_else(|| {
                 let names: Vec<_> = ThreadKind::ALL.iter().map(|k| k.name()).collect();
-                format!("{s:?}: use landlock or a thread kind ({})", names.join(", "))
+                format!(
+                    "{s:?}: use landlock or a thread kind ({})",
+                    names.join(", ")
+                )
             })
     }
 }
@@ -388,9 +392,13 @@ pub fn drop_privileges() -> Result<(), SandboxError> {
     if unsafe { libc::getresgid(&mut r, &mut e, &mut s) } != 0 || (r, e, s) != (gid, gid, gid) {
         return Err(err(format!("getresgid says {r}/{e}/{s}")));
     }
-    // SAFETY: as above; this must fail now.
-    if unsafe { libc::setresuid(0, 0, 0) } == 0 {
-        return Err(err("root could be taken back (setresuid(0) succeeded)".into()));
+    // The raw call, which only this thread makes (glibc's wrapper would have every thread
+    // repeat it, and the filtered ones may not). It must fail now.
+    // SAFETY: setresuid takes plain integers.
+    if unsafe { libc::syscall(libc::SYS_setresuid, 0, 0, 0) } == 0 {
+        return Err(err(
+            "root could be taken back (setresuid(0) succeeded)".into()
+        ));
     }
     log::info!("dropped root's privileges: running as uid {uid}, gid {gid}");
     Ok(())

@@ -266,11 +266,122 @@ fn ioctls(requests: &[u32]) -> Allowed {
     )
 }
 
-/// What every thread needs: memory (the allocator), futexes (locks, condition variables,
-/// thread joins), time, signal returns, `write` (log lines; the SIGSYS handler's report),
-/// the SIGSYS handler's re-raise, and the end of a thread or of the process.
+/// The ioctl request numbers ember issues, by what they act on (`_IO`/`_IOR`/`_IOW`/`_IOWR`
+/// of linux/kvm.h, computed from the kvm-bindings structures; a test checks them against the
+/// numbers strace showed).
+pub mod requests {
+    use kvm_bindings::*;
+
+    const KVMIO: u32 = 0xAE;
+
+    const fn ioc(dir: u32, nr: u32, size: usize) -> u32 {
+        (dir << 30) | ((size as u32) << 16) | (KVMIO << 8) | nr
+    }
+    const fn io(nr: u32) -> u32 {
+        ioc(0, nr, 0)
+    }
+    const fn iow<T>(nr: u32) -> u32 {
+        ioc(1, nr, std::mem::size_of::<T>())
+    }
+    const fn ior<T>(nr: u32) -> u32 {
+        ioc(2, nr, std::mem::size_of::<T>())
+    }
+    const fn iowr<T>(nr: u32) -> u32 {
+        ioc(3, nr, std::mem::size_of::<T>())
+    }
+
+    /// `KVM_RUN`.
+    pub const KVM_RUN: u32 = io(0x80);
+    /// `KVM_GET_REGS`.
+    pub const KVM_GET_REGS: u32 = ior::<kvm_regs>(0x81);
+    /// `KVM_SET_REGS`.
+    pub const KVM_SET_REGS: u32 = iow::<kvm_regs>(0x82);
+    /// `KVM_GET_SREGS`.
+    pub const KVM_GET_SREGS: u32 = ior::<kvm_sregs>(0x83);
+    /// `KVM_SET_SREGS`.
+    pub const KVM_SET_SREGS: u32 = iow::<kvm_sregs>(0x84);
+    /// `KVM_TRANSLATE`.
+    pub const KVM_TRANSLATE: u32 = iowr::<kvm_translation>(0x85);
+
+    /// What a vCPU thread asks of its vCPU: run it, read its registers (error reports, the
+    /// profiler) and save its whole state when paused (SIGUSR1, snapshots).
+    pub const VCPU: &[u32] = &[
+        KVM_RUN,
+        KVM_GET_REGS,
+        KVM_GET_SREGS,
+        KVM_TRANSLATE,
+        iowr::<kvm_msrs>(0x88),       // KVM_GET_MSRS
+        iowr::<kvm_cpuid2>(0x91),     // KVM_GET_CPUID2
+        ior::<kvm_fpu>(0x8c),         // KVM_GET_FPU
+        ior::<kvm_lapic_state>(0x8e), // KVM_GET_LAPIC
+        ior::<kvm_mp_state>(0x98),    // KVM_GET_MP_STATE
+        ior::<kvm_vcpu_events>(0x9f), // KVM_GET_VCPU_EVENTS
+        ior::<kvm_debugregs>(0xa1),   // KVM_GET_DEBUGREGS
+        io(0xa3),                     // KVM_GET_TSC_KHZ
+        ior::<kvm_xsave>(0xa4),       // KVM_GET_XSAVE
+        ior::<kvm_xcrs>(0xa6),        // KVM_GET_XCRS
+        io(0xad),                     // KVM_KVMCLOCK_CTRL
+    ];
+
+    /// What the VMM thread asks of KVM after set-up: capabilities (snapshots), the VM's
+    /// interrupt controllers, PIT and clock (snapshots, the power button's IOAPIC pin),
+    /// irqfds, and for the in-process snapshot/restore experiment a whole new VM with its
+    /// vCPUs (their set-up and restore requests).
+    pub const VM: &[u32] = &[
+        io(0x00),                                 // KVM_GET_API_VERSION
+        io(0x01),                                 // KVM_CREATE_VM
+        iowr::<kvm_msr_list>(0x02),               // KVM_GET_MSR_INDEX_LIST
+        io(0x03),                                 // KVM_CHECK_EXTENSION
+        io(0x04),                                 // KVM_GET_VCPU_MMAP_SIZE
+        iowr::<kvm_msr_list>(0x0a),               // KVM_GET_MSR_FEATURE_INDEX_LIST
+        io(0x41),                                 // KVM_CREATE_VCPU
+        iow::<kvm_userspace_memory_region>(0x46), // KVM_SET_USER_MEMORY_REGION
+        io(0x47),                                 // KVM_SET_TSS_ADDR
+        iow::<u64>(0x48),                         // KVM_SET_IDENTITY_MAP_ADDR
+        io(0x60),                                 // KVM_CREATE_IRQCHIP
+        iowr::<kvm_irqchip>(0x62),                // KVM_GET_IRQCHIP
+        ior::<kvm_irqchip>(0x63),                 // KVM_SET_IRQCHIP
+        iow::<kvm_irqfd>(0x76),                   // KVM_IRQFD
+        iow::<kvm_pit_config>(0x77),              // KVM_CREATE_PIT2
+        iow::<kvm_ioeventfd>(0x79),               // KVM_IOEVENTFD
+        iow::<kvm_clock_data>(0x7b),              // KVM_SET_CLOCK
+        ior::<kvm_clock_data>(0x7c),              // KVM_GET_CLOCK
+        ior::<kvm_pit_state2>(0x9f),              // KVM_GET_PIT2
+        iow::<kvm_pit_state2>(0xa0),              // KVM_SET_PIT2
+        KVM_SET_REGS,
+        KVM_SET_SREGS,
+        iow::<kvm_msrs>(0x89),        // KVM_SET_MSRS
+        iow::<kvm_cpuid2>(0x90),      // KVM_SET_CPUID2
+        iow::<kvm_fpu>(0x8d),         // KVM_SET_FPU
+        iow::<kvm_lapic_state>(0x8f), // KVM_SET_LAPIC
+        iow::<kvm_mp_state>(0x99),    // KVM_SET_MP_STATE
+        iow::<kvm_vcpu_events>(0xa0), // KVM_SET_VCPU_EVENTS
+        iow::<kvm_debugregs>(0xa2),   // KVM_SET_DEBUGREGS
+        io(0xa2),                     // KVM_SET_TSC_KHZ
+        iow::<kvm_xsave>(0xa5),       // KVM_SET_XSAVE
+        iow::<kvm_xcrs>(0xa7),        // KVM_SET_XCRS
+    ];
+
+    /// A TAP's: offloads (the guest's features, set when it activates the device) and the
+    /// host end's addresses (a snapshot records the MAC).
+    pub const TAP: &[u32] = &[
+        libc::TUNSETOFFLOAD as u32,
+        0x4004_54d8, // TUNSETVNETHDRSZ
+        libc::SIOCGIFHWADDR as u32,
+        libc::SIOCGIFADDR as u32,
+    ];
+
+    /// A terminal's: reading and restoring its mode (raw mode ends with the run).
+    pub const TERMINAL: &[u32] = &[libc::TCGETS as u32, libc::TCSETS as u32];
+}
+
+/// What every thread needs: memory (the allocator, thread stacks), futexes (locks,
+/// condition variables, joins), time, signal returns, `write` (log lines; the SIGSYS
+/// handler's report), the SIGSYS handler's re-raise, `close`, and the end of a thread or of
+/// the process. `fcntl(F_GETFD)`: a debug build's std checks a descriptor before it closes
+/// it.
 fn common() -> Vec<Allowed> {
-    [
+    let mut list: Vec<Allowed> = [
         libc::SYS_brk,
         libc::SYS_mmap,
         libc::SYS_mprotect,
@@ -288,6 +399,7 @@ fn common() -> Vec<Allowed> {
         libc::SYS_sigaltstack,
         libc::SYS_restart_syscall,
         libc::SYS_write,
+        libc::SYS_close,
         libc::SYS_getpid,
         libc::SYS_gettid,
         libc::SYS_tgkill,
@@ -296,7 +408,52 @@ fn common() -> Vec<Allowed> {
     ]
     .into_iter()
     .map(any)
-    .collect()
+    .collect();
+    list.push(fcntl(&[libc::F_GETFD]));
+    list
+}
+
+/// `fcntl` with one of `commands`.
+fn fcntl(commands: &[libc::c_int]) -> Allowed {
+    when(
+        libc::SYS_fcntl,
+        commands
+            .iter()
+            .map(|c| rule(vec![eq32(1, *c as u32)]))
+            .collect(),
+    )
+}
+
+/// `prctl` with one of `options`.
+fn prctl(options: &[libc::c_int]) -> Allowed {
+    when(
+        libc::SYS_prctl,
+        options
+            .iter()
+            .map(|o| rule(vec![eq32(0, *o as u32)]))
+            .collect(),
+    )
+}
+
+/// Starting a thread: `clone3` in the parent, then what glibc and std do on the new thread
+/// before its own code runs (its filter is still the parent's then).
+fn thread_start() -> Vec<Allowed> {
+    vec![
+        any(libc::SYS_clone3),
+        any(libc::SYS_rseq),
+        any(libc::SYS_set_robust_list),
+        any(libc::SYS_sched_getaffinity),
+        prctl(&[libc::PR_SET_NAME]),
+    ]
+}
+
+/// Only Unix sockets: the vsock device's host side, virtio-fs's vhost-user connection,
+/// warm exec's job.
+fn unix_socket() -> Allowed {
+    when(
+        libc::SYS_socket,
+        vec![rule(vec![eq32(0, libc::AF_UNIX as u32)])],
+    )
 }
 
 /// glibc applies `setgroups`/`setresgid`/`setresuid` to every thread of the process (a
@@ -306,54 +463,141 @@ fn privilege_drop(uid: Option<libc::uid_t>, gid: Option<libc::gid_t>) -> Vec<All
     let (Some(uid), Some(gid)) = (uid, gid) else {
         return Vec::new();
     };
-    let (uid, gid) = (u64::from(uid), u64::from(gid));
     vec![
         when(libc::SYS_setgroups, vec![rule(vec![eq(0, 0)])]),
         when(
             libc::SYS_setresgid,
-            vec![rule(vec![eq(0, gid), eq(1, gid), eq(2, gid)])],
+            vec![rule(vec![eq32(0, gid), eq32(1, gid), eq32(2, gid)])],
         ),
         when(
             libc::SYS_setresuid,
-            vec![rule(vec![eq(0, uid), eq(1, uid), eq(2, uid)])],
+            vec![rule(vec![eq32(0, uid), eq32(1, uid), eq32(2, uid)])],
         ),
     ]
 }
 
 /// Entering the sandbox on a thread spawned by one that entered already (a vCPU thread
-/// started by a snapshot restore, warm exec's job thread): `prctl(PR_SET_NO_NEW_PRIVS)`,
-/// `landlock_restrict_self` and `seccomp(SECCOMP_SET_MODE_FILTER)` only add restrictions.
+/// started by the in-process snapshot/restore, warm exec's job thread, the watchdog's
+/// message thread): `prctl(PR_SET_NO_NEW_PRIVS)`, `landlock_restrict_self` and
+/// `seccomp(SECCOMP_SET_MODE_FILTER)` only add restrictions.
 fn enter_again() -> Vec<Allowed> {
     vec![
-        when(
-            libc::SYS_prctl,
-            vec![rule(vec![eq(0, libc::PR_SET_NO_NEW_PRIVS as u64)])],
-        ),
+        prctl(&[libc::PR_SET_NO_NEW_PRIVS]),
         any(libc::SYS_landlock_restrict_self),
         when(
             libc::SYS_seccomp,
-            vec![rule(vec![eq(0, u64::from(libc::SECCOMP_SET_MODE_FILTER))])],
+            vec![rule(vec![eq32(0, libc::SECCOMP_SET_MODE_FILTER)])],
         ),
     ]
 }
 
+/// The calls a vCPU thread makes: `KVM_RUN` and the other vCPU requests, and what the
+/// port-I/O and MMIO handlers run on it do: eventfd writes (interrupts, the exit latch),
+/// console queueing, a virtio device's activation (a TAP's offloads) and reset (virtio-fs
+/// stops its rings over the vhost-user socket, vsock closes its connections), the kernel
+/// file read for symbols when the guest fails, the thread's CPU time at its end.
+fn vcpu() -> Vec<Allowed> {
+    let mut requests = requests::VCPU.to_vec();
+    requests.extend_from_slice(requests::TAP);
+    let mut list: Vec<Allowed> = [
+        libc::SYS_read,
+        libc::SYS_lseek,
+        libc::SYS_openat,
+        libc::SYS_statx,
+        libc::SYS_newfstatat,
+        libc::SYS_fstat,
+        libc::SYS_sendmsg,
+        libc::SYS_recvmsg,
+        libc::SYS_shutdown,
+        libc::SYS_getrusage,
+    ]
+    .into_iter()
+    .map(any)
+    .collect();
+    list.push(ioctls(&requests));
+    list
+}
+
 /// The calls a thread of `kind` may make (besides [`common`]).
-pub fn allowed_syscalls(kind: ThreadKind) -> Vec<Allowed> {
+fn allowed_syscalls(kind: ThreadKind) -> Vec<Allowed> {
     let mut list = common();
     let any_of = |nrs: &[i64]| nrs.iter().copied().map(any).collect::<Vec<_>>();
     match kind {
+        // The event loop: every device's queues (disk I/O, TAP frames, vsock and vhost-user
+        // sockets, rng), signals, the SIGUSR1 pause and snapshots (files in the snapshot
+        // directory or cache), the in-process snapshot/restore (a new VM and vCPU threads,
+        // which start under this filter: it allows what a vCPU thread does), virtiofsd's
+        // end, and what the command does after the run (reports, the warm path's clean-up).
         ThreadKind::Vmm => {
-            list.extend(any_of(&[libc::SYS_read]));
+            list.extend(vcpu());
+            list.extend(any_of(&[
+                libc::SYS_read,
+                libc::SYS_pread64,
+                libc::SYS_pwrite64,
+                libc::SYS_epoll_wait,
+                libc::SYS_epoll_ctl,
+                libc::SYS_poll,
+                libc::SYS_accept4,
+                libc::SYS_connect,
+                libc::SYS_sendto,
+                libc::SYS_recvfrom,
+                libc::SYS_setsockopt,
+                libc::SYS_timerfd_settime,
+                libc::SYS_getrandom,
+                libc::SYS_mkdir,
+                libc::SYS_rename,
+                libc::SYS_unlink,
+                libc::SYS_unlinkat,
+                libc::SYS_getdents64,
+                libc::SYS_ftruncate,
+                libc::SYS_fsync,
+                libc::SYS_fdatasync,
+                libc::SYS_kill,
+                libc::SYS_wait4,
+                libc::SYS_timer_delete,
+            ]));
+            list.push(unix_socket());
+            list.push(fcntl(&[
+                libc::F_GETFD,
+                libc::F_SETFD,
+                libc::F_GETFL,
+                libc::F_SETFL,
+                libc::F_DUPFD_CLOEXEC,
+            ]));
+            let mut requests = requests::VM.to_vec();
+            requests.extend_from_slice(requests::TERMINAL);
+            requests.push(libc::FIONBIO as u32);
+            list.push(ioctls(&requests));
+            list.extend(thread_start());
+            list.extend(enter_again());
         }
-        ThreadKind::Vcpu => {
-            list.extend(any_of(&[libc::SYS_read]));
-        }
+        ThreadKind::Vcpu => list.extend(vcpu()),
+        // Guest output to stdout or stderr: `write` only.
         ThreadKind::Console => {}
+        // Waiting on its eventfd and the signalfd; ending the process: a thread for the
+        // message, the `--json` result (written and renamed), the terminal's mode.
         ThreadKind::Watchdog => {
-            list.extend(any_of(&[libc::SYS_read, libc::SYS_poll]));
+            list.extend(any_of(&[
+                libc::SYS_poll,
+                libc::SYS_read,
+                libc::SYS_openat,
+                libc::SYS_rename,
+                libc::SYS_unlink,
+            ]));
+            list.push(ioctls(requests::TERMINAL));
+            list.extend(thread_start());
+            list.extend(enter_again());
         }
+        // Connecting to the vsock device's host socket and handing the job over.
         ThreadKind::ExecJob => {
-            list.extend(any_of(&[libc::SYS_read]));
+            list.extend(any_of(&[
+                libc::SYS_connect,
+                libc::SYS_sendto,
+                libc::SYS_recvfrom,
+                libc::SYS_setsockopt,
+                libc::SYS_shutdown,
+            ]));
+            list.push(unix_socket());
         }
     }
     list
@@ -384,9 +628,6 @@ pub(super) fn compile(
 ) -> Result<BpfProgram, seccompiler::BackendError> {
     let mut list = allowed_syscalls(kind);
     list.extend(privilege_drop(uid, gid));
-    if matches!(kind, ThreadKind::Vmm | ThreadKind::Watchdog) {
-        list.extend(enter_again());
-    }
     let mismatch = match mode {
         SeccompMode::Log => SeccompAction::Log,
         _ => SeccompAction::Trap,
@@ -564,6 +805,67 @@ mod tests {
             assert!(!map.contains_key(&SELFTEST_SYSCALL), "{kind:?}");
             assert!(!map.contains_key(&libc::SYS_execveat), "{kind:?}");
         }
+    }
+
+    /// The numbers strace printed for these requests while the tests ran.
+    #[test]
+    fn request_numbers_are_the_kernels() {
+        assert_eq!(requests::KVM_RUN, 0xae80);
+        assert_eq!(requests::KVM_GET_REGS, 0x8090_ae81);
+        assert_eq!(requests::KVM_GET_SREGS, 0x8138_ae83);
+        assert_eq!(requests::KVM_TRANSLATE, 0xc018_ae85);
+        let vcpu = [
+            0xc008_ae88, // KVM_GET_MSRS
+            0xc008_ae91, // KVM_GET_CPUID2
+            0x81a0_ae8c, // KVM_GET_FPU
+            0x8400_ae8e, // KVM_GET_LAPIC
+            0x8004_ae98, // KVM_GET_MP_STATE
+            0x8040_ae9f, // KVM_GET_VCPU_EVENTS
+            0x8080_aea1, // KVM_GET_DEBUGREGS
+            0xaea3,      // KVM_GET_TSC_KHZ
+            0x9000_aea4, // KVM_GET_XSAVE
+            0x8188_aea6, // KVM_GET_XCRS
+            0xaead,      // KVM_KVMCLOCK_CTRL
+        ];
+        for r in vcpu {
+            assert!(requests::VCPU.contains(&r), "{r:#x}");
+        }
+        let vm = [
+            0xae00,
+            0xae01,
+            0xc004_ae02,
+            0xae03,
+            0xae04,
+            0xc004_ae0a,
+            0xae41,
+            0x4020_ae46,
+            0xae47,
+            0x4008_ae48,
+            0xae60,
+            0xc208_ae62,
+            0x8208_ae63,
+            0x4020_ae76,
+            0x4040_ae77,
+            0x4030_ae7b,
+            0x8030_ae7c,
+            0x8070_ae9f,
+            0x4070_aea0,
+            0x4090_ae82,
+            0x4138_ae84,
+            0x4008_ae89,
+            0x4008_ae90,
+            0x41a0_ae8d,
+            0x4400_ae8f,
+            0x4004_ae99,
+            0x4040_aea0,
+            0x4080_aea2,
+            0x5000_aea5,
+            0x4188_aea7,
+        ];
+        for r in vm {
+            assert!(requests::VM.contains(&r), "{r:#x}");
+        }
+        assert!(requests::TAP.contains(&0x4004_54d0), "TUNSETOFFLOAD");
     }
 
     #[test]
