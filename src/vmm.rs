@@ -218,7 +218,7 @@ impl Vmm {
         }
     }
 
-    /// Keeps the /dev/kvm descriptor the VM was created with (see [`Self::kvm_caps`]).
+    /// Keeps the /dev/kvm descriptor the VM was created with, for pauses and snapshots.
     pub fn set_kvm(&mut self, kvm: kvm_ioctls::Kvm) {
         self.kvm = Some(kvm);
     }
@@ -925,6 +925,8 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const CHILD_ENV: &str = "EMBER_TEST_STUCK_LOOP";
+    /// Set: the child runs in ember's sandbox (seccomp filters that kill, Landlock).
+    const SANDBOX_ENV: &str = "EMBER_TEST_STUCK_SANDBOX";
 
     /// A device whose event handler never returns (a bug, or a blocking call).
     struct Stuck(EventFd);
@@ -967,6 +969,15 @@ mod tests {
             return;
         };
         crate::logger::init(log::LevelFilter::Info);
+        if std::env::var_os(SANDBOX_ENV).is_some_and(|v| !v.is_empty()) {
+            // The watchdog's way out (a thread for the message, the exit) under its filter.
+            crate::sandbox::install(crate::sandbox::SandboxConfig {
+                seccomp: crate::sandbox::SeccompMode::Kill,
+                landlock: true,
+                ..Default::default()
+            })
+            .unwrap();
+        }
         let timeline = Arc::new(Timeline::new(Instant::now()));
         let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
         let kvm = crate::vm::open_kvm().unwrap();
@@ -1034,7 +1045,7 @@ mod tests {
     }
 
     /// Runs [`stuck_loop_child`] in `mode`; its exit status and stderr (None: no KVM here).
-    fn run_child(mode: &str) -> Option<(Option<i32>, String)> {
+    fn run_child(mode: &str, sandboxed: bool) -> Option<(Option<i32>, String)> {
         if std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1052,6 +1063,7 @@ mod tests {
                 "--nocapture",
             ])
             .env(CHILD_ENV, mode)
+            .env(SANDBOX_ENV, if sandboxed { "1" } else { "" })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1086,7 +1098,11 @@ mod tests {
     /// Runs the stuck-loop child in `mode` and checks that the watchdog ended it with
     /// `status`, saying why.
     fn expect_watchdog_end(mode: &str, status: u8) {
-        let Some((code, stderr)) = run_child(mode) else {
+        expect_watchdog_end_in(mode, status, false);
+    }
+
+    fn expect_watchdog_end_in(mode: &str, status: u8, sandboxed: bool) {
+        let Some((code, stderr)) = run_child(mode, sandboxed) else {
             return;
         };
         assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
@@ -1096,6 +1112,13 @@ mod tests {
     #[test]
     fn stuck_event_loop_still_ends_on_a_stop_signal() {
         expect_watchdog_end("signal", crate::exit::code::STOPPED_HARD);
+    }
+
+    /// The same end under the seccomp filters (kill) and Landlock: the watchdog's way out
+    /// is on its allow-list.
+    #[test]
+    fn stuck_event_loop_ends_in_the_sandbox() {
+        expect_watchdog_end_in("two-signals", crate::exit::code::STOPPED_HARD, true);
     }
 
     #[test]

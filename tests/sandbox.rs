@@ -263,3 +263,41 @@ fn uid_without_root_is_refused() {
         "{out:?}"
     );
 }
+
+/// Bad sandbox flags: status 2 and what to give instead, before any VM runs.
+#[test]
+fn bad_sandbox_flags_are_usage_errors() {
+    let dir = temp_dir("sandbox_flags");
+    let guest = short_guest(&dir);
+    let kernel = guest.to_str().unwrap();
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["run", "--kernel", kernel, "--seccomp", "strict"],
+            "\"strict\" is not a seccomp mode: use off, log or kill",
+        ),
+        (&["run", "--kernel", kernel, "--uid", "1000"], "--gid"),
+        (
+            &["run", "--kernel", kernel, "--uid", "0", "--gid", "0"],
+            "uid 0 is root: give an unprivileged user and group",
+        ),
+        (
+            &["exec", "--kernel", kernel, "--seccomp", "x", "--", "true"],
+            "not a seccomp mode",
+        ),
+    ];
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    for (args, want) in cases {
+        if args.contains(&"0") && !root {
+            continue; // a user gets "start it as root" first
+        }
+        let out = run_ember(args, None, LIMIT);
+        let status = if args[0] == "exec" { 125 } else { 2 };
+        assert_eq!(out.code, Some(status), "{args:?}: {out:?}");
+        assert!(
+            out.stderr.contains(want),
+            "{args:?}: wanted {want:?}: {out:?}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -8,7 +8,7 @@
 //! KVM, TAP and terminal requests ember issues.
 //!
 //! A call off the list: with `--seccomp kill` the filter returns `SECCOMP_RET_TRAP`, the
-//! kernel sends SIGSYS, and [`on_sigsys`] writes one line naming the thread and the call
+//! kernel sends SIGSYS, and ember's handler writes one line naming the thread and the call
 //! (with `write(2)` only), puts SIGSYS back to its default action and raises it again: the
 //! process dies of SIGSYS, which its parent sees. With `--seccomp log` the filter returns
 //! `SECCOMP_RET_LOG`: the call goes through and the kernel logs it (audit record type
@@ -213,7 +213,7 @@ static NAMES: &[(i64, &str)] = &[
     sys!(SYS_getcpu),
 ];
 
-/// The name of system call `nr`, when [`NAMES`] has it.
+/// The name of system call `nr`, for the common ones.
 pub fn syscall_name(nr: i64) -> Option<&'static str> {
     NAMES
         .iter()
@@ -479,10 +479,12 @@ fn privilege_drop(uid: Option<libc::uid_t>, gid: Option<libc::gid_t>) -> Vec<All
 /// Entering the sandbox on a thread spawned by one that entered already (a vCPU thread
 /// started by the in-process snapshot/restore, warm exec's job thread, the watchdog's
 /// message thread): `prctl(PR_SET_NO_NEW_PRIVS)`, `landlock_restrict_self` and
-/// `seccomp(SECCOMP_SET_MODE_FILTER)` only add restrictions.
+/// `seccomp(SECCOMP_SET_MODE_FILTER)` only add restrictions (the Landlock ruleset's
+/// descriptor is duplicated for the call).
 fn enter_again() -> Vec<Allowed> {
     vec![
         prctl(&[libc::PR_SET_NO_NEW_PRIVS]),
+        fcntl(&[libc::F_DUPFD_CLOEXEC]),
         any(libc::SYS_landlock_restrict_self),
         when(
             libc::SYS_seccomp,
