@@ -516,6 +516,8 @@ fn vcpu() -> Vec<Allowed> {
     .into_iter()
     .map(any)
     .collect();
+    // A user-named file is opened O_NONBLOCK and then made blocking (src/user_file.rs).
+    list.push(fcntl(&[libc::F_GETFL, libc::F_SETFL]));
     list.push(ioctls(&requests));
     list
 }
@@ -884,5 +886,35 @@ mod tests {
             any(libc::SYS_ioctl),
         ]);
         assert!(map[&libc::SYS_ioctl].is_empty());
+    }
+}
+
+#[cfg(test)]
+mod dump {
+    use super::*;
+
+    /// Writes each kind's BPF program to `$EMBER_DUMP_FILTERS/KIND.bpf` (for replaying
+    /// traced system calls against the filters by hand).
+    #[test]
+    #[ignore = "a tool, not a test"]
+    fn dump_filters() {
+        let Some(dir) = std::env::var_os("EMBER_DUMP_FILTERS") else {
+            return;
+        };
+        for kind in ThreadKind::ALL {
+            let prog = compile(kind, SeccompMode::Kill, None, None).unwrap();
+            let mut bytes = Vec::new();
+            for i in &prog {
+                bytes.extend_from_slice(&i.code.to_le_bytes());
+                bytes.push(i.jt);
+                bytes.push(i.jf);
+                bytes.extend_from_slice(&i.k.to_le_bytes());
+            }
+            std::fs::write(
+                std::path::Path::new(&dir).join(format!("{}.bpf", kind.name())),
+                bytes,
+            )
+            .unwrap();
+        }
     }
 }
