@@ -101,6 +101,9 @@ pub enum BuildError {
     /// The VM generation ID could not be set up.
     #[error("cannot set up the VM generation ID")]
     VmGenId(#[from] VmGenIdError),
+    /// Root's privileges could not be dropped (`--uid`/`--gid`).
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// Extra pieces a caller can plug into the build (the profiler's kick hook, devices added
@@ -387,8 +390,14 @@ pub fn build_vm(
             &shared,
         )?,
     };
+    // The NICs' MACs are fixed now: one derived from the machine ID (/etc/machine-id) must
+    // not be derived again when a snapshot is taken, in the sandbox, which cannot read it.
+    let mut parts_config = config.clone();
+    for n in &mut parts_config.net {
+        n.mac = Some(n.mac());
+    }
     let restore_parts = crate::snapshot::RestoreParts {
-        config: config.clone(),
+        config: parts_config,
         shared: shared.clone(),
         irqfds: devices.take_irqfds(),
         virtio: devices.virtio_transports().to_vec(),
@@ -406,6 +415,9 @@ pub fn build_vm(
             v.pause_before_start(caps.clone());
         }
     }
+    // /dev/kvm, the TAPs and the images are open: `--uid`/`--gid` take effect before any
+    // guest instruction runs.
+    crate::sandbox::drop_privileges()?;
     let handles = vcpus
         .into_iter()
         .map(Vcpu::start)
@@ -416,6 +428,7 @@ pub fn build_vm(
     }
 
     let mut vmm = Vmm::new(vm, mem, exit, event_manager, handles, timeline, exit_status);
+    vmm.set_kvm(kvm);
     vmm.set_mapped_images(mapped_images);
     vmm.set_ready_signal(ready);
     vmm.set_restore_parts(restore_parts);

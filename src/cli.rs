@@ -14,6 +14,7 @@ use crate::devices::virtio::net::NetConfig;
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::exec::{EnvVar, ExecError, ExecSpec, FileSpec, EXEC_CMDLINE};
+use crate::sandbox::{SandboxConfig, SeccompMode, SelfTest};
 
 const EXIT_CODES_HELP: &str = "\
 Exit status:
@@ -164,6 +165,9 @@ pub struct ExecArgs {
     /// `ember bench --exec`).
     #[arg(long, value_name = "FILE", hide = true)]
     pub bench_report: Option<PathBuf>,
+    /// The sandbox (seccomp, Landlock).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
     /// The command and its arguments (after `--`, or after the last ember flag).
     #[arg(
         value_name = "COMMAND",
@@ -337,6 +341,12 @@ pub struct RestoreArgs {
     /// ember's start.
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<f64>,
+    /// The sandbox (seccomp, Landlock).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+    /// The privilege drop.
+    #[command(flatten)]
+    pub privileges: PrivilegeArgs,
 }
 
 fn parse_console(s: &str) -> Result<ConsoleSink, String> {
@@ -570,6 +580,65 @@ pub struct RunArgs {
     #[arg(long, value_name = "BYTES", default_value_t = crate::api::http::DEFAULT_MAX_PAYLOAD as u32,
           value_parser = clap::value_parser!(u32).range(1..=(16 << 20)))]
     pub http_api_max_payload_size: u32,
+    /// The sandbox (seccomp, Landlock).
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+    /// The privilege drop.
+    #[command(flatten)]
+    pub privileges: PrivilegeArgs,
+}
+
+/// How ember sandboxes itself once a VM is set up (see docs/security.md): the flags of every
+/// command that runs a VM.
+#[derive(Debug, Args, Clone, Default)]
+pub struct SandboxArgs {
+    /// Per-thread seccomp filters, installed once the VM is set up: `kill` (a system call
+    /// off the thread's allow-list ends ember with SIGSYS, naming the thread and the call on
+    /// stderr), `log` (the call is allowed and the kernel logs it: dmesg or the audit log,
+    /// type=1326), `off`.
+    #[arg(long, value_name = "off|log|kill", default_value = "kill")]
+    pub seccomp: SeccompMode,
+    /// Do not restrict the file system with Landlock once the VM is set up (by default ember
+    /// can then open only the files it was told about; best effort: a kernel without
+    /// Landlock gets an info line).
+    #[arg(long)]
+    pub no_landlock: bool,
+    /// Test hook: right after set-up, make this thread kind (vmm, vcpu, console, watchdog,
+    /// exec-job) make a forbidden system call, or (landlock) the VMM thread open a file
+    /// outside the Landlock rules.
+    #[arg(long, value_name = "WHAT", hide = true)]
+    pub sandbox_selftest: Option<SelfTest>,
+}
+
+impl SandboxArgs {
+    /// The sandbox configuration with `paths` allowed after set-up and `privileges`.
+    pub fn to_config(
+        &self,
+        paths: Vec<crate::sandbox::PathRule>,
+        privileges: Option<&PrivilegeArgs>,
+    ) -> SandboxConfig {
+        SandboxConfig {
+            seccomp: self.seccomp,
+            landlock: !self.no_landlock,
+            paths,
+            uid: privileges.and_then(|p| p.uid),
+            gid: privileges.and_then(|p| p.gid),
+            selftest: self.sandbox_selftest,
+        }
+    }
+}
+
+/// `--uid`/`--gid`: the user ember runs as once the VM is set up.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PrivilegeArgs {
+    /// Once /dev/kvm, the TAPs and the images are open, drop root's privileges to this user
+    /// ID (needs --gid; ember must be started as root). Files ember creates after set-up
+    /// (snapshots) are then this user's.
+    #[arg(long, value_name = "UID", requires = "gid")]
+    pub uid: Option<u32>,
+    /// The group ID for --uid (supplementary groups are cleared).
+    #[arg(long, value_name = "GID", requires = "uid")]
+    pub gid: Option<u32>,
 }
 
 /// The flags that describe the VM, which --config-file and --api-sock replace.

@@ -20,6 +20,9 @@
 //! snapshot against the VM it is restored into. A restored VM must get a new VM generation
 //! ID ([`vmm::Vmm::new_vm_generation`]) before its vCPUs run, so that its guest reseeds its RNG.
 //!
+//! [`sandbox`] confines ember once a VM is set up: a seccomp filter per thread, Landlock
+//! rules, and an optional drop of root's privileges (docs/security.md).
+//!
 //! [`host`] knows what a PVM host (KVM without hardware virtualization) needs. [`exec`] (with
 //! [`cpio`]) runs one command in a throwaway VM (`ember exec`).
 //!
@@ -46,6 +49,7 @@ pub mod logger;
 pub mod memory;
 pub mod metrics;
 pub mod profiler;
+pub mod sandbox;
 pub mod snapshot;
 pub mod symbols;
 pub mod terminal;

@@ -11,6 +11,7 @@ use ember::bench::runner::Progress;
 use ember::cli::{BenchArgs, Cli, Command, ExecArgs, RestoreArgs, RunArgs};
 use ember::exit::{code, ExitReason};
 use ember::host::HostInfo;
+use ember::sandbox::{PathAccess, PathRule};
 use ember::vmm::RunOptions;
 
 fn main() -> ExitCode {
@@ -126,6 +127,17 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
         Some(why) => Err(why),
         None => ember::exec::warm::eligible(&config, args.cold).map_err(str::to_string),
     };
+    // The warm path adds its cache and socket directories itself.
+    let mut paths = ember::sandbox::vm_paths(&config);
+    paths.extend(
+        [&args.json, &args.bench_report]
+            .into_iter()
+            .flatten()
+            .map(|f| ember::sandbox::output_file(f)),
+    );
+    if let Err(e) = ember::sandbox::install(args.sandbox.to_config(paths, None)) {
+        return failed("setup-error", &e);
+    }
     let result = match eligible {
         Ok(cache) => {
             watch.set_path(ExecPath::WarmBoot);
@@ -419,6 +431,13 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             opts.snapshot_on_signal = Some(action);
         }
     }
+    if let Err(e) = ember::sandbox::install(
+        args.sandbox
+            .to_config(run_sandbox_paths(args, &config), Some(&args.privileges)),
+    ) {
+        ember::print_error_chain(&e);
+        return ExitCode::from(code::USAGE);
+    }
     let result = if args.bench_report.is_some() || args.profile_guest.is_some() {
         let inst = ember::bench::probe::Instruments {
             report: args.bench_report.clone(),
@@ -436,6 +455,34 @@ fn run(args: &RunArgs, start: Instant) -> ExitCode {
             .map_err(|e| Box::new(e) as Box<dyn std::error::Error>)
     };
     run_status(result)
+}
+
+/// The paths an `ember run` VM uses after set-up (see [`ember::sandbox`]): its kernel and
+/// initrd, the snapshot directory, the reports it writes.
+fn run_sandbox_paths(args: &RunArgs, config: &ember::config::VmConfig) -> Vec<PathRule> {
+    let mut paths = ember::sandbox::vm_paths(config);
+    if let Some(dir) = &args.snapshot_to {
+        paths.push(ember::sandbox::writable_dir(dir));
+    }
+    if let Some(p) = &args.bench_report {
+        paths.push(ember::sandbox::output_file(p));
+    }
+    if let Some(p) = &args.profile_guest {
+        paths.push(ember::sandbox::output_file(p));
+        paths.push(ember::sandbox::output_file(&ember::profiler::folded_path(
+            p,
+        )));
+    }
+    if args.bench_report.is_some() || args.profile_guest.is_some() {
+        // The instruments read the process's memory map and CPU times.
+        paths.push(PathRule::new("/proc/self", PathAccess::Read));
+    }
+    if args.snapshot_restore_after.is_some() {
+        // The in-process snapshot/restore experiment may put guest memory in a file there.
+        // (created, read and written back, and unlinked at once).
+        paths.push(PathRule::new(std::env::temp_dir(), PathAccess::ReadWrite));
+    }
+    paths
 }
 
 /// `ember restore DIR`: the VM of the snapshot in DIR, with this run's host-side settings;
@@ -466,6 +513,10 @@ fn restore(args: &RestoreArgs, start: Instant) -> ExitCode {
             .and_then(|t| start.checked_add(Duration::from_secs_f64(t))),
         ..Default::default()
     };
+    let paths = ember::sandbox::vm_paths(&config);
+    if let Err(e) = ember::sandbox::install(args.sandbox.to_config(paths, Some(&args.privileges))) {
+        return refused(&e);
+    }
     let hooks = ember::builder::BuildHooks {
         restore_from: Some(args.dir.clone()),
         restore_state: Some(Box::new(saved)),
@@ -521,6 +572,28 @@ fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
         },
         None => None,
     };
+    // The sandbox: what the API mode writes after set-up is the socket's directory (the
+    // snapshots of PUT /snapshot/create go there or in the working directory) and the log
+    // and metrics files; the VM's files are added at the start.
+    let mut paths = vec![ember::sandbox::writable_dir(std::path::Path::new("."))];
+    if let Some(p) = &args.api_sock {
+        paths.push(ember::sandbox::output_file(p));
+    }
+    for p in [
+        resources
+            .logger
+            .as_ref()
+            .and_then(|l| l.log_path.as_deref()),
+        resources.metrics.as_ref().map(|m| m.metrics_path.as_str()),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        paths.push(ember::sandbox::output_file(std::path::Path::new(p)));
+    }
+    if let Err(e) = ember::sandbox::install(args.sandbox.to_config(paths, Some(&args.privileges))) {
+        return refused(e.to_string());
+    }
     // Before any thread exists: stop and control signals go to signalfds of the main thread.
     let mut opts = RunOptions {
         shutdown_timeout: args.shutdown_timeout.map_or_else(
@@ -545,7 +618,14 @@ fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("api".into())
-            .spawn(move || server.serve(&stop, &mut |req| api.handle(req)))
+            .spawn(move || {
+                // A started VM's API thread is sandboxed at once; before the start, once the VM
+                // is built (Api::start_vm).
+                if api.phase() != ember::api::Phase::NotStarted {
+                    ember::sandbox::enter(ember::sandbox::ThreadKind::Api);
+                }
+                server.serve(&stop, &mut |req| api.handle(req));
+            })
     };
     let run_built = |vmm: ember::vmm::Vmm, mut opts: RunOptions, link| {
         opts.api = link;
@@ -569,6 +649,9 @@ fn firecracker_mode(args: &RunArgs, start: Instant) -> ExitCode {
             Ok(c) => c,
             Err(e) => return refused(format!("{}: {e}", path_of(args))),
         };
+        for rule in ember::sandbox::vm_paths(&config) {
+            ember::sandbox::allow_path(rule);
+        }
         let vmm = match ember::builder::build_vm(&config, start, Default::default()) {
             Ok(v) => v,
             Err(e) => return run_status(Err(Box::new(e))),
@@ -641,6 +724,9 @@ fn build_for_api(
     call: &ember::api::StartCall,
     start: Instant,
 ) -> Result<ember::vmm::Vmm, ember::builder::BuildError> {
+    for rule in ember::sandbox::vm_paths(&call.config) {
+        ember::sandbox::allow_path(rule);
+    }
     let hooks = ember::builder::BuildHooks {
         restore_from: call.restore.as_ref().map(|(dir, _)| dir.clone()),
         start_paused: call.restore.as_ref().is_some_and(|(_, resume)| !resume),

@@ -132,9 +132,18 @@ pub fn configure(path: &str) -> Result<(), Refused> {
     });
     let spawned = std::thread::Builder::new()
         .name("metrics".into())
-        .spawn(|| loop {
-            std::thread::sleep(PERIOD);
-            let _ = flush();
+        .spawn(|| {
+            let mut sandboxed = false;
+            loop {
+                std::thread::sleep(PERIOD);
+                // Sandboxed once the VM's sandbox exists (it may be installed after this
+                // thread started).
+                if !sandboxed && crate::sandbox::installed() {
+                    crate::sandbox::enter(crate::sandbox::ThreadKind::Api);
+                    sandboxed = true;
+                }
+                let _ = flush();
+            }
         });
     if let Err(e) = spawned {
         log::warn!("metrics: cannot start the periodic writer ({e}); FlushMetrics still writes");

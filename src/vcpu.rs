@@ -295,6 +295,8 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        // Before the first KVM_RUN: this thread's seccomp filter and Landlock rules.
+        crate::sandbox::enter(crate::sandbox::ThreadKind::Vcpu);
         // SAFETY: gettid has no preconditions.
         self.stats
             .tid

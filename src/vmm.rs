@@ -179,6 +179,9 @@ pub struct Vmm {
     restore_parts: Option<RestoreParts>,
     /// The guest's "ready to take a command" signal.
     ready: Option<Arc<ReadySignal>>,
+    /// The /dev/kvm descriptor of the build, for snapshots and pauses: nothing opens
+    /// /dev/kvm again once the sandbox is entered (Landlock, a dropped uid).
+    kvm: Option<kvm_ioctls::Kvm>,
     vm: Vm,
     mem: GuestMemory,
 }
@@ -215,8 +218,23 @@ impl Vmm {
             vmgenid: None,
             restore_parts: None,
             ready: None,
+            kvm: None,
             vm,
             mem,
+        }
+    }
+
+    /// Keeps the /dev/kvm descriptor the VM was created with, for pauses and snapshots.
+    pub fn set_kvm(&mut self, kvm: kvm_ioctls::Kvm) {
+        self.kvm = Some(kvm);
+    }
+
+    /// The KVM capabilities a pause or snapshot needs, from the kept /dev/kvm descriptor
+    /// (or a new one, for a VMM assembled without it).
+    fn kvm_caps(&self) -> Result<KvmCaps, SnapshotError> {
+        match &self.kvm {
+            Some(kvm) => KvmCaps::probe(kvm).map_err(SnapshotError::Caps),
+            None => KvmCaps::probe(&open_kvm()?).map_err(SnapshotError::Caps),
         }
     }
 
@@ -265,8 +283,15 @@ impl Vmm {
         opts: &RestoreOptions,
     ) -> Result<SnapshotReport, SnapshotError> {
         let parts = snapshottable(self.restore_parts.as_ref(), false)?;
-        let kvm = open_kvm()?;
-        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let opened;
+        let kvm = match &self.kvm {
+            Some(k) => k,
+            None => {
+                opened = open_kvm()?;
+                &opened
+            }
+        };
+        let caps = Arc::new(KvmCaps::probe(kvm).map_err(SnapshotError::Caps)?);
         let t0 = Instant::now();
         let resume_all = |vcpus: &[VcpuHandle]| vcpus.iter().for_each(VcpuHandle::resume);
         let (states, kvmclock_ctrl) = self.pause_all(&caps)?;
@@ -338,7 +363,7 @@ impl Vmm {
                 .map_err(|e| SnapshotError::Irqfd(*irq, e))?;
         }
         step("unbind irqfds", &mut t);
-        let vm = Vm::new(&kvm, &mem, &self.timeline)?;
+        let vm = Vm::new(kvm, &mem, &self.timeline)?;
         step("new VM", &mut t);
         for (fd, irq) in &parts.irqfds {
             vm.fd()
@@ -496,6 +521,9 @@ impl Vmm {
         let pending = Arc::new(Mutex::new(Vec::new()));
         let watch = Arc::new(LoopWatch::default());
         let watchdog = self.start_watchdog(&mut opts, &pending, &watch);
+        // Set-up is over: from here this thread runs under its seccomp filter and Landlock
+        // rules (the vCPU, console and watchdog threads entered theirs already).
+        crate::sandbox::enter(crate::sandbox::ThreadKind::Vmm);
         if let Some(fd) = opts.signal_fd.take() {
             self.event_manager
                 .add_subscriber(Arc::new(Mutex::new(SignalWatcher::new(
@@ -722,9 +750,8 @@ impl Vmm {
         match request {
             VmmRequest::Pause if *paused => Ok(()),
             VmmRequest::Pause => {
-                let caps = open_kvm()
-                    .map_err(|e| e.to_string())
-                    .and_then(|kvm| KvmCaps::probe(&kvm).map_err(|e| e.to_string()))
+                let caps = self
+                    .kvm_caps()
                     .map_err(|e| format!("cannot pause the microVM: {e}"))?;
                 self.pause_all(&Arc::new(caps))
                     .map_err(|e| format!("cannot pause the microVM: {e}"))?;
@@ -820,12 +847,8 @@ impl Vmm {
             log::info!("SIGUSR1: the guest runs again");
             return;
         }
-        let caps = match open_kvm().map(|kvm| KvmCaps::probe(&kvm)) {
-            Ok(Ok(c)) => Arc::new(c),
-            Ok(Err(e)) => {
-                log::error!("SIGUSR1: cannot pause the guest: {e}");
-                return;
-            }
+        let caps = match self.kvm_caps() {
+            Ok(c) => Arc::new(c),
             Err(e) => {
                 log::error!("SIGUSR1: cannot pause the guest: {e}");
                 return;
@@ -869,8 +892,7 @@ impl Vmm {
     pub fn save_snapshot(&mut self, dir: &std::path::Path) -> Result<(), SnapshotError> {
         let parts = snapshottable(self.restore_parts.as_ref(), true)?;
         let meta = SnapshotMeta::new(&parts.config)?;
-        let kvm = open_kvm()?;
-        let caps = Arc::new(KvmCaps::probe(&kvm).map_err(SnapshotError::Caps)?);
+        let caps = Arc::new(self.kvm_caps()?);
         let (vcpus, kvmclock_ctrl) = self.pause_all(&caps)?;
         for (i, r) in kvmclock_ctrl.iter().enumerate() {
             if let Err(e) = r {
@@ -1030,6 +1052,8 @@ mod tests {
     use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
     const CHILD_ENV: &str = "EMBER_TEST_STUCK_LOOP";
+    /// Set: the child runs in ember's sandbox (seccomp filters that kill, Landlock).
+    const SANDBOX_ENV: &str = "EMBER_TEST_STUCK_SANDBOX";
 
     /// A device whose event handler never returns (a bug, or a blocking call).
     struct Stuck(EventFd);
@@ -1072,6 +1096,15 @@ mod tests {
             return;
         };
         crate::logger::init(log::LevelFilter::Info);
+        if std::env::var_os(SANDBOX_ENV).is_some_and(|v| !v.is_empty()) {
+            // The watchdog's way out (a thread for the message, the exit) under its filter.
+            crate::sandbox::install(crate::sandbox::SandboxConfig {
+                seccomp: crate::sandbox::SeccompMode::Kill,
+                landlock: true,
+                ..Default::default()
+            })
+            .unwrap();
+        }
         let timeline = Arc::new(Timeline::new(Instant::now()));
         let mem = crate::memory::create_guest_memory(16 << 20).unwrap();
         let kvm = crate::vm::open_kvm().unwrap();
@@ -1139,7 +1172,7 @@ mod tests {
     }
 
     /// Runs [`stuck_loop_child`] in `mode`; its exit status and stderr (None: no KVM here).
-    fn run_child(mode: &str) -> Option<(Option<i32>, String)> {
+    fn run_child(mode: &str, sandboxed: bool) -> Option<(Option<i32>, String)> {
         if std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1157,6 +1190,7 @@ mod tests {
                 "--nocapture",
             ])
             .env(CHILD_ENV, mode)
+            .env(SANDBOX_ENV, if sandboxed { "1" } else { "" })
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -1191,7 +1225,11 @@ mod tests {
     /// Runs the stuck-loop child in `mode` and checks that the watchdog ended it with
     /// `status`, saying why.
     fn expect_watchdog_end(mode: &str, status: u8) {
-        let Some((code, stderr)) = run_child(mode) else {
+        expect_watchdog_end_in(mode, status, false);
+    }
+
+    fn expect_watchdog_end_in(mode: &str, status: u8, sandboxed: bool) {
+        let Some((code, stderr)) = run_child(mode, sandboxed) else {
             return;
         };
         assert!(stderr.contains(STUCK_MESSAGE), "{stderr}");
@@ -1201,6 +1239,13 @@ mod tests {
     #[test]
     fn stuck_event_loop_still_ends_on_a_stop_signal() {
         expect_watchdog_end("signal", crate::exit::code::STOPPED_HARD);
+    }
+
+    /// The same end under the seccomp filters (kill) and Landlock: the watchdog's way out
+    /// is on its allow-list.
+    #[test]
+    fn stuck_event_loop_ends_in_the_sandbox() {
+        expect_watchdog_end_in("two-signals", crate::exit::code::STOPPED_HARD, true);
     }
 
     #[test]

@@ -150,7 +150,10 @@ impl Watchdog {
         let stop_rx = stop.try_clone()?;
         let thread = std::thread::Builder::new()
             .name("ember-watchdog".into())
-            .spawn(move || run(&cfg, &stop_rx))?;
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Watchdog);
+                run(&cfg, &stop_rx);
+            })?;
         Ok(Self {
             stop,
             thread: Some(thread),
@@ -254,6 +257,9 @@ fn end_process(cfg: &WatchdogConfig, reason: ExitReason, stop_signal: Option<lib
     let speaker = std::thread::Builder::new()
         .name("ember-watchdog-log".into())
         .spawn(move || {
+            // Under the watchdog's filter already (inherited): this labels the thread for
+            // the SIGSYS report.
+            crate::sandbox::enter(crate::sandbox::ThreadKind::Watchdog);
             log::error!(
                 "the event loop is stuck in a device handler; exiting without a graceful \
                  shutdown"

@@ -330,6 +330,21 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
         .collect();
     assert_eq!(entries.len(), 1, "one snapshot expected: {entries:?}");
 
+    // The job thread of a restored exec runs under its seccomp filter: a forbidden call
+    // there ends ember with SIGSYS, naming the thread and the call.
+    let mut t = warm_exec("selftest");
+    t.args(["--sandbox-selftest", "exec-job", "--", "true"]);
+    let selftest = run(t, LIMIT);
+    assert_eq!(selftest.code, None, "not killed by a signal: {selftest:?}");
+    assert!(
+        selftest.stderr.contains(&format!(
+            "ember: seccomp: the exec-job thread exec-job made a forbidden system call: {} \
+             (execve)",
+            libc::SYS_execve
+        )),
+        "{selftest:?}"
+    );
+
     let script = tmp.0.join("job.sh");
     std::fs::write(
         &script,

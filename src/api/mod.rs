@@ -400,6 +400,8 @@ impl Api {
         }
         match answer.recv() {
             Ok(Ok(handle)) => {
+                // The VM runs: from now on this thread only serves the socket.
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Api);
                 self.vmm = Some(handle);
                 self.phase = if paused {
                     Phase::Paused

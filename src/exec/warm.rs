@@ -40,6 +40,7 @@ use crate::builder::{build_vm, BuildError, BuildHooks};
 use crate::config::VmConfig;
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::exit::{ExitReason, VmExit};
+use crate::sandbox::{PathAccess, PathRule};
 use crate::snapshot::cache::{CacheKey, SnapshotCache};
 use crate::vmm::{ReadyAction, ReadyEvent, RunOptions, RunOutcome};
 
@@ -226,6 +227,12 @@ pub fn run(
 ) -> Result<(RunOutcome, WarmReport), WarmError> {
     let mut report = WarmReport::default();
     let runtime = RuntimeDir::new()?;
+    // The sandbox: the VM's socket directory, removed at the end (and so, once empty, from
+    // its parent), and the snapshot cache.
+    crate::sandbox::allow_path(PathRule::new(&runtime.0, PathAccess::ReadWrite));
+    if let Some(parent) = runtime.0.parent() {
+        crate::sandbox::allow_path(PathRule::new(parent, PathAccess::Remove));
+    }
     let config = warm_config(base, &runtime.0);
     let key = CacheKey::new(&config).map_err(WarmError::Key)?;
     let payload = Arc::new(job_payload(&spec.archive()?));
@@ -277,8 +284,11 @@ pub fn run(
     report.built = Some(start.elapsed());
     let timeline = vmm.timeline().clone();
     let ready_at = Arc::new(std::sync::Mutex::new(None));
-    let staging = cache
-        .staging()
+    let staging = cache.staging();
+    if staging.is_ok() {
+        crate::sandbox::allow_path(PathRule::new(cache.dir(), PathAccess::ReadWrite));
+    }
+    let staging = staging
         .map_err(|e| {
             log::warn!(
                 "warm exec: cannot write into the snapshot cache {} ({e}); running without a \
@@ -361,6 +371,7 @@ fn send_job_in_background(uds: PathBuf, port: u32, payload: Arc<Vec<u8>>, exit: 
     let spawned = std::thread::Builder::new()
         .name("exec-job".into())
         .spawn(move || {
+            crate::sandbox::enter(crate::sandbox::ThreadKind::ExecJob);
             if let Err(e) = send_job(&uds, port, &payload) {
                 exit.request(ExitReason::VcpuError(format!(
                     "could not hand the command to the guest over vsock port {port}: {e} (the \

@@ -83,7 +83,10 @@ impl ConsoleWriter {
         let s = shared.clone();
         let thread = std::thread::Builder::new()
             .name("ember-console".into())
-            .spawn(move || write_loop(&s, out))?;
+            .spawn(move || {
+                crate::sandbox::enter(crate::sandbox::ThreadKind::Console);
+                write_loop(&s, out);
+            })?;
         Ok(Self {
             shared,
             thread: Some(thread),
