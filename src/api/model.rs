@@ -357,15 +357,24 @@ pub struct SnapshotLoad {
 
 /// The `--config-file` document, and the answer of `GET /vm/config`: every pre-boot
 /// resource in one object, keyed as in Firecracker. Parts ember does not have (`balloon`,
-/// `mmds-config`, `cpu-config`) must be absent or null.
+/// `mmds-config`, `cpu-config`) must be absent or null. Parts not set are left out of the
+/// answer (Firecracker answers `null` for them, which its own swagger schema does not allow).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfigFile {
     /// `boot-source`.
-    #[serde(rename = "boot-source", default)]
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSource>,
     /// `machine-config`.
-    #[serde(rename = "machine-config", default)]
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub machine_config: Option<MachineConfig>,
     /// `drives`.
     #[serde(default)]
@@ -374,25 +383,33 @@ pub struct VmConfigFile {
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
     /// `vsock`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     /// `entropy`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
     /// `logger`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,
     /// `metrics`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
     /// `balloon`: refused when set.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<serde_json::Value>,
     /// `mmds-config`: refused when set.
-    #[serde(rename = "mmds-config", default)]
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub mmds_config: Option<serde_json::Value>,
     /// `cpu-config`: refused when set.
-    #[serde(rename = "cpu-config", default)]
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cpu_config: Option<serde_json::Value>,
 }
 
