@@ -4,7 +4,7 @@
 //!
 //! - [`model`]: the request bodies (serde types; unknown fields refused, as Firecracker does);
 //! - [`resources`]: what is set before the start, checked as it is set, and turned into
-//!   ember's one [`VmConfig`](crate::config::VmConfig) at `InstanceStart`;
+//!   ember's one [`VmConfig`] at `InstanceStart`;
 //! - [`http`]: the HTTP/1.1 server (bounded connections, headers and bodies);
 //! - [`Api`]: the routes, with Firecracker's pre-/post-boot rules and `fault_message` errors.
 //!
