@@ -10,11 +10,11 @@
 
 2. Two reports are not non-conformances, and are dropped (counted on stderr at the end):
    - ST201 (a schema-violating request accepted) where every violation is a JSON null given
-     for an optional field, or a field a partial update leaves out: ember, like Firecracker (serde's Option), takes null as "not
-     given". Firecracker's own GET /vm/config and config files carry such nulls
-     ("initrd_path": null), so refusing them would break documents Firecracker accepts.
-     A null for a required field is still refused, and still checked. Likewise a PATCH
-     /machine-config without vcpu_count or mem_size_mib (see PARTIAL below).
+     for an optional field, or a field a partial update leaves out. ember, like Firecracker
+     (serde's Option), takes null as "not given"; Firecracker's own GET /vm/config and
+     config files carry such nulls ("initrd_path": null), so refusing them would break
+     documents Firecracker accepts. A null for a required field is still refused, and still
+     checked. PATCH /machine-config without vcpu_count or mem_size_mib: see PARTIAL below.
    - ST104 (no Content-Type) on a 204 No Content: there is no body to type (RFC 9110 15.3.5),
      and Firecracker sends none either; schemathesis applies the swagger file's global
      `produces` to every response, bodiless ones included.
