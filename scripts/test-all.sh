@@ -59,6 +59,11 @@ cargo test --lib --bins \
     --test virtio_blk --test exec --test acpi --test bench_tiny \
     --test hostile_guest --test hostile_virtio --test snapshot_kvm --test api --test sandbox
 
+# Firecracker's API checked against Firecracker's swagger file with schemathesis (PyPI):
+# tiny guests only, under a minute on two cores (tests/firecracker-api/README.md).
+log "API conformance (schemathesis)"
+bash scripts/api-conformance.sh
+
 # Real Linux boots: slow here (guest kernel code is emulated on PVM hosts), so each boot
 # checks several things. One boot at a time: a guest that gets only a fraction of a core
 # spends all of it in its own timer tick and stops making progress (docs/profile.md), and a

@@ -752,7 +752,7 @@ fn load_config_file(
 ) -> Result<ember::api::resources::VmResources, String> {
     let text = std::fs::read(path)
         .map_err(|e| format!("--config-file {}: cannot read it: {e}", path.display()))?;
-    let doc: ember::api::model::VmConfigFile = serde_json::from_slice(&text).map_err(|e| {
+    let doc: ember::api::model::VmConfigFile = ember::api::model::from_json(&text).map_err(|e| {
         format!(
             "--config-file {}: not a Firecracker configuration: {e}",
             path.display()

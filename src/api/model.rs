@@ -6,6 +6,146 @@
 
 use serde::{Deserialize, Serialize};
 
+/// Parses a request body or configuration document into `T`, refusing a JSON array where
+/// `T` (or any struct inside it) expects an object: serde's derived structs also take an
+/// array of their fields in order, which Firecracker's swagger file does not allow (every
+/// body it describes is an object). Null for an optional field is taken as not given.
+pub fn from_json<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, serde_json::Error> {
+    let value: serde_json::Value = serde_json::from_slice(bytes)?;
+    T::deserialize(ObjectsOnly(&value))
+}
+
+/// A deserializer over a parsed JSON value that hands structs objects only.
+struct ObjectsOnly<'a>(&'a serde_json::Value);
+
+/// The fields of an object, each value again [`ObjectsOnly`].
+struct Fields<'a> {
+    iter: serde_json::map::Iter<'a>,
+    value: Option<&'a serde_json::Value>,
+}
+
+/// The elements of an array, each again [`ObjectsOnly`].
+struct Elements<'a>(std::slice::Iter<'a, serde_json::Value>);
+
+impl<'de> serde::de::MapAccess<'de> for Fields<'de> {
+    type Error = serde_json::Error;
+
+    fn next_key_seed<K: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: K,
+    ) -> Result<Option<K::Value>, Self::Error> {
+        match self.iter.next() {
+            Some((k, v)) => {
+                self.value = Some(v);
+                seed.deserialize(serde::de::value::BorrowedStrDeserializer::new(k))
+                    .map(Some)
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn next_value_seed<V: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: V,
+    ) -> Result<V::Value, Self::Error> {
+        match self.value.take() {
+            Some(v) => seed.deserialize(ObjectsOnly(v)),
+            None => Err(serde::de::Error::custom("a value without its key")),
+        }
+    }
+}
+
+impl<'de> serde::de::SeqAccess<'de> for Elements<'de> {
+    type Error = serde_json::Error;
+
+    fn next_element_seed<T: serde::de::DeserializeSeed<'de>>(
+        &mut self,
+        seed: T,
+    ) -> Result<Option<T::Value>, Self::Error> {
+        self.0
+            .next()
+            .map(|v| seed.deserialize(ObjectsOnly(v)))
+            .transpose()
+    }
+}
+
+impl<'de> serde::Deserializer<'de> for ObjectsOnly<'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(
+        self,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        match self.0 {
+            serde_json::Value::Object(m) => visitor.visit_map(Fields {
+                iter: m.iter(),
+                value: None,
+            }),
+            serde_json::Value::Array(a) => visitor.visit_seq(Elements(a.iter())),
+            other => serde::Deserializer::deserialize_any(other, visitor),
+        }
+    }
+
+    fn deserialize_option<V: serde::de::Visitor<'de>>(
+        self,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        match self.0 {
+            serde_json::Value::Null => visitor.visit_none(),
+            _ => visitor.visit_some(self),
+        }
+    }
+
+    fn deserialize_struct<V: serde::de::Visitor<'de>>(
+        self,
+        name: &'static str,
+        _fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        match self.0 {
+            serde_json::Value::Object(_) => self.deserialize_any(visitor),
+            other => Err(serde::de::Error::custom(format!(
+                "invalid type: {}, expected a JSON object ({name})",
+                kind(other)
+            ))),
+        }
+    }
+
+    fn deserialize_newtype_struct<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_newtype_struct(self)
+    }
+
+    fn deserialize_enum<V: serde::de::Visitor<'de>>(
+        self,
+        name: &'static str,
+        variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        serde::Deserializer::deserialize_enum(self.0, name, variants, visitor)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf
+        unit unit_struct seq tuple tuple_struct map identifier ignored_any
+    }
+}
+
+/// What a JSON value is, for error messages.
+fn kind(v: &serde_json::Value) -> &'static str {
+    match v {
+        serde_json::Value::Null => "null",
+        serde_json::Value::Bool(_) => "boolean",
+        serde_json::Value::Number(_) => "number",
+        serde_json::Value::String(_) => "string",
+        serde_json::Value::Array(_) => "array",
+        serde_json::Value::Object(_) => "object",
+    }
+}
+
 /// `PUT /boot-source`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -357,15 +497,24 @@ pub struct SnapshotLoad {
 
 /// The `--config-file` document, and the answer of `GET /vm/config`: every pre-boot
 /// resource in one object, keyed as in Firecracker. Parts ember does not have (`balloon`,
-/// `mmds-config`, `cpu-config`) must be absent or null.
+/// `mmds-config`, `cpu-config`) must be absent or null. Parts not set are left out of the
+/// answer (Firecracker answers `null` for them, which its own swagger schema does not allow).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmConfigFile {
     /// `boot-source`.
-    #[serde(rename = "boot-source", default)]
+    #[serde(
+        rename = "boot-source",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub boot_source: Option<BootSource>,
     /// `machine-config`.
-    #[serde(rename = "machine-config", default)]
+    #[serde(
+        rename = "machine-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub machine_config: Option<MachineConfig>,
     /// `drives`.
     #[serde(default)]
@@ -374,25 +523,33 @@ pub struct VmConfigFile {
     #[serde(rename = "network-interfaces", default)]
     pub network_interfaces: Vec<NetworkInterface>,
     /// `vsock`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vsock: Option<Vsock>,
     /// `entropy`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entropy: Option<Entropy>,
     /// `logger`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logger: Option<Logger>,
     /// `metrics`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics: Option<Metrics>,
     /// `balloon`: refused when set.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub balloon: Option<serde_json::Value>,
     /// `mmds-config`: refused when set.
-    #[serde(rename = "mmds-config", default)]
+    #[serde(
+        rename = "mmds-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub mmds_config: Option<serde_json::Value>,
     /// `cpu-config`: refused when set.
-    #[serde(rename = "cpu-config", default)]
+    #[serde(
+        rename = "cpu-config",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub cpu_config: Option<serde_json::Value>,
 }
 
@@ -420,17 +577,35 @@ mod tests {
 
     #[test]
     fn unknown_fields_and_wrong_types_are_refused() {
-        let e =
-            serde_json::from_str::<BootSource>(r#"{"kernel_image_path": "k", "boot_arg": "typo"}"#)
-                .unwrap_err();
+        let e = from_json::<BootSource>(br#"{"kernel_image_path": "k", "boot_arg": "typo"}"#)
+            .unwrap_err();
         assert!(e.to_string().contains("unknown field `boot_arg`"), "{e}");
-        assert!(serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": "2"}"#).is_err());
-        assert!(
-            serde_json::from_str::<MachineConfig>(r#"{"vcpu_count": 300, "mem_size_mib": 1}"#)
-                .is_err()
-        );
-        let e = serde_json::from_str::<VmConfigFile>(r#"{"boot_source": {}}"#).unwrap_err();
+        assert!(from_json::<MachineConfig>(br#"{"vcpu_count": "2"}"#).is_err());
+        let e =
+            from_json::<MachineConfig>(br#"{"vcpu_count": 300, "mem_size_mib": 1}"#).unwrap_err();
+        assert!(e.to_string().contains("300"), "{e}");
+        let e = from_json::<VmConfigFile>(br#"{"boot_source": {}}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = from_json::<MachineConfig>(br#"{"vcpu_count": 1"#).unwrap_err();
+        assert!(
+            e.to_string().contains("line 1"),
+            "syntax errors keep their place: {e}"
+        );
+    }
+
+    #[test]
+    fn structs_take_objects_only() {
+        let e = from_json::<Logger>(b"[null, null]").unwrap_err();
+        assert!(e.to_string().contains("expected a JSON object"), "{e}");
+        let doc = br#"{"boot-source": {"kernel_image_path": "k", "initrd_path": null},
+            "drives": [{"drive_id": "a", "is_root_device": true, "path_on_host": "r"}]}"#;
+        let c = from_json::<VmConfigFile>(doc).unwrap();
+        assert_eq!(c.drives[0].drive_id, "a");
+        assert_eq!(c.boot_source.unwrap().initrd_path, None);
+        let e = from_json::<VmConfigFile>(br#"{"drives": [["a", true]]}"#).unwrap_err();
+        assert!(e.to_string().contains("expected a JSON object"), "{e}");
+        let e = from_json::<VmConfigFile>(br#"{"drives": {"drive_id": "a"}}"#).unwrap_err();
+        assert!(e.to_string().contains("invalid type"), "{e}");
     }
 
     #[test]

@@ -601,6 +601,48 @@ mod tests {
         assert!(e.0.contains("balloon"), "{e}");
     }
 
+    /// Firecracker's swagger file has no nullable fields: `GET /vm/config` leaves out what
+    /// is not set instead of answering `null` (which its schema, and schemathesis, refuse).
+    #[test]
+    fn vm_config_document_has_no_nulls() {
+        fn nulls(v: &serde_json::Value, at: &str, found: &mut Vec<String>) {
+            match v {
+                serde_json::Value::Null => found.push(at.to_string()),
+                serde_json::Value::Object(m) => {
+                    for (k, v) in m {
+                        nulls(v, &format!("{at}/{k}"), found);
+                    }
+                }
+                serde_json::Value::Array(a) => {
+                    for (i, v) in a.iter().enumerate() {
+                        nulls(v, &format!("{at}/{i}"), found);
+                    }
+                }
+                _ => {}
+            }
+        }
+        let k = tmp_file("k3");
+        let mut configured = VmResources::default();
+        configured
+            .set_boot_source(BootSource {
+                kernel_image_path: k.clone(),
+                ..Default::default()
+            })
+            .unwrap();
+        configured.put_drive("d", drive("d", &k, false)).unwrap();
+        for r in [VmResources::default(), configured] {
+            let v = serde_json::to_value(r.to_file()).unwrap();
+            let mut found = Vec::new();
+            nulls(&v, "", &mut found);
+            assert!(found.is_empty(), "null at {found:?} in {v}");
+            assert!(v["machine-config"]["vcpu_count"].is_u64(), "{v}");
+            assert!(
+                v["drives"].is_array() && v["network-interfaces"].is_array(),
+                "{v}"
+            );
+        }
+    }
+
     #[test]
     fn patch_machine_config_merges() {
         let mut r = VmResources::default();
