@@ -15,8 +15,11 @@ if [ "$(id -u)" -ne 0 ]; then SUDO="sudo -n"; fi
 
 # Packages: guest build (kernel + busybox), network tests (iproute2), peers for bench.
 # libseccomp-dev and libcap-ng-dev: to build virtiofsd (--share). curl: the API tests' client.
+# crun, runc and bubblewrap: the container and sandbox rows of `ember compare` (crun refuses
+# hosts with cgroup controllers on both hierarchies; compare then uses runc).
 PKGS=(linux-source-6.1 busybox-static build-essential flex bison bc libelf-dev cpio
-      e2fsprogs iproute2 qemu-system-x86 libseccomp-dev libcap-ng-dev curl)
+      e2fsprogs iproute2 qemu-system-x86 libseccomp-dev libcap-ng-dev curl
+      crun runc bubblewrap)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -57,7 +60,8 @@ log "unit and tiny-guest tests"
 cargo test --lib --bins \
     --test cli --test tiny_guest --test boot_protocol --test guest_build \
     --test virtio_blk --test exec --test acpi --test bench_tiny \
-    --test hostile_guest --test hostile_virtio --test snapshot_kvm --test api --test sandbox
+    --test hostile_guest --test hostile_virtio --test snapshot_kvm --test api --test sandbox \
+    --test compare
 
 # Firecracker's API checked against Firecracker's swagger file with schemathesis (PyPI):
 # tiny guests only, under a minute on two cores (tests/firecracker-api/README.md).

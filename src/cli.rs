@@ -63,6 +63,11 @@ pub enum Command {
     /// VM's configuration (kernel command line, vCPUs, memory, devices) is the snapshot's.
     #[command(after_help = RESTORE_HELP)]
     Restore(RestoreArgs),
+    /// Run the same busybox workload as a host process, in a namespace sandbox (bubblewrap),
+    /// in an OCI container (crun or runc) and in an ember microVM (warm and cold), and compare
+    /// start-up latency, end to end, CPU, memory, syscall/fork/I/O costs and isolation.
+    #[command(after_help = COMPARE_HELP)]
+    Compare(CompareArgs),
 }
 
 impl Cli {
@@ -71,7 +76,7 @@ impl Cli {
     pub fn log_level(&self) -> log::LevelFilter {
         self.log_level.unwrap_or(match self.command {
             Command::Run(_) | Command::Restore(_) => log::LevelFilter::Info,
-            Command::Exec(_) => log::LevelFilter::Warn,
+            Command::Exec(_) | Command::Compare(_) => log::LevelFilter::Warn,
             Command::Bench(_) => log::LevelFilter::Info,
         })
     }
@@ -93,6 +98,86 @@ Exit status:
 
 Example:
   ember exec --timeout 300 --file ci/test.sh --env CI=1 -- sh test.sh";
+
+const COMPARE_HELP: &str = "\
+Rows (--rows, default all, in this order): host (a plain process: the baseline of the ratios),
+sandbox (bwrap), container (crun, else runc, with the runtime's default spec), ember-warm
+(`ember exec`, restoring the cached snapshot; one unmeasured exec first prepares it),
+ember-cold (`ember exec --cold`, a boot per run: tens of seconds on a PVM host).
+Without COMMAND, the default workload runs: start, syscalls, forks, file I/O, exit, with
+marker lines that time each phase (docs/containers-vs-microvms.md). The isolation probe runs
+once per row; its kernel fault runs in the VM only (in a container it would hit the host).
+
+Example:
+  ember compare --runs 3 --json compare.json --svg compare.svg";
+
+/// `ember compare` flags.
+#[derive(Debug, Args, Clone)]
+pub struct CompareArgs {
+    /// Measured runs per row (runs alternate between rows).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: u32,
+    /// Write every run, the statistics, ratios and probe results as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Draw start-up latency, end to end and peak memory per row as an SVG chart to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub svg: Option<PathBuf>,
+    /// The rows, comma-separated: host, sandbox, container, ember-warm, ember-cold.
+    #[arg(
+        long,
+        value_name = "ROWS",
+        default_value = "host,sandbox,container,ember-warm,ember-cold"
+    )]
+    pub rows: String,
+    /// The container runtime (crun or runc). Default: crun, else runc, whichever runs.
+    #[arg(long, value_name = "NAME")]
+    pub runtime: Option<String>,
+    /// A run that takes longer than SECS is killed and counted as failed.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    pub timeout: f64,
+    /// Leave out the isolation probe.
+    #[arg(long)]
+    pub no_probe: bool,
+    /// The VM rows' kernel instead of the default guest (tests use tiny guests that print the
+    /// workload's markers).
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub vm_kernel: Option<PathBuf>,
+    /// The command to run in every row (default: the built-in busybox workload). It must be
+    /// in the bundle's busybox (all rows use it).
+    #[arg(value_name = "COMMAND", num_args = 0.., trailing_var_arg = true)]
+    pub command: Vec<String>,
+}
+
+impl CompareArgs {
+    /// The options of [`crate::compare::run`].
+    pub fn to_options(
+        &self,
+    ) -> Result<crate::compare::CompareOptions, crate::compare::CompareError> {
+        use crate::compare::CompareError;
+        if !(self.timeout.is_finite() && self.timeout > 0.0 && self.timeout <= 86_400.0) {
+            return Err(CompareError::Usage(format!(
+                "--timeout {}: give seconds between 0 and 86400",
+                self.timeout
+            )));
+        }
+        if let Some(rt) = &self.runtime {
+            if rt != "crun" && rt != "runc" {
+                return Err(CompareError::Usage(format!("--runtime {rt}: crun or runc")));
+            }
+        }
+        Ok(crate::compare::CompareOptions {
+            runs: self.runs as usize,
+            rows: crate::compare::parse_rows(&self.rows)?,
+            command: self.command.clone(),
+            runtime: self.runtime.clone(),
+            timeout: std::time::Duration::from_secs_f64(self.timeout),
+            probe: !self.no_probe,
+            vm_kernel: self.vm_kernel.clone(),
+            ember_bin: None,
+        })
+    }
+}
 
 /// `ember exec` flags.
 #[derive(Debug, Args, Clone)]

@@ -28,13 +28,15 @@
 //!
 //!
 //! Measuring: [`timeline`] records boot phases; [`bench`](mod@bench) (`ember bench`) boots a guest
-//! many times and compares with peer VMMs; [`profiler`] samples guest stacks.
+//! many times and compares with peer VMMs; [`profiler`] samples guest stacks; [`compare`]
+//! (`ember compare`) runs one workload in a container, a sandbox and a microVM side by side.
 
 pub mod api;
 pub mod arch;
 pub mod bench;
 pub mod builder;
 pub mod cli;
+pub mod compare;
 pub mod config;
 pub mod cpio;
 pub mod devices;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 use ember::bench::runner::Progress;
-use ember::cli::{BenchArgs, Cli, Command, ExecArgs, RestoreArgs, RunArgs};
+use ember::cli::{BenchArgs, Cli, Command, CompareArgs, ExecArgs, RestoreArgs, RunArgs};
 use ember::exit::{code, ExitReason};
 use ember::host::HostInfo;
 use ember::sandbox::{PathAccess, PathRule};
@@ -26,7 +26,59 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench(&args),
         Command::Exec(args) => exec(&args, start),
         Command::Restore(args) => restore(&args, start),
+        Command::Compare(args) => compare(&args),
     }
+}
+
+/// `ember compare`: every row, then the table, the JSON and the chart.
+fn compare(args: &CompareArgs) -> ExitCode {
+    let opts = match args.to_options() {
+        Ok(o) => o,
+        Err(e) => {
+            ember::print_error_chain(&e);
+            return ExitCode::from(code::USAGE);
+        }
+    };
+    let result = ember::compare::run(&opts, &mut |line| eprintln!("{line}"));
+    let c = match result {
+        Ok(c) => c,
+        Err(e) => {
+            ember::print_error_chain(&e);
+            return ExitCode::from(code::VMM_ERROR);
+        }
+    };
+    println!("{}", c.render());
+    let mut status = ExitCode::SUCCESS;
+    if let Some(p) = &args.json {
+        match c.write_json(p) {
+            Ok(()) => eprintln!("ember compare: results written to {}", p.display()),
+            Err(e) => {
+                ember::print_error_chain(&e);
+                status = ExitCode::from(code::VMM_ERROR);
+            }
+        }
+    }
+    if let Some(p) = &args.svg {
+        match c.write_svg(p) {
+            Ok(()) => eprintln!("ember compare: chart written to {}", p.display()),
+            Err(e) => {
+                ember::print_error_chain(&e);
+                status = ExitCode::from(code::VMM_ERROR);
+            }
+        }
+    }
+    // Every row that ran must have at least one successful run.
+    let failed: Vec<&str> = c
+        .rows
+        .iter()
+        .filter(|r| r.skipped.is_none() && r.ok().next().is_none())
+        .map(|r| r.kind.name())
+        .collect();
+    if !failed.is_empty() {
+        eprintln!("ember compare: no successful run of {}", failed.join(", "));
+        status = ExitCode::from(code::VMM_ERROR);
+    }
+    status
 }
 
 /// Prints a command-line error (or --help/--version) and picks the exit status: `ember exec`
@@ -752,12 +804,13 @@ fn load_config_file(
 ) -> Result<ember::api::resources::VmResources, String> {
     let text = std::fs::read(path)
         .map_err(|e| format!("--config-file {}: cannot read it: {e}", path.display()))?;
-    let doc: ember::api::model::VmConfigFile = ember::api::model::from_json(&text).map_err(|e| {
-        format!(
-            "--config-file {}: not a Firecracker configuration: {e}",
-            path.display()
-        )
-    })?;
+    let doc: ember::api::model::VmConfigFile =
+        ember::api::model::from_json(&text).map_err(|e| {
+            format!(
+                "--config-file {}: not a Firecracker configuration: {e}",
+                path.display()
+            )
+        })?;
     let r = ember::api::resources::VmResources::from_file(&doc)
         .map_err(|e| format!("--config-file {}: {e}", path.display()))?;
     if let Some(l) = &r.logger {
