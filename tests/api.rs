@@ -83,7 +83,7 @@ impl Instance {
     }
 
     /// Ends the process (SIGTERM, then SIGKILL) and returns its output.
-    fn finish(mut self) -> (Option<i32>, String, String) {
+    fn finish(&mut self) -> (Option<i32>, String, String) {
         // SAFETY: kill only sends a signal to our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -93,12 +93,25 @@ impl Instance {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let out = self.child.wait_with_output().unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
+        let status = self.child.wait().unwrap();
+        let mut read = |pipe: Option<&mut dyn Read>| {
+            let mut text = String::new();
+            if let Some(p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        };
+        let stdout = read(self.child.stdout.as_mut().map(|p| p as &mut dyn Read));
+        let stderr = read(self.child.stderr.as_mut().map(|p| p as &mut dyn Read));
+        (status.code(), stdout, stderr)
+    }
+}
+
+impl Drop for Instance {
+    /// A test that fails half-way does not leave its ember running.
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -152,7 +165,7 @@ fn api_configures_starts_and_controls_a_vm() {
     if !curl_available() {
         return;
     }
-    let Some(vm) = Instance::start("api-flow", &[]) else {
+    let Some(mut vm) = Instance::start("api-flow", &[]) else {
         return;
     };
     let kernel = idle_guest(&vm.dir);
@@ -400,7 +413,7 @@ fn api_configures_starts_and_controls_a_vm() {
 
     // A second ember loads the snapshot (paused, then resumed; the first one still runs,
     // and shares the read-only drive).
-    let Some(vm2) = Instance::start("api-flow-load", &[]) else {
+    let Some(mut vm2) = Instance::start("api-flow-load", &[]) else {
         return;
     };
     let load = |extra: &str| {
@@ -468,7 +481,7 @@ fn api_socket_survives_floods_and_bad_requests() {
     if !curl_available() {
         return;
     }
-    let Some(vm) = Instance::start("api-flood", &[]) else {
+    let Some(mut vm) = Instance::start("api-flood", &[]) else {
         return;
     };
     let kernel = idle_guest(&vm.dir);
