@@ -94,7 +94,7 @@ impl Instance {
             std::thread::sleep(Duration::from_millis(20));
         }
         let status = self.child.wait().unwrap();
-        let mut read = |pipe: Option<&mut dyn Read>| {
+        let read = |pipe: Option<&mut dyn Read>| {
             let mut text = String::new();
             if let Some(p) = pipe {
                 let _ = p.read_to_string(&mut text);
