@@ -97,6 +97,9 @@ pub enum BlockError {
     /// The device's eventfd could not be created.
     #[error("cannot create an eventfd for a block device")]
     EventFd(#[source] std::io::Error),
+    /// The rate limiter's timer could not be created.
+    #[error("cannot create the rate-limit timer of a block device")]
+    Timer(#[source] std::io::Error),
 }
 
 /// An open, locked disk image.
@@ -246,6 +249,7 @@ mod tests {
             read_only,
             id: None,
             cache: CacheMode::Writeback,
+            ..DiskConfig::new(path)
         }
     }
 
