@@ -57,7 +57,8 @@ log "unit and tiny-guest tests"
 cargo test --lib --bins \
     --test cli --test tiny_guest --test boot_protocol --test guest_build \
     --test virtio_blk --test exec --test acpi --test bench_tiny \
-    --test hostile_guest --test hostile_virtio --test snapshot_kvm
+    --test hostile_guest --test hostile_virtio --test snapshot_kvm \
+    --test blk_guest --test floods --test concurrency
 
 # Real Linux boots: slow here (guest kernel code is emulated on PVM hosts), so each boot
 # checks several things. One boot at a time: a guest that gets only a fraction of a core

@@ -429,3 +429,48 @@ fn a_rate_limited_disk_serves_a_polling_guest() {
     assert!(held >= 1, "{out:?}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Throughput figures (no assertion): the writing guest for two seconds on an unlimited
+/// disk, with `iops=200` and with `bw=64K` (each write moves 512 bytes; a flush none); by
+/// hand: `cargo test --test blk_guest -- --ignored --nocapture rate_limit_figures`.
+#[test]
+#[ignore = "a benchmark: prints figures"]
+fn rate_limit_figures() {
+    let name = "blk-figures";
+    if !kvm_available(name) {
+        return;
+    }
+    let dir = temp_dir(name);
+    let elf = write_tiny_guest(
+        &dir,
+        "guest.elf",
+        &flushing_writer(DISK_SECTORS - 1, false),
+        &[],
+    );
+    let img = dir.join("disk.img");
+    for limit in ["", ",iops=200", ",bw=64K"] {
+        std::fs::write(&img, vec![0u8; DISK_SECTORS as usize * 512]).unwrap();
+        let disk = format!("{}{limit}", img.display());
+        let elf = elf.to_str().unwrap();
+        let args = [
+            "run", "--kernel", elf, "--mem", "16", "--no-rng", "--disk", &disk,
+        ];
+        let child = spawn_ember(&args, None);
+        let run = Duration::from_secs(2);
+        std::thread::sleep(run);
+        // SAFETY: kill with the pid of our own child process.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let out = wait_ember(child, Duration::from_secs(60));
+        let n = reported(out.stdout.as_bytes()).unwrap().len() as f64;
+        let secs = run.as_secs_f64();
+        eprintln!(
+            "--disk ...{limit}: {:.0} requests/s ({:.0} writes + {:.0} flushes), {:.1} KiB/s \
+             written (over about {secs:.0} s with start-up)",
+            2.0 * n / secs,
+            n / secs,
+            n / secs,
+            n * 512.0 / secs / 1024.0
+        );
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
