@@ -9,6 +9,13 @@
 //!
 //! Requests: IN, OUT, FLUSH, GET_ID (anything else is answered UNSUPP). Features offered:
 //! FLUSH, BLK_SIZE (512), SEG_MAX, RO for read-only disks, and EVENT_IDX.
+//!
+//! Durability: an OUT request is written to the image (`pwrite`) before it is returned in
+//! the used ring, and a FLUSH calls `fdatasync` before it is: what the guest saw flushed is
+//! on the image, whatever happens to ember afterwards (tests/blk_guest.rs kills it at
+//! random points). An optional rate limit (`bw=`, `iops=`:
+//! [`Block::with_rate_limit`](device::Block::with_rate_limit)) holds requests in the queue
+//! until its timer fires.
 
 #[cfg(test)]
 mod chain_tests;

@@ -6,6 +6,9 @@
 //!   the guest has receive buffers. A packet waiting for buffers stays in one host buffer
 //!   (the TAP's own queue, bounded by the kernel, holds the rest); a packet that no buffers
 //!   the guest can offer would hold is dropped and counted.
+//! - rate limits (`rx=`, `tx=`: [`Net::with_rate_limit`]): a frame over the limit waits, a
+//!   received one in that one host buffer, a sent one in the tx ring, until the limiter's
+//!   timer fires on the event loop.
 //!
 //! # Snapshots
 //!
