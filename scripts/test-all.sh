@@ -61,7 +61,7 @@ cargo test --lib --bins \
     --test cli --test tiny_guest --test boot_protocol --test guest_build \
     --test virtio_blk --test exec --test acpi --test bench_tiny \
     --test hostile_guest --test hostile_virtio --test snapshot_kvm --test api --test sandbox \
-    --test compare
+    --test compare --test blk_guest --test floods --test concurrency
 
 # Firecracker's API checked against Firecracker's swagger file with schemathesis (PyPI):
 # tiny guests only, under a minute on two cores (tests/firecracker-api/README.md).

@@ -835,7 +835,7 @@ fn open_taps(config: &VmConfig) -> Result<Vec<Net>, BuildError> {
                 n.tap
             ),
         }
-        nics.push(Net::new(tap, n.mac())?);
+        nics.push(Net::new(tap, n.mac())?.with_rate_limit(n.rx, n.tx)?);
     }
     Ok(nics)
 }
@@ -872,7 +872,8 @@ fn attach_block_devices(
         let name = VmConfig::disk_name(i);
         let path = disk.path().display().to_string();
         let (sectors, ro) = (disk.sectors(), disk.read_only());
-        let block = Block::new(disk, &name, cfg.id.as_deref())?;
+        let block =
+            Block::new(disk, &name, cfg.id.as_deref())?.with_rate_limit(cfg.bw, cfg.iops)?;
         let slot =
             attach_virtio_device(vm, mem, devices, event_manager, Arc::new(Mutex::new(block)))?;
         log::debug!(

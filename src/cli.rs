@@ -528,7 +528,10 @@ pub struct RunArgs {
     /// order). `ro`: read-only (shared lock; guest writes fail). `id=NAME`: the serial the
     /// guest sees. `cache=none`: O_DIRECT; `cache=writeback` (default): host page cache. A
     /// guest flush calls fdatasync in both. A writable image is locked: a second VM cannot
-    /// open it.
+    /// open it. `bw=`: at most this many bytes of data per second (K/M/G suffixes: binary
+    /// multiples), in bursts of `bw_burst=` bytes (default: a tenth of a second's worth);
+    /// `iops=`: at most this many requests per second, in bursts of `iops_burst=` (default a
+    /// tenth of a second's worth, at least 1). A request over the limit waits in the queue.
     #[arg(long, value_name = DiskConfig::SYNTAX)]
     pub disk: Vec<DiskConfig>,
     /// Boot from this device: adds `root=DEV rootfstype=ext4 rw` (`ro` for a read-only
@@ -551,7 +554,10 @@ pub struct RunArgs {
     pub root_share: Option<ShareConfig>,
     /// A virtio-net NIC on a host TAP interface (repeatable): tap=NAME[,mac=XX:XX:XX:XX:XX:XX].
     /// The TAP is opened (or created, with CAP_NET_ADMIN); without mac= a stable address is
-    /// derived from the host and TAP name. See docs/network.md.
+    /// derived from the host and TAP name. `rx=`/`tx=`: at most this many bytes per second
+    /// received/sent by the guest (K/M/G suffixes: binary multiples), in bursts of
+    /// `rx_burst=`/`tx_burst=` bytes (default: a tenth of a second's worth); frames over the
+    /// limit wait. See docs/network.md.
     #[arg(long, value_name = NetConfig::SYNTAX, value_parser = parse_net)]
     pub net: Vec<NetConfig>,
     /// A virtio-vsock device: cid=N (3 or more),uds=PATH. Host programs connect to PATH and
@@ -1568,13 +1574,7 @@ mod tests {
                 panic!("not restore")
             };
             let mut c = VmConfig::new("/k");
-            c.net = nics
-                .iter()
-                .map(|t| NetConfig {
-                    tap: t.to_string(),
-                    mac: None,
-                })
-                .collect();
+            c.net = nics.iter().map(|t| NetConfig::new(*t)).collect();
             a.apply(&mut c).map(|()| c.net).map_err(|e| e.to_string())
         };
         let net = tap(&["--tap", "tapB"], &["tapA", "tapX"]).unwrap();
@@ -1584,11 +1584,9 @@ mod tests {
                 NetConfig {
                     tap: "tapB".into(),
                     mac: Some(crate::devices::virtio::net::MacAddr::derive("tapA")),
+                    ..NetConfig::new("")
                 },
-                NetConfig {
-                    tap: "tapX".into(),
-                    mac: None,
-                },
+                NetConfig::new("tapX"),
             ]
         );
         let net = tap(&["--tap", "tapB", "--tap", "tapC"], &["tapA", "tapX"]).unwrap();

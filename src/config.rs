@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::devices::virtio::net::NetConfig;
+use crate::devices::virtio::rate_limiter::BucketConfig;
 use crate::devices::virtio::rng::RngConfig;
 use crate::devices::virtio::vsock::VsockConfig;
 use crate::image_file::ImageCache;
@@ -105,19 +106,27 @@ pub struct DiskConfig {
     pub id: Option<String>,
     /// Host caching.
     pub cache: CacheMode,
+    /// Bandwidth limit in bytes per second (data of reads and writes), `bw=` and `bw_burst=`;
+    /// `None`: unlimited.
+    pub bw: Option<BucketConfig>,
+    /// Request limit in requests per second, `iops=` and `iops_burst=`; `None`: unlimited.
+    pub iops: Option<BucketConfig>,
 }
 
 impl DiskConfig {
     /// The `--disk` syntax.
-    pub const SYNTAX: &'static str = "PATH[,ro][,id=NAME][,cache=none|writeback]";
+    pub const SYNTAX: &'static str = "PATH[,ro][,id=NAME][,cache=none|writeback]\
+        [,bw=BYTES_PER_SEC[,bw_burst=BYTES]][,iops=N[,iops_burst=N]]";
 
-    /// A writable, write-back disk on `path`.
+    /// A writable, write-back, unlimited disk on `path`.
     pub fn new(path: impl Into<PathBuf>) -> Self {
         Self {
             path: path.into(),
             read_only: false,
             id: None,
             cache: CacheMode::Writeback,
+            bw: None,
+            iops: None,
         }
     }
 
@@ -166,7 +175,7 @@ fn io_why(e: &std::io::Error) -> String {
 impl std::str::FromStr for DiskConfig {
     type Err = ConfigError;
 
-    /// Parses `PATH[,ro][,id=NAME][,cache=none|writeback]`.
+    /// Parses [`DiskConfig::SYNTAX`].
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = |why: String| {
             ConfigError::Device(format!(
@@ -180,6 +189,7 @@ impl std::str::FromStr for DiskConfig {
             return Err(bad("no image path".into()));
         }
         let mut disk = DiskConfig::new(path);
+        let mut limits = RateOptions::default();
         for opt in parts {
             match opt.split_once('=') {
                 None if opt == "ro" => disk.read_only = true,
@@ -190,9 +200,14 @@ impl std::str::FromStr for DiskConfig {
                 Some(("cache", v)) => {
                     return Err(bad(format!("unknown cache mode {v:?} (none or writeback)")))
                 }
+                Some((k @ ("bw" | "bw_burst" | "iops" | "iops_burst"), v)) => {
+                    limits.set(k, v).map_err(bad)?;
+                }
                 _ => return Err(bad(format!("unknown option {opt:?}"))),
             }
         }
+        disk.bw = limits.bucket("bw", "bw_burst").map_err(bad)?;
+        disk.iops = limits.bucket("iops", "iops_burst").map_err(bad)?;
         Ok(disk)
     }
 }
@@ -703,6 +718,59 @@ pub fn default_guest_dir() -> Option<PathBuf> {
     candidates.into_iter().find(|d| d.join("vmlinux").is_file())
 }
 
+/// A size or rate: `123`, `64K`, `10M`, `1G` (binary multiples); `None` when it is not one
+/// or does not fit 64 bits.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let (num, mult) = match s.as_bytes().last()? {
+        b'k' | b'K' => (&s[..s.len() - 1], 1u64 << 10),
+        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
+        b'g' | b'G' => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>().ok()?.checked_mul(mult)
+}
+
+/// The rate-limit options of one device option string (`bw=`/`bw_burst=`, `iops=`/...,
+/// `rx=`/`rx_burst=`, `tx=`/...), collected by key, then turned into [`BucketConfig`]s.
+#[derive(Debug, Default)]
+pub struct RateOptions(Vec<(String, u64)>);
+
+impl RateOptions {
+    /// Records `key=value`; refuses a value that is not a size, a zero, or a key given twice.
+    pub fn set(&mut self, key: &str, value: &str) -> Result<(), String> {
+        let n = parse_size(value).ok_or_else(|| {
+            format!("{key}={value:?} is not a number (with an optional K, M or G suffix)")
+        })?;
+        if n == 0 {
+            let what = if key.ends_with("_burst") {
+                format!("{key}=0: a burst must be at least 1")
+            } else {
+                format!("{key}=0 would stop the device; leave {key}= out for no limit")
+            };
+            return Err(what);
+        }
+        if self.0.iter().any(|(k, _)| k == key) {
+            return Err(format!("{key}= given twice"));
+        }
+        self.0.push((key.to_string(), n));
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Option<u64> {
+        self.0.iter().find(|(k, _)| k == key).map(|&(_, v)| v)
+    }
+
+    /// The limit that `rate=` (and `burst=`) give: `None` without `rate=`; a burst alone is
+    /// refused.
+    pub fn bucket(&self, rate: &str, burst: &str) -> Result<Option<BucketConfig>, String> {
+        match (self.get(rate), self.get(burst)) {
+            (Some(r), b) => Ok(Some(BucketConfig::new(r, b))),
+            (None, Some(_)) => Err(format!("{burst}= needs {rate}=")),
+            (None, None) => Ok(None),
+        }
+    }
+}
+
 /// Splits a device option string `key=value,key=value` for `flag` (e.g. `--net`), allowing
 /// only `keys`, each at most once. Values may not contain commas.
 pub fn parse_options<'a>(
@@ -766,6 +834,42 @@ mod tests {
             let e = bad.parse::<DiskConfig>().unwrap_err().to_string();
             assert!(e.contains(DiskConfig::SYNTAX), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn disk_rate_limits() {
+        assert_eq!(DiskConfig::new("/img").bw, None);
+        let d: DiskConfig = "/img,bw=10M,iops=500,ro".parse().unwrap();
+        assert_eq!(d.bw, Some(BucketConfig::new(10 << 20, Some(1 << 20))));
+        assert_eq!(d.iops, Some(BucketConfig::new(500, Some(50))));
+        assert!(d.read_only);
+        let d: DiskConfig = "/img,iops=5,iops_burst=32,bw=4096,bw_burst=1k"
+            .parse()
+            .unwrap();
+        assert_eq!(d.iops, Some(BucketConfig { rate: 5, burst: 32 }));
+        assert_eq!(
+            d.bw,
+            Some(BucketConfig {
+                rate: 4096,
+                burst: 1024
+            })
+        );
+        // A tiny rate still lets one request through at a time.
+        let d: DiskConfig = "/img,iops=3".parse().unwrap();
+        assert_eq!(d.iops, Some(BucketConfig { rate: 3, burst: 1 }));
+        let e = |s: &str| s.parse::<DiskConfig>().unwrap_err().to_string();
+        assert!(e("/img,bw=0").contains("bw=0 would stop the device"));
+        assert!(e("/img,bw=1M,bw_burst=0").contains("at least 1"));
+        assert!(e("/img,bw=fast").contains("\"fast\" is not a number"));
+        assert!(e("/img,bw=99999999999G").contains("not a number"));
+        assert!(e("/img,bw_burst=1M").contains("bw_burst= needs bw="));
+        assert!(e("/img,iops=1,iops=2").contains("given twice"));
+        assert!(e("/img,rx=1M").contains("unknown option"));
+        assert_eq!(parse_size("64K"), Some(64 << 10));
+        assert_eq!(parse_size("2g"), Some(2 << 30));
+        assert_eq!(parse_size("99999999999999999999G"), None);
+        assert_eq!(parse_size(""), None);
+        assert_eq!(parse_size("M"), None);
     }
 
     #[test]

@@ -2,8 +2,10 @@
 //! Metrics as Firecracker writes them: one JSON object per line to a file or FIFO
 //! (`PUT /metrics`, a config file's `metrics`), every [`PERIOD`] and on `FlushMetrics`.
 //!
-//! Counters are process-wide atomics grouped like Firecracker's (`block`, `net`, `vsock`,
-//! `entropy`, `uart`, `api_server`, `logger`), summed over the devices of a kind. Each line
+//! Counters are process-wide atomics grouped like Firecracker's (`block`, `net`, `entropy`,
+//! `uart`, `api_server`, `logger`), summed over the devices of a kind. `uart.write_count`
+//! counts the bytes the guest wrote to its serial ports, `missed_write_count` those dropped
+//! because nobody read the output fast enough. Each line
 //! holds what was counted since the line before (Firecracker's "incremental" metrics), so a
 //! reader adds lines up. A line that cannot be written (a full FIFO nobody reads) is lost,
 //! never buffered: `logger.missed_metrics_count` in the next line that gets through says how
@@ -92,7 +94,6 @@ counters! {
         rate_limiter_throttled_events;
     net: rx_packets_count, rx_bytes_count, tx_packets_count, tx_bytes_count, failures,
         rx_rate_limiter_throttled, tx_rate_limiter_throttled;
-    vsock: rx_bytes_count, tx_bytes_count, conns_added, conns_removed;
     entropy: entropy_event_count, entropy_bytes, entropy_rate_limiter_throttled;
     uart: write_count, missed_write_count, read_count;
 }
@@ -217,7 +218,7 @@ mod tests {
         assert!(v["uart"]["missed_write_count"].as_u64().unwrap() >= 5);
         assert_eq!(v["logger"]["missed_log_count"], 2);
         assert_eq!(v["logger"]["missed_metrics_count"], 3);
-        for g in ["block", "net", "vsock", "entropy", "uart", "api_server"] {
+        for g in ["block", "net", "entropy", "uart", "api_server"] {
             assert!(v[g].is_object(), "{g} missing: {v}");
         }
         assert!(v["utc_timestamp_ms"].as_u64().unwrap() > 1_700_000_000_000);

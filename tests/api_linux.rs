@@ -189,6 +189,18 @@ fn linux_boots_through_the_api() {
         .filter_map(|v| v["api_server"]["requests"].as_u64())
         .sum();
     assert!(total >= 10, "metrics: {m:?}");
+    // The guest read its root file system from the drive, and printed on the serial port.
+    let sum = |group: &str, key: &str| -> u64 {
+        m.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v[group][key].as_u64())
+            .sum()
+    };
+    assert!(
+        sum("block", "read_count") > 0 && sum("block", "read_bytes") > 0,
+        "metrics: {m:?}"
+    );
+    assert!(sum("uart", "write_count") > 0, "metrics: {m:?}");
     assert!(!sock.exists(), "the API socket was left behind");
     let _ = std::fs::remove_dir_all(dir);
 }

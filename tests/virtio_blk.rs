@@ -61,7 +61,10 @@ impl Guest {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
         let disk = DiskFile::open(cfg).unwrap();
         let block = Arc::new(Mutex::new(
-            Block::new(disk, "vda", cfg.id.as_deref()).unwrap(),
+            Block::new(disk, "vda", cfg.id.as_deref())
+                .unwrap()
+                .with_rate_limit(cfg.bw, cfg.iops)
+                .unwrap(),
         ));
         let interrupt = Arc::new(Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap()));
         let queue_evt = Arc::new(EventFd::new(EFD_NONBLOCK).unwrap());
@@ -313,6 +316,88 @@ fn sectors_written_reach_the_file_and_read_back() {
     let mut id = [0u8; 3];
     g.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
     assert_eq!(&id, b"vda");
+}
+
+/// A disk limited to one request per second: of four requests queued with one notify, the
+/// first is served at once and the others wait; the limiter's timer serves them, one a
+/// second, without the driver notifying again.
+#[test]
+fn requests_over_the_rate_limit_wait_for_the_timer_not_for_a_kick() {
+    let dir = Scratch(temp_dir("vblk-limit"));
+    let img = image(&dir, "d.img", 64 << 10, |_| 0);
+    let cfg: DiskConfig = format!("{},iops=1,iops_burst=1", img.display())
+        .parse()
+        .unwrap();
+    let mut g = Guest::new(&cfg);
+    g.init(u64::MAX);
+    // Four writes of one sector each (sector k holds k+1), each chain its own header, data
+    // and status, all made available before the one notify.
+    for k in 0..4u16 {
+        let hdr = HDR + u64::from(k) * 0x100;
+        let data = DATA + u64::from(k) * 0x1000;
+        let status = STATUS + u64::from(k);
+        g.mem
+            .write_obj(VIRTIO_BLK_T_OUT, GuestAddress(hdr))
+            .unwrap();
+        g.mem.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
+        g.mem
+            .write_obj(u64::from(k), GuestAddress(hdr + 8))
+            .unwrap();
+        g.mem
+            .write_slice(&[k as u8 + 1; 512], GuestAddress(data))
+            .unwrap();
+        g.mem.write_obj(0xeeu8, GuestAddress(status)).unwrap();
+        let descs = [(hdr, 16, R), (data, 512, R), (status, 1, W)];
+        for (j, &(addr, len, dir)) in descs.iter().enumerate() {
+            let i = k * 3 + j as u16;
+            let at = DESC + u64::from(i) * 16;
+            let flags = dir | if j < 2 { VRING_DESC_F_NEXT as u16 } else { 0 };
+            g.mem.write_obj(addr, GuestAddress(at)).unwrap();
+            g.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            g.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            g.mem.write_obj(i + 1, GuestAddress(at + 14)).unwrap();
+        }
+        g.mem
+            .write_obj(k * 3, GuestAddress(AVAIL + 4 + u64::from(k) * 2))
+            .unwrap();
+    }
+    g.mem.write_obj(4u16, GuestAddress(AVAIL + 2)).unwrap();
+    g.w(VIRTIO_MMIO_QUEUE_NOTIFY, 0);
+    let used = |g: &Guest| g.mem.read_obj::<u16>(GuestAddress(USED + 2)).unwrap();
+    g.events.run_with_timeout(100).unwrap();
+    assert_eq!(
+        used(&g),
+        1,
+        "the first request is served at once, the rest held"
+    );
+    let stats = g.block.lock().unwrap().stats();
+    let throttled = || stats.throttled.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(throttled(), 1);
+    assert_eq!(sector(&img, 0, 1), vec![1u8; 512]);
+    assert_eq!(sector(&img, 1, 1), vec![0u8; 512], "held, not written");
+    // No more notifies: the event loop (the limiter's timer) serves the rest. The deadline
+    // is hang detection only.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while used(&g) < 4 && Instant::now() < deadline {
+        g.events.run_with_timeout(100).unwrap();
+    }
+    assert_eq!(used(&g), 4, "held requests were never served");
+    for k in 0..4u16 {
+        let at = USED + 4 + u64::from(k) * 8;
+        assert_eq!(
+            g.mem.read_obj::<u32>(GuestAddress(at)).unwrap(),
+            u32::from(k) * 3
+        );
+        let st: u8 = g.mem.read_obj(GuestAddress(STATUS + u64::from(k))).unwrap();
+        assert_eq!(st, VIRTIO_BLK_S_OK as u8);
+        assert_eq!(sector(&img, usize::from(k), 1), vec![k as u8 + 1; 512]);
+    }
+    assert_eq!(throttled(), 3, "each later request waited once");
+    assert_ne!(
+        g.interrupt.irq_evt().read().unwrap_or(0),
+        0,
+        "the guest was told"
+    );
 }
 
 #[test]

@@ -317,10 +317,16 @@ impl VmResources {
                     .map_err(|e| Refused(format!("interface {id}: guest_mac {m:?}: {e}")))
             })
             .transpose()?;
-        let cfg = NetConfig {
-            tap: n.host_dev_name.clone(),
-            mac,
-        };
+        for (dir, rl) in [("rx", &n.rx_rate_limiter), ("tx", &n.tx_rate_limiter)] {
+            if rl.is_some_and(|r| r.ops.is_some()) {
+                return refuse(format!(
+                    "interface {id}: an ops bucket in {dir}_rate_limiter is not supported by \
+                     ember (its NIC limits bytes): give a bandwidth bucket"
+                ));
+            }
+        }
+        let mut cfg = NetConfig::new(n.host_dev_name.clone());
+        cfg.mac = mac;
         cfg.validate()
             .map_err(|e| Refused(format!("interface {id}: {e}")))?;
         check_limiter(&format!("interface {id} rx"), n.rx_rate_limiter.as_ref())?;
@@ -416,6 +422,8 @@ impl VmResources {
             disk.read_only = d.is_read_only.unwrap_or(false);
             let id: String = d.drive_id.chars().take(20).collect();
             disk.id = Some(id);
+            disk.bw = d.rate_limiter.and_then(|r| r.bandwidth).and_then(bucket);
+            disk.iops = d.rate_limiter.and_then(|r| r.ops).and_then(bucket);
             c.disks.push(disk);
             if d.is_root_device {
                 let root = match &d.partuuid {
@@ -427,10 +435,11 @@ impl VmResources {
             }
         }
         for n in &self.nets {
-            c.net.push(NetConfig {
-                tap: n.host_dev_name.clone(),
-                mac: n.guest_mac.as_deref().and_then(|m| m.parse().ok()),
-            });
+            let mut nic = NetConfig::new(n.host_dev_name.clone());
+            nic.mac = n.guest_mac.as_deref().and_then(|m| m.parse().ok());
+            nic.rx = n.rx_rate_limiter.and_then(|r| r.bandwidth).and_then(bucket);
+            nic.tx = n.tx_rate_limiter.and_then(|r| r.bandwidth).and_then(bucket);
+            c.net.push(nic);
         }
         c.vsock = self.vsock.as_ref().map(|v| VsockConfig {
             cid: u64::from(v.guest_cid),
@@ -448,6 +457,19 @@ impl VmResources {
         });
         Ok(c)
     }
+}
+
+/// Firecracker's token bucket (`size` tokens every `refill_time` ms, plus a first
+/// `one_time_burst`) as ember's rate and burst; `None` for a bucket that limits nothing.
+fn bucket(
+    b: super::model::TokenBucket,
+) -> Option<crate::devices::virtio::rate_limiter::BucketConfig> {
+    let rate = b.per_second()?;
+    let burst = b.size.saturating_add(b.one_time_burst.unwrap_or(0)).max(1);
+    Some(crate::devices::virtio::rate_limiter::BucketConfig::new(
+        rate,
+        Some(burst),
+    ))
 }
 
 fn disk_ro(d: &Drive) -> bool {
@@ -494,12 +516,27 @@ mod tests {
         let mut root = drive("rootfs", &rootfs, true);
         root.is_read_only = Some(true);
         r.put_drive("rootfs", root).unwrap();
+        let tb = |size, refill_time| super::super::model::TokenBucket {
+            size,
+            one_time_burst: None,
+            refill_time,
+        };
+        let mut data_drive = drive("data", &data, false);
+        data_drive.rate_limiter = Some(RateLimiter {
+            bandwidth: Some(tb(1 << 20, 1000)),
+            ops: Some(tb(100, 100)),
+        });
+        r.put_drive("data", data_drive).unwrap();
         r.put_net(
             "eth0",
             NetworkInterface {
                 iface_id: "eth0".into(),
                 host_dev_name: "tap0".into(),
                 guest_mac: Some("06:00:AC:10:00:02".into()),
+                rx_rate_limiter: Some(RateLimiter {
+                    bandwidth: Some(tb(5000, 500)),
+                    ops: None,
+                }),
                 ..Default::default()
             },
         )
@@ -516,6 +553,14 @@ mod tests {
         assert_eq!(c.disks[0].id.as_deref(), Some("rootfs"));
         assert_eq!(c.disks[1].path, PathBuf::from(&data));
         assert_eq!(c.net[0].mac().to_string(), "06:00:ac:10:00:02");
+        // Rate limiters: Firecracker's buckets as rates and bursts.
+        let bw = c.disks[1].bw.unwrap();
+        assert_eq!((bw.rate, bw.burst), (1 << 20, 1 << 20));
+        let iops = c.disks[1].iops.unwrap();
+        assert_eq!((iops.rate, iops.burst), (1000, 100));
+        let rx = c.net[0].rx.unwrap();
+        assert_eq!((rx.rate, rx.burst), (10_000, 5000));
+        assert!(c.net[0].tx.is_none() && c.disks[0].bw.is_none());
         // No entropy device unless asked for, as under Firecracker.
         assert!(c.rng.is_none() && c.vsock.is_none());
         // The same resources through the file form.

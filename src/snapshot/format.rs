@@ -45,7 +45,7 @@ pub const MEMORY_FILE: &str = "memory";
 /// The first 8 bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"EMBERSNP";
 /// The state file format this ember writes and reads.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// Longest ember version string in a header.
 pub const MAX_VERSION_STRING: usize = 64;
 /// Largest payload accepted (and written): the state without guest RAM is kilobytes; the

@@ -139,7 +139,7 @@ impl SnapshotMeta {
     /// size, kernel command line, disks (same files, modes and sizes, in the same order) and
     /// devices (a VM with virtio-vsock only into one with virtio-vsock; as many NICs, each
     /// with the MAC it had). Host-side settings (where the console goes, stdin, the image
-    /// cache, the vsock Unix socket path, each NIC's TAP) and the vsock CID (the restored
+    /// cache, the vsock Unix socket path, each NIC's TAP, the disks' and NICs' rate limits) and the vsock CID (the restored
     /// guest re-reads it) may differ.
     pub fn check(&self, now: &VmConfig) -> Result<(), SnapshotError> {
         let then = &self.config;
@@ -478,7 +478,6 @@ mod tests {
     use std::path::Path;
 
     use super::*;
-    use crate::config::DiskConfig;
     use crate::devices::virtio::net::{MacAddr, NetConfig};
     use crate::devices::virtio::vsock::VsockConfig;
 
@@ -486,11 +485,11 @@ mod tests {
         let mut c = VmConfig::new("/boot/vmlinux");
         c.vcpus = 2;
         c.mem_mib = 256;
-        c.disks = vec![DiskConfig::new(disk)];
-        c.net = vec![NetConfig {
-            tap: "tap0".into(),
-            mac: None,
-        }];
+        // Rate limits on the disk and the NIC: the snapshot carries them.
+        c.disks = vec![format!("{},bw=8M,iops=100", disk.display())
+            .parse()
+            .unwrap()];
+        c.net = vec!["tap=tap0,rx=1M,tx=2M,tx_burst=64k".parse().unwrap()];
         c.vsock = Some(VsockConfig {
             cid: 3,
             uds: "/tmp/v.sock".into(),
@@ -526,6 +525,17 @@ mod tests {
         format::write_state(&path, &meta).unwrap();
         let back: SnapshotMeta = format::read_state(&path).unwrap();
         assert_eq!(back, meta);
+        // `ember restore` builds the VM from this configuration: the limits are kept.
+        let limited = |b: &SnapshotMeta| {
+            let (d, n) = (&b.config.disks[0], &b.config.net[0]);
+            (
+                d.bw.map(|l| l.rate),
+                d.iops.map(|l| l.rate),
+                n.rx.map(|l| l.rate),
+            )
+        };
+        assert_eq!(limited(&back), (Some(8 << 20), Some(100), Some(1 << 20)));
+        assert_eq!(back.config.net[0].tx.map(|l| l.burst), Some(64 << 10));
         back.check(&c).unwrap();
         // Host-side settings may differ.
         let mut host = c.clone();
@@ -539,6 +549,14 @@ mod tests {
             uds: "/run/other.sock".into(),
         });
         back.check(&vsock).unwrap();
+        // So may the rate limits (`ember run --restore-from` with other limits).
+        let mut limits = c.clone();
+        limits.disks[0].bw = None;
+        limits.disks[0].iops = Some(crate::devices::virtio::rate_limiter::BucketConfig::new(
+            5, None,
+        ));
+        limits.net[0].rx = None;
+        back.check(&limits).unwrap();
         // So may a NIC's TAP, with the guest's MAC kept (`ember restore --tap`).
         let mut tap = back.config.clone();
         tap.net[0].tap = "tap9".into();
@@ -582,10 +600,7 @@ mod tests {
         );
         refused(
             &|n| {
-                n.net.push(NetConfig {
-                    tap: "tap1".into(),
-                    mac: None,
-                });
+                n.net.push(NetConfig::new("tap1"));
             },
             "NIC count 1 (TAP tap0), but this VM has 2 (TAP tap0, tap1)",
         );

@@ -19,8 +19,11 @@ use std::time::{Duration, Instant};
 
 use crate::devices::bus::lock;
 
-/// How many bytes of guest output may wait for the writer.
-pub const CONSOLE_BUFFER: usize = 1 << 20;
+/// How many bytes of guest output may wait for the writer: a Linux boot log is 30-60 KiB,
+/// and a guest printing without end to an output nobody reads grows ember's memory by
+/// this much at most (the queue is allocated once, at full size, and its pages are touched
+/// as it fills: tests/floods.rs measures the peak RSS).
+pub const CONSOLE_BUFFER: usize = 256 << 10;
 /// The most the writer takes from the queue for one write.
 const CHUNK: usize = 16 * 1024;
 /// How long [`ConsoleHandle::finish`] waits for a writer that makes no progress.
@@ -75,7 +78,12 @@ impl ConsoleWriter {
     /// Starts a writer thread writing to `out`; `name` names the output in messages.
     pub fn spawn(out: Box<dyn Write + Send>, name: &'static str) -> std::io::Result<Self> {
         let shared = Arc::new(Shared {
-            state: Mutex::new(State::default()),
+            // Allocated once: a queue that grew by doubling would hold the old and the new
+            // buffer at once while it moves.
+            state: Mutex::new(State {
+                queue: VecDeque::with_capacity(CONSOLE_BUFFER),
+                ..State::default()
+            }),
             data: Condvar::new(),
             progress: Condvar::new(),
             name,
@@ -104,6 +112,8 @@ impl ConsoleWriter {
         let n = room.min(bytes.len());
         st.queue.extend(&bytes[..n]);
         st.dropped += (bytes.len() - n) as u64;
+        crate::metrics::uart::write_count.add(n as u64);
+        crate::metrics::uart::missed_write_count.add((bytes.len() - n) as u64);
         let wake = st.idle && n > 0;
         drop(st);
         if wake {

@@ -69,6 +69,7 @@ pub mod fs;
 pub mod interrupt;
 pub mod mmio;
 pub mod net;
+pub mod rate_limiter;
 pub mod rng;
 #[cfg(test)]
 pub(crate) mod test_ring;

@@ -8,7 +8,7 @@ use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_RNG;
@@ -17,11 +17,12 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::rate_limiter::TokenBucket;
 use super::{
     add_used, pop_or_enable, ActivateContext, ActivateError, ActivationEvent, Broken, Interrupt,
     VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX,
 };
-use crate::config::{parse_options, ConfigError};
+use crate::config::{parse_options, parse_size, ConfigError};
 use crate::memory::GuestMemory;
 use crate::snapshot::devices::{RngState, VirtioDeviceState};
 use crate::snapshot::format::SnapshotError;
@@ -88,86 +89,6 @@ impl FromStr for RngConfig {
             }
         }
         Ok(c)
-    }
-}
-
-/// `123`, `64K`, `1M` (binary multiples).
-fn parse_size(s: &str) -> Option<u64> {
-    let (num, mult) = match s.as_bytes().last()? {
-        b'k' | b'K' => (&s[..s.len() - 1], 1u64 << 10),
-        b'm' | b'M' => (&s[..s.len() - 1], 1 << 20),
-        b'g' | b'G' => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    num.parse::<u64>().ok()?.checked_mul(mult)
-}
-
-/// A token bucket: `rate` bytes per second, at most `burst` saved up. Time is passed in, so
-/// it is testable without sleeping.
-#[derive(Debug, Clone)]
-pub struct TokenBucket {
-    rate: u64,
-    burst: u64,
-    tokens: u64,
-    last: Instant,
-}
-
-impl TokenBucket {
-    /// A full bucket.
-    pub fn new(rate: u64, burst: u64, now: Instant) -> Self {
-        Self {
-            rate: rate.max(1),
-            burst: burst.max(1),
-            tokens: burst.max(1),
-            last: now,
-        }
-    }
-
-    fn refill(&mut self, now: Instant) {
-        let elapsed = now.saturating_duration_since(self.last);
-        let add = u128::from(self.rate) * elapsed.as_nanos() / 1_000_000_000;
-        if add > 0 {
-            let add = u64::try_from(add).unwrap_or(u64::MAX);
-            self.tokens = self.tokens.saturating_add(add).min(self.burst);
-            // Advance by the time those tokens took, keeping the remainder.
-            let used_ns = u128::from(add) * 1_000_000_000 / u128::from(self.rate);
-            self.last += Duration::from_nanos(u64::try_from(used_ns).unwrap_or(u64::MAX));
-            if self.tokens == self.burst {
-                self.last = now;
-            }
-        }
-    }
-
-    /// Tokens left (for a snapshot).
-    pub fn tokens(&self) -> u64 {
-        self.tokens
-    }
-
-    /// Sets the tokens left (at most the burst), refilling from `now` on (a restore).
-    pub fn set_tokens(&mut self, tokens: u64, now: Instant) {
-        self.tokens = tokens.min(self.burst);
-        self.last = now;
-    }
-
-    /// Takes up to `want` bytes' worth; returns how many were granted (maybe 0).
-    pub fn take(&mut self, want: u64, now: Instant) -> u64 {
-        self.refill(now);
-        let got = want.min(self.tokens);
-        self.tokens -= got;
-        got
-    }
-
-    /// How long until at least one byte can be granted.
-    pub fn wait_time(&mut self, now: Instant) -> Duration {
-        self.refill(now);
-        if self.tokens > 0 {
-            return Duration::ZERO;
-        }
-        let ns = 1_000_000_000u64.div_ceil(self.rate);
-        let since = now.saturating_duration_since(self.last);
-        Duration::from_nanos(ns)
-            .saturating_sub(since)
-            .max(Duration::from_micros(100))
     }
 }
 
@@ -277,6 +198,7 @@ impl Rng {
             let n = usize::try_from(n).unwrap_or(0);
             if want > 0 && n == 0 {
                 // Out of tokens: put the request back and come back when there are some.
+                crate::metrics::entropy::entropy_rate_limiter_throttled.inc();
                 a.queue
                     .set_next_avail((Wrapping(a.queue.next_avail()) - Wrapping(1)).0);
                 if !*timer_armed {
@@ -295,6 +217,8 @@ impl Rng {
                 }
             };
             *bytes_served += written as u64;
+            crate::metrics::entropy::entropy_event_count.inc();
+            crate::metrics::entropy::entropy_bytes.add(written as u64);
             add_used(
                 &mut a.queue,
                 &a.mem,
@@ -426,6 +350,7 @@ pub fn fill_random(buf: &mut [u8]) -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use vmm_sys_util::eventfd::EFD_NONBLOCK;
 
     #[test]
@@ -447,27 +372,6 @@ mod tests {
             .to_string()
             .contains("--no-rng"));
         assert_eq!(parse_size("99999999999999999999G"), None);
-    }
-
-    #[test]
-    fn bucket_limits_rate_and_burst() {
-        let t0 = Instant::now();
-        let mut b = TokenBucket::new(1000, 100, t0);
-        assert_eq!(b.take(500, t0), 100, "burst first");
-        assert_eq!(b.take(1, t0), 0);
-        let w = b.wait_time(t0);
-        assert!(w > Duration::ZERO && w <= Duration::from_millis(1), "{w:?}");
-        // 50 ms at 1000 B/s = 50 bytes.
-        assert_eq!(b.take(500, t0 + Duration::from_millis(50)), 50);
-        // Over a long time, never more than the burst.
-        assert_eq!(b.take(10_000, t0 + Duration::from_secs(100)), 100);
-        // Sustained: 10 s of asking in 1 ms steps gives ~rate * 10 s.
-        let mut b = TokenBucket::new(1000, 100, t0);
-        let mut total = 0;
-        for ms in 0..10_000u64 {
-            total += b.take(1 << 20, t0 + Duration::from_millis(ms));
-        }
-        assert!((10_000..=10_100).contains(&total), "{total}");
     }
 
     #[test]

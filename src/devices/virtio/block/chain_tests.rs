@@ -141,6 +141,7 @@ fn rig_with(name: &str, read_only: bool, sectors: u64, cache: CacheMode) -> Opti
         read_only,
         id: Some("test-disk".into()),
         cache,
+        ..DiskConfig::new(&path)
     });
     let disk = match disk {
         Err(e @ super::BlockError::NoDirectIo(_)) => {

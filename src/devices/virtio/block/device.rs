@@ -3,19 +3,22 @@
 //! loop that turns available descriptor chains into used ones (on the event loop).
 
 use std::mem::{offset_of, size_of};
+use std::num::Wrapping;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use virtio_bindings::virtio_blk::{
     virtio_blk_config, VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_RO,
     VIRTIO_BLK_F_SEG_MAX,
 };
 use virtio_bindings::virtio_ids::VIRTIO_ID_BLOCK;
-use virtio_queue::{Queue, QueueState, QueueT};
+use virtio_queue::{DescriptorChain, Queue, QueueState, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::request::{self, BounceBuffer, Completion, RequestContext, RequestType};
+use super::request::{self, BounceBuffer, Completion, RequestContext, RequestType, HEADER_SIZE};
 use super::{BlockError, DiskFile, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE, SEG_MAX};
+use crate::devices::virtio::rate_limiter::{BucketConfig, RateLimiter};
 use crate::devices::virtio::{
     add_used, pop_or_enable, read_config_bytes, ActivateContext, ActivateError, ActivationEvent,
     Broken, Interrupt, VirtioDevice, EVENT_IDX,
@@ -43,24 +46,40 @@ pub struct BlockStats {
     pub failed: AtomicU64,
     /// Chains so malformed that no status could be written (used length 0).
     pub malformed: AtomicU64,
+    /// Times the rate limit held the queue (a request waited for the limiter's timer).
+    pub throttled: AtomicU64,
 }
 
 impl BlockStats {
     fn record(&self, c: &Completion) {
+        use crate::metrics::block as m;
         let data_len = c.data_len;
         let counter = match (&c.result, c.status) {
             (Ok(RequestType::In), _) => {
                 self.bytes_read.fetch_add(data_len, Ordering::Relaxed);
+                m::read_count.inc();
+                m::read_bytes.add(data_len);
                 &self.reads
             }
             (Ok(RequestType::Out), _) => {
                 self.bytes_written.fetch_add(data_len, Ordering::Relaxed);
+                m::write_count.inc();
+                m::write_bytes.add(data_len);
                 &self.writes
             }
-            (Ok(RequestType::Flush), _) => &self.flushes,
+            (Ok(RequestType::Flush), _) => {
+                m::flush_count.inc();
+                &self.flushes
+            }
             (Ok(RequestType::GetId), _) => &self.get_ids,
-            (Ok(RequestType::Unsupported(_)), _) | (Err(_), Some(_)) => &self.failed,
-            (Err(_), None) => &self.malformed,
+            (Ok(RequestType::Unsupported(_)), _) | (Err(_), Some(_)) => {
+                m::failures.inc();
+                &self.failed
+            }
+            (Err(_), None) => {
+                m::failures.inc();
+                &self.malformed
+            }
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -96,6 +115,8 @@ pub struct Block {
     pub(super) active: Option<Active>,
     bounce: BounceBuffer,
     stats: Arc<BlockStats>,
+    /// The `bw=`/`iops=` limits, when there are any.
+    pub(super) limiter: Option<RateLimiter>,
 }
 
 impl Block {
@@ -127,7 +148,20 @@ impl Block {
             active: None,
             bounce: BounceBuffer::default(),
             stats: Arc::new(BlockStats::default()),
+            limiter: None,
         })
+    }
+
+    /// Limits the device to `bw` bytes of data and `iops` requests per second (either
+    /// `None`: no limit). A request over the limit waits in the queue, and the device
+    /// serves it when its timer fires (on the event loop; the guest need not notify again).
+    pub fn with_rate_limit(
+        mut self,
+        bw: Option<BucketConfig>,
+        iops: Option<BucketConfig>,
+    ) -> Result<Self, BlockError> {
+        self.limiter = RateLimiter::new(&self.name, bw, iops).map_err(BlockError::Timer)?;
+        Ok(self)
     }
 
     /// The device's counters.
@@ -155,15 +189,31 @@ impl Block {
             bounce,
             stats,
             name,
+            limiter,
             ..
         } = self;
         let Some(active) = active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return;
         };
+        if limiter.as_ref().is_some_and(RateLimiter::is_blocked) {
+            // The limiter's timer resumes the queue.
+            return;
+        }
         let result = (|| -> Result<bool, virtio_queue::Error> {
             let mut used_any = false;
             active.queue.disable_notification(&active.mem)?;
             while let Some(chain) = pop_or_enable(&mut active.queue, &active.mem)? {
+                if let Some(l) = limiter.as_mut() {
+                    if !l.consume(data_bytes(&chain), Instant::now()) {
+                        // Over the limit: the request goes back to the ring until the
+                        // limiter's timer fires (notifications stay off meanwhile).
+                        stats.throttled.store(l.throttled(), Ordering::Relaxed);
+                        crate::metrics::block::rate_limiter_throttled_events.inc();
+                        let q = &mut active.queue;
+                        q.set_next_avail((Wrapping(q.next_avail()) - Wrapping(1)).0);
+                        break;
+                    }
+                }
                 let head = chain.head_index();
                 let mut ctx = RequestContext {
                     mem: &active.mem,
@@ -185,6 +235,18 @@ impl Block {
             Err(e) => active.broken.mark(name, &active.interrupt, &e),
         }
     }
+}
+
+/// The data bytes a request moves, for the rate limit: the chain's bytes less the header and
+/// the status byte (0 for FLUSH; a malformed chain costs what it claims, at most the queue's
+/// worth of descriptors).
+fn data_bytes(chain: &DescriptorChain<&GuestMemory>) -> u64 {
+    let total: u64 = chain
+        .clone()
+        .take(usize::from(QUEUE_SIZE))
+        .map(|d| u64::from(d.len()))
+        .sum();
+    total.saturating_sub(HEADER_SIZE + 1)
 }
 
 /// Counts a completion and logs failures (rate-limited, so a misbehaving guest cannot flood
@@ -362,6 +424,7 @@ mod tests {
             read_only,
             id: None,
             cache: CacheMode::Writeback,
+            ..DiskConfig::new(&p)
         })
         .unwrap();
         (Block::new(disk, "vda", None).unwrap(), p)

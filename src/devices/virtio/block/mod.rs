@@ -9,6 +9,13 @@
 //!
 //! Requests: IN, OUT, FLUSH, GET_ID (anything else is answered UNSUPP). Features offered:
 //! FLUSH, BLK_SIZE (512), SEG_MAX, RO for read-only disks, and EVENT_IDX.
+//!
+//! Durability: an OUT request is written to the image (`pwrite`) before it is returned in
+//! the used ring, and a FLUSH calls `fdatasync` before it is: what the guest saw flushed is
+//! on the image, whatever happens to ember afterwards (tests/blk_guest.rs kills it at
+//! random points). An optional rate limit (`bw=`, `iops=`:
+//! [`Block::with_rate_limit`](device::Block::with_rate_limit)) holds requests in the queue
+//! until its timer fires.
 
 #[cfg(test)]
 mod chain_tests;
@@ -97,6 +104,9 @@ pub enum BlockError {
     /// The device's eventfd could not be created.
     #[error("cannot create an eventfd for a block device")]
     EventFd(#[source] std::io::Error),
+    /// The rate limiter's timer could not be created.
+    #[error("cannot create the rate-limit timer of a block device")]
+    Timer(#[source] std::io::Error),
 }
 
 /// An open, locked disk image.
@@ -246,6 +256,7 @@ mod tests {
             read_only,
             id: None,
             cache: CacheMode::Writeback,
+            ..DiskConfig::new(path)
         }
     }
 

@@ -6,6 +6,9 @@
 //!   the guest has receive buffers. A packet waiting for buffers stays in one host buffer
 //!   (the TAP's own queue, bounded by the kernel, holds the rest); a packet that no buffers
 //!   the guest can offer would hold is dropped and counted.
+//! - rate limits (`rx=`, `tx=`: [`Net::with_rate_limit`]): a frame over the limit waits, a
+//!   received one in that one host buffer, a sent one in the tx ring, until the limiter's
+//!   timer fires on the event loop.
 //!
 //! # Snapshots
 //!
@@ -41,6 +44,7 @@ use std::io::{self, Read, Write};
 use std::num::Wrapping;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
+use std::time::Instant;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_ids::VIRTIO_ID_NET;
@@ -55,6 +59,7 @@ use super::header::{
 };
 use super::tap::Tap;
 use super::{MacAddr, NetError};
+use crate::devices::virtio::rate_limiter::{BucketConfig, RateLimiter};
 use crate::devices::virtio::{
     add_used, pop_or_enable, read_config_bytes, ActivateContext, ActivateError, ActivationEvent,
     Broken, Interrupt, VirtioDevice, ACTIVATION_TOKEN, EVENT_IDX,
@@ -70,6 +75,10 @@ const RX_QUEUE: u32 = 0;
 const TX_QUEUE: u32 = 1;
 /// Event-loop token of the TAP.
 const TAP_TOKEN: u32 = ACTIVATION_TOKEN - 1;
+/// Event-loop token of the rx rate limiter's timer.
+const RX_TIMER: u32 = ACTIVATION_TOKEN - 2;
+/// Event-loop token of the tx rate limiter's timer.
+const TX_TIMER: u32 = ACTIVATION_TOKEN - 3;
 
 /// Counters of one NIC.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -86,6 +95,10 @@ pub struct NetStats {
     pub tx_bytes: u64,
     /// Guest frames dropped: malformed chain, too large, or refused by the TAP.
     pub tx_dropped: u64,
+    /// Times the rx rate limit held a frame from the TAP (it waited for the timer).
+    pub rx_throttled: u64,
+    /// Times the tx rate limit held the guest's frames (they waited for the timer).
+    pub tx_throttled: u64,
 }
 
 #[derive(Debug)]
@@ -133,6 +146,12 @@ pub struct Net {
     /// The packet read from the TAP that waits for guest buffers (`rx_len` bytes of it).
     rx_buf: Vec<u8>,
     rx_len: Option<usize>,
+    /// The rx rate limit has admitted the packet in `rx_buf` (it waits for buffers only).
+    rx_paid: bool,
+    /// The `rx=` limit (bytes from the TAP to the guest), when there is one.
+    rx_limiter: Option<RateLimiter>,
+    /// The `tx=` limit (bytes from the guest to the TAP), when there is one.
+    tx_limiter: Option<RateLimiter>,
     /// The TAP polled readable and was not yet read to `EAGAIN`.
     tap_readable: bool,
     tx_buf: Vec<u8>,
@@ -154,10 +173,28 @@ impl Net {
             active: None,
             rx_buf: vec![0; MAX_PACKET_SIZE],
             rx_len: None,
+            rx_paid: false,
+            rx_limiter: None,
+            tx_limiter: None,
             tap_readable: false,
             tx_buf: vec![0; MAX_PACKET_SIZE],
             stats: NetStats::default(),
         })
+    }
+
+    /// Limits the bytes per second the guest receives (`rx`) and sends (`tx`), headers
+    /// included (either `None`: no limit). A frame over the limit waits (a received one in
+    /// ember's one-frame buffer, the TAP's queue holding the rest; a sent one in the tx
+    /// ring) until the limiter's timer fires on the event loop.
+    pub fn with_rate_limit(
+        mut self,
+        rx: Option<BucketConfig>,
+        tx: Option<BucketConfig>,
+    ) -> Result<Self, NetError> {
+        let name = |dir| format!("virtio-net {} {dir}", self.tap.name());
+        self.rx_limiter = RateLimiter::new(&name("rx"), rx, None).map_err(NetError::Timer)?;
+        self.tx_limiter = RateLimiter::new(&name("tx"), tx, None).map_err(NetError::Timer)?;
+        Ok(self)
     }
 
     /// The guest's MAC address.
@@ -179,11 +216,30 @@ impl Net {
         let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return Ok(false);
         };
+        if self
+            .tx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
+        {
+            return Ok(false); // the limiter's timer resumes tx
+        }
         let mut used = false;
         a.txq.disable_notification(&a.mem)?;
         while let Some(chain) = pop_or_enable(&mut a.txq, &a.mem)? {
             let head = chain.head_index();
-            let sent = read_tx_frame(chain, &a.mem, &mut self.tx_buf).and_then(|n| {
+            let frame = read_tx_frame(chain, &a.mem, &mut self.tx_buf);
+            if let (Ok(n), Some(l)) = (&frame, self.tx_limiter.as_mut()) {
+                if !l.consume(*n as u64, Instant::now()) {
+                    // Over the limit: the frame goes back to the ring until the timer fires
+                    // (notifications stay off meanwhile).
+                    self.stats.tx_throttled = l.throttled();
+                    crate::metrics::net::tx_rate_limiter_throttled.inc();
+                    a.txq
+                        .set_next_avail((Wrapping(a.txq.next_avail()) - Wrapping(1)).0);
+                    break;
+                }
+            }
+            let sent = frame.and_then(|n| {
                 self.tap
                     .write_packet(&self.tx_buf[..n])
                     .map_err(|e| format!("the TAP refused it: {e}"))
@@ -192,9 +248,12 @@ impl Net {
                 Ok(n) => {
                     self.stats.tx_frames += 1;
                     self.stats.tx_bytes += n as u64;
+                    crate::metrics::net::tx_packets_count.inc();
+                    crate::metrics::net::tx_bytes_count.add(n as u64);
                 }
                 Err(why) => {
                     self.stats.tx_dropped += 1;
+                    crate::metrics::net::failures.inc();
                     let k = self.stats.tx_dropped;
                     crate::guest_warn!(
                         "virtio-net {}: dropped a guest frame: {why} (#{k})",
@@ -212,6 +271,13 @@ impl Net {
         let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return Ok(false);
         };
+        if self
+            .rx_limiter
+            .as_ref()
+            .is_some_and(RateLimiter::is_blocked)
+        {
+            return Ok(false); // the limiter's timer resumes rx
+        }
         let mut used = false;
         a.rxq.disable_notification(&a.mem)?;
         loop {
@@ -237,17 +303,33 @@ impl Net {
                     }
                 },
             };
+            if !self.rx_paid {
+                if let Some(l) = self.rx_limiter.as_mut() {
+                    if !l.consume(len as u64, Instant::now()) {
+                        // The frame waits in `rx_buf` for the timer.
+                        self.stats.rx_throttled = l.throttled();
+                        crate::metrics::net::rx_rate_limiter_throttled.inc();
+                        break;
+                    }
+                }
+                self.rx_paid = true;
+            }
             match deliver(a, &mut self.rx_buf[..len])? {
                 Delivery::Delivered => {
                     self.rx_len = None;
+                    self.rx_paid = false;
                     self.stats.rx_frames += 1;
                     self.stats.rx_bytes += len as u64;
+                    crate::metrics::net::rx_packets_count.inc();
+                    crate::metrics::net::rx_bytes_count.add(len as u64);
                     used = true;
                 }
                 Delivery::Wait => break,
                 Delivery::Drop => {
                     self.rx_len = None;
+                    self.rx_paid = false;
                     self.stats.rx_dropped_too_large += 1;
+                    crate::metrics::net::failures.inc();
                     let k = self.stats.rx_dropped_too_large;
                     crate::guest_warn!(
                         "virtio-net {}: dropped a {len}-byte frame: the guest's receive \
@@ -487,6 +569,7 @@ impl VirtioDevice for Net {
     fn reset(&mut self) {
         self.active = None;
         self.rx_len = None;
+        self.rx_paid = false;
     }
 
     fn saved_queues(&self) -> Vec<(usize, QueueState)> {
@@ -542,6 +625,7 @@ impl VirtioDevice for Net {
             );
         }
         self.rx_len = None;
+        self.rx_paid = false;
         self.tap_readable = true;
         if let (Some(old), Ok(new)) = (s.host_mac, self.tap.host_mac()) {
             if old != new {
@@ -563,6 +647,18 @@ impl MutEventSubscriber for Net {
             TAP_TOKEN => {
                 self.tap_readable = true;
                 self.run_queues(false);
+            }
+            RX_TIMER => {
+                if let Some(l) = self.rx_limiter.as_mut() {
+                    l.timer_fired();
+                }
+                self.run_queues(false);
+            }
+            TX_TIMER => {
+                if let Some(l) = self.tx_limiter.as_mut() {
+                    l.timer_fired();
+                }
+                self.run_queues(true);
             }
             token @ (RX_QUEUE | TX_QUEUE) => {
                 if let Some(evt) = self.queue_evts.get(token as usize) {
@@ -588,6 +684,15 @@ impl MutEventSubscriber for Net {
                 "virtio-net {}: cannot watch the TAP: {e:?}",
                 self.tap.name()
             );
+        }
+        for (limiter, token) in [(&self.rx_limiter, RX_TIMER), (&self.tx_limiter, TX_TIMER)] {
+            let Some(l) = limiter else { continue };
+            if let Err(e) = ops.add(Events::with_data_raw(l.as_raw_fd(), token, EventSet::IN)) {
+                log::error!(
+                    "virtio-net {}: cannot watch a rate-limit timer: {e:?}",
+                    self.tap.name()
+                );
+            }
         }
     }
 }
@@ -788,6 +893,108 @@ mod tests {
         net.run_queues(false);
         assert_eq!(rx.used_idx(), 0, "a broken device delivers nothing");
         assert_eq!(net.stats().rx_frames, 0);
+    }
+
+    /// Runs `events` until `done` says so; false if it does not within 30 s (hang
+    /// detection only: the tests below take about a second).
+    fn run_until(
+        events: &mut crate::event_loop::EventManager,
+        mut done: impl FnMut() -> bool,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !done() {
+            if std::time::Instant::now() > deadline {
+                return false;
+            }
+            events.run_with_timeout(100).unwrap();
+        }
+        true
+    }
+
+    #[test]
+    fn tx_over_the_limit_waits_for_the_timer_not_for_a_kick() {
+        use event_manager::SubscriberOps;
+        let m = mem();
+        let rx = TestRing::new(&m, 0, 16);
+        let mut tx = TestRing::new(&m, 0x4000, 16);
+        let (net, peer, _) = net_on(&m, &rx, &tx);
+        // 600-byte frames; 600 bytes at once, then 1000 bytes per second.
+        let limit = BucketConfig {
+            rate: 1000,
+            burst: 600,
+        };
+        let net = Arc::new(std::sync::Mutex::new(
+            net.with_rate_limit(None, Some(limit)).unwrap(),
+        ));
+        let mut events = crate::event_loop::new_event_manager().unwrap();
+        events.add_subscriber(net.clone());
+        let frames: Vec<Vec<u8>> = (0..3u8)
+            .map(|k| {
+                let mut p = packet(600);
+                p[NET_HDR_SIZE] = k;
+                m.write_slice(&p, GuestAddress(0x30_0000 + u64::from(k) * 0x1000))
+                    .unwrap();
+                tx.add_chain(&[(0x30_0000 + u64::from(k) * 0x1000, 600, false)]);
+                p
+            })
+            .collect();
+        // The guest's one kick: the first frame goes, the others are held.
+        net.lock().unwrap().run_queues(true);
+        assert_eq!(tx.used_idx(), 1);
+        assert_eq!(net.lock().unwrap().stats().tx_throttled, 1);
+        let mut got = [0u8; 4096];
+        assert_eq!(peer.recv(&mut got).unwrap(), 600);
+        assert_eq!(&got[..600], &frames[0][..]);
+        // No kick again: the limiter's timer on the event loop sends the rest, in order.
+        assert!(run_until(&mut events, || tx.used_idx() == 3), "tx stalled");
+        for f in &frames[1..] {
+            assert_eq!(peer.recv(&mut got).unwrap(), 600);
+            assert_eq!(&got[..600], &f[..]);
+        }
+        let stats = net.lock().unwrap().stats();
+        assert_eq!((stats.tx_frames, stats.tx_bytes), (3, 1800));
+        assert_eq!(stats.tx_throttled, 2, "{stats:?}");
+    }
+
+    #[test]
+    fn rx_over_the_limit_waits_for_the_timer_with_the_frame_held() {
+        use event_manager::SubscriberOps;
+        let m = mem();
+        let mut rx = TestRing::new(&m, 0, 16);
+        let tx = TestRing::new(&m, 0x4000, 16);
+        let (net, peer, _) = net_on(&m, &rx, &tx);
+        let limit = BucketConfig {
+            rate: 1000,
+            burst: 600,
+        };
+        let net = Arc::new(std::sync::Mutex::new(
+            net.with_rate_limit(Some(limit), None).unwrap(),
+        ));
+        let mut events = crate::event_loop::new_event_manager().unwrap();
+        events.add_subscriber(net.clone());
+        offer(&mut rx, 0, &[2048, 2048, 2048]);
+        let frames: Vec<Vec<u8>> = (0..3u8)
+            .map(|k| {
+                let mut p = packet(600);
+                p[NET_HDR_SIZE] = k;
+                peer.send(&p).unwrap();
+                p
+            })
+            .collect();
+        // The TAP turns readable: one frame fits the limit, the next waits in ember's
+        // buffer (the third in the TAP's queue).
+        assert!(run_until(&mut events, || rx.used_idx() >= 1), "rx stalled");
+        assert_eq!(rx.used_idx(), 1);
+        assert_eq!(net.lock().unwrap().rx_len, Some(600));
+        assert_eq!(net.lock().unwrap().stats().rx_throttled, 1);
+        // Nothing more arrives on the TAP and the guest does nothing: the timer delivers.
+        assert!(run_until(&mut events, || rx.used_idx() == 3), "rx stalled");
+        for (k, f) in frames.iter().enumerate() {
+            assert_eq!(rx.used_entry(k as u16), (k as u32, 600));
+            assert_eq!(received(&m, k as u64, 600), f[NET_HDR_SIZE..]);
+        }
+        let stats = net.lock().unwrap().stats();
+        assert_eq!((stats.rx_frames, stats.rx_throttled), (3, 2), "{stats:?}");
     }
 
     /// A NIC with address `mac` on a stand-in TAP named `name` (as in [`net_on`]), not

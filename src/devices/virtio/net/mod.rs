@@ -4,7 +4,8 @@
 //! - [`tap`]: the TAP device (`/dev/net/tun`, `IFF_VNET_HDR`, `TUNSETOFFLOAD`);
 //! - [`header`]: the virtio-net header, offered features and offloads, receive-buffer
 //!   planning;
-//! - [`NetConfig`]: `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX]`, with [`MacAddr`].
+//! - [`NetConfig`]: `--net tap=NAME[,mac=XX:XX:XX:XX:XX:XX][,rx=..,tx=..]`, with
+//!   [`MacAddr`].
 
 pub mod device;
 pub mod header;
@@ -13,7 +14,8 @@ pub mod tap;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::config::{parse_options, ConfigError};
+use crate::config::{parse_options, ConfigError, RateOptions};
+use crate::devices::virtio::rate_limiter::BucketConfig;
 
 /// Errors of the net device.
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +51,9 @@ pub enum NetError {
     /// The device's activation eventfd could not be created.
     #[error("cannot create the virtio-net activation event")]
     EventFd(#[source] std::io::Error),
+    /// A rate limiter's timer could not be created.
+    #[error("cannot create a virtio-net rate-limit timer")]
+    Timer(#[source] std::io::Error),
     /// A TAP ioctl failed.
     #[error("{what} on TAP {tap} failed")]
     Ioctl {
@@ -132,11 +137,28 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's MAC address; derived from the TAP name when not given.
     pub mac: Option<MacAddr>,
+    /// Limit on the bytes per second the guest receives (`rx=`, `rx_burst=`); `None`:
+    /// unlimited.
+    pub rx: Option<BucketConfig>,
+    /// Limit on the bytes per second the guest sends (`tx=`, `tx_burst=`); `None`:
+    /// unlimited.
+    pub tx: Option<BucketConfig>,
 }
 
 impl NetConfig {
     /// Syntax help for `--net`.
-    pub const SYNTAX: &'static str = "tap=NAME[,mac=XX:XX:XX:XX:XX:XX]";
+    pub const SYNTAX: &'static str = "tap=NAME[,mac=XX:XX:XX:XX:XX:XX]\
+        [,rx=BYTES_PER_SEC[,rx_burst=BYTES]][,tx=BYTES_PER_SEC[,tx_burst=BYTES]]";
+
+    /// An unlimited NIC on TAP `tap` with the derived MAC.
+    pub fn new(tap: impl Into<String>) -> Self {
+        Self {
+            tap: tap.into(),
+            mac: None,
+            rx: None,
+            tx: None,
+        }
+    }
 
     /// The MAC the guest gets.
     pub fn mac(&self) -> MacAddr {
@@ -194,24 +216,30 @@ impl FromStr for NetConfig {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut tap = None;
         let mut mac = None;
-        for (k, v) in parse_options(s, "--net", Self::SYNTAX, &["tap", "mac"])? {
+        let mut limits = RateOptions::default();
+        let keys = ["tap", "mac", "rx", "rx_burst", "tx", "tx_burst"];
+        let bad = |why: String| ConfigError::Device(format!("--net {s:?}: {why}"));
+        for (k, v) in parse_options(s, "--net", Self::SYNTAX, &keys)? {
             match k {
                 "tap" => tap = Some(v.to_string()),
-                _ => {
+                "mac" => {
                     mac = Some(
                         v.parse::<MacAddr>()
                             .map_err(|e| ConfigError::Device(format!("--net mac=: {e}")))?,
                     );
                 }
+                _ => limits.set(k, v).map_err(bad)?,
             }
         }
+        let rx = limits.bucket("rx", "rx_burst").map_err(bad)?;
+        let tx = limits.bucket("tx", "tx_burst").map_err(bad)?;
         let tap = tap.ok_or_else(|| {
             ConfigError::Device(format!(
                 "--net {s:?}: tap= is required (syntax: {})",
                 Self::SYNTAX
             ))
         })?;
-        Ok(Self { tap, mac })
+        Ok(Self { tap, mac, rx, tx })
     }
 }
 
@@ -264,6 +292,22 @@ mod tests {
         assert!(e("tap=a,mac=nope").contains("not a MAC"));
         assert!(e("tap=a,ip=1.2.3.4").contains("unknown option"));
         assert!(e("tap=a,tap=b").contains("twice"));
+        // Rate limits.
+        assert_eq!((c.rx, c.tx), (None, None));
+        let c: NetConfig = "tap=t,rx=1M,tx=64k,tx_burst=128k".parse().unwrap();
+        assert_eq!(c.rx, Some(BucketConfig::new(1 << 20, None)));
+        assert_eq!(c.rx.unwrap().burst, (1 << 20) / 10);
+        assert_eq!(
+            c.tx,
+            Some(BucketConfig {
+                rate: 64 << 10,
+                burst: 128 << 10
+            })
+        );
+        assert!(e("tap=a,rx=0").contains("rx=0 would stop the device"));
+        assert!(e("tap=a,rx_burst=4k").contains("rx_burst= needs rx="));
+        assert!(e("tap=a,tx=lots").contains("not a number"));
+        assert!(e("tap=a,tx=1,tx=2").contains("twice"));
         let v = |s: &str| {
             s.parse::<NetConfig>()
                 .unwrap()
