@@ -275,7 +275,7 @@ pub fn build_vm(
     event_manager.add_subscriber(Arc::new(Mutex::new(crate::event_loop::Wakeup(
         ready.wake_fd().map_err(BuildError::EventLoop)?,
     ))));
-    attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
+    let blocks = attach_block_devices(config, disks, &vm, &mem, &mut devices, &mut event_manager)?;
     attach_net_devices(taps, &vm, &mem, &mut devices, &mut event_manager)?;
     if let Some(vsock) = vsock {
         let slot = attach_virtio_device(
@@ -432,6 +432,7 @@ pub fn build_vm(
     vmm.set_mapped_images(mapped_images);
     vmm.set_ready_signal(ready);
     vmm.set_restore_parts(restore_parts);
+    vmm.set_block_devices(blocks);
     for console in legacy.consoles {
         vmm.add_console(console);
     }
@@ -867,15 +868,17 @@ fn attach_block_devices(
     mem: &GuestMemory,
     devices: &mut DeviceManager,
     event_manager: &mut EventManager,
-) -> Result<(), BuildError> {
+) -> Result<Vec<Arc<Mutex<Block>>>, BuildError> {
+    let mut blocks = Vec::new();
     for (i, (disk, cfg)) in disks.into_iter().zip(&config.disks).enumerate() {
         let name = VmConfig::disk_name(i);
         let path = disk.path().display().to_string();
         let (sectors, ro) = (disk.sectors(), disk.read_only());
-        let block =
-            Block::new(disk, &name, cfg.id.as_deref())?.with_rate_limit(cfg.bw, cfg.iops)?;
-        let slot =
-            attach_virtio_device(vm, mem, devices, event_manager, Arc::new(Mutex::new(block)))?;
+        let block = Arc::new(Mutex::new(
+            Block::new(disk, &name, cfg.id.as_deref())?.with_rate_limit(cfg.bw, cfg.iops)?,
+        ));
+        blocks.push(block.clone());
+        let slot = attach_virtio_device(vm, mem, devices, event_manager, block)?;
         log::debug!(
             "{name}: {path} ({} MiB{}) at {:#x}, IRQ {}",
             sectors >> 11,
@@ -884,7 +887,7 @@ fn attach_block_devices(
             slot.irq
         );
     }
-    Ok(())
+    Ok(blocks)
 }
 
 /// Plugs a virtio device into the VM, in one call: allocates its MMIO window and interrupt

@@ -177,6 +177,8 @@ pub struct Vmm {
     vmgenid: Option<VmGenId>,
     /// What moving the guest into a new KVM VM needs (see [`Self::snapshot_restore`]).
     restore_parts: Option<RestoreParts>,
+    /// The virtio-blk devices, in `--disk` order (the API swaps their images).
+    blocks: Vec<Arc<Mutex<crate::devices::virtio::block::Block>>>,
     /// The guest's "ready to take a command" signal.
     ready: Option<Arc<ReadySignal>>,
     /// The /dev/kvm descriptor of the build, for snapshots and pauses: nothing opens
@@ -217,6 +219,7 @@ impl Vmm {
             consoles: Vec::new(),
             vmgenid: None,
             restore_parts: None,
+            blocks: Vec::new(),
             ready: None,
             kvm: None,
             vm,
@@ -265,6 +268,14 @@ impl Vmm {
             }
         }
         Ok((states, kvmclock_ctrl))
+    }
+
+    /// Keeps the virtio-blk devices (in `--disk` order) for image swaps.
+    pub fn set_block_devices(
+        &mut self,
+        blocks: Vec<Arc<Mutex<crate::devices::virtio::block::Block>>>,
+    ) {
+        self.blocks = blocks;
     }
 
     /// Keeps what [`snapshot_restore`](Self::snapshot_restore) needs.
@@ -778,6 +789,24 @@ impl Vmm {
                         .into(),
                 ),
             },
+            VmmRequest::SwapDrive { index, disk } => {
+                let block = self
+                    .blocks
+                    .get(*index)
+                    .ok_or_else(|| format!("there is no drive number {index}"))?;
+                let file = crate::devices::virtio::block::DiskFile::open(disk)
+                    .map_err(|e| crate::error_chain_line(&e))?;
+                crate::devices::bus::lock(block).swap_disk(file)?;
+                // A snapshot from now on names the new image.
+                if let Some(d) = self
+                    .restore_parts
+                    .as_mut()
+                    .and_then(|p| p.config.disks.get_mut(*index))
+                {
+                    d.path = disk.path.clone();
+                }
+                Ok(())
+            }
             VmmRequest::SnapshotCreate {
                 snapshot_path,
                 mem_file_path,

@@ -356,6 +356,47 @@ fn api_configures_starts_and_controls_a_vm() {
         400,
     );
     vm.expect("GET", "/machine-config", None, 200);
+    // A new image under the running drive (a bigger one), and refusals.
+    let disk2 = vm.dir.join("disk2.img");
+    std::fs::write(&disk2, vec![0u8; 2 << 20]).unwrap();
+    vm.expect(
+        "PATCH",
+        "/drives/rootfs",
+        Some(&format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}"}}"#,
+            disk2.display()
+        )),
+        204,
+    );
+    let t = vm.expect(
+        "PATCH",
+        "/drives/rootfs",
+        Some(&format!(
+            r#"{{"drive_id": "rootfs", "path_on_host": "{}"}}"#,
+            vm.dir.join("missing.img").display()
+        )),
+        400,
+    );
+    assert!(t.contains("missing.img"), "{t}");
+    vm.expect(
+        "PATCH",
+        "/drives/rootfs",
+        Some(r#"{"drive_id": "rootfs", "rate_limiter": {"ops": {"size": 1, "refill_time": 1}}}"#),
+        400,
+    );
+    vm.expect(
+        "PATCH",
+        "/drives/nope",
+        Some(r#"{"drive_id": "nope", "path_on_host": "/x"}"#),
+        400,
+    );
+    let c: serde_json::Value =
+        serde_json::from_str(&vm.expect("GET", "/vm/config", None, 200)).unwrap();
+    assert_eq!(
+        c["drives"][0]["path_on_host"],
+        disk2.display().to_string(),
+        "{c}"
+    );
     vm.expect(
         "PUT",
         "/actions",
@@ -471,6 +512,10 @@ fn api_configures_starts_and_controls_a_vm() {
     );
     assert!(code.is_some(), "ember was killed: {stderr}");
     assert!(log_text.contains(":INFO] "), "log lines: {log_text:?}");
+    assert!(
+        log_text.contains("replaced by"),
+        "the swap is not logged: {log_text:?}"
+    );
     assert!(!sock.exists(), "the API socket was left behind");
     let _ = std::fs::remove_dir_all(dir);
 }

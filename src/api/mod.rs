@@ -44,6 +44,14 @@ pub enum VmmRequest {
     Resume,
     /// `PUT /actions {"action_type": "SendCtrlAltDel"}`: the ACPI power button.
     CtrlAltDel,
+    /// `PATCH /drives/{id}` after the start: the drive at `index` (`--disk` order) gets the
+    /// image `disk`.
+    SwapDrive {
+        /// The drive's position in the VM's disks.
+        index: usize,
+        /// The new image (path and mode).
+        disk: crate::config::DiskConfig,
+    },
     /// `PUT /snapshot/create`: the VM must be paused.
     SnapshotCreate {
         /// Where the state goes.
@@ -268,15 +276,12 @@ impl Api {
                 self.pre_boot()?;
                 done(self.resources.put_drive(id, body(req)?))
             }
-            ("PATCH", "/drives/") => {
-                self.pre_boot().map_err(|_| {
-                    Response::fault(
-                        400,
-                        "PATCH /drives after the start is not supported by ember (the drive's \
-                         image cannot be swapped under a running guest yet)",
-                    )
-                })?;
+            ("PATCH", "/drives/") if self.phase == Phase::NotStarted => {
                 done(self.resources.patch_drive(id, body(req)?))
+            }
+            ("PATCH", "/drives/") => {
+                let p: PartialDrive = body(req)?;
+                self.swap_drive(id, p)?
             }
             ("PUT", "/network-interfaces/") => {
                 self.pre_boot()?;
@@ -474,6 +479,49 @@ impl Api {
         }
         self.resources = VmResources::from_vm_config(&config);
         self.start_vm(config, Some((dir, l.resume_vm.unwrap_or(false))))
+    }
+
+    /// `PATCH /drives/{id}` on a running VM: a new image under the drive (its rate limiter
+    /// cannot change after the start).
+    fn swap_drive(&mut self, id: &str, p: PartialDrive) -> Result<Response, Response> {
+        if p.drive_id != id {
+            return Err(Response::fault(
+                400,
+                &format!(
+                    "the drive ID in the path ({id}) differs from drive_id in the body ({})",
+                    p.drive_id
+                ),
+            ));
+        }
+        if p.rate_limiter.is_some() {
+            return Err(Response::fault(
+                400,
+                "a drive's rate_limiter cannot be changed after the start in ember: give \
+                 path_on_host only",
+            ));
+        }
+        let Some(path) = p.path_on_host else {
+            return Ok(Response::no_content());
+        };
+        // The VM's disks: the root drive first, then the others in the order they were put
+        // (VmResources::to_vm_config).
+        let mut order: Vec<&Drive> = self
+            .resources
+            .drives
+            .iter()
+            .filter(|d| d.is_root_device)
+            .collect();
+        order.extend(self.resources.drives.iter().filter(|d| !d.is_root_device));
+        let Some(index) = order.iter().position(|d| d.drive_id == id) else {
+            return Err(Response::fault(400, &format!("drive {id} does not exist")));
+        };
+        let mut disk = crate::config::DiskConfig::new(&path);
+        disk.read_only = order[index].is_read_only.unwrap_or(false);
+        self.vmm_call(VmmRequest::SwapDrive { index, disk })?;
+        if let Some(d) = self.resources.drives.iter_mut().find(|d| d.drive_id == id) {
+            d.path_on_host = Some(path);
+        }
+        Ok(Response::no_content())
     }
 
     fn vmm_call(&self, request: VmmRequest) -> Result<(), Response> {

@@ -535,6 +535,8 @@ fn allowed_syscalls(kind: ThreadKind) -> Vec<Allowed> {
         ThreadKind::Vmm => {
             list.extend(vcpu());
             list.extend(any_of(&[
+                // A drive's new image (the API's PATCH /drives) is opened and locked here.
+                libc::SYS_flock,
                 libc::SYS_read,
                 libc::SYS_pread64,
                 libc::SYS_pwrite64,

@@ -120,6 +120,39 @@ pub struct Block {
 }
 
 impl Block {
+    /// Puts the image `disk` under the device in place of its own (Firecracker's `PATCH
+    /// /drives` after the start): the capacity in the configuration space becomes the new
+    /// image's and a running driver gets a configuration-change interrupt, on which Linux
+    /// re-reads the size. Requests already completed went to the old image; later ones go to
+    /// the new. The new image must have the old one's mode (read-only or not): the driver
+    /// was told that once.
+    pub fn swap_disk(&mut self, disk: DiskFile) -> Result<(), String> {
+        if disk.read_only() != self.disk.read_only() {
+            return Err(format!(
+                "{}: the new image must be {} like the old one",
+                self.name,
+                if self.disk.read_only() {
+                    "read-only"
+                } else {
+                    "writable"
+                }
+            ));
+        }
+        log::info!(
+            "{}: image {} replaced by {} ({} sectors)",
+            self.name,
+            self.disk.path().display(),
+            disk.path().display(),
+            disk.sectors()
+        );
+        self.config_space = config_space(disk.sectors());
+        self.disk = disk;
+        if let Some(a) = &self.active {
+            a.interrupt.signal_config_change();
+        }
+        Ok(())
+    }
+
     /// A device for `disk`, called `name` in logs (`vda`), answering GET_ID with `id` (at most
     /// 20 bytes; default: `name`).
     pub fn new(disk: DiskFile, name: &str, id: Option<&str>) -> Result<Self, BlockError> {
