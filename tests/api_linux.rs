@@ -3,9 +3,11 @@
 //! boots in parallel):
 //!
 //! - through the API only, in the go SDK's order (GET /machine-config as the health check,
-//!   PUT /logger, /metrics, /boot-source, /drives/rootfs, /machine-config, /vsock, then
-//!   InstanceStart), with its root file system on the drive; the guest reads its drive's
-//!   serial (the drive ID), the host pauses and resumes it through the API, and it powers off;
+//!   PUT /logger, /metrics, /boot-source, /drives/rootfs, /network-interfaces/net1 on a TAP
+//!   `tap0` as in Firecracker's getting-started guide (in a network namespace of the test's;
+//!   left out without root), /machine-config, /vsock, then InstanceStart), with its root
+//!   file system on the drive; the guest reads its drive's serial (the drive ID) and its NIC's
+//!   MAC, the host pauses and resumes it through the API, and it powers off;
 //! - from `--no-api --config-file` with a Firecracker configuration file; the same file is
 //!   then given to Firecracker itself (../shared/peers/firecracker, when present), which must
 //!   accept it and start the kernel.
@@ -26,7 +28,8 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 /// What the guest runs: its root device, the drive's serial, then power off.
 const GUEST_CMD: &str =
     "echo API-ROOT $(while read d m r; do [ $m = / ] && echo $d; done </proc/mounts); \
-                         echo API-SERIAL $(cat /sys/block/vda/serial)";
+                         echo API-SERIAL $(cat /sys/block/vda/serial); \
+                         echo API-MAC $(cat /sys/class/net/eth0/address 2>/dev/null)";
 
 fn guest_files(test: &str) -> Option<(PathBuf, PathBuf, PathBuf)> {
     if !kvm_available(test) {
@@ -80,18 +83,34 @@ fn linux_boots_through_the_api() {
         return;
     };
     let sock = dir.join("fc.sock");
-    let child = ember_command(&[
+    let args = [
         "run",
         "--api-sock",
         sock.to_str().unwrap(),
         "--id",
         "api-linux",
-    ])
-    .stdin(Stdio::null())
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+    ];
+    // Firecracker's getting-started network: a TAP `tap0` (here in a namespace of the
+    // test's own, where ember runs).
+    let netns = if netns_capable(NAME) {
+        Netns::new("api-linux")
+    } else {
+        None
+    };
+    let child = match &netns {
+        Some(ns) => {
+            ns.ip(&["tuntap", "add", "tap0", "mode", "tap"]);
+            ns.ip(&["addr", "add", "172.16.0.1/30", "dev", "tap0"]);
+            ns.ip(&["link", "set", "tap0", "up"]);
+            ns.ember(&args).spawn().unwrap()
+        }
+        None => ember_command(&args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while !sock.exists() {
         assert!(Instant::now() < deadline, "no API socket");
@@ -130,6 +149,16 @@ fn linux_boots_through_the_api() {
             root.display()
         )),
     );
+    if netns.is_some() {
+        ok(
+            &sock,
+            "PUT",
+            "/network-interfaces/net1",
+            Some(
+                r#"{"iface_id": "net1", "guest_mac": "06:00:AC:10:00:02", "host_dev_name": "tap0"}"#,
+            ),
+        );
+    }
     ok(
         &sock,
         "PUT",
@@ -178,6 +207,12 @@ fn linux_boots_through_the_api() {
         out.stdout.contains("API-SERIAL rootfs"),
         "the drive's serial is not its ID\n{dump}"
     );
+    if netns.is_some() {
+        assert!(
+            out.stdout.contains("API-MAC 06:00:ac:10:00:02"),
+            "the NIC is missing\n{dump}"
+        );
+    }
     assert_eq!(out.code, Some(0), "{dump}");
     let log_text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(log_text.contains("[api-linux:"), "log: {log_text:?}");
