@@ -136,8 +136,32 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
     let failed = |reason, e: &dyn std::error::Error| exec_failed(writer.as_ref(), reason, e);
     // A kernel tree's .config: refuse a kernel that lacks what exec needs, before booting.
     let mut force_cold = None;
+    let mut spec = spec;
     if let Some(dir) = &args.kernel_tree {
-        match ember::exec::kernel_tree::check_config(dir, !args.share.is_empty()) {
+        // The tree's modules: the tree shared read-only, modules.dep and links in the archive.
+        match ember::exec::kernel_tree::modules(dir) {
+            Ok(Some(m)) => {
+                log::info!(
+                    "--kernel-tree: {} modules of {} are available to modprobe in the guest",
+                    m.links.len(),
+                    m.release
+                );
+                let mut share = ember::config::ShareConfig::new(dir);
+                share.tag = Some(ember::exec::kernel_tree::TREE_SHARE_TAG.to_string());
+                share.readonly = true;
+                config.shares.push(share);
+                match ember::exec::SharedDir::resolve_all(&config.shares) {
+                    Ok(s) => spec.shares = s,
+                    Err(e) => return failed("setup-error", &e),
+                }
+                spec.modules = Some(m);
+            }
+            Ok(None) => {}
+            Err(e) => return failed("setup-error", &e),
+        }
+    }
+    if let Some(dir) = &args.kernel_tree {
+        match ember::exec::kernel_tree::check_config(dir, !config.shares.is_empty()) {
             Ok(c) if !c.missing_warm.is_empty() => {
                 force_cold = Some(format!(
                     "the kernel tree's .config lacks {} (the warm path needs them)",

@@ -415,6 +415,7 @@ fn vsock_io_unpacks_the_exec_archive() {
         ],
         workdir: "/root".into(),
         shares: Vec::new(),
+        modules: None,
     };
     let archive = spec.archive().unwrap();
 

@@ -244,6 +244,8 @@ pub struct ExecSpec {
     pub workdir: String,
     /// Host directories shared with the guest (`--share`), mounted by its init.
     pub shares: Vec<SharedDir>,
+    /// A kernel tree's modules (`--kernel-tree`): `/lib/modules/RELEASE` in the archive.
+    pub modules: Option<kernel_tree::TreeModules>,
 }
 
 /// A `--share` as the guest's init mounts it: tag, guest path (the host directory's absolute
@@ -321,6 +323,7 @@ impl ExecSpec {
             files: Vec::new(),
             workdir: DEFAULT_GUEST_DIR.to_string(),
             shares: Vec::new(),
+            modules: None,
         }
     }
 
@@ -336,6 +339,24 @@ impl ExecSpec {
         w.add_file("/ember/env", 0o644, 0, env_script(&self.workdir, &self.env))?;
         if !self.shares.is_empty() {
             w.add_file("/ember/mounts", 0o644, 0, mounts_file(&self.shares))?;
+        }
+        if let Some(m) = &self.modules {
+            // modprobe's view of the tree: modules.dep and a link per module into the tree,
+            // which is shared at its host path.
+            let base = format!("/lib/modules/{}", m.release);
+            w.add_file(
+                &format!("{base}/modules.dep"),
+                0o644,
+                0,
+                m.dep.clone().into_bytes(),
+            )?;
+            for (entry, target) in &m.links {
+                w.add_symlink(
+                    &format!("{base}/{entry}"),
+                    target.as_os_str().as_encoded_bytes(),
+                    0,
+                )?;
+            }
         }
         w.add_dir(DEFAULT_GUEST_DIR, 0o700)?;
         for f in &self.files {

@@ -554,7 +554,14 @@ fn files_the_guest_makes_belong_to_the_user_running_ember() {
     // The daemon, where `nobody` can run it (root's ~/.cargo/bin is private).
     let daemon = top.join("virtiofsd");
     std::fs::copy(find_virtiofsd().unwrap(), &daemon).unwrap();
-    let status = std::process::Command::new(std::env::current_exe().unwrap())
+    // This test binary too: it may lie in a directory `nobody` cannot enter (a private
+    // checkout). A hard link when the file system allows, else a copy.
+    let exe = top.join("test-binary");
+    let me = std::env::current_exe().unwrap();
+    if std::fs::hard_link(&me, &exe).is_err() {
+        std::fs::copy(&me, &exe).unwrap();
+    }
+    let status = std::process::Command::new(&exe)
         .args([
             "--exact",
             "devices::virtio::fs::tests::files_the_guest_makes_belong_to_the_user_running_ember",
