@@ -336,7 +336,9 @@ impl ExecArgs {
                 });
                 let initrd = initrd.ok_or_else(|| {
                     ConfigError::Device(
-                        "--kernel-tree boots the default guest's initramfs (its init runs the                          command), which is not built: run `bash resources/guest/build.sh`                          in the ember source tree, or pass --initrd PATH"
+                        "--kernel-tree boots the default guest's initramfs (its init runs the \
+                         command), which is not built: run `bash resources/guest/build.sh` \
+                         in the ember source tree, or pass --initrd PATH"
                             .into(),
                     )
                 })?;

@@ -264,7 +264,8 @@ pub fn run_bench(
             crate::image_file::CACHE_ENV
         ),
         None => format!(
-            "ember copies kernel and initrd into guest memory ({} is off or no cache              directory is known)",
+            "ember copies kernel and initrd into guest memory ({} is off or no cache \
+             directory is known)",
             crate::image_file::CACHE_ENV
         ),
     });
