@@ -63,7 +63,7 @@ pub enum KernelError {
     /// An ELF image whose program headers, or a bzImage whose setup header, cannot be a
     /// kernel's (checked before loading).
     #[error("kernel image {path} cannot be loaded: {why}")]
-    BadElf {
+    BadImage {
         /// The path given.
         path: PathBuf,
         /// What is wrong, and the fix.
@@ -256,6 +256,17 @@ pub fn load_kernel(
     Ok((loaded?, file.stats().0))
 }
 
+/// The image at `path`, opened for the checks below, and its length.
+fn open_sized(path: &Path) -> Result<(File, u64), KernelError> {
+    let read = |source| KernelError::Read {
+        path: path.into(),
+        source,
+    };
+    let f = File::open(path).map_err(read)?;
+    let len = f.metadata().map_err(read)?.len();
+    Ok((f, len))
+}
+
 /// Checks the setup header of the bzImage at `path` against the file and guest memory before
 /// linux-loader sees it: the boot protocol version (2.12+ for the 64-bit entry), the setup
 /// code and the protected-mode kernel within the file, and the memory the kernel needs to
@@ -263,7 +274,7 @@ pub fn load_kernel(
 pub fn check_bzimage_header(path: &Path, mem: &GuestMemory) -> Result<(), KernelError> {
     use std::os::unix::fs::FileExt;
     use vm_memory::GuestMemoryBackend;
-    let bad = |why: String| KernelError::BadElf {
+    let bad = |why: String| KernelError::BadImage {
         path: path.into(),
         why,
     };
@@ -271,8 +282,7 @@ pub fn check_bzimage_header(path: &Path, mem: &GuestMemory) -> Result<(), Kernel
         path: path.into(),
         source,
     };
-    let f = File::open(path).map_err(read)?;
-    let len = f.metadata().map_err(read)?.len();
+    let (f, len) = open_sized(path)?;
     let mut h = [0u8; 0x268];
     if len < h.len() as u64 {
         return Err(bad(format!(
@@ -329,7 +339,7 @@ const MAX_ELF_PHDRS: u64 = 64;
 pub fn check_elf_segments(path: &Path, mem: &GuestMemory) -> Result<(), KernelError> {
     use std::os::unix::fs::FileExt;
     use vm_memory::GuestMemoryBackend;
-    let bad = |why: String| KernelError::BadElf {
+    let bad = |why: String| KernelError::BadImage {
         path: path.into(),
         why,
     };
@@ -337,8 +347,7 @@ pub fn check_elf_segments(path: &Path, mem: &GuestMemory) -> Result<(), KernelEr
         path: path.into(),
         source,
     };
-    let f = File::open(path).map_err(read)?;
-    let len = f.metadata().map_err(read)?.len();
+    let (f, len) = open_sized(path)?;
     let mut eh = [0u8; 64];
     if len < 64 {
         return Err(bad(format!(

@@ -165,6 +165,20 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (y, m, d)
 }
 
+/// Opens `path` for Firecracker-style output (log or metrics lines): a file (created if
+/// needed, appended to) or a FIFO. Read and write, non-blocking: opening a FIFO then does
+/// not wait for a reader, and a full FIFO loses lines (which the callers count) instead of
+/// stopping ember.
+pub fn open_output(path: &str) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+}
+
 /// Sends the log to the file or FIFO of Firecracker's `logger` settings, at its level
 /// (`Error`, `Warning`, `Info`, `Debug`, `Trace`, `Off`; any case), with the instance `id`
 /// in each line. Once per process: a second call is refused.
@@ -197,15 +211,7 @@ pub fn configure(
                 "the logger has a log_path already; it can be set once".into(),
             ));
         }
-        // Read and write, non-blocking: opening a FIFO then does not wait for a reader, and a
-        // full FIFO loses lines (counted) instead of stopping ember.
-        use std::os::unix::fs::OpenOptionsExt;
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open(path)
+        let file = open_output(path)
             .map_err(|e| Refused(format!("logger: cannot open log_path {path}: {e}")))?;
         let _ = FILE_SINK.set(FileSink {
             file,

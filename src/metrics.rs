@@ -113,18 +113,12 @@ static SINK: OnceLock<Sink> = OnceLock::new();
 /// Opens `path` (a file, created if needed, or a FIFO; non-blocking) for the metrics and
 /// starts writing a line every [`PERIOD`]. Once per process.
 pub fn configure(path: &str) -> Result<(), Refused> {
-    use std::os::unix::fs::OpenOptionsExt;
     if SINK.get().is_some() {
         return Err(Refused(
             "metrics have a metrics_path already; it can be set once".into(),
         ));
     }
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-        .open(path)
+    let file = crate::logger::open_output(path)
         .map_err(|e| Refused(format!("metrics: cannot open metrics_path {path}: {e}")))?;
     let _ = SINK.set(Sink {
         file: Mutex::new(file),

@@ -106,17 +106,8 @@ pub fn read_state(dir: &Path) -> Result<FileState, SnapshotError> {
 /// watches while the VM runs (see
 /// [`MappedImages::watch_snapshot_memory`](crate::image_file::MappedImages::watch_snapshot_memory)).
 pub fn map_memory(dir: &Path, size: u64) -> Result<(GuestMemory, std::fs::File), SnapshotError> {
-    let p = dir.join(MEMORY_FILE);
-    let file = crate::user_file::open_regular(&p).map_err(io(&p))?;
+    let (p, file, meta) = open_memory(dir, size)?;
     let watched = file.try_clone().map_err(io(&p))?;
-    let meta = file.metadata().map_err(io(&p))?;
-    if meta.len() != size {
-        return Err(SnapshotError::MemorySize {
-            path: p,
-            found: meta.len(),
-            expected: size,
-        });
-    }
     log::debug!(
         "snapshot memory {}: {} MiB, {} MiB of it on disk",
         p.display(),
@@ -127,11 +118,12 @@ pub fn map_memory(dir: &Path, size: u64) -> Result<(GuestMemory, std::fs::File),
     Ok((mem, watched))
 }
 
-/// Guest memory of `size` bytes in a new shared memory file holding a copy of the memory file
-/// of `dir` ([`crate::memory::shared_guest_memory_from_file`]): for a VM with virtio-fs
-/// shares, whose daemon maps guest memory too. Costs a read of the file's data (not of its
-/// holes) at restore, instead of the lazy private mapping of [`map_memory`].
-pub fn copy_memory_shared(dir: &Path, size: u64) -> Result<GuestMemory, SnapshotError> {
+/// The memory file of `dir` (a regular file), refused unless it is exactly `size` bytes: its
+/// path, the open file and its metadata.
+fn open_memory(
+    dir: &Path,
+    size: u64,
+) -> Result<(std::path::PathBuf, std::fs::File, std::fs::Metadata), SnapshotError> {
     let p = dir.join(MEMORY_FILE);
     let file = crate::user_file::open_regular(&p).map_err(io(&p))?;
     let meta = file.metadata().map_err(io(&p))?;
@@ -142,6 +134,15 @@ pub fn copy_memory_shared(dir: &Path, size: u64) -> Result<GuestMemory, Snapshot
             expected: size,
         });
     }
+    Ok((p, file, meta))
+}
+
+/// Guest memory of `size` bytes in a new shared memory file holding a copy of the memory file
+/// of `dir` ([`crate::memory::shared_guest_memory_from_file`]): for a VM with virtio-fs
+/// shares, whose daemon maps guest memory too. Costs a read of the file's data (not of its
+/// holes) at restore, instead of the lazy private mapping of [`map_memory`].
+pub fn copy_memory_shared(dir: &Path, size: u64) -> Result<GuestMemory, SnapshotError> {
+    let (_, file, _) = open_memory(dir, size)?;
     Ok(crate::memory::shared_guest_memory_from_file(&file, size)?)
 }
 
