@@ -416,6 +416,10 @@ pub fn vm_paths(config: &crate::config::VmConfig) -> Vec<PathRule> {
     if let Some(i) = &config.initrd {
         paths.push(PathRule::new(i, PathAccess::Read));
     }
+    // The vsock device removes its socket when the VM ends.
+    if let Some(v) = &config.vsock {
+        paths.push(output_file(&v.uds));
+    }
     paths
 }
 
