@@ -315,8 +315,8 @@ def initrd():
     seeds("initrd", [
         ("plain", one(0x1000000, 0x37FFFFFF, 0, b"", b"070701" + bytes(200))),
         ("extra", one(0x1000000, 0x37FFFFFF, 1, b"0707010000", b"abc")),
-        ("grown", one(0x200000, 0x37FFFFFF, 2 << 1, b"", b"x" * 100)),
-        ("too_large", one(0x3F00000, 0x37FFFFFF, 8 << 1, b"", b"y")),
+        ("grown", one(0x200000, 0x37FFFFFF, 32 << 1, b"", b"x" * 100)),
+        ("too_large", one(0x3F00000, 0x37FFFFFF, 127 << 1, b"", b"y")),
         ("low_limit", one(0x100000, 0x200000, 1, b"zz", b"w" * 300)),
     ])
 

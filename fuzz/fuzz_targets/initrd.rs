@@ -3,7 +3,7 @@
 //! kernel) and the reading of the file into guest memory, with the kernel's fields as a
 //! lying bzImage header could set them. Input: the kernel's end (u32, scaled by 4 KiB),
 //! initrd_addr_max (u32), a byte: bit 0 → an extra archive follows the file (`ember
-//! exec`'s), bits 1-7 → the file is made sparse-larger by that many MiB; an extra length
+//! exec`'s), bits 1-7 → the file is made sparse-larger by that many 64 KiB; an extra length
 //! byte; then the extra archive's bytes and the file's contents.
 #![no_main]
 
@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = load_initrd(mem, MEM_SIZE, &kernel, contents);
     let file = std::fs::File::create(path).unwrap();
     std::io::Write::write_all(&mut &file, contents).unwrap();
-    let grow = u64::from(flags >> 1) << 20;
+    let grow = u64::from(flags >> 1) << 16;
     if grow > 0 {
         file.set_len(contents.len() as u64 + grow).unwrap();
     }

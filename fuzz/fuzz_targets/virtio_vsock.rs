@@ -65,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
                 }
                 if let Ok(mut c) = UnixStream::connect(&r.uds) {
                     let _ = c.set_nonblocking(true);
-                    let _ = write!(c, "CONNECT {}\n", t >> 2);
+                    let _ = writeln!(c, "CONNECT {}", t >> 2);
                     host.push(c);
                 }
                 r.dev.fuzz_turn(false, true);
