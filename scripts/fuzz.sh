@@ -34,6 +34,8 @@ if ! cargo fuzz --version 2>/dev/null | grep -q "$CARGO_FUZZ_VERSION"; then
     cargo install --locked --quiet cargo-fuzz --version "$CARGO_FUZZ_VERSION"
 fi
 
+log "cargo fmt --check (fuzz/)"
+cargo fmt --check --manifest-path fuzz/Cargo.toml
 log "building the fuzz targets (cargo +nightly fuzz build -a)"
 cargo +nightly fuzz build -a
 
