@@ -212,6 +212,43 @@ impl Net {
         self.stats
     }
 
+    /// The part of `activate` after the checks and the TAP's offload settings: the device
+    /// takes the queues and wakes the event loop.
+    fn activate_queues(
+        &mut self,
+        ctx: ActivateContext,
+        rxq: Queue,
+        txq: Queue,
+    ) -> Result<(), ActivateError> {
+        self.queue_evts = ctx.queue_evts;
+        self.active = Some(Active {
+            mem: ctx.mem,
+            rxq,
+            txq,
+            interrupt: ctx.interrupt,
+            mergeable: mergeable_rx(ctx.acked_features),
+            broken: Broken::default(),
+        });
+        self.activation.signal()
+    }
+
+    /// For the `fuzz/` targets only: activates the device on `ctx`'s two queues (ready, as
+    /// the transport checks) as [`VirtioDevice::activate`] does, less the TAP offload ioctl
+    /// that a stand-in TAP ([`Tap::from_file`]) cannot take.
+    #[doc(hidden)]
+    pub fn fuzz_activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let (rxq, txq) = rx_tx_queues(std::mem::take(&mut ctx.queues))?;
+        self.activate_queues(ctx, rxq, txq)
+    }
+
+    /// For the `fuzz/` targets only: one event-loop turn, as a notification of the transmit
+    /// queue (`tx`) or of the receive queue does, with the TAP readable when `tap_readable`.
+    #[doc(hidden)]
+    pub fn fuzz_turn(&mut self, tx: bool, tap_readable: bool) {
+        self.tap_readable |= tap_readable;
+        self.run_queues(tx);
+    }
+
     fn process_tx(&mut self) -> Result<bool, virtio_queue::Error> {
         let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
             return Ok(false);
@@ -407,6 +444,29 @@ impl Net {
     }
 }
 
+/// The receive and transmit queues of an activation, both ready.
+fn rx_tx_queues(queues: Vec<Queue>) -> Result<(Queue, Queue), ActivateError> {
+    if queues.len() != 2 {
+        return Err(ActivateError::QueueCount {
+            expected: 2,
+            got: queues.len(),
+        });
+    }
+    let mut queues = queues.into_iter();
+    let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
+        return Err(ActivateError::QueueCount {
+            expected: 2,
+            got: 0,
+        });
+    };
+    for (i, q) in [&rxq, &txq].into_iter().enumerate() {
+        if !q.ready() {
+            return Err(ActivateError::QueueNotReady(i));
+        }
+    }
+    Ok((rxq, txq))
+}
+
 /// Writes into `buf` a packet (a zeroed virtio-net header, then a broadcast Ethernet frame
 /// padded to 60 bytes) with a gratuitous ARP request: `ip` is at `mac`. Returns its length.
 fn write_gratuitous_arp(buf: &mut [u8], mac: MacAddr, ip: std::net::Ipv4Addr) -> usize {
@@ -525,25 +585,8 @@ impl VirtioDevice for Net {
         read_config_bytes(&self.config_space, offset, data);
     }
 
-    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
-        if ctx.queues.len() != 2 {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: ctx.queues.len(),
-            });
-        }
-        let mut queues = ctx.queues.into_iter();
-        let (Some(rxq), Some(txq)) = (queues.next(), queues.next()) else {
-            return Err(ActivateError::QueueCount {
-                expected: 2,
-                got: 0,
-            });
-        };
-        for (i, q) in [&rxq, &txq].into_iter().enumerate() {
-            if !q.ready() {
-                return Err(ActivateError::QueueNotReady(i));
-            }
-        }
+    fn activate(&mut self, mut ctx: ActivateContext) -> Result<(), ActivateError> {
+        let (rxq, txq) = rx_tx_queues(std::mem::take(&mut ctx.queues))?;
         // The TAP may hand over only what the guest's receive path accepts.
         let flags = tun_offload_flags(ctx.acked_features);
         self.tap
@@ -554,16 +597,7 @@ impl VirtioDevice for Net {
             self.tap.name(),
             ctx.acked_features
         );
-        self.queue_evts = ctx.queue_evts;
-        self.active = Some(Active {
-            mem: ctx.mem,
-            rxq,
-            txq,
-            interrupt: ctx.interrupt,
-            mergeable: mergeable_rx(ctx.acked_features),
-            broken: Broken::default(),
-        });
-        self.activation.signal()
+        self.activate_queues(ctx, rxq, txq)
     }
 
     fn reset(&mut self) {

@@ -138,9 +138,10 @@ impl Tap {
         Ok(tap)
     }
 
-    /// A stand-in TAP on any file (a socket, in device tests), called `name`.
-    #[cfg(test)]
-    pub(crate) fn from_file(file: File, name: &str) -> Self {
+    /// A stand-in TAP on any file (a socket, in device tests and the `fuzz/` targets),
+    /// called `name`. Not for real NICs: it skips the TAP set-up of [`Tap::open`].
+    #[doc(hidden)]
+    pub fn from_file(file: File, name: &str) -> Self {
         Self {
             file,
             name: name.to_string(),

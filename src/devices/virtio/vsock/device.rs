@@ -125,6 +125,17 @@ impl Vsock {
         self.stats
     }
 
+    /// For the `fuzz/` targets only: one event-loop turn, as a notification of the transmit
+    /// queue (`tx`) or of the receive or event queue does; with `host`, the muxer first
+    /// handles what its host sockets have (as when its epoll fd is readable).
+    #[doc(hidden)]
+    pub fn fuzz_turn(&mut self, tx: bool, host: bool) {
+        if host {
+            self.muxer.process_host_events();
+        }
+        self.run_queues(tx);
+    }
+
     /// Takes every packet the guest queued and hands it to the muxer.
     fn process_tx(&mut self) -> Result<bool, virtio_queue::Error> {
         let Some(a) = self.active.as_mut().filter(|a| !a.broken.is_broken()) else {
