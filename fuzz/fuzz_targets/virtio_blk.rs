@@ -37,6 +37,8 @@ fn devices() -> std::sync::MutexGuard<'static, Vec<Block>> {
                 read_only,
                 id: Some(format!("fuzz{i}")),
                 cache,
+                bw: None,
+                iops: None,
             };
             let disk = DiskFile::open(&cfg).or_else(|_| {
                 DiskFile::open(&DiskConfig {

@@ -38,6 +38,8 @@ fn block() -> Arc<Mutex<Block>> {
             read_only: false,
             id: None,
             cache: CacheMode::Writeback,
+            bw: None,
+            iops: None,
         })
         .unwrap();
         let _ = std::fs::remove_file(&path);
