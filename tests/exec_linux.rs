@@ -351,7 +351,8 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
         format!(
             "echo \"job $JOB_NAME in $PWD\"\ncmp /opt/job.sh /tmp/job.sh && \
              echo \"tmp $(stat -c %a /tmp)\"\ncat {a}/in.txt\n\
-             touch {a}/new 2>/dev/null || echo ro-refused\n{probe}\nexit 0\n",
+             touch {a}/new 2>/dev/null || echo ro-refused\n\
+             [ -f /ember/mounts.done ] && echo mounted-by-the-agent\n{probe}\nexit 0\n",
             a = share_a.display()
         ),
     )
@@ -417,6 +418,8 @@ fn warm_execs_restore_one_snapshot_in_parallel() {
     assert_eq!(a_lines.next(), Some("tmp 1777"), "{a:?}");
     assert_eq!(a_lines.next(), Some("share a"), "{a:?}");
     assert_eq!(a_lines.next(), Some("ro-refused"), "{a:?}");
+    // The guest's agent (vsock-io) mounted the share, not a `mount` process per share.
+    assert_eq!(a_lines.next(), Some("mounted-by-the-agent"), "{a:?}");
     assert!(
         !share_a.join("new").exists(),
         "a read-only share was written"

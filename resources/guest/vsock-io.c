@@ -70,6 +70,8 @@ typedef unsigned short u16;
 #define SYS_fchown 93
 #define SYS_lchown 94
 #define SYS_umask 95
+#define SYS_rename 82
+#define SYS_mount 165
 #define SYS_clock_settime 227
 #define SYS_exit_group 231
 #define SYS_utimensat 280
@@ -839,6 +841,73 @@ static u64 read_line(int fd, char *line, u64 cap, const char *what)
 	return len;
 }
 
+// Mounts the shared directories of a warm job (ember/mounts, relative to the unpack
+// directory: "ro|rw TAG PATH" lines, the path last) with mount(2), and renames the file to
+// ember/mounts.done, so that the command's process does not start a `mount` process per share
+// (each costs hundreds of milliseconds in an emulated guest kernel). On any failure it stops
+// and leaves the file: init then mounts them itself and reports what went wrong.
+static char mounts[8192];
+static void mount_shares(void)
+{
+	i64 fd = sys3(SYS_open, "ember/mounts", O_RDONLY | O_CLOEXEC, 0), n = 0;
+	u64 len = 0, i, start;
+	if (fd < 0)
+		return;
+	while (len < sizeof(mounts) - 1 &&
+	       (n = sys3(SYS_read, fd, mounts + len, sizeof(mounts) - 1 - len)) > 0)
+		len += (u64)n;
+	sys3(SYS_close, fd, 0, 0);
+	if (n < 0 || len == sizeof(mounts) - 1)
+		return;
+	mounts[len] = 0;
+	for (start = 0; start < len; start = i + 1) {
+		char *line = mounts + start, *tag, *path, *p;
+		u64 flags;
+		for (i = start; i < len && mounts[i] != '\n'; i++)
+			;
+		mounts[i] = 0;
+		if (!*line)
+			continue;
+		tag = line;
+		while (*tag && *tag != ' ')
+			tag++;
+		if (!*tag)
+			return;
+		*tag++ = 0;
+		path = tag;
+		while (*path && *path != ' ')
+			path++;
+		if (!*path)
+			return;
+		*path++ = 0;
+		if (streq(line, "ro"))
+			flags = 1; // MS_RDONLY
+		else if (streq(line, "rw"))
+			flags = 0;
+		else
+			return;
+		if (path[0] != '/')
+			return;
+		// mkdir -p PATH
+		for (p = path + 1;; p++) {
+			if (*p == '/' || !*p) {
+				char c = *p;
+				i64 e;
+				*p = 0;
+				e = sys3(SYS_mkdir, path, 0755, 0);
+				*p = c;
+				if (e < 0 && e != -EEXIST)
+					return;
+				if (!c)
+					break;
+			}
+		}
+		if (sys6(SYS_mount, (i64)tag, (i64)path, (i64)"virtiofs", (i64)flags, 0, 0) < 0)
+			return;
+	}
+	sys3(SYS_rename, (i64)"ember/mounts", (i64)"ember/mounts.done", 0);
+}
+
 static void warm(u32 port, const char *dir, int ntty, char **ttys)
 {
 	static int tty_fd[8];
@@ -863,6 +932,7 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 	if (!streq(line, "go"))
 		die("init did not say \"go\" on fd 4", 0);
 	job_unpack(job_accept(exit_dev, port));
+	mount_shares();
 	write_all(3, "ok\n", 3);
 	sys3(SYS_close, 3, 0, 0);
 	len = read_line(4, line, sizeof(line), "read the status from fd 4");
