@@ -49,6 +49,9 @@ pub enum CpioError {
     /// The same path was added twice (or a file is used as a directory).
     #[error("guest path {0} is given twice (or used both as a file and as a directory)")]
     Duplicate(String),
+    /// The path is the archive's end marker: an unpacker would stop at it.
+    #[error("guest path /{TRAILER} cannot be in an archive: it is the cpio format's end marker")]
+    Trailer,
     /// The entry is larger than a newc header can describe (4 GiB).
     #[error("{0} is too large for a cpio archive (at most 4 GiB per file)")]
     TooLarge(String),
@@ -252,6 +255,11 @@ fn normalize(path: &str) -> Result<String, CpioError> {
     }
     if rest.len() > MAX_NAME {
         return Err(CpioError::PathTooLong(path.to_string()));
+    }
+    // An entry named like the end marker would end the archive for the unpacker there (found
+    // by the cpio_writer fuzz target).
+    if rest.split('/').next() == Some(TRAILER) {
+        return Err(CpioError::Trailer);
     }
     Ok(rest.to_string())
 }
@@ -475,5 +483,30 @@ mod tests {
             std::path::Path::new("sub dir/it's.txt")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_entry_named_like_the_end_marker_is_refused() {
+        let mut w = CpioWriter::new();
+        assert!(matches!(
+            w.add_file("/TRAILER!!!", 0o644, 0, b"x".to_vec()),
+            Err(CpioError::Trailer)
+        ));
+        assert!(matches!(
+            w.add_symlink("/TRAILER!!!/", b"/x", 0),
+            Err(CpioError::Trailer)
+        ));
+        assert!(matches!(
+            w.add_dir("/TRAILER!!!", 0o755),
+            Err(CpioError::Trailer)
+        ));
+        // Below it: the parent directory's entry would be named like the marker.
+        assert!(matches!(
+            w.add_file("/TRAILER!!!/f", 0o644, 0, vec![]),
+            Err(CpioError::Trailer)
+        ));
+        // Other names that contain it are fine.
+        w.add_file("/a/TRAILER!!!", 0o644, 0, vec![]).unwrap();
+        w.add_file("/TRAILER!!!x", 0o644, 0, vec![]).unwrap();
     }
 }
