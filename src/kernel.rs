@@ -256,15 +256,46 @@ pub fn load_kernel(
     Ok((loaded?, file.stats().0))
 }
 
-/// The image at `path`, opened for the checks below, and its length.
-fn open_sized(path: &Path) -> Result<(File, u64), KernelError> {
-    let read = |source| KernelError::Read {
-        path: path.into(),
-        source,
-    };
-    let f = File::open(path).map_err(read)?;
-    let len = f.metadata().map_err(read)?.len();
-    Ok((f, len))
+/// An image opened for the header checks below: its path (for messages), the file and its
+/// length.
+struct ImageCheck<'a> {
+    path: &'a Path,
+    file: File,
+    len: u64,
+}
+
+impl<'a> ImageCheck<'a> {
+    fn open(path: &'a Path) -> Result<Self, KernelError> {
+        let file = File::open(path).map_err(|e| Self::read_error(path, e))?;
+        let len = file
+            .metadata()
+            .map_err(|e| Self::read_error(path, e))?
+            .len();
+        Ok(Self { path, file, len })
+    }
+
+    fn read_error(path: &Path, source: std::io::Error) -> KernelError {
+        KernelError::Read {
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The error for an image that cannot be a kernel, and `why`.
+    fn bad(&self, why: String) -> KernelError {
+        KernelError::BadImage {
+            path: self.path.into(),
+            why,
+        }
+    }
+
+    /// Fills `buf` from byte `offset` of the file.
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> Result<(), KernelError> {
+        use std::os::unix::fs::FileExt;
+        self.file
+            .read_exact_at(buf, offset)
+            .map_err(|e| Self::read_error(self.path, e))
+    }
 }
 
 /// Checks the setup header of the bzImage at `path` against the file and guest memory before
@@ -272,24 +303,16 @@ fn open_sized(path: &Path) -> Result<(File, u64), KernelError> {
 /// code and the protected-mode kernel within the file, and the memory the kernel needs to
 /// decompress itself (`init_size` from where it is loaded) within guest RAM.
 pub fn check_bzimage_header(path: &Path, mem: &GuestMemory) -> Result<(), KernelError> {
-    use std::os::unix::fs::FileExt;
     use vm_memory::GuestMemoryBackend;
-    let bad = |why: String| KernelError::BadImage {
-        path: path.into(),
-        why,
-    };
-    let read = |source| KernelError::Read {
-        path: path.into(),
-        source,
-    };
-    let (f, len) = open_sized(path)?;
+    let img = ImageCheck::open(path)?;
+    let len = img.len;
     let mut h = [0u8; 0x268];
     if len < h.len() as u64 {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "the file is {len} bytes, shorter than a bzImage's setup header: it is truncated"
         )));
     }
-    f.read_exact_at(&mut h, 0).map_err(read)?;
+    img.read_exact_at(&mut h, 0)?;
     let u32_at = |at: usize| u32::from_le_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
     let version = u16::from_le_bytes([h[0x206], h[0x207]]);
     if version < 0x020c {
@@ -301,7 +324,7 @@ pub fn check_bzimage_header(path: &Path, mem: &GuestMemory) -> Result<(), Kernel
     };
     let setup = (sects + 1) * 512;
     if setup >= len {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "its setup header says the setup code is {setup} bytes ({sects} sectors), but the \
              file is {len} bytes: it is truncated or damaged"
         )));
@@ -309,7 +332,7 @@ pub fn check_bzimage_header(path: &Path, mem: &GuestMemory) -> Result<(), Kernel
     let kernel = u64::from(u32_at(0x1f4)) * 16;
     // syssize is rounded up to 16-byte paragraphs: a few bytes of slack.
     if kernel > len - setup + 16 {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "its setup header says the kernel is {kernel} bytes, but the file has {} after \
              the setup code: it is truncated or damaged",
             len - setup
@@ -318,7 +341,7 @@ pub fn check_bzimage_header(path: &Path, mem: &GuestMemory) -> Result<(), Kernel
     let ram_end = mem.last_addr().0.saturating_add(1);
     let need = HIMEM_START.saturating_add(u64::from(u32_at(0x260)));
     if need > ram_end {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "it needs {} bytes (init_size) from {HIMEM_START:#x} to decompress itself, beyond \
              the guest's RAM ({ram_end:#x}): give the guest more memory with --mem, or the image \
              is damaged",
@@ -337,24 +360,16 @@ const MAX_ELF_PHDRS: u64 = 64;
 /// loadable segment past the end of the file, larger in the file than in memory, outside
 /// guest RAM or below 1 MiB, or two loadable segments that overlap.
 pub fn check_elf_segments(path: &Path, mem: &GuestMemory) -> Result<(), KernelError> {
-    use std::os::unix::fs::FileExt;
     use vm_memory::GuestMemoryBackend;
-    let bad = |why: String| KernelError::BadImage {
-        path: path.into(),
-        why,
-    };
-    let read = |source| KernelError::Read {
-        path: path.into(),
-        source,
-    };
-    let (f, len) = open_sized(path)?;
+    let img = ImageCheck::open(path)?;
+    let len = img.len;
     let mut eh = [0u8; 64];
     if len < 64 {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "the file is {len} bytes, shorter than an ELF header: it is truncated"
         )));
     }
-    f.read_exact_at(&mut eh, 0).map_err(read)?;
+    img.read_exact_at(&mut eh, 0)?;
     let u16_at = |b: &[u8], at: usize| u64::from(u16::from_le_bytes([b[at], b[at + 1]]));
     let u64_at = |b: &[u8], at: usize| {
         let mut x = [0u8; 8];
@@ -362,30 +377,30 @@ pub fn check_elf_segments(path: &Path, mem: &GuestMemory) -> Result<(), KernelEr
         u64::from_le_bytes(x)
     };
     if eh[4] != 2 || eh[5] != 1 || u16_at(&eh, 18) != 62 {
-        return Err(bad(
+        return Err(img.bad(
             "it is not a 64-bit little-endian x86-64 ELF (build the kernel for x86_64)".into(),
         ));
     }
     let (phoff, phentsize, phnum) = (u64_at(&eh, 32), u16_at(&eh, 54), u16_at(&eh, 56));
     if phnum == 0 || phnum > MAX_ELF_PHDRS {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "it has {phnum} program headers (a kernel has 1 to {MAX_ELF_PHDRS})"
         )));
     }
     if phentsize != 56 {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "its program headers are {phentsize} bytes each, not 56"
         )));
     }
     let table_end = phoff.checked_add(phnum * 56);
     if table_end.is_none_or(|end| end > len) {
-        return Err(bad(format!(
+        return Err(img.bad(format!(
             "its {phnum} program headers at offset {phoff:#x} lie past the end of the file \
                  ({len} bytes): it is truncated or damaged"
         )));
     }
     let mut table = vec![0u8; usize::try_from(phnum * 56).unwrap_or(0)];
-    f.read_exact_at(&mut table, phoff).map_err(read)?;
+    img.read_exact_at(&mut table, phoff)?;
     let ram_end = mem.last_addr().0.saturating_add(1);
     let mut loads: Vec<(u64, u64, usize)> = Vec::new();
     for (i, ph) in table.chunks_exact(56).enumerate() {
@@ -395,20 +410,20 @@ pub fn check_elf_segments(path: &Path, mem: &GuestMemory) -> Result<(), KernelEr
         let (offset, paddr) = (u64_at(ph, 8), u64_at(ph, 24));
         let (filesz, memsz) = (u64_at(ph, 32), u64_at(ph, 40));
         if filesz > memsz {
-            return Err(bad(format!(
+            return Err(img.bad(format!(
                 "loadable segment {i} has {filesz} bytes in the file but only {memsz} in \
                  memory: it is damaged"
             )));
         }
         if offset.checked_add(filesz).is_none_or(|end| end > len) {
-            return Err(bad(format!(
+            return Err(img.bad(format!(
                 "loadable segment {i} (file offset {offset:#x}, {filesz} bytes) lies past the \
                  end of the file ({len} bytes): it is truncated"
             )));
         }
         let end = paddr.checked_add(memsz);
         if paddr < HIMEM_START || end.is_none_or(|e| e > ram_end) {
-            return Err(bad(format!(
+            return Err(img.bad(format!(
                 "loadable segment {i} (guest addresses {paddr:#x}, {memsz} bytes) is not within \
                  guest RAM above 1 MiB (RAM ends at {ram_end:#x}): give the guest more memory \
                  with --mem, or the image is damaged"
@@ -419,13 +434,13 @@ pub fn check_elf_segments(path: &Path, mem: &GuestMemory) -> Result<(), KernelEr
         }
     }
     if loads.is_empty() {
-        return Err(bad("it has no loadable segment".into()));
+        return Err(img.bad("it has no loadable segment".into()));
     }
     loads.sort_unstable();
     for w in loads.windows(2) {
         let ((a_start, a_end, a), (b_start, b_end, b)) = (w[0], w[1]);
         if b_start < a_end {
-            return Err(bad(format!(
+            return Err(img.bad(format!(
                 "loadable segments {a} ({a_start:#x}..{a_end:#x}) and {b} ({b_start:#x}..\
                  {b_end:#x}) overlap in guest memory: it is damaged"
             )));
