@@ -2,7 +2,7 @@
 //! The command line: `ember run` boots a kernel with the console on this terminal. Each
 //! subcommand turns its flags into a [`VmConfig`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -54,7 +54,7 @@ pub enum Command {
     /// boot phases, KVM exits, CPU and memory, optionally side by side with QEMU or
     /// Firecracker.
     #[command(after_help = BENCH_HELP)]
-    Bench(BenchArgs),
+    Bench(Box<BenchArgs>),
     /// Run one command in a throwaway microVM: its stdout and stderr are streamed to ember's,
     /// and ember exits with its exit status (see docs/exec.md).
     #[command(after_help = EXEC_HELP)]
@@ -372,12 +372,28 @@ then `ember restore`) and, with --compare firecracker, Firecracker's (through it
 alternating; the guest's command is then a tick line every 0.5 s, and a restored guest counts
 as resumed when it prints again.
 
+--ab compares two configurations of ember: A, what the other flags describe, and B, A with the
+--b-* flags (--b-kernel, --b-initrd, --b-cmdline, --b-append, --b-ember, --b-no-acpi, --b-mem,
+--b-vcpus; --a-append changes A alone). They boot alternately, A B B A A B B A ..., so that the
+host's drift weighs on both alike, --runs each (default 5). For each figure both sides have
+(marker line, boot timer, guest end, first KVM_RUN, vCPU CPU time to the boot timer, guest
+memory touched, peak RSS) it prints both medians, the change of the mean (B against A), the
+two-sided p-value of a permutation test on the difference of the means, and a verdict: a
+change counts only when p < 0.01 and it is at least 5 %. With fewer than 5 runs a side, p <
+0.01 cannot be reached. Failed runs are listed and left out; the bench fails when a side has
+fewer than 2 successful runs. --parallel 2 boots the two runs of a pair together. --b-ember
+runs another build of ember (it must know `ember run --bench-report`). --json writes every raw
+sample and the statistics.
+
 Examples:
   ember bench --runs 3
   ember bench --runs 3 --compare qemu --compare firecracker=/path/to/firecracker --json out.json
   ember bench --runs 1 --profile boot-profile.txt
   ember bench --snapshot --runs 2
-  ember bench --snapshot --runs 2 --compare firecracker=/path/to/firecracker --json snap.json";
+  ember bench --snapshot --runs 2 --compare firecracker=/path/to/firecracker --json snap.json
+  ember bench --ab --b-append \"clearcpuid=erms\" --runs 5 --json ab.json
+  ember bench --ab --b-ember ../old/target/release/ember --a-name new --b-name old
+  ember bench --ab --b-kernel /path/to/new/vmlinux --runs 7";
 
 fn parse_level(s: &str) -> Result<log::LevelFilter, String> {
     s.parse()
@@ -813,10 +829,9 @@ pub struct BenchArgs {
     /// Guest memory in MiB.
     #[arg(long, default_value_t = crate::config::DEFAULT_MEM_MIB, value_name = "MIB")]
     pub mem: u64,
-    /// Boots per VMM.
-    #[arg(long, default_value_t = 3, value_name = "R",
-          value_parser = clap::value_parser!(u32).range(1..=1000))]
-    pub runs: u32,
+    /// Boots per VMM (default 3), or per side with --ab (default 5).
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub runs: Option<u32>,
     /// Boots at once.
     #[arg(long, default_value_t = 1, value_name = "P",
           value_parser = clap::value_parser!(u32).range(1..=256))]
@@ -876,6 +891,47 @@ pub struct BenchArgs {
           default_value_t = crate::bench::snapshot::DEFAULT_WATCH_S as f64,
           value_parser = parse_timeout)]
     pub snapshot_watch: f64,
+    /// A/B mode: boot two ember configurations alternately (A B B A A B ...), --runs each
+    /// (default 5), and for each figure say whether B differs from A (a permutation test:
+    /// p < 0.01 and a change of at least 5 %). A is what the other flags describe; B is A
+    /// with the --b-* flags (at least one of them, or --a-append, is needed).
+    #[arg(long, conflicts_with_all = ["compare", "snapshot", "exec", "setup_only", "profile"])]
+    pub ab: bool,
+    /// --ab: B's kernel instead of A's (B keeps A's initrd unless --b-initrd).
+    #[arg(long, value_name = "PATH", requires = "ab")]
+    pub b_kernel: Option<PathBuf>,
+    /// --ab: B's initial ramdisk instead of A's.
+    #[arg(long, value_name = "PATH", requires = "ab")]
+    pub b_initrd: Option<PathBuf>,
+    /// --ab: B's kernel command line instead of --cmdline (built the same way: --append,
+    /// then --b-append, then `ember.cmd=true` unless it has an ember.cmd=).
+    #[arg(long, value_name = "STRING", requires = "ab")]
+    pub b_cmdline: Option<String>,
+    /// --ab: words appended to B's command line only (repeatable).
+    #[arg(long, value_name = "WORDS", requires = "ab")]
+    pub b_append: Vec<String>,
+    /// --ab: words appended to A's command line only (repeatable).
+    #[arg(long, value_name = "WORDS", requires = "ab")]
+    pub a_append: Vec<String>,
+    /// --ab: the ember binary B runs (another build, to measure a VMM change; A runs this
+    /// one).
+    #[arg(long, value_name = "PATH", requires = "ab")]
+    pub b_ember: Option<PathBuf>,
+    /// --ab: boot B's guest without ACPI (as --no-acpi does for A).
+    #[arg(long, requires = "ab")]
+    pub b_no_acpi: bool,
+    /// --ab: B's guest memory in MiB instead of --mem.
+    #[arg(long, value_name = "MIB", requires = "ab")]
+    pub b_mem: Option<u64>,
+    /// --ab: B's vCPUs instead of --vcpus.
+    #[arg(long, value_name = "N", requires = "ab")]
+    pub b_vcpus: Option<u32>,
+    /// --ab: A's name in the report.
+    #[arg(long, value_name = "NAME", default_value = "A", requires = "ab")]
+    pub a_name: String,
+    /// --ab: B's name in the report.
+    #[arg(long, value_name = "NAME", default_value = "B", requires = "ab")]
+    pub b_name: String,
 }
 
 impl BenchArgs {
@@ -895,7 +951,7 @@ impl BenchArgs {
         }
         crate::bench::exec::ExecBenchOptions {
             ember: std::env::current_exe().unwrap_or_else(|_| "ember".into()),
-            runs: self.runs as usize,
+            runs: self.runs.map_or(DEFAULT_BENCH_RUNS, |r| r as usize),
             exec_flags,
             command: self
                 .exec_command
@@ -906,20 +962,17 @@ impl BenchArgs {
         }
     }
 
-    /// The bench these flags describe.
-    pub fn to_options(&self) -> Result<crate::bench::BenchOptions, ConfigError> {
-        let (kernel, initrd) = resolve_guest(
-            self.kernel.as_ref(),
-            self.initrd.as_ref(),
-            self.root.as_deref(),
-        )?;
-        let mut cmdline = self.cmdline.trim().to_string();
-        if self.kernel.is_none() && self.cmdline == DEFAULT_CMDLINE {
+    /// The guest command line of a bench: `base` (--cmdline or --b-cmdline), the default
+    /// guest's tuning when it is the default guest's default line, --append, `extra`
+    /// (--a-append or --b-append), and the guest's command unless it has one.
+    fn guest_cmdline(&self, base: &str, extra: &[String]) -> String {
+        let mut cmdline = base.trim().to_string();
+        if self.kernel.is_none() && base == DEFAULT_CMDLINE {
             // ember's own guest with the default command line: the switches that make it boot
             // faster (for every VMM).
             cmdline = crate::host::append_switches(&cmdline, crate::config::DEFAULT_GUEST_TUNING);
         }
-        for a in &self.append {
+        for a in self.append.iter().chain(extra) {
             cmdline.push(' ');
             cmdline.push_str(a.trim());
         }
@@ -934,6 +987,17 @@ impl BenchArgs {
                 cmdline.push_str(" ember.cmd=true");
             }
         }
+        cmdline.trim().to_string()
+    }
+
+    /// The bench these flags describe.
+    pub fn to_options(&self) -> Result<crate::bench::BenchOptions, ConfigError> {
+        let (kernel, initrd) = resolve_guest(
+            self.kernel.as_ref(),
+            self.initrd.as_ref(),
+            self.root.as_deref(),
+        )?;
+        let cmdline = self.guest_cmdline(&self.cmdline, &self.a_append);
         let mut probe = VmConfig::new(&kernel);
         probe.initrd = initrd.clone();
         probe.vcpus = self.vcpus;
@@ -945,18 +1009,29 @@ impl BenchArgs {
             .collect::<Result<_, _>>()?;
         probe.root = self.root.clone();
         probe.validate()?;
+        let guest = crate::bench::peers::GuestSpec {
+            kernel,
+            initrd,
+            disks: self.disk.clone(),
+            root: self.root.clone(),
+            root_cmdline: probe.root_cmdline(),
+            cmdline,
+            vcpus: self.vcpus,
+            mem_mib: self.mem,
+        };
+        let ab = if self.ab {
+            Some(self.ab_options(&guest, probe)?)
+        } else {
+            None
+        };
+        let default_runs = if self.ab {
+            crate::bench::ab::DEFAULT_AB_RUNS
+        } else {
+            DEFAULT_BENCH_RUNS
+        };
         Ok(crate::bench::BenchOptions {
-            guest: crate::bench::peers::GuestSpec {
-                kernel,
-                initrd,
-                disks: self.disk.clone(),
-                root: self.root.clone(),
-                root_cmdline: probe.root_cmdline(),
-                cmdline: cmdline.trim().to_string(),
-                vcpus: self.vcpus,
-                mem_mib: self.mem,
-            },
-            runs: self.runs as usize,
+            guest,
+            runs: self.runs.map_or(default_runs, |r| r as usize),
             parallel: self.parallel as usize,
             compare: self.compare.clone(),
             marker: self.marker.clone(),
@@ -969,8 +1044,117 @@ impl BenchArgs {
             snapshot: self.snapshot.then(|| crate::bench::snapshot::SnapshotMode {
                 watch: std::time::Duration::from_secs_f64(self.snapshot_watch),
             }),
+            ab,
         })
     }
+
+    /// The sides of `--ab`: A is `a_guest` (the usual flags with --a-append), B is A with
+    /// the --b-* overrides, checked as A was (`probe` is A's checked configuration).
+    fn ab_options(
+        &self,
+        a_guest: &crate::bench::peers::GuestSpec,
+        mut probe: VmConfig,
+    ) -> Result<crate::bench::ab::AbOptions, ConfigError> {
+        use crate::bench::ab::{AbOptions, AbSide};
+        let overridden = self.b_kernel.is_some()
+            || self.b_initrd.is_some()
+            || self.b_cmdline.is_some()
+            || !self.b_append.is_empty()
+            || !self.a_append.is_empty()
+            || self.b_ember.is_some()
+            || self.b_no_acpi
+            || self.b_mem.is_some()
+            || self.b_vcpus.is_some();
+        if !overridden {
+            return Err(ConfigError::Device(
+                "--ab needs configuration B to differ from A: add at least one of \
+                 --b-kernel PATH, --b-initrd PATH, --b-cmdline STRING, --b-append WORDS, \
+                 --b-ember PATH, --b-no-acpi, --b-mem MIB, --b-vcpus N (or --a-append WORDS \
+                 for A), e.g. `ember bench --ab --b-append \"clearcpuid=erms\"`"
+                    .into(),
+            ));
+        }
+        let (a_name, b_name) = (self.a_name.trim(), self.b_name.trim());
+        if a_name.is_empty() || b_name.is_empty() || a_name == b_name {
+            return Err(ConfigError::Device(format!(
+                "--a-name {a_name:?} and --b-name {b_name:?}: the two sides need two \
+                 different, non-empty names"
+            )));
+        }
+        let b_ember = match &self.b_ember {
+            Some(p) => Some(check_executable(p)?),
+            None => None,
+        };
+        let mut b = a_guest.clone();
+        if let Some(k) = &self.b_kernel {
+            b.kernel = k.clone();
+        }
+        if let Some(i) = &self.b_initrd {
+            b.initrd = Some(i.clone());
+        }
+        b.cmdline = self.guest_cmdline(
+            self.b_cmdline.as_deref().unwrap_or(&self.cmdline),
+            &self.b_append,
+        );
+        b.vcpus = self.b_vcpus.unwrap_or(self.vcpus);
+        b.mem_mib = self.b_mem.unwrap_or(self.mem);
+        probe.kernel = b.kernel.clone();
+        probe.initrd = b.initrd.clone();
+        probe.vcpus = b.vcpus;
+        probe.mem_mib = b.mem_mib;
+        probe.validate().map_err(|e| match e {
+            ConfigError::Kernel { path, why } => ConfigError::Device(format!(
+                "B's kernel image {}: {why} (check --b-kernel)",
+                path.display()
+            )),
+            ConfigError::Initrd { path, why } => ConfigError::Device(format!(
+                "B's initrd {}: {why} (check --b-initrd)",
+                path.display()
+            )),
+            e => ConfigError::Device(format!(
+                "configuration B: {e} (B's values come from --b-mem and --b-vcpus where given)"
+            )),
+        })?;
+        Ok(AbOptions {
+            a: AbSide {
+                name: a_name.to_string(),
+                guest: a_guest.clone(),
+                ember_bin: None,
+                acpi: !self.no_acpi,
+            },
+            b: AbSide {
+                name: b_name.to_string(),
+                guest: b,
+                ember_bin: b_ember,
+                acpi: !self.no_acpi && !self.b_no_acpi,
+            },
+        })
+    }
+}
+
+/// Boots per VMM of `ember bench` without `--runs`.
+pub const DEFAULT_BENCH_RUNS: usize = 3;
+
+/// `--b-ember PATH`: an executable file, as an absolute path (a bare file name would
+/// otherwise be looked up in PATH when the bench starts it).
+fn check_executable(path: &Path) -> Result<PathBuf, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let bad = |why: String| {
+        ConfigError::Device(format!(
+            "--b-ember {}: {why}; give the path of an ember binary (e.g. target/release/ember \
+             of another checkout)",
+            path.display()
+        ))
+    };
+    let abs = std::fs::canonicalize(path).map_err(|e| bad(e.to_string()))?;
+    let meta = std::fs::metadata(&abs).map_err(|e| bad(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(bad("not a regular file".into()));
+    }
+    if meta.permissions().mode() & 0o111 == 0 {
+        return Err(bad("not executable".into()));
+    }
+    Ok(abs)
 }
 
 /// Kernel and initrd: the ones given, or the default guest's (without its initramfs when
@@ -1400,7 +1584,7 @@ mod tests {
         let Command::Bench(b) = cli.command else {
             panic!("not bench")
         };
-        assert_eq!((b.runs, b.parallel), (2, 2));
+        assert_eq!((b.runs, b.parallel), (Some(2), 2));
         assert_eq!(b.compare, ["qemu", "firecracker=/fc"]);
         assert_eq!(
             b.profile.as_deref(),
@@ -1466,6 +1650,175 @@ mod tests {
         ]);
         assert_eq!(o.guest.cmdline, "console=ttyS0 ember.cmd=\"ls /\"");
         std::fs::remove_file(k).unwrap();
+    }
+
+    #[test]
+    fn bench_ab_sides() {
+        let dir = std::env::temp_dir().join(format!("ember-cli-ab-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let k = dir.join("k");
+        let k2 = dir.join("k2");
+        let exe = dir.join("old-ember");
+        let plain = dir.join("not-executable");
+        let (i, i2) = (dir.join("i"), dir.join("i2"));
+        for f in [&k, &k2, &exe, &plain, &i, &i2] {
+            std::fs::write(f, b"\x7fELF").unwrap();
+        }
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let ks = k.to_str().unwrap();
+        let opts = |extra: &[&str]| bench_options(ks, extra);
+        let tried = |extra: &[&str]| {
+            let mut args = vec!["bench", "--kernel", ks];
+            args.extend_from_slice(extra);
+            let Command::Bench(b) = parse(&args).unwrap().command else {
+                panic!("not bench")
+            };
+            b.to_options()
+        };
+
+        // Without --ab: no sides, 3 runs.
+        let o = opts(&[]);
+        assert!(o.ab.is_none());
+        assert_eq!(o.runs, 3);
+
+        // B appends words; both keep --append; A and B otherwise the same; 5 runs a side.
+        let o = opts(&[
+            "--ab",
+            "--append",
+            "quiet",
+            "--b-append",
+            "clearcpuid=erms",
+            "--b-append",
+            "nokaslr",
+            "--initrd",
+            i.to_str().unwrap(),
+        ]);
+        assert_eq!(o.runs, crate::bench::ab::DEFAULT_AB_RUNS);
+        let ab = o.ab.clone().unwrap();
+        let base = format!("{DEFAULT_CMDLINE} quiet");
+        assert_eq!(ab.a.guest.cmdline, format!("{base} ember.cmd=true"));
+        assert_eq!(
+            ab.b.guest.cmdline,
+            format!("{base} clearcpuid=erms nokaslr ember.cmd=true")
+        );
+        assert_eq!(ab.a.guest, o.guest, "A is the bench's guest");
+        assert_eq!((ab.a.name.as_str(), ab.b.name.as_str()), ("A", "B"));
+        assert_eq!(ab.differences(), ["cmdline"]);
+        assert_eq!(ab.b.guest.initrd.as_ref(), Some(&i), "B keeps A's initrd");
+        assert!(ab.a.acpi && ab.b.acpi);
+        assert_eq!(
+            (ab.a.ember_bin.as_ref(), ab.b.ember_bin.as_ref()),
+            (None, None)
+        );
+
+        // Every B override; --b-cmdline replaces --cmdline for B only; --a-append is A's.
+        let o = opts(&[
+            "--ab",
+            "--runs",
+            "7",
+            "--cmdline",
+            "console=ttyS0",
+            "--a-append",
+            "a=1",
+            "--b-cmdline",
+            "console=hvc0",
+            "--b-kernel",
+            k2.to_str().unwrap(),
+            "--b-initrd",
+            i2.to_str().unwrap(),
+            "--b-ember",
+            exe.to_str().unwrap(),
+            "--b-no-acpi",
+            "--b-mem",
+            "512",
+            "--b-vcpus",
+            "2",
+            "--a-name",
+            "new",
+            "--b-name",
+            "old",
+        ]);
+        assert_eq!(o.runs, 7);
+        let ab = o.ab.unwrap();
+        assert_eq!(ab.a.guest.cmdline, "console=ttyS0 a=1 ember.cmd=true");
+        assert_eq!(ab.b.guest.cmdline, "console=hvc0 ember.cmd=true");
+        assert_eq!(ab.b.guest.kernel, k2);
+        assert_eq!(ab.b.guest.initrd.as_ref(), Some(&i2));
+        assert_eq!((ab.b.guest.mem_mib, ab.b.guest.vcpus), (512, 2));
+        assert_eq!(
+            (ab.a.guest.mem_mib, ab.a.guest.vcpus),
+            (crate::config::DEFAULT_MEM_MIB, crate::config::DEFAULT_VCPUS)
+        );
+        assert_eq!(ab.b.ember_bin, Some(std::fs::canonicalize(&exe).unwrap()));
+        assert!(ab.a.acpi && !ab.b.acpi);
+        assert_eq!((ab.a.name.as_str(), ab.b.name.as_str()), ("new", "old"));
+        assert_eq!(
+            ab.differences(),
+            [
+                "ember binary",
+                "kernel",
+                "initrd",
+                "cmdline",
+                "ACPI",
+                "vCPUs",
+                "memory"
+            ]
+        );
+        // --a-append alone makes the sides differ; --no-acpi is A's and B's.
+        let ab = opts(&["--ab", "--a-append", "x", "--no-acpi"]).ab.unwrap();
+        assert_eq!(ab.differences(), ["cmdline"]);
+        assert!(!ab.a.acpi && !ab.b.acpi);
+        // The default guest's tuning follows the default command line, for B too.
+        let o = opts(&["--ab", "--b-cmdline", DEFAULT_CMDLINE]).ab.unwrap();
+        assert_eq!(o.a.guest.cmdline, o.b.guest.cmdline);
+
+        // Usage errors, each saying what to do.
+        let err = |extra: &[&str]| tried(extra).unwrap_err().to_string();
+        let e = err(&["--ab"]);
+        assert!(
+            e.contains("--ab needs configuration B to differ from A"),
+            "{e}"
+        );
+        assert!(
+            e.contains("--b-kernel PATH") && e.contains("--b-append WORDS"),
+            "{e}"
+        );
+        let e = err(&["--ab", "--b-kernel", "/nonexistent/vmlinux"]);
+        assert!(
+            e.contains("/nonexistent/vmlinux") && e.contains("check --b-kernel"),
+            "{e}"
+        );
+        let e = err(&["--ab", "--b-ember", "/nonexistent/ember"]);
+        assert!(e.contains("--b-ember /nonexistent/ember"), "{e}");
+        let e = err(&["--ab", "--b-ember", plain.to_str().unwrap()]);
+        assert!(e.contains("not executable"), "{e}");
+        let e = err(&["--ab", "--b-ember", dir.to_str().unwrap()]);
+        assert!(e.contains("not a regular file"), "{e}");
+        let e = err(&["--ab", "--b-mem", "1"]);
+        assert!(
+            e.contains("configuration B") && e.contains("--b-mem"),
+            "{e}"
+        );
+        let e = err(&["--ab", "--b-vcpus", "1", "--a-name", "X", "--b-name", "X"]);
+        assert!(e.contains("two different, non-empty names"), "{e}");
+        let e = err(&["--ab", "--b-vcpus", "1", "--b-name", " "]);
+        assert!(e.contains("two different, non-empty names"), "{e}");
+        for bad in [
+            &["bench", "--ab", "--b-vcpus", "2", "--compare", "qemu"][..],
+            &["bench", "--ab", "--b-vcpus", "2", "--snapshot"],
+            &["bench", "--ab", "--b-vcpus", "2", "--exec"],
+            &["bench", "--ab", "--b-vcpus", "2", "--setup-only"],
+            &["bench", "--ab", "--b-vcpus", "2", "--profile"],
+            &["bench", "--b-append", "x"],
+            &["bench", "--a-append", "x"],
+            &["bench", "--b-kernel", "/k"],
+            &["bench", "--b-no-acpi"],
+            &["bench", "--a-name", "x"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} parsed");
+        }
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

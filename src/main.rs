@@ -302,11 +302,87 @@ fn bench(args: &BenchArgs) -> ExitCode {
     if opts.snapshot.is_some() {
         return bench_snapshot(args, &opts);
     }
+    if opts.ab.is_some() {
+        return bench_ab(args, &opts);
+    }
+    let mut on_progress = bench_progress(&|job: &ember::bench::runner::Job| job.label());
+    let results = match ember::bench::run_bench(&opts, &mut on_progress) {
+        Ok(r) => r,
+        Err(e) => {
+            ember::print_error_chain(&e);
+            return ExitCode::from(match e {
+                ember::bench::BenchError::Usage(_) => code::USAGE,
+                _ => code::VMM_ERROR,
+            });
+        }
+    };
+    let ok = results
+        .records
+        .iter()
+        .any(|r| r.vmm == "ember" && r.error.is_none());
+    report_bench(
+        args,
+        &results.render(),
+        |p| results.write_json(p),
+        "raw samples and statistics",
+        ok,
+    )
+}
+
+/// `ember bench --ab`: two ember configurations, ABBA, with a significance test.
+fn bench_ab(args: &BenchArgs, opts: &ember::bench::BenchOptions) -> ExitCode {
+    let names: Vec<String> = opts
+        .ab
+        .iter()
+        .flat_map(|ab| ab.sides().map(|s| s.name.clone()))
+        .collect();
+    let label = |job: &ember::bench::runner::Job| {
+        let side = names.get(job.ctx).map_or("?", String::as_str);
+        format!("{side} #{}", job.run)
+    };
+    let mut on_progress = bench_progress(&label);
+    let results = match ember::bench::ab::run_ab(opts, &mut on_progress) {
+        Ok(r) => r,
+        Err(e) => {
+            ember::print_error_chain(&e);
+            return ExitCode::from(match e {
+                ember::bench::BenchError::Usage(_) => code::USAGE,
+                _ => code::VMM_ERROR,
+            });
+        }
+    };
+    let ok = results.comparable();
+    let status = report_bench(
+        args,
+        &results.render(),
+        |p| results.write_json(p),
+        "raw samples and statistics",
+        ok,
+    );
+    if !ok {
+        eprintln!(
+            "ember bench --ab: no comparison: each side needs at least {} successful runs \
+             ({} of {} and {} of {} succeeded; the notes of the report say why runs failed)",
+            ember::bench::ab::MIN_OK_RUNS,
+            results.ok_runs[0],
+            results.all_runs[0],
+            results.ok_runs[1],
+            results.all_runs[1]
+        );
+    }
+    status
+}
+
+/// The progress lines of a bench on stderr (one line, rewritten, on a terminal); `label`
+/// names a job that starts.
+fn bench_progress<'a>(
+    label: &'a dyn Fn(&ember::bench::runner::Job) -> String,
+) -> impl FnMut(&Progress, usize, usize) + 'a {
     use std::io::IsTerminal;
     let tty = std::io::stderr().is_terminal();
-    let mut on_progress = |p: &Progress, done: usize, total: usize| match p {
+    move |p: &Progress, done: usize, total: usize| match p {
         Progress::Started(job) if tty => {
-            eprint!("\r\x1b[K[{done}/{total}] running {}", job.label());
+            eprint!("\r\x1b[K[{done}/{total}] running {}", label(job));
         }
         Progress::Started(_) => {}
         Progress::Finished(rec) => {
@@ -334,28 +410,7 @@ fn bench(args: &BenchArgs) -> ExitCode {
                 eprintln!("{line}");
             }
         }
-    };
-    let results = match ember::bench::run_bench(&opts, &mut on_progress) {
-        Ok(r) => r,
-        Err(e) => {
-            ember::print_error_chain(&e);
-            return ExitCode::from(match e {
-                ember::bench::BenchError::Usage(_) => code::USAGE,
-                _ => code::VMM_ERROR,
-            });
-        }
-    };
-    let ok = results
-        .records
-        .iter()
-        .any(|r| r.vmm == "ember" && r.error.is_none());
-    report_bench(
-        args,
-        &results.render(),
-        |p| results.write_json(p),
-        "raw samples and statistics",
-        ok,
-    )
+    }
 }
 
 /// Prints a bench's text report, writes its JSON (`--json`; `what` names it in the message)

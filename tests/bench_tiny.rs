@@ -289,3 +289,232 @@ fn a_missing_peer_is_an_error_before_any_boot() {
         assert_eq!(out.stdout, "", "{args:?}");
     }
 }
+
+/// A tiny guest as `ember bench` needs one: it prints a first line, the marker line, writes
+/// the boot timer (a byte of 123 at its MMIO address), prints `tail` and resets.
+fn bench_guest(dir: &std::path::Path, name: &str, tail: &str) -> String {
+    let mut a = Asm::new();
+    a.print("booting\n")
+        .print("tiny-init: running\n")
+        .mov_al(123)
+        .mmio_write8(0xc000_0000)
+        .print(tail)
+        .reset();
+    write_tiny_guest(dir, name, &a.code, &[])
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn json_strings(v: Option<&Json>) -> Vec<String> {
+    v.and_then(Json::as_array)
+        .unwrap_or_default()
+        .iter()
+        .map(|s| s.as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+/// `ember bench --ab` with two tiny kernels: runs in ABBA order, 3 samples a side, a
+/// comparison with a p-value for each figure, and the report says what A and B are. No
+/// timing is asserted (which side is faster is not the point).
+#[test]
+fn ab_bench_alternates_and_compares() {
+    if !kvm_available("ab_bench_alternates_and_compares") {
+        return;
+    }
+    let dir = temp_dir("bench-ab");
+    let ka = bench_guest(&dir, "a.elf", "done\n");
+    let kb = bench_guest(&dir, "b.elf", "done, with a longer last line\n");
+    let json = dir.join("ab.json");
+    let out = run_ember(
+        &[
+            "bench",
+            "--kernel",
+            &ka,
+            "--mem",
+            "16",
+            "--ab",
+            "--b-kernel",
+            &kb,
+            "--runs",
+            "3",
+            "--marker",
+            "tiny-init:",
+            "--timeout",
+            "60",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        None,
+        Duration::from_secs(300),
+    );
+    out.expect_code(0);
+    for want in [
+        "ember bench --ab: A against B, 3 run(s) each in ABBA order (A B B A A B)",
+        &format!("   kernel {ka}, initrd none, 1 vCPU(s), 16 MiB, ACPI on"),
+        &format!("   kernel {kb}, initrd none"),
+        "B differs from A in: kernel",
+        "3 of 3 and 3 of 3 runs succeeded",
+        // 3 against 3: the smallest p is 2/20.
+        "the smallest p-value a permutation test can give is 0.1000: p < 0.01 cannot be reached",
+        "marker line (host-seen), ms",
+        "== A (3 runs, 0 failed)",
+        "== B (3 runs, 0 failed)",
+    ] {
+        assert!(
+            out.stdout.contains(want),
+            "{want:?} missing:\n{}",
+            out.stdout
+        );
+    }
+    let j = Json::parse(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        j.get("format").and_then(Json::as_str),
+        Some("ember-bench-ab/1")
+    );
+    assert_eq!(json_strings(j.get("run_order")).concat(), "ABBAAB");
+    let runs = j.get("runs").and_then(Json::as_array).unwrap();
+    let sides: Vec<String> = runs
+        .iter()
+        .map(|r| r.get("side").and_then(Json::as_str).unwrap().to_string())
+        .collect();
+    assert_eq!(sides.concat(), "ABBAAB", "{j}");
+    for (i, r) in runs.iter().enumerate() {
+        assert_eq!(r.get("seq").and_then(Json::as_u64), Some(i as u64 + 1));
+        assert_eq!(r.get("ok"), Some(&Json::Bool(true)), "{r}");
+    }
+    // Each side booted its own kernel and read its own report: B's guest prints more, one
+    // port I/O exit a byte, so its reports count more port I/O exits than A's.
+    let io = |side: &str| -> Vec<u64> {
+        runs.iter()
+            .filter(|r| r.get("side").and_then(Json::as_str) == Some(side))
+            .map(|r| {
+                r.get("report")
+                    .and_then(|x| x.get("exits"))
+                    .and_then(|x| x.get("io"))
+                    .and_then(Json::as_u64)
+                    .unwrap_or_else(|| panic!("no report of {side}: {r}"))
+            })
+            .collect()
+    };
+    let (io_a, io_b) = (io("A"), io("B"));
+    assert!(io_a.iter().all(|&n| n == io_a[0]), "{io_a:?}");
+    assert!(io_b.iter().all(|&n| n == io_b[0]), "{io_b:?}");
+    assert!(io_a[0] < io_b[0], "A {io_a:?}, B {io_b:?}");
+    let config = j.get("config").unwrap();
+    let kernel = |side: &str| {
+        config
+            .get(side)
+            .and_then(|s| s.get("kernel"))
+            .and_then(Json::as_str)
+    };
+    assert_eq!(kernel("a"), Some(ka.as_str()));
+    assert_eq!(kernel("b"), Some(kb.as_str()));
+    assert_eq!(json_strings(config.get("differences")), ["kernel"]);
+    // Both sides' runs wrote their own reports (a run reading the other side's report
+    // would show up as a guest end of another kernel: checked through the samples).
+    let cmp = j.get("comparison").unwrap();
+    for key in [
+        "marker",
+        "boot_timer",
+        "guest_end",
+        "first_kvm_run",
+        "peak_rss_mib",
+    ] {
+        let samples = j.get("samples").and_then(|s| s.get(key)).unwrap();
+        for side in ["a", "b"] {
+            let v = samples.get(side).and_then(Json::as_array).unwrap();
+            assert_eq!(v.len(), 3, "{key} {side}: {samples}");
+            assert!(v.iter().all(|x| x.as_f64().is_some_and(|x| x > 0.0)));
+        }
+        let c = cmp
+            .get(key)
+            .unwrap_or_else(|| panic!("no comparison of {key}: {cmp}"));
+        let p = c.get("p").and_then(Json::as_f64).unwrap();
+        assert!((0.0..=1.0).contains(&p), "{key}: {c}");
+        // 3 against 3 can never be significant.
+        assert_eq!(c.get("significant"), Some(&Json::Bool(false)), "{c}");
+        assert_eq!(c.get("test").and_then(Json::as_str), Some("exact"));
+        assert_eq!(c.get("permutations").and_then(Json::as_u64), Some(20));
+        assert!(c.get("change_pct").and_then(Json::as_f64).is_some(), "{c}");
+        assert!(c
+            .get("verdict")
+            .and_then(Json::as_str)
+            .unwrap()
+            .starts_with("no significant change (p = "));
+    }
+    assert_eq!(j.get("comparable"), Some(&Json::Bool(true)));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// A side whose runs all fail (its guest triple-faults after the marker): every failure is
+/// listed with the side's name, A's runs are still summarized, and the bench ends with
+/// status 1 saying that a comparison needs 2 successful runs a side. Two runs at a time.
+#[test]
+fn ab_bench_lists_failed_runs() {
+    if !kvm_available("ab_bench_lists_failed_runs") {
+        return;
+    }
+    let dir = temp_dir("bench-ab-fail");
+    let ka = bench_guest(&dir, "a.elf", "done\n");
+    // Marker, then ud2 with no IDT: #UD, #DF, triple fault (ember exits with status 3).
+    let mut b = Asm::new();
+    b.print("tiny-init: running\n").bytes(&[0x0f, 0x0b]);
+    let kb = write_tiny_guest(&dir, "b.elf", &b.code, &[]);
+    let json = dir.join("ab.json");
+    let out = run_ember(
+        &[
+            "bench",
+            "--kernel",
+            &ka,
+            "--mem",
+            "16",
+            "--ab",
+            "--b-kernel",
+            kb.to_str().unwrap(),
+            "--a-name",
+            "good",
+            "--b-name",
+            "crashy",
+            "--runs",
+            "2",
+            "--parallel",
+            "2",
+            "--marker",
+            "tiny-init:",
+            "--json",
+            json.to_str().unwrap(),
+        ],
+        None,
+        Duration::from_secs(300),
+    );
+    out.expect_code(1);
+    for want in [
+        "2 of 2 and 0 of 2 runs succeeded",
+        "no comparison: each side needs at least 2 successful runs; crashy had 0",
+        "crashy #1 failed: exited with status 3",
+        "crashy #2 failed: exited with status 3",
+        "== good (2 runs, 0 failed)",
+        "== crashy (2 runs, 2 failed)",
+    ] {
+        assert!(
+            out.stdout.contains(want),
+            "{want:?} missing:\n{}",
+            out.stdout
+        );
+    }
+    assert!(out.stderr.contains("no comparison"), "{}", out.stderr);
+    let j = Json::parse(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(
+        json_strings(j.get("run_order")).concat(),
+        "goodcrashycrashygood"
+    );
+    assert_eq!(j.get("comparable"), Some(&Json::Bool(false)));
+    assert_eq!(
+        j.get("failed_runs")
+            .and_then(|f| f.get("b"))
+            .and_then(Json::as_u64),
+        Some(2)
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -476,3 +476,101 @@ fn disk_that_is_a_directory_or_missing() {
     );
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `ember bench --ab` refused before anything boots: flags it cannot be combined with, B
+/// flags without --ab, --ab with nothing to compare, a B that does not exist. Status 2 and a
+/// message naming the flags, no run started.
+#[test]
+fn bench_ab_usage_errors() {
+    let dir = temp_dir("cli-bench-ab");
+    let k = tiny_kernel(&dir);
+    let b = ["bench", "--kernel", k.as_str(), "--mem", "16"];
+    let with =
+        |extra: &[&str]| -> Vec<String> { b.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let cases: Vec<(Vec<String>, Vec<&str>)> = vec![
+        (
+            with(&["--ab", "--b-append", "x", "--compare", "qemu"]),
+            vec!["'--ab' cannot be used with '--compare"],
+        ),
+        (
+            with(&["--ab", "--b-append", "x", "--snapshot"]),
+            vec!["'--ab' cannot be used with '--snapshot'"],
+        ),
+        (
+            with(&["--ab", "--b-append", "x", "--exec"]),
+            vec!["'--ab' cannot be used with '--exec'"],
+        ),
+        (
+            with(&["--ab", "--b-append", "x", "--setup-only"]),
+            vec!["'--ab' cannot be used with '--setup-only'"],
+        ),
+        (with(&["--b-append", "x"]), vec!["--b-append", "--ab"]),
+        (
+            with(&["--ab"]),
+            vec![
+                "--ab needs configuration B to differ from A",
+                "--b-kernel PATH",
+                "--b-ember PATH",
+            ],
+        ),
+        (
+            with(&["--ab", "--b-kernel", "/nonexistent/vmlinux"]),
+            vec!["B's kernel image /nonexistent/vmlinux", "check --b-kernel"],
+        ),
+        (
+            with(&["--ab", "--b-initrd", "/nonexistent/initrd"]),
+            vec!["B's initrd /nonexistent/initrd", "check --b-initrd"],
+        ),
+        (
+            with(&["--ab", "--b-ember", "/nonexistent/ember"]),
+            vec![
+                "--b-ember /nonexistent/ember",
+                "give the path of an ember binary",
+            ],
+        ),
+        (
+            with(&["--ab", "--b-vcpus", "2", "--b-name", "A"]),
+            vec!["two different, non-empty names"],
+        ),
+    ];
+    for (args, needles) in cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = run_ember(&args, None, T);
+        assert_eq!(out.code, Some(2), "{args:?}: {out:?}");
+        for n in needles {
+            assert!(
+                out.stderr.contains(n),
+                "{args:?}: stderr lacks {n:?}: {}",
+                out.stderr
+            );
+        }
+        assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
+        assert!(
+            !out.stderr.contains("[1/"),
+            "{args:?}: a run started: {}",
+            out.stderr
+        );
+        assert_eq!(out.stdout, "", "{args:?}");
+    }
+}
+
+#[test]
+fn bench_help_explains_ab() {
+    let out = run_ember(&["bench", "--help"], None, T);
+    assert_eq!(out.code, Some(0));
+    for want in [
+        "--ab compares two configurations of ember",
+        "A B B A A B B A",
+        "p < 0.01",
+        "ember bench --ab --b-append \"clearcpuid=erms\" --runs 5 --json ab.json",
+        "--b-kernel <PATH>",
+        "--b-ember <PATH>",
+        "--a-append <WORDS>",
+    ] {
+        assert!(
+            out.stdout.contains(want),
+            "{want:?} missing: {}",
+            out.stdout
+        );
+    }
+}

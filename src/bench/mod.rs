@@ -18,7 +18,10 @@
 //!   compared with ember's boot timer too.
 //! - Runs alternate between VMMs (ember #1, peer #1, ember #2, ...) so that both sides share
 //!   the host's noise; `--parallel` runs that many at once.
+//! - `--ab` ([`ab`]) boots two configurations of ember, A and B, in ABBA order and says for
+//!   each figure whether B differs from A beyond the noise (a permutation test, [`stats`]).
 
+pub mod ab;
 pub mod exec;
 pub mod http;
 pub mod json;
@@ -126,6 +129,9 @@ pub struct BenchOptions {
     /// Snapshot mode (`--snapshot`): snapshot/restore rows instead of boots
     /// ([`snapshot::run_snapshot_bench`]).
     pub snapshot: Option<snapshot::SnapshotMode>,
+    /// A/B mode (`--ab`): two ember configurations instead of ember and peers
+    /// ([`ab::run_ab`]).
+    pub ab: Option<ab::AbOptions>,
 }
 
 /// How long after its start a `--setup-only` run is stopped.
@@ -281,6 +287,7 @@ pub fn run_bench(
         workdir: workdir.clone(),
         profile: opts.profile.is_some(),
         setup_only: opts.setup_only,
+        name: None,
     };
 
     // Alternate VMMs so that they share the host's noise.
@@ -292,28 +299,11 @@ pub fn run_bench(
                 target,
                 run,
                 seq: jobs.len() + 1,
+                ctx: 0,
             });
         }
     }
-    let total = jobs.len();
-    let (tx, rx) = mpsc::channel();
-    let records = std::thread::scope(|s| {
-        let worker = s.spawn(|| runner::run_jobs(&ctx, jobs, opts.parallel, &tx));
-        let mut done = 0;
-        while done < total {
-            match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok(p) => {
-                    if matches!(p, Progress::Finished(_)) {
-                        done += 1;
-                    }
-                    on_progress(&p, done, total);
-                }
-                Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => break,
-            }
-        }
-        worker.join().unwrap_or_default()
-    });
+    let records = run_all(std::slice::from_ref(&ctx), jobs, opts.parallel, on_progress);
 
     if let Some(path) = &opts.profile {
         let mut merged = crate::profiler::Profile::default();
@@ -388,6 +378,35 @@ pub fn run_bench(
         cmdlines: (ember_cmdline, peer_cmdline),
         wall: started.elapsed(),
         options: opts.clone(),
+    })
+}
+
+/// Runs `jobs` (each with its context among `ctxs`), `parallel` at a time, calling
+/// `on_progress` as they start and end; the records in bench order.
+pub(crate) fn run_all(
+    ctxs: &[RunContext],
+    jobs: Vec<Job>,
+    parallel: usize,
+    on_progress: &mut dyn FnMut(&Progress, usize, usize),
+) -> Vec<RunRecord> {
+    let total = jobs.len();
+    let (tx, rx) = mpsc::channel();
+    std::thread::scope(|s| {
+        let worker = s.spawn(|| runner::run_jobs(ctxs, jobs, parallel, &tx));
+        let mut done = 0;
+        while done < total {
+            match rx.recv_timeout(Duration::from_millis(500)) {
+                Ok(p) => {
+                    if matches!(p, Progress::Finished(_)) {
+                        done += 1;
+                    }
+                    on_progress(&p, done, total);
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        worker.join().unwrap_or_default()
     })
 }
 

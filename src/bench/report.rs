@@ -233,9 +233,16 @@ pub struct VmmSummary {
 
 /// Summarizes the runs of `vmm` among `records` (failed runs are counted, not used).
 pub fn summarize_vmm(vmm: &str, records: &[RunRecord]) -> VmmSummary {
+    summarize_runs(vmm, records, vmm == "ember")
+}
+
+/// Summarizes the runs recorded under `name` among `records` (failed runs are counted, not
+/// used), with ember's rows when `ember` (an `--ab` side is ember under another name).
+pub fn summarize_runs(name: &str, records: &[RunRecord], ember: bool) -> VmmSummary {
+    let vmm = name;
     let mine: Vec<&RunRecord> = records.iter().filter(|r| r.vmm == vmm).collect();
     let ok: Vec<&RunRecord> = mine.iter().copied().filter(|r| r.error.is_none()).collect();
-    let rows: Vec<Milestone> = if vmm == "ember" {
+    let rows: Vec<Milestone> = if ember {
         EMBER_MILESTONES
             .iter()
             .chain(

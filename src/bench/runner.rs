@@ -45,6 +45,9 @@ pub struct Job {
     pub run: usize,
     /// Position in the whole bench, from 1.
     pub seq: usize,
+    /// Which [`RunContext`] of the bench it runs with (0 but in `ember bench --ab`, where
+    /// each side has its own).
+    pub ctx: usize,
 }
 
 impl Job {
@@ -75,6 +78,8 @@ pub struct RunContext {
     pub profile: bool,
     /// Runs are stopped after the set-up (`ember run` exits with 124 then).
     pub setup_only: bool,
+    /// The name ember's runs are recorded under instead of `ember` (an `--ab` side).
+    pub name: Option<String>,
 }
 
 /// What one run produced.
@@ -242,7 +247,9 @@ impl Tail {
 
 /// The `ember run` flags of one bench run.
 fn ember_command(ctx: &RunContext, job: &Job) -> (Command, PathBuf, Option<PathBuf>) {
-    let report = ctx.workdir.join(format!("ember-{}.json", job.run));
+    // Named by the position in the bench: unique even when the runs of several contexts
+    // share the scratch directory, so no run reads another's report.
+    let report = ctx.workdir.join(format!("ember-{}.json", job.seq));
     let g = &ctx.guest;
     let mut cmd = Command::new(&ctx.ember_bin);
     cmd.arg("run").arg("--kernel").arg(&g.kernel);
@@ -266,7 +273,7 @@ fn ember_command(ctx: &RunContext, job: &Job) -> (Command, PathBuf, Option<PathB
         .arg("--bench-report")
         .arg(&report);
     let profile = ctx.profile.then(|| {
-        let p = ctx.workdir.join(format!("profile-{}.txt", job.run));
+        let p = ctx.workdir.join(format!("profile-{}.txt", job.seq));
         cmd.arg("--profile-guest").arg(&p);
         p
     });
@@ -292,8 +299,12 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
 
 /// Runs one boot to its end (or its timeout) and records it.
 pub fn run_job(ctx: &RunContext, job: &Job) -> RunRecord {
+    let vmm = match (&job.target, &ctx.name) {
+        (Target::Ember, Some(name)) => name.clone(),
+        _ => job.target.name().to_string(),
+    };
     let mut rec = RunRecord {
-        vmm: job.target.name().to_string(),
+        vmm,
         run: job.run,
         seq: job.seq,
         ..Default::default()
@@ -428,9 +439,10 @@ pub fn run_job(ctx: &RunContext, job: &Job) -> RunRecord {
     rec
 }
 
-/// Runs `jobs` with `parallel` at a time, in order, reporting progress on `progress`.
+/// Runs `jobs` with `parallel` at a time, in order, each with its context among `ctxs`,
+/// reporting progress on `progress`.
 pub fn run_jobs(
-    ctx: &RunContext,
+    ctxs: &[RunContext],
     jobs: Vec<Job>,
     parallel: usize,
     progress: &Sender<Progress>,
@@ -445,7 +457,16 @@ pub fn run_jobs(
                     break;
                 };
                 let _ = progress.send(Progress::Started(job.clone()));
-                let rec = run_job(ctx, &job);
+                let rec = match ctxs.get(job.ctx) {
+                    Some(ctx) => run_job(ctx, &job),
+                    None => RunRecord {
+                        vmm: job.target.name().to_string(),
+                        run: job.run,
+                        seq: job.seq,
+                        error: Some(format!("no run context #{} (a bench bug)", job.ctx)),
+                        ..Default::default()
+                    },
+                };
                 let _ = progress.send(Progress::Finished(Box::new(rec.clone())));
                 lock(&results).push(rec);
             });
@@ -501,6 +522,42 @@ mod tests {
         assert_eq!(s.boot_timer_ns, Some(40));
         assert!(s.feed(b"ember-init: running: true\n", 50));
         assert_eq!(s.marker_ns, Some(50));
+    }
+
+    #[test]
+    fn every_run_has_its_own_report_file() {
+        // A/B: run 1 of A and run 1 of B share the scratch directory (and may run at once).
+        let ctx = |name: &str| RunContext {
+            ember_bin: "/bin/ember".into(),
+            guest: GuestSpec {
+                kernel: "/k".into(),
+                initrd: None,
+                disks: vec![],
+                root: None,
+                root_cmdline: None,
+                cmdline: "console=ttyS0".into(),
+                vcpus: 1,
+                mem_mib: 16,
+            },
+            ember_cmdline: "console=ttyS0".into(),
+            ember_flags: vec![],
+            marker: "x".into(),
+            timeout: Duration::from_secs(1),
+            workdir: "/tmp/w".into(),
+            profile: true,
+            setup_only: false,
+            name: Some(name.into()),
+        };
+        let job = |seq, ctx| Job {
+            target: Target::Ember,
+            run: 1,
+            seq,
+            ctx,
+        };
+        let (_, report_a, profile_a) = ember_command(&ctx("A"), &job(1, 0));
+        let (_, report_b, profile_b) = ember_command(&ctx("B"), &job(2, 1));
+        assert_ne!(report_a, report_b);
+        assert_ne!(profile_a, profile_b);
     }
 
     #[test]

@@ -2105,6 +2105,7 @@ mod tests {
             setup_only: false,
             acpi: true,
             snapshot: Some(SnapshotMode::default()),
+            ab: None,
         }
     }
 
