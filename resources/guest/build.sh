@@ -243,7 +243,12 @@ build_kernel() { # build_kernel STAGE_DIR
 		progress_total=$(grep -c '^  [A-Z]' "$prev" || true)
 	fi
 	log "compiling vmlinux with make -j$jobs (a few minutes; log: $klog)"
-	run_logged "$klog" "compiling vmlinux" make -C "$ksrc" -j"$jobs" vmlinux ||
+	# -mstringop-strategy=rep_8byte: GCC expands memset/memcpy inline in code it optimizes
+	# for size (all __init code is __cold) as `rep stosb`/`rep movsb`, which the PVM host's
+	# instruction emulator runs one byte per iteration; `rep stosq`/`rep movsq` move 8 bytes
+	# per iteration (docs/profile.md, change 4).
+	run_logged "$klog" "compiling vmlinux" make -C "$ksrc" -j"$jobs" \
+		KCFLAGS=-mstringop-strategy=rep_8byte vmlinux ||
 		kernel_failed "make vmlinux"
 	if [[ ! -x $ksrc/usr/gen_init_cpio ]]; then
 		make -C "$ksrc" -s usr/gen_init_cpio </dev/null >>"$klog" 2>&1 ||
@@ -292,6 +297,20 @@ mapfile -t applets < <("$busybox_bin" --list-full | grep -v '^bin/busybox$' | so
 [[ ${#applets[@]} -gt 50 ]] || die "busybox --list-full returned too few applets"
 dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt run)
 
+# The initramfs carries only three of those links when busybox runs its applets without
+# links: its shell (FEATURE_SH_STANDALONE) and its exec-calling applets (env, xargs, ...:
+# FEATURE_PREFER_APPLETS) find an applet by name first and run it through /proc/self/exe.
+# Kept: /bin/sh and /usr/bin/env (#! lines), and /bin/mount, which init runs before /proc is
+# mounted (the shell then falls back to PATH). The kernel unpacks each cpio entry with
+# emulated code on a PVM host: the 268 links of Debian's busybox cost ~1.7 s of a ~12 s boot
+# (docs/profile.md, change 5). rootfs.ext4 keeps every link (it is not unpacked).
+if env -i PATH=/nonexistent "$busybox_bin" sh -c 'ls / >/dev/null && env true' 2>/dev/null; then
+	initramfs_links=(bin/sh bin/mount usr/bin/env)
+else
+	log "$busybox_bin does not run applets without links: the initramfs gets all of them"
+	initramfs_links=("${applets[@]}")
+fi
+
 # The initramfs's fstab mounts no tmpfs over /tmp: its root is a writable tmpfs already, and
 # a tmpfs there would hide what `ember exec --file X:/tmp/...` put into /tmp (the kernel
 # unpacks the exec archive before init runs). rootfs.ext4 keeps the whole fstab.
@@ -301,7 +320,7 @@ grep -Ev '^[[:space:]]*[^#[:space:]]+[[:space:]]+/tmp[[:space:]]' "$script_dir/f
 grep -Eq '^[[:space:]]*[^#[:space:]]+[[:space:]]+/proc[[:space:]]' "$initramfs_fstab" ||
 	die "fstab: no /proc line left for the initramfs"
 
-log "writing initramfs.cpio (uncompressed newc, busybox + ${#applets[@]} applet links)"
+log "writing initramfs.cpio (uncompressed newc, busybox + ${#initramfs_links[@]} applet links)"
 list=$work/initramfs.list
 {
 	for d in "${dirs[@]}"; do
@@ -322,7 +341,7 @@ list=$work/initramfs.list
 	echo "pipe /run/ember-job-status 0600 0 0"
 	echo "file /bin/busybox $busybox_bin 0755 0 0"
 	echo "file /bin/vsock-io $vsock_io 0755 0 0"
-	for a in "${applets[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
+	for a in "${initramfs_links[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
 	echo "file /init $script_dir/init 0755 0 0"
 	echo "file /etc/fstab $initramfs_fstab 0644 0 0"
 } >"$list"
