@@ -569,3 +569,74 @@ fn vsock_io_refuses_bad_archives() {
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(fs::read(root.join("ok")).unwrap(), b"ok\n");
 }
+
+/// init's own steps in vsock-io: `end` (power off) and `boot-timer` (a store to physical
+/// memory) refuse to run anywhere but in init, so running them on a host by mistake does
+/// nothing; `opost-off` switches OPOST off on a tty (a pty here) and keeps the rest.
+#[test]
+fn vsock_io_init_steps() {
+    let tmp = TempDir::new("vsock-io-init");
+    let Some(bin) = build_vsock_io(&tmp.0) else {
+        return;
+    };
+    for args in [
+        &["end", "0", "poweroff"][..],
+        &["end", "-", "reboot", "/dev/null"],
+        &["boot-timer"],
+    ] {
+        let out = Command::new(&bin).args(args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
+        assert!(
+            text(&out).contains("only init (process 1)"),
+            "{args:?}: {}",
+            text(&out)
+        );
+    }
+
+    // A pty with OPOST (and ONLCR) on, as a tty starts.
+    let (mut master, mut slave) = (0, 0);
+    // SAFETY: openpty writes two descriptors into the two ints; the other pointers may be
+    // null (no name, default termios and window size).
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            std::ptr::null(),
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    let oflag = |fd: i32| {
+        // SAFETY: termios is plain data; tcgetattr fills it for a valid descriptor.
+        let mut t: libc::termios = unsafe { std::mem::zeroed() };
+        // SAFETY: fd is our open pty slave and t a valid termios to fill.
+        assert_eq!(unsafe { libc::tcgetattr(fd, &mut t) }, 0);
+        t.c_oflag
+    };
+    let before = oflag(slave);
+    assert_ne!(before & libc::OPOST, 0, "a fresh pty has OPOST");
+    let path = std::fs::read_link(format!("/proc/self/fd/{slave}")).unwrap();
+    let out = Command::new(&bin)
+        .arg("opost-off")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(oflag(slave), before & !libc::OPOST, "only OPOST changed");
+    let out = Command::new(&bin)
+        .args(["opost-off", "/nonexistent/tty"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("open /nonexistent/tty"),
+        "{}",
+        text(&out)
+    );
+    // SAFETY: closing the two descriptors openpty gave us, once.
+    unsafe {
+        libc::close(master);
+        libc::close(slave);
+    }
+}

@@ -32,6 +32,17 @@
 //                               then wait for a status line on fd 4, tcdrain() each TTY and
 //                               write the status to the exit device (0xC000_1000); see
 //                               warm() below and resources/guest/init (4b)
+//   vsock-io boot-timer         the boot-timer event (Firecracker's convention, ember's too):
+//                               an 8-bit store of 123 to guest-physical 0xC000_0000 through
+//                               /dev/mem, as init's `devmem 0xc0000000 8 123` did; only as
+//                               a child of process 1
+//   vsock-io opost-off TTY...   switch output post-processing off on each TTY (`stty -opost`)
+//   vsock-io end STATUS|- poweroff|reboot [TTY...]
+//                               init's last step, only as process 1 (init execs it): drain
+//                               each TTY (tcdrain), store STATUS (unless "-") to the exit
+//                               device's status register (0xC000_1000) as init's
+//                               `devmem 0xc0001000 32 STATUS` did, sync, then power off or
+//                               reboot; it never returns (a failed reboot(2) waits forever)
 //   vsock-io unpack DIR         unpack a newc cpio archive from stdin into DIR: directories,
 //                               regular files and symbolic links with their modes, owners
 //                               and (files, links) mtimes; an existing file or link at a
@@ -72,6 +83,11 @@ typedef unsigned short u16;
 #define SYS_umask 95
 #define SYS_rename 82
 #define SYS_mount 165
+#define SYS_reboot 169
+#define SYS_sync 162
+#define SYS_getpid 39
+#define SYS_getppid 110
+#define SYS_pause 34
 #define SYS_clock_settime 227
 #define SYS_exit_group 231
 #define SYS_utimensat 280
@@ -102,6 +118,13 @@ typedef unsigned short u16;
 #define AT_FDCWD (-100)
 #define AT_SYMLINK_NOFOLLOW 0x100
 #define TCSBRK 0x5409
+#define TCGETS 0x5401
+#define TCSETSW 0x5403
+#define OPOST 1
+#define LINUX_REBOOT_MAGIC1 0xfee1deadu
+#define LINUX_REBOOT_MAGIC2 672274793
+#define LINUX_REBOOT_CMD_RESTART 0x01234567
+#define LINUX_REBOOT_CMD_POWER_OFF 0x4321fedc
 #define IOCTL_VM_SOCKETS_GET_LOCAL_CID 0x7b9
 
 #define S_IFMT 0170000
@@ -113,6 +136,17 @@ typedef unsigned short u16;
 // "ready" register at offset 4.
 #define EXIT_DEVICE_PAGE 0xc0001000ul
 #define EXIT_DEVICE_READY 4
+// The boot-timer register (src/devices/legacy/boot_timer.rs; Firecracker's address and
+// value).
+#define BOOT_TIMER_PAGE 0xc0000000ul
+#define BOOT_TIMER_VALUE 123
+
+// struct termios as the kernel's TCGETS/TCSETS* use it (asm-generic/termbits.h).
+struct termios {
+	u32 c_iflag, c_oflag, c_cflag, c_lflag;
+	unsigned char c_line;
+	unsigned char c_cc[19];
+};
 
 struct sockaddr_vm {
 	u16 svm_family;
@@ -950,11 +984,130 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 	exit_dev[0] = status;
 }
 
+// ---- boot-timer, opost-off, end: init's steps without a busybox process each -----------
+//
+// Each process costs a fork, an exec and an exit of emulated kernel code in a PVM guest;
+// with busybox (2 MB, libc start-up) about twice what this binary costs, and `end` replaces
+// four of them (stty, stty, devmem, poweroff) at the end of every exec.
+
+// Maps one page of guest-physical memory through /dev/mem, uncached (O_SYNC); 0 on error.
+static volatile unsigned char *map_phys_page(u64 addr, const char *what)
+{
+	i64 fd, p;
+	fd = sys3(SYS_open, "/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC, 0);
+	if (fd < 0) {
+		die_at("open /dev/mem for", what, fd);
+	}
+	p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (i64)addr);
+	sys3(SYS_close, fd, 0, 0);
+	if (p < 0 && p > -4096)
+		die_at("mmap /dev/mem for", what, p);
+	return (volatile unsigned char *)p;
+}
+
+// Only for init: on any other machine 0xC000_0000 may be some device's registers, so a
+// process whose parent is not process 1 is refused (init runs it directly).
+static void boot_timer(void)
+{
+	volatile unsigned char *t;
+	if (sys3(SYS_getppid, 0, 0, 0) != 1) {
+		puts2("vsock-io: boot-timer: only init (process 1) may run this\n");
+		sys3(SYS_exit_group, 2, 0, 0);
+	}
+	t = map_phys_page(BOOT_TIMER_PAGE, "the boot timer (0xc0000000)");
+	t[0] = BOOT_TIMER_VALUE;
+}
+
+static void opost_off(int ntty, char **ttys)
+{
+	int i;
+	for (i = 0; i < ntty; i++) {
+		struct termios t;
+		i64 e, fd = sys3(SYS_open, ttys[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0);
+		if (fd < 0)
+			die_at("open", ttys[i], fd);
+		e = sys3(SYS_ioctl, fd, TCGETS, (i64)&t);
+		if (e < 0)
+			die_at("tcgetattr", ttys[i], e);
+		t.c_oflag &= ~(u32)OPOST;
+		do
+			e = sys3(SYS_ioctl, fd, TCSETSW, (i64)&t); // tcsetattr(TCSADRAIN), as stty
+		while (e == -EINTR);
+		if (e < 0)
+			die_at("tcsetattr", ttys[i], e);
+		sys3(SYS_close, fd, 0, 0);
+	}
+}
+
+// Parses a decimal u32 without dying (for `end`, which must not exit); -1 if it is not one.
+static i64 parse_u32(const char *s)
+{
+	u64 v = 0;
+	if (!*s)
+		return -1;
+	for (; *s; s++) {
+		if (*s < '0' || *s > '9')
+			return -1;
+		v = v * 10 + (u64)(*s - '0');
+		if (v > 0xffffffffu)
+			return -1;
+	}
+	return (i64)v;
+}
+
+// Never returns, and never exits: as process 1, exiting would panic the kernel. Every
+// failure is reported and skipped; a failed reboot(2) leaves the process waiting, as
+// init's own fallback (`while :; do sleep 3600; done`) did.
+static void end(const char *status, const char *how, int ntty, char **ttys)
+{
+	i64 e, value = -1;
+	int i, poweroff = streq(how, "poweroff");
+	if (sys3(SYS_getpid, 0, 0, 0) != 1) {
+		puts2("vsock-io: end: only init (process 1) may end the machine\n");
+		sys3(SYS_exit_group, 2, 0, 0);
+	}
+	if (!poweroff && !streq(how, "reboot"))
+		puts2("vsock-io: end: expected poweroff or reboot; rebooting\n");
+	if (!streq(status, "-")) {
+		value = parse_u32(status);
+		if (value < 0)
+			puts2("vsock-io: end: the status is not a decimal number; not reported\n");
+	}
+	for (i = 0; i < ntty; i++) {
+		i64 fd = sys3(SYS_open, ttys[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0);
+		if (fd < 0)
+			continue;
+		do
+			e = sys3(SYS_ioctl, fd, TCSBRK, 1); // tcdrain()
+		while (e == -EINTR);
+		sys3(SYS_close, fd, 0, 0);
+	}
+	if (value >= 0) {
+		i64 fd = sys3(SYS_open, "/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC, 0), p = -1;
+		if (fd >= 0) {
+			p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
+				 (i64)EXIT_DEVICE_PAGE);
+			sys3(SYS_close, fd, 0, 0);
+		}
+		if (p < 0 && p > -4096)
+			puts2("vsock-io: end: cannot map the exit device; the status is lost\n");
+		else
+			*(volatile u32 *)p = (u32)value;
+	}
+	sys3(SYS_sync, 0, 0, 0);
+	sys6(SYS_reboot, LINUX_REBOOT_MAGIC1, LINUX_REBOOT_MAGIC2,
+	     poweroff ? LINUX_REBOOT_CMD_POWER_OFF : LINUX_REBOOT_CMD_RESTART, 0, 0, 0);
+	puts2("vsock-io: end: reboot(2) failed; waiting\n");
+	for (;;)
+		sys3(SYS_pause, 0, 0, 0);
+}
+
 static void usage(void)
 {
 	static const char u[] = "usage: vsock-io connect CID PORT | listen PORT | echo PORT [N] | "
 				"send CID PORT MIB | tcp A.B.C.D PORT | tcp-send A.B.C.D PORT MIB | "
-				"job PORT [DIR] | warm PORT DIR [TTY...] | unpack DIR\n";
+				"job PORT [DIR] | warm PORT DIR [TTY...] | boot-timer | "
+				"opost-off TTY... | end STATUS|- poweroff|reboot [TTY...] | unpack DIR\n";
 	sys3(SYS_write, 2, u, sizeof(u) - 1);
 	sys3(SYS_exit_group, 2, 0, 0);
 }
@@ -980,6 +1133,12 @@ int main(int argc, char **argv)
 		job(num(argv[2]), argc >= 4 ? argv[3] : 0);
 	} else if (argc >= 4 && streq(argv[1], "warm")) {
 		warm(num(argv[2]), argv[3], argc - 4, argv + 4);
+	} else if (argc == 2 && streq(argv[1], "boot-timer")) {
+		boot_timer();
+	} else if (argc >= 3 && streq(argv[1], "opost-off")) {
+		opost_off(argc - 2, argv + 2);
+	} else if (argc >= 4 && streq(argv[1], "end")) {
+		end(argv[2], argv[3], argc - 4, argv + 4);
 	} else if (argc >= 3 && streq(argv[1], "unpack")) {
 		struct in r = { 0, 0, 0, 0 };
 		enter(argv[2]);
