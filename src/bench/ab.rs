@@ -764,6 +764,7 @@ mod tests {
             cmdline: "console=ttyS0 ember.cmd=true".into(),
             vcpus: 1,
             mem_mib: 128,
+            acpi: true,
         }
     }
 

@@ -178,10 +178,10 @@ pub(crate) fn peer_cmdline(
             }
         }
     }
-    // Neither peer can power a guest off (QEMU's microvm runs with acpi=off; Firecracker's
-    // ACPI tables have no S5 sleep control, so `poweroff -f` only halts the guest and the
-    // VMM waits forever): they end through the i8042 reset line, so the default guest's
-    // init is told to reboot.
+    // Neither peer powers a guest off the way ember's init expects (QEMU's microvm without
+    // ACPI cannot; Firecracker's ACPI tables have no S5 sleep control, so `poweroff -f` only
+    // halts the guest and the VMM waits forever): they end through the i8042 reset line, so
+    // the default guest's init is told to reboot.
     if with_peers && peers::ask_for_reboot(&mut peer_cmdline) {
         notes.push(
             "peers get `ember.exit=reboot`: they end a guest through the i8042 reset line, \
@@ -262,6 +262,15 @@ pub fn run_bench(
     if !opts.acpi {
         ember_flags.push("--no-acpi".to_string());
         notes.push("--no-acpi: ember's guests had no ACPI tables (acpi=off)".into());
+    }
+    if peers.iter().any(|p| p.kind == peers::PeerKind::Qemu) {
+        notes.push(format!(
+            "QEMU's microvm ran with acpi={} as ember's guests did (--no-acpi switches both)",
+            if opts.acpi { "on" } else { "off" }
+        ));
+    }
+    if !opts.acpi && peers.iter().any(|p| p.kind == peers::PeerKind::Firecracker) {
+        notes.push("Firecracker's guests have ACPI whatever --no-acpi says".into());
     }
     notes.push(match crate::image_file::ImageCache::from_env() {
         Some(c) => format!(

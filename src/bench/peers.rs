@@ -165,6 +165,10 @@ pub struct GuestSpec {
     pub vcpus: u32,
     /// Memory in MiB.
     pub mem_mib: u64,
+    /// The machine describes itself to the guest with ACPI tables (ember's default;
+    /// `--no-acpi` turns it off). QEMU's microvm follows it (`acpi=on`/`acpi=off`);
+    /// Firecracker always has ACPI.
+    pub acpi: bool,
 }
 
 /// Path and read-only flag of an ember `--disk` value.
@@ -232,10 +236,17 @@ pub fn ask_for_reboot(cmdline: &mut String) -> bool {
 /// QEMU microvm flags that work on this project's hosts (see /work/shared/kvm-host.md): KVM's
 /// hypercall-based PV features off (they hang on PVM), no default devices, the console on
 /// stdio, an i8042 so that `reboot=k` ends the VM, and `-no-reboot` so that a reset exits.
+/// ACPI as the guest spec says (microvm's own default is on; off, QEMU puts its virtio-mmio
+/// devices on the command line and the guest finds its CPUs in the MP table).
 pub fn qemu_args(g: &GuestSpec) -> Vec<String> {
+    let machine = if g.acpi {
+        "microvm,acpi=on"
+    } else {
+        "microvm,acpi=off"
+    };
     let mut a: Vec<String> = [
         "-M",
-        "microvm,acpi=off",
+        machine,
         "-enable-kvm",
         "-cpu",
         "host,-arch-capabilities,kvm-pv-ipi=off,kvm-pv-unhalt=off,kvm-pv-sched-yield=off",
@@ -337,6 +348,7 @@ mod tests {
             cmdline: "console=ttyS0 reboot=k ember.cmd=true".into(),
             vcpus: 1,
             mem_mib: 128,
+            acpi: true,
         }
     }
 
@@ -379,6 +391,14 @@ mod tests {
             a.contains("-device i8042") && a.contains("-no-reboot"),
             "{a}"
         );
+        // ACPI as ember's guest has it.
+        assert!(a.contains("-M microvm,acpi=on "), "{a}");
+        let no_acpi = GuestSpec {
+            acpi: false,
+            ..guest()
+        };
+        let a = qemu_args(&no_acpi).join(" ");
+        assert!(a.contains("-M microvm,acpi=off "), "{a}");
     }
 
     #[test]

@@ -538,6 +538,7 @@ mod tests {
                 cmdline: "console=ttyS0".into(),
                 vcpus: 1,
                 mem_mib: 16,
+                acpi: true,
             },
             ember_cmdline: "console=ttyS0".into(),
             ember_flags: vec![],
