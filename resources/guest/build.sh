@@ -303,7 +303,7 @@ dirs=(bin sbin usr usr/bin usr/sbin proc sys dev tmp etc root mnt run)
 # Kept: /bin/sh and /usr/bin/env (#! lines), and /bin/mount, which init runs before /proc is
 # mounted (the shell then falls back to PATH). The kernel unpacks each cpio entry with
 # emulated code on a PVM host: the 268 links of Debian's busybox cost ~1.7 s of a ~12 s boot
-# (docs/profile.md, change 5). rootfs.ext4 keeps every link (it is not unpacked).
+# (docs/profile.md, change 6). rootfs.ext4 keeps every link (it is not unpacked).
 if env -i PATH=/nonexistent "$busybox_bin" sh -c 'ls / >/dev/null && env true' 2>/dev/null; then
 	initramfs_links=(bin/sh bin/mount usr/bin/env)
 else
