@@ -269,6 +269,14 @@ pub fn run_bench(
             if opts.acpi { "on" } else { "off" }
         ));
     }
+    if peers.iter().any(|p| p.kind == peers::PeerKind::Firecracker) {
+        notes.push(
+            "Firecracker gets a custom CPU template that hides KVM's hypercall-based PV \
+             features (as QEMU gets kvm-pv-ipi=off,kvm-pv-unhalt=off,kvm-pv-sched-yield=off \
+             and as ember hides them on a PVM host, where SMP guests hang on them)"
+                .into(),
+        );
+    }
     if !opts.acpi && peers.iter().any(|p| p.kind == peers::PeerKind::Firecracker) {
         notes.push("Firecracker's guests have ACPI whatever --no-acpi says".into());
     }

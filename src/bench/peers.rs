@@ -208,8 +208,13 @@ impl Peer {
                 cmd.args(qemu_args(guest));
             }
             PeerKind::Firecracker => {
+                let template = workdir.join(format!("firecracker-cpu-{run}.json"));
+                std::fs::write(&template, firecracker_cpu_template().to_pretty())?;
                 let config = workdir.join(format!("firecracker-{run}.json"));
-                std::fs::write(&config, firecracker_config(guest).to_pretty())?;
+                std::fs::write(
+                    &config,
+                    firecracker_config(guest, Some(&template)).to_pretty(),
+                )?;
                 cmd.arg("--no-api")
                     .arg("--config-file")
                     .arg(&config)
@@ -284,8 +289,37 @@ pub fn qemu_args(g: &GuestSpec) -> Vec<String> {
     a
 }
 
-/// Firecracker's configuration file for `guest`.
-pub fn firecracker_config(g: &GuestSpec) -> Json {
+/// A Firecracker custom CPU template that clears KVM's hypercall-based PV features (PV
+/// unhalt, send-IPI, sched-yield, map-GPA-range) in CPUID leaf 0x4000_0001, as ember hides
+/// them on a PVM host and as [`qemu_args`] does with `kvm-pv-ipi=off,...`: an SMP guest that
+/// sees them hangs in its first PV send-IPI hypercall there (a 2-vCPU Firecracker guest did
+/// not reach its init in 90 s without this template, and did with it).
+pub fn firecracker_cpu_template() -> Json {
+    let mut bitmap = ['x'; 32];
+    for bit in crate::arch::x86_64::cpuid::HYPERCALL_FEATURES {
+        bitmap[31 - bit as usize] = '0';
+    }
+    let bitmap: String = bitmap.iter().collect();
+    Json::obj([(
+        "cpuid_modifiers",
+        Json::Arr(vec![Json::obj([
+            ("leaf", Json::from("0x40000001")),
+            ("subleaf", Json::from("0x0")),
+            ("flags", Json::from(0u32)),
+            (
+                "modifiers",
+                Json::Arr(vec![Json::obj([
+                    ("register", Json::from("eax")),
+                    ("bitmap", Json::from(format!("0b{bitmap}"))),
+                ])]),
+            ),
+        ])]),
+    )])
+}
+
+/// Firecracker's configuration file for `guest`; `cpu_config`: a custom CPU template file
+/// ([`firecracker_cpu_template`]).
+pub fn firecracker_config(g: &GuestSpec, cpu_config: Option<&Path>) -> Json {
     let mut boot = vec![
         (
             "kernel_image_path",
@@ -310,7 +344,7 @@ pub fn firecracker_config(g: &GuestSpec) -> Json {
             ])
         })
         .collect();
-    Json::obj([
+    let mut parts = vec![
         ("boot-source", Json::obj(boot)),
         ("drives", Json::Arr(drives)),
         (
@@ -320,7 +354,11 @@ pub fn firecracker_config(g: &GuestSpec) -> Json {
                 ("mem_size_mib", Json::from(g.mem_mib)),
             ]),
         ),
-    ])
+    ];
+    if let Some(t) = cpu_config {
+        parts.push(("cpu-config", Json::from(t.display().to_string())));
+    }
+    Json::obj(parts)
 }
 
 /// Firecracker log lines start with an ISO-8601 timestamp: `2026-11-23T15:49:22.194758174 [`.
@@ -403,7 +441,7 @@ mod tests {
 
     #[test]
     fn firecracker_config_has_every_part() {
-        let c = firecracker_config(&guest());
+        let c = firecracker_config(&guest(), None);
         let boot = c.get("boot-source").unwrap();
         assert_eq!(
             boot.get("initrd_path").and_then(Json::as_str),
@@ -417,6 +455,25 @@ mod tests {
         assert_eq!(m.get("mem_size_mib").and_then(Json::as_u64), Some(128));
         let d = &c.get("drives").and_then(Json::as_array).unwrap()[0];
         assert_eq!(d.get("is_read_only"), Some(&Json::Bool(true)));
+        assert_eq!(c.get("cpu-config"), None);
+        let c = firecracker_config(&guest(), Some(Path::new("/w/cpu.json")));
+        assert_eq!(
+            c.get("cpu-config").and_then(Json::as_str),
+            Some("/w/cpu.json")
+        );
+    }
+
+    #[test]
+    fn firecracker_cpu_template_clears_the_hypercall_features() {
+        let t = firecracker_cpu_template();
+        let m = &t.get("cpuid_modifiers").and_then(Json::as_array).unwrap()[0];
+        assert_eq!(m.get("leaf").and_then(Json::as_str), Some("0x40000001"));
+        let r = &m.get("modifiers").and_then(Json::as_array).unwrap()[0];
+        assert_eq!(r.get("register").and_then(Json::as_str), Some("eax"));
+        let bitmap = r.get("bitmap").and_then(Json::as_str).unwrap();
+        // 0b, then bit 31 first: PV unhalt (7), send-IPI (11), sched-yield (13) and
+        // map-GPA-range (16) cleared, every other bit left as KVM has it.
+        assert_eq!(bitmap, "0bxxxxxxxxxxxxxxx0xx0x0xxx0xxxxxxx");
     }
 
     #[test]

@@ -818,7 +818,7 @@ fn firecracker_steps(
     )?;
     let mut client = fc.wait_for_api(&boot_sock, API_READY_TIMEOUT)?;
     row.boot_api_ready_ms = Some(ms_between(fc.spawn_ns, procfs::monotonic_ns()));
-    let config = peers::firecracker_config(&ctx.guest);
+    let config = peers::firecracker_config(&ctx.guest, None);
     for (path, key) in [
         ("/boot-source", "boot-source"),
         ("/machine-config", "machine-config"),
