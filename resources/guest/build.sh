@@ -112,16 +112,25 @@ busybox_bin=$(dpkg -L "$busybox_pkg" | grep -m1 -E '/bin/busybox$' || true)
 [[ -x $busybox_bin ]] || die "busybox binary of $busybox_pkg not found"
 
 # ---- cache keys ------------------------------------------------------------------------
+# The inputs are copied once, then hashed and used from that copy ($in_dir), so that editing
+# them while a build runs cannot put one version's output under another version's key.
 # The kernel has its own key (everything but the userland files), so that changing only the
 # init or fstab rebuilds the images in seconds; the full key covers all inputs. progress.sh
 # is no input: it only changes what the build prints.
+in_dir=$(mktemp -d "${TMPDIR:-/tmp}/ember-guest-inputs.XXXXXX")
+trap 'rm -rf "$in_dir"' EXIT
+mkdir "$in_dir/patches"
+cp -p "$script_dir/build.sh" "$script_dir/verify-config.sh" "$script_dir/config.fragment" \
+	"$script_dir/init" "$script_dir/fstab" "$script_dir/vsock-io.c" "$in_dir/"
 shopt -s nullglob
 patches=("$script_dir"/patches/*.patch)
 shopt -u nullglob
 [[ ${#patches[@]} -gt 0 ]] || die "no patches in $script_dir/patches"
-kernel_inputs=("$script_dir/build.sh" "$script_dir/verify-config.sh"
-	"$script_dir/config.fragment" "${patches[@]}")
-user_inputs=("$script_dir/init" "$script_dir/fstab" "$script_dir/vsock-io.c")
+cp -p "${patches[@]}" "$in_dir/patches/"
+patches=("$in_dir"/patches/*.patch)
+kernel_inputs=("$in_dir/build.sh" "$in_dir/verify-config.sh"
+	"$in_dir/config.fragment" "${patches[@]}")
+user_inputs=("$in_dir/init" "$in_dir/fstab" "$in_dir/vsock-io.c")
 kernel_version=$(pkg_version "$kernel_pkg")
 busybox_version=$(pkg_version "$busybox_pkg")
 
@@ -134,7 +143,7 @@ hash_inputs() { # hash_inputs LABEL... -- FILE...
 		shift
 		local f
 		for f in "$@"; do
-			printf 'file %s %s\n' "${f#"$script_dir"/}" "$(sha256sum <"$f" | cut -d' ' -f1)"
+			printf 'file %s %s\n' "${f#"$in_dir"/}" "$(sha256sum <"$f" | cut -d' ' -f1)"
 		done
 	} | sha256sum | cut -c1-16
 }
@@ -193,6 +202,7 @@ fi
 mkdir -p "$cache_dir"
 work=$(mktemp -d "$cache_dir/.build-$hash.XXXXXX")
 cleanup() {
+	rm -rf "$in_dir"
 	if [[ ${EMBER_GUEST_KEEP_BUILD:-0} == 1 ]]; then
 		log "keeping build tree $work"
 	else
@@ -227,11 +237,11 @@ build_kernel() { # build_kernel STAGE_DIR
 
 	log "configuring: tinyconfig + config.fragment + olddefconfig"
 	make -C "$ksrc" -s tinyconfig </dev/null >>"$klog" 2>&1 || kernel_failed "make tinyconfig"
-	(cd "$ksrc" && scripts/kconfig/merge_config.sh -m .config "$script_dir/config.fragment") \
+	(cd "$ksrc" && scripts/kconfig/merge_config.sh -m .config "$in_dir/config.fragment") \
 		</dev/null >>"$klog" 2>&1 || kernel_failed "merge_config.sh"
 	make -C "$ksrc" -s olddefconfig </dev/null >>"$klog" 2>&1 || kernel_failed "make olddefconfig"
 	log "verifying the fragment against the final .config"
-	"$script_dir/verify-config.sh" "$script_dir/config.fragment" "$ksrc/.config" ||
+	"$in_dir/verify-config.sh" "$in_dir/config.fragment" "$ksrc/.config" ||
 		die "the final kernel .config does not match config.fragment (see above)"
 
 	# Kbuild's lines (CC ..., LD ...) go to the log; the percentage is estimated from the
@@ -286,7 +296,7 @@ cp "$kentry/vmlinux" "$kentry/kernel.config" "$stage/"
 log "compiling vsock-io.c"
 vsock_io=$work/vsock-io
 cc -static -nostdlib -ffreestanding -Os -s -fno-stack-protector \
-	-fno-asynchronous-unwind-tables -Wl,--build-id=none -o "$vsock_io" "$script_dir/vsock-io.c" ||
+	-fno-asynchronous-unwind-tables -Wl,--build-id=none -o "$vsock_io" "$in_dir/vsock-io.c" ||
 	die "compiling vsock-io.c failed"
 
 # Applet paths as busybox itself lays them out (bin/sh, sbin/reboot, usr/bin/tr, ...), all
@@ -315,7 +325,7 @@ fi
 # a tmpfs there would hide what `ember exec --file X:/tmp/...` put into /tmp (the kernel
 # unpacks the exec archive before init runs). rootfs.ext4 keeps the whole fstab.
 initramfs_fstab=$work/fstab.initramfs
-grep -Ev '^[[:space:]]*[^#[:space:]]+[[:space:]]+/tmp[[:space:]]' "$script_dir/fstab" \
+grep -Ev '^[[:space:]]*[^#[:space:]]+[[:space:]]+/tmp[[:space:]]' "$in_dir/fstab" \
 	>"$initramfs_fstab" || true
 grep -Eq '^[[:space:]]*[^#[:space:]]+[[:space:]]+/proc[[:space:]]' "$initramfs_fstab" ||
 	die "fstab: no /proc line left for the initramfs"
@@ -342,7 +352,7 @@ list=$work/initramfs.list
 	echo "file /bin/busybox $busybox_bin 0755 0 0"
 	echo "file /bin/vsock-io $vsock_io 0755 0 0"
 	for a in "${initramfs_links[@]}"; do echo "slink /$a /bin/busybox 0777 0 0"; done
-	echo "file /init $script_dir/init 0755 0 0"
+	echo "file /init $in_dir/init 0755 0 0"
 	echo "file /etc/fstab $initramfs_fstab 0644 0 0"
 } >"$list"
 "$kentry/gen_init_cpio" "$list" >"$stage/initramfs.cpio"
@@ -354,9 +364,9 @@ for d in "${dirs[@]}"; do mkdir -p "$rootdir/$d"; done
 install -m 0755 "$busybox_bin" "$rootdir/bin/busybox"
 install -m 0755 "$vsock_io" "$rootdir/bin/vsock-io"
 for a in "${applets[@]}"; do ln -s /bin/busybox "$rootdir/$a"; done
-install -m 0755 "$script_dir/init" "$rootdir/init"
-install -m 0755 "$script_dir/init" "$rootdir/sbin/init"
-install -m 0644 "$script_dir/fstab" "$rootdir/etc/fstab"
+install -m 0755 "$in_dir/init" "$rootdir/init"
+install -m 0755 "$in_dir/init" "$rootdir/sbin/init"
+install -m 0644 "$in_dir/fstab" "$rootdir/etc/fstab"
 mkfifo -m 0600 "$rootdir/run/ember-power" "$rootdir/run/ember-ready" \
 	"$rootdir/run/ember-job-ok" "$rootdir/run/ember-job-status"
 chmod 1777 "$rootdir/tmp"
