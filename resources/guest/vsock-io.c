@@ -473,21 +473,48 @@ static void check_ember_warm(void)
 	    0);
 }
 
-// Maps the page of ember's exit device through /dev/mem (CONFIG_DEVMEM without
-// STRICT_DEVMEM; O_SYNC maps it uncached) for 32-bit stores to its registers.
+// Maps one page of guest-physical memory at ADDR through /dev/mem (CONFIG_DEVMEM without
+// STRICT_DEVMEM; O_SYNC maps it uncached). Returns the address, or a negative errno with
+// *step naming what failed; never exits (`end` uses it as process 1).
+static i64 phys_page(u64 addr, const char **step)
+{
+	i64 p, fd = sys3(SYS_open, "/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC, 0);
+	if (fd < 0) {
+		*step = "open /dev/mem for";
+		return fd;
+	}
+	p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (i64)addr);
+	sys3(SYS_close, fd, 0, 0);
+	if (p < 0 && p > -4096)
+		*step = "mmap /dev/mem for";
+	return p;
+}
+
+// phys_page(), or the process ends with a message naming WHAT was to be mapped.
+static volatile unsigned char *map_phys_page(u64 addr, const char *what)
+{
+	const char *step = "";
+	i64 p = phys_page(addr, &step);
+	if (p < 0 && p > -4096)
+		die_at(step, what, p);
+	return (volatile unsigned char *)p;
+}
+
+// Maps the page of ember's exit device for 32-bit stores to its registers.
 static volatile u32 *map_exit_device(void)
 {
-	i64 fd, p;
 	check_ember_warm();
-	fd = sys3(SYS_open, "/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC, 0);
-	if (fd < 0)
-		die("open /dev/mem (for the exit device)", fd);
-	p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
-		 (i64)EXIT_DEVICE_PAGE);
-	if (p < 0 && p > -4096)
-		die("mmap /dev/mem at 0xc0001000 (the exit device)", p);
-	sys3(SYS_close, fd, 0, 0);
-	return (volatile u32 *)p;
+	return (volatile u32 *)map_phys_page(EXIT_DEVICE_PAGE, "the exit device (0xc0001000)");
+}
+
+// tcdrain(): waits until everything written to the tty FD has been sent.
+static i64 drain(i64 fd)
+{
+	i64 e;
+	do
+		e = sys3(SYS_ioctl, fd, TCSBRK, 1);
+	while (e == -EINTR);
+	return e;
 }
 
 // Tells the VMM that PORT is listening: a 4-byte store of PORT to the exit device's "ready"
@@ -974,10 +1001,7 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 		die("no status on fd 4 (init closed it)", 0);
 	status = num(line);
 	for (i = 0; i < ntty; i++) {
-		i64 e;
-		do
-			e = sys3(SYS_ioctl, tty_fd[i], TCSBRK, 1); // tcdrain()
-		while (e == -EINTR);
+		i64 e = drain(tty_fd[i]);
 		if (e < 0)
 			die_at("drain (tcdrain)", ttys[i], e);
 	}
@@ -989,21 +1013,6 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 // Each process costs a fork, an exec and an exit of emulated kernel code in a PVM guest;
 // with busybox (2 MB, libc start-up) about twice what this binary costs, and `end` replaces
 // four of them (stty, stty, devmem, poweroff) at the end of every exec.
-
-// Maps one page of guest-physical memory through /dev/mem, uncached (O_SYNC); 0 on error.
-static volatile unsigned char *map_phys_page(u64 addr, const char *what)
-{
-	i64 fd, p;
-	fd = sys3(SYS_open, "/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC, 0);
-	if (fd < 0) {
-		die_at("open /dev/mem for", what, fd);
-	}
-	p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, (i64)addr);
-	sys3(SYS_close, fd, 0, 0);
-	if (p < 0 && p > -4096)
-		die_at("mmap /dev/mem for", what, p);
-	return (volatile unsigned char *)p;
-}
 
 // Only for init: on any other machine 0xC000_0000 may be some device's registers, so a
 // process whose parent is not process 1 is refused (init runs it directly).
@@ -1060,7 +1069,7 @@ static i64 parse_u32(const char *s)
 // init's own fallback (`while :; do sleep 3600; done`) did.
 static void end(const char *status, const char *how, int ntty, char **ttys)
 {
-	i64 e, value = -1;
+	i64 value = -1;
 	int i, poweroff = streq(how, "poweroff");
 	if (sys3(SYS_getpid, 0, 0, 0) != 1) {
 		puts2("vsock-io: end: only init (process 1) may end the machine\n");
@@ -1077,18 +1086,12 @@ static void end(const char *status, const char *how, int ntty, char **ttys)
 		i64 fd = sys3(SYS_open, ttys[i], O_RDONLY | O_NONBLOCK | O_NOCTTY | O_CLOEXEC, 0);
 		if (fd < 0)
 			continue;
-		do
-			e = sys3(SYS_ioctl, fd, TCSBRK, 1); // tcdrain()
-		while (e == -EINTR);
+		drain(fd);
 		sys3(SYS_close, fd, 0, 0);
 	}
 	if (value >= 0) {
-		i64 fd = sys3(SYS_open, "/dev/mem", O_RDWR | O_SYNC | O_CLOEXEC, 0), p = -1;
-		if (fd >= 0) {
-			p = sys6(SYS_mmap, 0, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd,
-				 (i64)EXIT_DEVICE_PAGE);
-			sys3(SYS_close, fd, 0, 0);
-		}
+		const char *step = "";
+		i64 p = phys_page(EXIT_DEVICE_PAGE, &step);
 		if (p < 0 && p > -4096)
 			puts2("vsock-io: end: cannot map the exit device; the status is lost\n");
 		else
