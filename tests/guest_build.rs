@@ -570,9 +570,9 @@ fn vsock_io_refuses_bad_archives() {
     assert_eq!(fs::read(root.join("ok")).unwrap(), b"ok\n");
 }
 
-/// init's own steps in vsock-io: `end` (power off) and `boot-timer` (a store to physical
-/// memory) refuse to run anywhere but in init, so running them on a host by mistake does
-/// nothing; `opost-off` switches OPOST off on a tty (a pty here) and keeps the rest.
+/// init's own steps in vsock-io: `end` (power off), `boot-timer` (a store to physical
+/// memory) and `start` (mounts, then the boot timer) refuse to run anywhere but in init, so
+/// running them on a host by mistake does nothing; `opost-off` switches OPOST off on a tty (a pty here) and keeps the rest.
 #[test]
 fn vsock_io_init_steps() {
     let tmp = TempDir::new("vsock-io-init");
@@ -583,6 +583,8 @@ fn vsock_io_init_steps() {
         &["end", "0", "poweroff"][..],
         &["end", "-", "reboot", "/dev/null"],
         &["boot-timer"],
+        &["boot-timer", "cmdline"],
+        &["start", "/etc/fstab"],
     ] {
         let out = Command::new(&bin).args(args).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out));
