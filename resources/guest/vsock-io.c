@@ -42,7 +42,8 @@
 //                               byte (~0.1 s for ember's command line in a PVM guest)
 //   vsock-io start FSTAB        init's first step, only as a child of process 1: mount what
 //                               FSTAB lists (as `mount -a 2>/dev/null`: noauto entries
-//                               skipped, errors ignored), then `boot-timer cmdline`
+//                               skipped, errors ignored), then the boot timer (at best
+//                               effort: no /dev/mem, no timer) and /proc/cmdline to stdout
 //   vsock-io opost-off TTY...   switch output post-processing off on each TTY (`stty -opost`)
 //   vsock-io end STATUS|- poweroff|reboot [TTY...]
 //                               init's last step, only as process 1 (init execs it): drain
@@ -1023,19 +1024,11 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 
 // Only for init: on any other machine 0xC000_0000 may be some device's registers, so a
 // process whose parent is not process 1 is refused (init runs it directly).
-static void boot_timer(int print_cmdline)
+// /proc/cmdline to stdout.
+static void copy_cmdline(void)
 {
-	volatile unsigned char *t;
 	char buf[4096];
 	i64 fd, n;
-	if (sys3(SYS_getppid, 0, 0, 0) != 1) {
-		puts2("vsock-io: boot-timer: only init (process 1) may run this\n");
-		sys3(SYS_exit_group, 2, 0, 0);
-	}
-	t = map_phys_page(BOOT_TIMER_PAGE, "the boot timer (0xc0000000)");
-	t[0] = BOOT_TIMER_VALUE;
-	if (!print_cmdline)
-		return;
 	fd = sys3(SYS_open, "/proc/cmdline", O_RDONLY | O_CLOEXEC, 0);
 	if (fd < 0)
 		die_at("open", "/proc/cmdline", fd);
@@ -1043,6 +1036,19 @@ static void boot_timer(int print_cmdline)
 		write_all(1, buf, n);
 	if (n < 0)
 		die_at("read", "/proc/cmdline", n);
+}
+
+static void boot_timer(int print_cmdline)
+{
+	volatile unsigned char *t;
+	if (sys3(SYS_getppid, 0, 0, 0) != 1) {
+		puts2("vsock-io: boot-timer: only init (process 1) may run this\n");
+		sys3(SYS_exit_group, 2, 0, 0);
+	}
+	t = map_phys_page(BOOT_TIMER_PAGE, "the boot timer (0xc0000000)");
+	t[0] = BOOT_TIMER_VALUE;
+	if (print_cmdline)
+		copy_cmdline();
 }
 
 // ---- start: init's first step ------------------------------------------------------------
@@ -1166,7 +1172,16 @@ static void start(const char *fstab)
 		if (k >= 3)
 			mount_entry(f[0], f[1], f[2], f[3] ? f[3] : "defaults");
 	}
-	boot_timer(1);
+	// The boot timer at best effort (a kernel without /dev/mem has none; init's old
+	// `devmem ... 2>/dev/null` did not mind either), then the command line, which init
+	// needs: without it init does every step again the busybox way.
+	{
+		const char *step = "";
+		i64 t = phys_page(BOOT_TIMER_PAGE, &step);
+		if (t >= 0 || t <= -4096)
+			*(volatile unsigned char *)t = BOOT_TIMER_VALUE;
+	}
+	copy_cmdline();
 }
 
 static void opost_off(int ntty, char **ttys)
