@@ -1022,8 +1022,6 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 // with busybox (2 MB, libc start-up) about twice what this binary costs, and `end` replaces
 // four of them (stty, stty, devmem, poweroff) at the end of every exec.
 
-// Only for init: on any other machine 0xC000_0000 may be some device's registers, so a
-// process whose parent is not process 1 is refused (init runs it directly).
 // /proc/cmdline to stdout.
 static void copy_cmdline(void)
 {
@@ -1038,15 +1036,37 @@ static void copy_cmdline(void)
 		die_at("read", "/proc/cmdline", n);
 }
 
-static void boot_timer(int print_cmdline)
+// Only for init: on any other machine 0xC000_0000 may be some device's registers, so a
+// process whose parent is not process 1 is refused (init runs it directly): it ends with
+// status 2 and a message naming CMD.
+static void require_init_child(const char *cmd)
 {
-	volatile unsigned char *t;
 	if (sys3(SYS_getppid, 0, 0, 0) != 1) {
-		puts2("vsock-io: boot-timer: only init (process 1) may run this\n");
+		puts2("vsock-io: ");
+		puts2(cmd);
+		puts2(": only init (process 1) may run this\n");
 		sys3(SYS_exit_group, 2, 0, 0);
 	}
-	t = map_phys_page(BOOT_TIMER_PAGE, "the boot timer (0xc0000000)");
-	t[0] = BOOT_TIMER_VALUE;
+}
+
+// The boot-timer event: an 8-bit store to its register. When the page cannot be mapped,
+// STRICT ends the process with a message; otherwise the event is skipped.
+static void write_boot_timer(int strict)
+{
+	const char *step = "";
+	i64 p = phys_page(BOOT_TIMER_PAGE, &step);
+	if (p < 0 && p > -4096) {
+		if (strict)
+			die_at(step, "the boot timer (0xc0000000)", p);
+		return;
+	}
+	*(volatile unsigned char *)p = BOOT_TIMER_VALUE;
+}
+
+static void boot_timer(int print_cmdline)
+{
+	require_init_child("boot-timer");
+	write_boot_timer(1);
 	if (print_cmdline)
 		copy_cmdline();
 }
@@ -1132,10 +1152,7 @@ static void start(const char *fstab)
 	i64 fd, r = 0;
 	u64 n = 0;
 	int k;
-	if (sys3(SYS_getppid, 0, 0, 0) != 1) {
-		puts2("vsock-io: start: only init (process 1) may run this\n");
-		sys3(SYS_exit_group, 2, 0, 0);
-	}
+	require_init_child("start");
 	fd = sys3(SYS_open, fstab, O_RDONLY | O_CLOEXEC, 0);
 	if (fd < 0)
 		die_at("open", fstab, fd);
@@ -1175,12 +1192,7 @@ static void start(const char *fstab)
 	// The boot timer at best effort (a kernel without /dev/mem has none; init's old
 	// `devmem ... 2>/dev/null` did not mind either), then the command line, which init
 	// needs: without it init does every step again the busybox way.
-	{
-		const char *step = "";
-		i64 t = phys_page(BOOT_TIMER_PAGE, &step);
-		if (t >= 0 || t <= -4096)
-			*(volatile unsigned char *)t = BOOT_TIMER_VALUE;
-	}
+	write_boot_timer(0);
 	copy_cmdline();
 }
 
