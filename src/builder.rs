@@ -319,16 +319,17 @@ pub fn build_vm(
             slot.irq
         );
     }
-    // With ACPI: the platform registers, its power button, and the VM generation ID (its
-    // random ID written into guest memory now, or a snapshot's read from it; a new one
-    // written and its GED event raised after a restore).
+    // With ACPI: the platform registers, its power button, and the VM generation ID when the
+    // VM may be snapshotted (its random ID written into guest memory now, or a snapshot's
+    // read from it; a new one written and its GED event raised after a restore).
     let (power_button, mut vmgenid, acpi_platform) = if config.acpi {
         let (button, ged, platform) = attach_acpi_platform(&vm, &mut devices, &exit)?;
         let vmgenid = match guest {
-            Start::Boot(_) => VmGenId::new(&mem, ged)?,
-            Start::Snapshot(..) => VmGenId::restored(&mem, ged)?,
+            _ if !config.vm_generation_id => None,
+            Start::Boot(_) => Some(VmGenId::new(&mem, ged)?),
+            Start::Snapshot(..) => Some(VmGenId::restored(&mem, ged)?),
         };
-        (Some(button), Some(vmgenid), Some(platform))
+        (Some(button), vmgenid, Some(platform))
     } else {
         (None, None, None)
     };

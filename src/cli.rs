@@ -650,7 +650,9 @@ pub struct RunArgs {
     /// Write a snapshot of the VM (files `state` and `memory`) into DIR when --snapshot-on
     /// says (or, experimental, at --snapshot-restore-after), then do what --snapshot-then
     /// says. `ember restore DIR` starts the guest again from it (`--tap` there moves a NIC
-    /// onto another TAP).
+    /// onto another TAP). With it (and ACPI) the guest has a VM generation ID device, which
+    /// tells each guest restored from the snapshot that it is a new instance; a VM without
+    /// --snapshot-to does not get one.
     #[arg(long, value_name = "DIR")]
     pub snapshot_to: Option<PathBuf>,
     /// When to write the --snapshot-to snapshot: `ready` (the guest writes the exit device's
@@ -1020,6 +1022,8 @@ impl BenchArgs {
             vcpus: self.vcpus,
             mem_mib: self.mem,
             acpi: !self.no_acpi,
+            // What `ember run` gives a guest by default (bench has no --no-rng).
+            rng: probe.rng.is_some(),
         };
         let ab = if self.ab {
             Some(self.ab_options(&guest, probe)?)
@@ -1248,6 +1252,8 @@ impl RunArgs {
             c.stdin = false;
         }
         c.acpi = !self.no_acpi;
+        // Only a VM that can be snapshotted needs the generation ID (see the field).
+        c.vm_generation_id = self.snapshot_to.is_some() || self.snapshot_restore_after.is_some();
         Ok(c)
     }
 }
@@ -1535,6 +1541,18 @@ mod tests {
         assert_eq!(c.rng.map(|r| r.rate), Some(4096));
         let a = run_args(&["run", "--kernel", "/k", "--no-rng"]);
         assert_eq!(a.to_config().unwrap().rng, None);
+        // The VM generation ID only for a VM that may be snapshotted.
+        assert!(!a.to_config().unwrap().vm_generation_id);
+        let a = run_args(&[
+            "run",
+            "--kernel",
+            "/k",
+            "--snapshot-to",
+            "/s",
+            "--snapshot-on",
+            "sigusr2",
+        ]);
+        assert!(a.to_config().unwrap().vm_generation_id);
         let a = run_args(&["run", "--kernel", "/k"]);
         assert_eq!(a.to_config().unwrap().rng, Some(RngConfig::default()));
         // Bad values are refused by the parser, with the reason.

@@ -224,6 +224,12 @@ pub enum ConsoleSink {
     Null,
 }
 
+/// [`VmConfig::vm_generation_id`] of snapshots written before the field existed: they all
+/// had one (with ACPI).
+fn generation_id_by_default() -> bool {
+    true
+}
+
 /// Everything needed to build and run one VM.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VmConfig {
@@ -269,6 +275,16 @@ pub struct VmConfig {
     pub shares: Vec<ShareConfig>,
     /// Give the guest ACPI tables and the ACPI platform (power off, reset, power button).
     pub acpi: bool,
+    /// With ACPI, give the guest a VM generation ID ([`crate::devices::vmgenid`]): how a
+    /// guest learns that it runs from a snapshot once more (Linux then reseeds its random
+    /// number generator), so a VM that may be snapshotted needs it, and one that never can
+    /// has no use for it. On a PVM host the device costs the guest ~0.1 s of boot (its ACPI
+    /// device, platform device and driver probe), so `ember run` gives it only with
+    /// `--snapshot-to` and `ember exec` only on its warm path. On in [`VmConfig::new`] (an
+    /// API-driven VM may be snapshotted at any time) and in snapshots written before this
+    /// field existed.
+    #[serde(default = "generation_id_by_default")]
+    pub vm_generation_id: bool,
     /// Where kernel and initrd copies are kept to be mapped into guest memory instead of
     /// copied (see [`crate::image_file`]); `None` copies them.
     pub image_cache: Option<ImageCache>,
@@ -297,6 +313,7 @@ impl VmConfig {
             rng: Some(RngConfig::default()),
             shares: Vec::new(),
             acpi: true,
+            vm_generation_id: true,
             image_cache: ImageCache::from_env(),
         }
     }

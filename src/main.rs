@@ -283,7 +283,10 @@ fn run_cold(
         Ok(fd) => opts.signal_fd = Some(fd),
         Err(e) => log::warn!("cannot handle signals: {e}"),
     }
-    let vmm = ember::builder::build_vm(config, start, Default::default())?;
+    // A cold exec VM is never snapshotted: it needs no VM generation ID.
+    let mut config = config.clone();
+    config.vm_generation_id = false;
+    let vmm = ember::builder::build_vm(&config, start, Default::default())?;
     watch.attach(&vmm, ember::exec::report::ExecPath::Cold);
     Ok((vmm.run(opts), None))
 }

@@ -2,7 +2,7 @@
 //! The ACPI platform with the real default guest (two Linux boots, run in parallel; tens of
 //! seconds each on a PVM host): `poweroff -f` ends ember with status 0 through S5, the
 //! kernel reports no ACPI table or AML problem and its vmgenid driver bound to ember's VM
-//! generation ID device; SIGTERM to ember presses the power button and
+//! generation ID device (the boot has --snapshot-to, which gives it one); SIGTERM to ember presses the power button and
 //! the guest's init shuts it down cleanly (status 6). The hard-stop paths (timeout, second
 //! signal, no ACPI) are covered by tiny guests in tests/acpi.rs.
 
@@ -69,10 +69,21 @@ fn poweroff_in_the_guest_ends_ember_with_status_0() {
     let Some((kernel, initrd)) = default_guest(test) else {
         return;
     };
-    let args = guest_args(
+    let mut args = guest_args(
         kernel.to_str().unwrap(),
         initrd.to_str().unwrap(),
         "ls /sys/firmware/acpi/tables; ls /sys/bus/acpi/drivers/vmgenid; poweroff -f",
+    );
+    // A VM that may be snapshotted (never triggered here) has the VM generation ID device.
+    let snap_dir = std::env::temp_dir().join(format!("ember-{test}-{}", std::process::id()));
+    args.extend(
+        [
+            "--snapshot-to",
+            snap_dir.to_str().unwrap(),
+            "--snapshot-on",
+            "sigusr2",
+        ]
+        .map(String::from),
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let out = run_ember(&args, None, BOOT_TIMEOUT);

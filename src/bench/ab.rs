@@ -765,6 +765,7 @@ mod tests {
             vcpus: 1,
             mem_mib: 128,
             acpi: true,
+            rng: true,
         }
     }
 

@@ -539,6 +539,7 @@ mod tests {
                 vcpus: 1,
                 mem_mib: 16,
                 acpi: true,
+                rng: true,
             },
             ember_cmdline: "console=ttyS0".into(),
             ember_flags: vec![],

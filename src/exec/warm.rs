@@ -125,6 +125,8 @@ pub fn job_payload(archive: &[u8]) -> Vec<u8> {
 pub fn warm_config(base: &VmConfig, runtime: &Path) -> VmConfig {
     let mut c = base.clone();
     exec_devices(&mut c);
+    // Each command restores the same snapshot: the generation ID tells each guest so.
+    c.vm_generation_id = true;
     c.initrd_append = None;
     c.cmdline = format!(
         "{} ember.warm={WARM_PORT} clocksource=kvm-clock",
