@@ -227,6 +227,8 @@ fn exec(args: &ExecArgs, start: Instant) -> ExitCode {
             if let Err(e) = spec.apply(&mut config) {
                 return failed("setup-error", &e);
             }
+            // A cold exec VM is never snapshotted: it needs no VM generation ID.
+            config.vm_generation_id = false;
             run_cold(&config, start, opts, &watch)
         }
     };
@@ -283,10 +285,7 @@ fn run_cold(
         Ok(fd) => opts.signal_fd = Some(fd),
         Err(e) => log::warn!("cannot handle signals: {e}"),
     }
-    // A cold exec VM is never snapshotted: it needs no VM generation ID.
-    let mut config = config.clone();
-    config.vm_generation_id = false;
-    let vmm = ember::builder::build_vm(&config, start, Default::default())?;
+    let vmm = ember::builder::build_vm(config, start, Default::default())?;
     watch.attach(&vmm, ember::exec::report::ExecPath::Cold);
     Ok((vmm.run(opts), None))
 }
