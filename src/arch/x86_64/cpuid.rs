@@ -49,6 +49,34 @@ const LEAF_TIMING: u32 = 0x4000_0010;
 const ECX_HYPERVISOR: u32 = 1 << 31;
 const EDX_HTT: u32 = 1 << 28;
 
+/// Sub-leaf `index` of the extended topology leaf `leaf` (0xB or 0x1F) for the vCPU with
+/// APIC ID `apic_id` of `count`: level 0 is the SMT level (one thread per core), level 1 the
+/// core level (`count` cores, APIC ID bits above `core_shift` name the package), and every
+/// other level is invalid (ends the list).
+fn topology_entry(
+    leaf: u32,
+    index: u32,
+    apic_id: u32,
+    core_shift: u32,
+    count: u32,
+) -> kvm_cpuid_entry2 {
+    let (eax, ebx, ecx) = match index {
+        0 => (0, 1, 1 << 8),
+        1 => (core_shift, count, 1 | (2 << 8)),
+        i => (0, 0, i & 0xff),
+    };
+    kvm_cpuid_entry2 {
+        function: leaf,
+        index,
+        flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+        eax,
+        ebx,
+        ecx,
+        edx: apic_id,
+        ..Default::default()
+    }
+}
+
 /// Bits needed to number `count` items (ceil(log2(count))).
 fn bits_for(count: u32) -> u32 {
     if count <= 1 {
@@ -65,6 +93,7 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
     let count = p.vcpu_count.max(1);
     let core_shift = bits_for(count);
     let mut has_timing_leaf = false;
+    let mut topology_leaves = Vec::new();
     for e in cpuid.as_mut_slice() {
         match e.function {
             LEAF_FEATURES => {
@@ -86,26 +115,9 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
                 e.eax = (e.eax & 0x3fff) | ((count - 1) << 26) | ((shared & 0xfff) << 14);
             }
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
-                e.edx = apic_id;
-                match e.index {
-                    0 => {
-                        // SMT level: one thread per core.
-                        e.eax = 0;
-                        e.ebx = 1;
-                        e.ecx = 1 << 8;
-                    }
-                    1 => {
-                        // Core level.
-                        e.eax = core_shift;
-                        e.ebx = count;
-                        e.ecx = 1 | (2 << 8);
-                    }
-                    i => {
-                        e.eax = 0;
-                        e.ebx = 0;
-                        e.ecx = i & 0xff;
-                    }
-                }
+                let t = topology_entry(e.function, e.index, apic_id, core_shift, count);
+                (e.eax, e.ebx, e.ecx, e.edx) = (t.eax, t.ebx, t.ecx, t.edx);
+                topology_leaves.push((e.function, e.index));
             }
             LEAF_KVM_SIGNATURE if p.tsc_khz.is_some() => {
                 e.eax = e.eax.max(LEAF_TIMING);
@@ -117,6 +129,26 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
             }
             LEAF_TIMING => has_timing_leaf = true,
             _ => {}
+        }
+    }
+    // KVM may list only sub-leaf 0 (the SMT level) of a topology leaf; a guest that finds no
+    // core level behind it takes every vCPU for a package of its own (Linux then shows N
+    // one-core packages). Add the core level and the invalid level that ends the list.
+    for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
+        if !topology_leaves.contains(&(leaf, 0)) {
+            continue;
+        }
+        for index in [1, 2] {
+            if !topology_leaves.contains(&(leaf, index))
+                && cpuid
+                    .push(topology_entry(leaf, index, apic_id, core_shift, count))
+                    .is_err()
+            {
+                log::warn!(
+                    "no room for CPUID leaf {leaf:#x}.{index}: the guest may see each vCPU as a \
+                     package of its own"
+                );
+            }
         }
     }
     if let (Some(khz), false) = (p.tsc_khz, has_timing_leaf) {
@@ -209,6 +241,44 @@ mod tests {
         assert_eq!(smt.ebx, 1);
         // KVM features untouched when not asked.
         assert_eq!(find(&c, 0x4000_0001, 0).unwrap().eax, 0xffff_ffff);
+    }
+
+    #[test]
+    fn adds_the_core_level_when_kvm_lists_only_the_smt_level() {
+        // What KVM_GET_SUPPORTED_CPUID returns on the PVM hosts: 0xB and 0x1F with sub-leaf
+        // 0 only, all zero.
+        let entries = [0xb, 0x1f].map(|function| kvm_cpuid_entry2 {
+            function,
+            index: 0,
+            flags: KVM_CPUID_FLAG_SIGNIFCANT_INDEX,
+            ..Default::default()
+        });
+        let mut c = CpuId::from_entries(&entries).unwrap();
+        let p = CpuidParams {
+            vcpu_index: 1,
+            vcpu_count: 2,
+            hide_pv_hypercalls: false,
+            tsc_khz: None,
+        };
+        filter_cpuid(&mut c, &p);
+        for leaf in [0xb, 0x1f] {
+            let smt = find(&c, leaf, 0).unwrap();
+            assert_eq!((smt.eax, smt.ebx, smt.ecx >> 8, smt.edx), (0, 1, 1, 1));
+            // The core level: 2 cores, one APIC ID bit for them, so both vCPUs are in package 0.
+            let core = find(&c, leaf, 1).unwrap();
+            assert_eq!((core.eax, core.ebx, (core.ecx >> 8) & 0xff), (1, 2, 2));
+            assert_eq!(core.flags, KVM_CPUID_FLAG_SIGNIFCANT_INDEX);
+            assert_eq!(core.edx, 1);
+            // Then the end of the list (level type 0).
+            let end = find(&c, leaf, 2).unwrap();
+            assert_eq!((end.ebx, (end.ecx >> 8) & 0xff), (0, 0));
+        }
+        // Nothing is added for a leaf KVM does not list.
+        let mut c = sample();
+        let before = c.as_slice().len();
+        filter_cpuid(&mut c, &p);
+        assert!(find(&c, 0x1f, 1).is_none());
+        assert_eq!(c.as_slice().len(), before + 1, "only 0xB.2 is added");
     }
 
     #[test]
