@@ -27,7 +27,9 @@ fn boot(test: &str, vcpus: u32) {
                grep MemTotal /proc/meminfo; cat /proc/cmdline; i=0; ok=0; \
                while [ $i -lt 5 ]; do n=$(ls /proc/self | wc -l); [ $n -gt 10 ] && ok=$((ok+1)); \
                i=$((i+1)); done; echo PIPES $ok of $i; echo TUNABLES=$GLIBC_TUNABLES; \
-               env uname -s; echo ERMS $(grep -c ' erms' /proc/cpuinfo)\"";
+               env uname -s; echo ERMS $(grep -c ' erms' /proc/cpuinfo); \
+               echo TOPO $(grep -c '^physical id.*: 0$' /proc/cpuinfo) \
+               $(grep -m1 '^cpu cores' /proc/cpuinfo | tr -dc 0-9)\"";
     let vcpus_s = vcpus.to_string();
     let out = run_ember(
         &[
@@ -58,6 +60,10 @@ fn boot(test: &str, vcpus: u32) {
     // nproc and /proc/cpuinfo both see every vCPU.
     assert_eq!(lines[mark + 1], vcpus_s, "{out:?}");
     assert_eq!(lines[mark + 2], vcpus_s, "{out:?}");
+    // One package (physical id 0) with a core per vCPU, as ember's CPUID describes it (KVM
+    // lists only the SMT level of the topology leaves here; without the core level the
+    // guest saw a package per vCPU).
+    assert_eq!(lines[mark + 9], format!("TOPO {vcpus} {vcpus}"), "{out:?}");
     // The guest got (nearly all of) its 128 MiB.
     let kib: u64 = lines[mark + 3]
         .split_whitespace()
