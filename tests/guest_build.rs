@@ -572,7 +572,8 @@ fn vsock_io_refuses_bad_archives() {
 
 /// init's own steps in vsock-io: `end` (power off), `boot-timer` (a store to physical
 /// memory) and `start` (mounts, then the boot timer) refuse to run anywhere but in init, so
-/// running them on a host by mistake does nothing; `opost-off` switches OPOST off on a tty (a pty here) and keeps the rest.
+/// running them on a host by mistake does nothing; `opost-off` switches OPOST off on a tty
+/// (a pty here) and keeps the rest.
 #[test]
 fn vsock_io_init_steps() {
     let tmp = TempDir::new("vsock-io-init");

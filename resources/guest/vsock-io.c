@@ -108,7 +108,18 @@ typedef unsigned short u16;
 #define POLLHUP 0x10
 #define EINTR 4
 #define EEXIST 17
+#define EFBIG 27
 #define VMADDR_CID_ANY 0xffffffffu
+
+#define MS_RDONLY 1
+#define MS_NOSUID 2
+#define MS_NODEV 4
+#define MS_NOEXEC 8
+#define MS_SYNCHRONOUS 16
+#define MS_NOATIME 1024
+#define MS_NODIRATIME 2048
+#define MS_RELATIME (1 << 21)
+#define MS_STRICTATIME (1 << 24)
 
 #define O_RDONLY 00
 #define O_WRONLY 01
@@ -301,6 +312,45 @@ static void write_all(int fd, const char *p, i64 n)
 		p += w;
 		n -= w;
 	}
+}
+
+// Copies FD to stdout until its end; a failed read ends the process ("read NAME: ...").
+static void copy_to_stdout(i64 fd, const char *name)
+{
+	char b[4096];
+	for (;;) {
+		i64 n = sys3(SYS_read, fd, b, sizeof(b));
+		if (n == -EINTR)
+			continue;
+		if (n < 0)
+			die_at("read", name, n);
+		if (n == 0)
+			break;
+		write_all(1, b, n);
+	}
+}
+
+// Reads all of PATH into BUF (at most CAP - 1 bytes) and ends it with a NUL. Returns its
+// length, or a negative errno with *STEP naming the step that failed ("open", "read"), or
+// -EFBIG when the file does not fit.
+static i64 read_small_file(const char *path, char *buf, u64 cap, const char **step)
+{
+	i64 fd, n = 0;
+	u64 len = 0;
+	*step = "open";
+	fd = sys3(SYS_open, path, O_RDONLY | O_CLOEXEC, 0);
+	if (fd < 0)
+		return fd;
+	*step = "read";
+	while (len < cap - 1 && (n = sys3(SYS_read, fd, buf + len, cap - 1 - len)) > 0)
+		len += (u64)n;
+	sys3(SYS_close, fd, 0, 0);
+	if (n < 0)
+		return n;
+	if (len == cap - 1)
+		return -EFBIG;
+	buf[len] = 0;
+	return (i64)len;
 }
 
 static int vsock(void)
@@ -869,16 +919,7 @@ static void job(u32 port, const char *dir)
 		job_header(&r);
 		write_all(1, buf + r.pos, (i64)(r.len - r.pos));
 	}
-	for (;;) {
-		i64 n = sys3(SYS_read, c, buf, sizeof(buf));
-		if (n == -EINTR)
-			continue;
-		if (n < 0)
-			die("read the socket", n);
-		if (n == 0)
-			break;
-		write_all(1, buf, n);
-	}
+	copy_to_stdout(c, "the socket");
 	sys3(SYS_close, c, 0, 0);
 }
 
@@ -918,17 +959,12 @@ static u64 read_line(int fd, char *line, u64 cap, const char *what)
 static char mounts[8192];
 static void mount_shares(void)
 {
-	i64 fd = sys3(SYS_open, "ember/mounts", O_RDONLY | O_CLOEXEC, 0), n = 0;
-	u64 len = 0, i, start;
-	if (fd < 0)
+	const char *step;
+	i64 n = read_small_file("ember/mounts", mounts, sizeof(mounts), &step);
+	u64 len, i, start;
+	if (n < 0)
 		return;
-	while (len < sizeof(mounts) - 1 &&
-	       (n = sys3(SYS_read, fd, mounts + len, sizeof(mounts) - 1 - len)) > 0)
-		len += (u64)n;
-	sys3(SYS_close, fd, 0, 0);
-	if (n < 0 || len == sizeof(mounts) - 1)
-		return;
-	mounts[len] = 0;
+	len = (u64)n;
 	for (start = 0; start < len; start = i + 1) {
 		char *line = mounts + start, *tag, *path, *p;
 		u64 flags;
@@ -950,7 +986,7 @@ static void mount_shares(void)
 			return;
 		*path++ = 0;
 		if (streq(line, "ro"))
-			flags = 1; // MS_RDONLY
+			flags = MS_RDONLY;
 		else if (streq(line, "rw"))
 			flags = 0;
 		else
@@ -1025,15 +1061,10 @@ static void warm(u32 port, const char *dir, int ntty, char **ttys)
 // /proc/cmdline to stdout.
 static void copy_cmdline(void)
 {
-	char buf[4096];
-	i64 fd, n;
-	fd = sys3(SYS_open, "/proc/cmdline", O_RDONLY | O_CLOEXEC, 0);
+	i64 fd = sys3(SYS_open, "/proc/cmdline", O_RDONLY | O_CLOEXEC, 0);
 	if (fd < 0)
 		die_at("open", "/proc/cmdline", fd);
-	while ((n = sys3(SYS_read, fd, (i64)buf, sizeof(buf))) > 0)
-		write_all(1, buf, n);
-	if (n < 0)
-		die_at("read", "/proc/cmdline", n);
+	copy_to_stdout(fd, "/proc/cmdline");
 }
 
 // Only for init: on any other machine 0xC000_0000 may be some device's registers, so a
@@ -1076,16 +1107,6 @@ static void boot_timer(int print_cmdline)
 // `mount -a` by busybox costs a fork, an exec of the 2 MB binary and an exit: ~0.35 s of a
 // ~5 s boot on a PVM host. The boot-timer process, which init starts anyway, mounts the
 // same entries first (the boot timer needs /dev/mem, the command line /proc).
-
-#define MS_RDONLY 1
-#define MS_NOSUID 2
-#define MS_NODEV 4
-#define MS_NOEXEC 8
-#define MS_SYNCHRONOUS 16
-#define MS_NOATIME 1024
-#define MS_NODIRATIME 2048
-#define MS_RELATIME (1 << 21)
-#define MS_STRICTATIME (1 << 24)
 
 static int is_blank(char c)
 {
@@ -1149,21 +1170,15 @@ static void start(const char *fstab)
 {
 	char buf[8192];
 	char *p, *f[4];
-	i64 fd, r = 0;
-	u64 n = 0;
+	const char *step;
+	i64 n;
 	int k;
 	require_init_child("start");
-	fd = sys3(SYS_open, fstab, O_RDONLY | O_CLOEXEC, 0);
-	if (fd < 0)
-		die_at("open", fstab, fd);
-	while (n < sizeof(buf) - 1 && (r = sys3(SYS_read, fd, (i64)(buf + n), sizeof(buf) - 1 - n)) > 0)
-		n += r;
-	if (r < 0)
-		die_at("read", fstab, r);
-	if (n == sizeof(buf) - 1)
+	n = read_small_file(fstab, buf, sizeof(buf), &step);
+	if (n == -EFBIG)
 		die_at("read (larger than 8 KiB)", fstab, 0);
-	sys3(SYS_close, fd, 0, 0);
-	buf[n] = 0;
+	if (n < 0)
+		die_at(step, fstab, n);
 	for (p = buf; *p;) {
 		// One line: up to four blank-separated fields; '#' starts a comment line.
 		for (k = 0; k < 4; k++)
