@@ -93,7 +93,6 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
     let count = p.vcpu_count.max(1);
     let core_shift = bits_for(count);
     let mut has_timing_leaf = false;
-    let mut topology_leaves = Vec::new();
     for e in cpuid.as_mut_slice() {
         match e.function {
             LEAF_FEATURES => {
@@ -117,7 +116,6 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
             LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => {
                 let t = topology_entry(e.function, e.index, apic_id, core_shift, count);
                 (e.eax, e.ebx, e.ecx, e.edx) = (t.eax, t.ebx, t.ecx, t.edx);
-                topology_leaves.push((e.function, e.index));
             }
             LEAF_KVM_SIGNATURE if p.tsc_khz.is_some() => {
                 e.eax = e.eax.max(LEAF_TIMING);
@@ -135,11 +133,11 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
     // core level behind it takes every vCPU for a package of its own (Linux then shows N
     // one-core packages). Add the core level and the invalid level that ends the list.
     for leaf in [LEAF_TOPOLOGY, LEAF_TOPOLOGY_V2] {
-        if !topology_leaves.contains(&(leaf, 0)) {
+        if find(cpuid, leaf, 0).is_none() {
             continue;
         }
         for index in [1, 2] {
-            if !topology_leaves.contains(&(leaf, index))
+            if find(cpuid, leaf, index).is_none()
                 && cpuid
                     .push(topology_entry(leaf, index, apic_id, core_shift, count))
                     .is_err()
@@ -167,7 +165,8 @@ pub fn filter_cpuid(cpuid: &mut CpuId, p: &CpuidParams) {
     }
 }
 
-/// Looks up a leaf (for tests and diagnostics).
+/// Looks up a leaf as the CPU would: an entry without a significant index answers every
+/// sub-leaf.
 pub fn find(cpuid: &CpuId, function: u32, index: u32) -> Option<kvm_cpuid_entry2> {
     cpuid
         .as_slice()
